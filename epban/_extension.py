@@ -1,0 +1,46 @@
+"""Loading of the optional compiled extension ``epban._C`` and of Triton.
+
+Nothing here raises: a package without its kernels still imports, and every op falls
+back to its PyTorch reference. ``backend_for`` is the single place where an op decides
+which implementation serves a tensor.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "fused")
+
+try:
+    from epban import _C  # noqa: F401  (registers the torch.ops.epban.* operators)
+
+    EXTENSION_ERROR: str | None = None
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    _C = None
+    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def extension_has_cuda() -> bool:
+    return _C is not None and bool(getattr(_C, "WITH_CUDA", False))
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -1,0 +1,86 @@
+"""Build script: the Python package plus the optional C++/CUDA extension ``epban._C``.
+
+The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension`` (ninja):
+- CUDA sources (``*.cu``) are added when torch is a CUDA build and nvcc is found;
+  CUDA_HOME defaults to /usr/local/cuda when unset and present (the ``nvcc`` on some
+  PATHs is a wrapper script from which torch would guess the wrong home).
+- ``EPBAN_BUILD_EXT=0`` skips the extension; ``import epban`` then serves every op
+  from its PyTorch reference path.
+- With no GPU visible, the CUDA architectures default to ``DEFAULT_CUDA_ARCHS``
+  (one real target plus PTX keeps CI's compile short); ``TORCH_CUDA_ARCH_LIST``
+  overrides it.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _packages():
+    return find_packages(include=["epban", "epban.*"]) + ["epban.kernels"]
+
+
+def _find_nvcc():
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    home = os.environ.get("CUDA_HOME")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return True
+    return shutil.which("nvcc") is not None and bool(home)
+
+
+def _extension():
+    if os.environ.get("EPBAN_BUILD_EXT", "1") == "0":
+        print("epban: EPBAN_BUILD_EXT=0, skipping the C++/CUDA extension")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    if not cpp_sources:
+        return [], {}
+    with_cuda = torch.version.cuda is not None and bool(cu_sources) and _find_nvcc()
+    if os.environ.get("EPBAN_BUILD_CUDA", "1") == "0":
+        with_cuda = False
+    openmp = ["-fopenmp"]
+    extra_compile_args = {
+        "cxx": ["-O3", "-std=c++17", *openmp],
+    }
+    define_macros = []
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        define_macros.append(("EPBAN_WITH_CUDA", None))
+        ext_cls = cpp_extension.CUDAExtension
+        sources = cpp_sources + cu_sources
+    else:
+        ext_cls = cpp_extension.CppExtension
+        sources = cpp_sources
+    print(f"epban: building epban._C ({'CPU+CUDA' if with_cuda else 'CPU'}) from {len(sources)} sources")
+    ext = ext_cls(
+        name="epban._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=openmp,
+        py_limited_api=False,
+    )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extension()
+
+setup(
+    packages=_packages(),
+    package_dir={"epban.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
