@@ -1,5 +1,30 @@
-"""epban: Efficient-PBAN (package being assembled)."""
+"""epban: Efficient-PBAN, a learned perceptual quality metric for image super-resolution.
+
+Public API (see README.md):
+    ssim, SSIMLoss                 structural similarity (reference and fused kernels)
+    axial_attention, bi_axial_attention
+                                   the bi-directional axial attention of the metric
+    EfficientPBAN, PBANConfig      the quality network
+    PBANLoss, SRLoss               losses for SR training
+    info                           versions, and which backend serves each op
+"""
 from epban.ops.ssim import ssim
 from epban.ops.axial_attention import axial_attention, bi_axial_attention
+from epban.models.pban import EfficientPBAN, PBANConfig
+from epban.losses import SSIMLoss, PBANLoss, SRLoss
+from epban.info import info
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ssim",
+    "SSIMLoss",
+    "axial_attention",
+    "bi_axial_attention",
+    "EfficientPBAN",
+    "PBANConfig",
+    "PBANLoss",
+    "SRLoss",
+    "info",
+    "__version__",
+]

@@ -12,13 +12,18 @@ import torch
 
 BACKENDS = ("auto", "reference", "fused")
 
-try:
-    from epban import _C  # noqa: F401  (registers the torch.ops.epban.* operators)
+import importlib.util
 
-    EXTENSION_ERROR: str | None = None
-except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
-    _C = None
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+_C = None
+if importlib.util.find_spec("epban._C") is None:
+    EXTENSION_ERROR: str | None = "not built (installed with EPBAN_BUILD_EXT=0, or no compiler)"
+else:
+    try:
+        from epban import _C  # noqa: F401  (registers the torch.ops.epban.* operators)
+
+        EXTENSION_ERROR = None
+    except Exception as exc:  # an undefined symbol from a torch mismatch, a missing CUDA runtime...
+        EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def extension_loaded() -> bool:

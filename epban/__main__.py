@@ -1,0 +1,5 @@
+import sys
+
+from epban.cli import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+from epban.models.pban import EfficientPBAN, PBANConfig
+
+__all__ = ["EfficientPBAN", "PBANConfig"]
