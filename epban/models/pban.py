@@ -147,7 +147,10 @@ class GMDC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
         for k, w, b, gen in zip(self.kernel_sizes, self.weights, self.biases, self.param_generators):
-            outs.append(deform_conv2d(x, gen(x), w, b, padding=k // 2))
+            # A NaN offset becomes a wild sampling index inside torchvision's kernel (a crash
+            # on CPU); zeroing it keeps the output NaN without reading out of bounds.
+            offset = torch.nan_to_num(gen(x), nan=0.0, posinf=0.0, neginf=0.0)
+            outs.append(deform_conv2d(x, offset, w, b, padding=k // 2))
         return self.merge_conv(torch.cat(outs, dim=1))
 
 

@@ -1,0 +1,210 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from epban import EfficientPBAN, PBANConfig
+from epban.models import pban as pban_module
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict.json"
+if not REFERENCE.exists():  # a fresh clone beside no shared/ folder: the copy kept in tests/
+    REFERENCE = Path(__file__).parent / "data" / "official_state_dict.json"
+
+
+@pytest.fixture(scope="module")
+def official():
+    torch.manual_seed(0)
+    return EfficientPBAN(PBANConfig.official()).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = EfficientPBAN(PBANConfig.tiny()).eval()
+    _randomise_buffers(model)
+    return model
+
+
+def _randomise_buffers(model):
+    """Non-trivial BatchNorm statistics and GMDC offsets, so round trips test real values."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean") or "param_generators" in name:
+                t.copy_(0.05 * torch.randn(t.shape, generator=g))
+
+
+def images(b=1, h=64, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hr = torch.rand(b, 3, h, w, generator=g)
+    sr = (hr + 0.1 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)
+    return sr, hr
+
+
+def test_state_dict_names_and_shapes_equal_the_authors(official):
+    expected = json.loads(REFERENCE.read_text())
+    sd = official.state_dict()
+    assert list(sd) == list(expected)
+    assert {k: list(v.shape) for k, v in sd.items()} == expected
+    assert sum(v.numel() for v in sd.values()) == 31_737_850
+
+
+def test_layer3_is_one_shared_module(official):
+    assert official.layer2_1 is official.layer2_2
+    distinct = {id(p) for p in official.parameters()}
+    assert sum(official.state_dict()[k].numel() for k in official.state_dict() if k.startswith("layer2_2.")) > 0
+    assert len(distinct) == len(list(official.parameters()))
+
+
+def test_tiny_config_has_the_same_structure(tiny, official):
+    strip = lambda names: {n.split(".")[0] for n in names}  # noqa: E731
+    assert strip(tiny.state_dict()) == strip(official.state_dict())
+    assert sum(p.numel() for p in tiny.parameters()) < 2_000_000
+
+
+def test_score_shape_and_gradient(tiny):
+    sr, hr = images(b=2)
+    sr.requires_grad_(True)
+    score = tiny(sr, hr)
+    assert score.shape == (2,)
+    score.sum().backward()
+    assert sr.grad is not None and torch.isfinite(sr.grad).all() and sr.grad.abs().sum() > 0
+
+
+def test_default_scope_is_batch_independent_and_batch_scope_is_not(tiny):
+    sr, hr = images(b=3, h=64, w=96, seed=3)
+    with torch.no_grad():
+        together = tiny(sr, hr)
+        alone = torch.stack([tiny(sr[i : i + 1], hr[i : i + 1])[0] for i in range(3)])
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+        # The scope reaches the attention: block2's features change with batch-mates only in "batch".
+        nsr, nhr = tiny.normalise(sr, hr)
+        f_sr, f_hr = tiny.layer2_1(tiny.stem(nsr)), tiny.layer2_2(tiny.stem(nhr))
+        sample_scope = tiny.block2(f_sr, f_hr)[0]
+        tiny.block2.sigma_scope = "batch"
+        try:
+            batch_scope = tiny.block2(f_sr, f_hr)[0]
+            single = tiny.block2(f_sr[:1], f_hr[:1])[0]
+        finally:
+            tiny.block2.sigma_scope = "sample"
+    torch.testing.assert_close(single, sample_scope[:1], rtol=1e-5, atol=1e-5)
+    assert (batch_scope - sample_scope).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("wrap", ["full_checkpoint", "bare", "dataparallel"])
+def test_authors_checkpoint_formats_round_trip(tmp_path, official, wrap):
+    _randomise_buffers(official)
+    sd = official.state_dict()
+    if wrap == "full_checkpoint":
+        obj = {"model_state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": []},
+               "scheduler_state_dict": {"step_size": 5, "gamma": 0.5}, "epoch": 7, "best_loss": 0.12}
+    elif wrap == "bare":
+        obj = sd
+    else:
+        obj = {"module." + k: v for k, v in sd.items()}
+    path = tmp_path / "authors.pth"
+    torch.save(obj, path)
+    loaded = EfficientPBAN.from_checkpoint(path, preset="official")
+    assert loaded.config.sr_mean == pban_module.REALSRQ_SR_MEAN
+    for k, v in sd.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    sr, hr = images(h=64, w=64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sr, hr), official(sr, hr), rtol=0, atol=0)
+
+
+def test_own_format_round_trip_keeps_config_and_scores(tmp_path, tiny):
+    tiny.config.score_range = (1.0, 5.0)
+    try:
+        tiny.save_pretrained(tmp_path / "ckpt")
+    finally:
+        tiny.config.score_range = (0.0, 1.0)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = EfficientPBAN.from_checkpoint(tmp_path / "ckpt")
+    assert loaded.config.score_range == (1.0, 5.0)
+    assert loaded.config.blocks == tiny.config.blocks and loaded.config.name == "tiny"
+    assert loaded.layer2_1 is loaded.layer2_2
+    sr, hr = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sr, hr), tiny(sr, hr), rtol=0, atol=0)
+
+
+def test_missing_and_unknown_keys_are_listed(tmp_path, tiny):
+    sd = dict(tiny.state_dict())
+    sd.pop("fc.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): fc.bias") as err:
+        EfficientPBAN.from_checkpoint(tmp_path / "bad.pth", config=PBANConfig.tiny())
+    assert "unknown keys (1): extra.weight" in str(err.value)
+
+
+def test_wrong_shapes_and_non_checkpoints_are_refused(tmp_path):
+    narrow = EfficientPBAN(PBANConfig.tiny(blocks=(3, 4, 6), head_widths=(512, 128, 256)))
+    torch.save(narrow.state_dict(), tmp_path / "tiny.pth")
+    with pytest.raises(ValueError, match="shapes differ"):
+        EfficientPBAN.from_checkpoint(tmp_path / "tiny.pth", preset="official")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a state dict"):
+        EfficientPBAN.from_checkpoint(tmp_path / "list.pth")
+    with pytest.raises(FileNotFoundError):
+        EfficientPBAN.from_checkpoint(tmp_path / "nothing.pth")
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        EfficientPBAN.from_checkpoint(tmp_path / "emptydir")
+
+
+def test_imagenet_backbone_from_a_local_file_only(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    model = EfficientPBAN(PBANConfig.resnet34())
+    with pytest.raises(FileNotFoundError, match=pban_module.TORCHVISION_RESNET34_FILE):
+        model.load_imagenet_backbone()
+    resnet = torchvision.models.resnet34(weights=None)
+    path = tmp_path / pban_module.TORCHVISION_RESNET34_FILE
+    torch.save(resnet.state_dict(), path)
+    model.load_imagenet_backbone(path)
+    assert torch.equal(model.stem[0].weight, resnet.conv1.weight)
+    assert torch.equal(model.stem[5][3].conv2.weight, resnet.layer2[3].conv2.weight)
+    assert torch.equal(model.layer2_2[5].bn2.running_var, resnet.layer3[5].bn2.running_var)
+    with pytest.raises(ValueError, match="ResNet-34 backbone"):
+        EfficientPBAN(PBANConfig.tiny()).load_imagenet_backbone(path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda sr, hr: (sr[0], hr[0]), "4-D"),
+        (lambda sr, hr: (sr[:, :1], hr[:, :1]), "3 \\(RGB\\) channels"),
+        (lambda sr, hr: (sr, hr[..., :48]), "same shape"),
+        (lambda sr, hr: (sr[..., :16, :16], hr[..., :16, :16]), "at least 32x32"),
+        (lambda sr, hr: ((sr * 255).to(torch.uint8), (hr * 255).to(torch.uint8)), "floating-point"),
+        (lambda sr, hr: (sr.to("meta"), hr), "same device"),
+        (lambda sr, hr: (sr.index_fill(3, torch.tensor([5]), float("nan")), hr), "NaN"),
+        (lambda sr, hr: (sr, hr.index_fill(2, torch.tensor([1]), float("inf"))), "NaN or infinite"),
+    ],
+)
+def test_bad_inputs_raise_value_error(tiny, make, message):
+    sr, hr = images()
+    with pytest.raises(ValueError, match=message):
+        tiny(*make(sr, hr))
+
+
+def test_check_finite_can_be_skipped(tiny):
+    sr, hr = images()
+    sr[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(tiny(sr, hr, check_finite=False)).all()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="sigma_scope"):
+        EfficientPBAN(PBANConfig.tiny(sigma_scope="global"))
+    with pytest.raises(ValueError, match="unknown config preset"):
+        PBANConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown PBANConfig fields"):
+        PBANConfig.from_dict({"width": 3})
