@@ -48,14 +48,15 @@ def _extension():
     if os.environ.get("EPBAN_BUILD_CUDA", "1") == "0":
         with_cuda = False
     openmp = ["-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 on torch 2.14).
     extra_compile_args = {
-        "cxx": ["-O3", "-std=c++17", *openmp],
+        "cxx": ["-O3", *openmp],
     }
     define_macros = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         define_macros.append(("EPBAN_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
         sources = cpp_sources + cu_sources

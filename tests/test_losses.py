@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from epban import EfficientPBAN, PBANConfig, PBANLoss, SRLoss, SSIMLoss, ssim
+
+
+@pytest.fixture(scope="module")
+def metric():
+    torch.manual_seed(0)
+    return EfficientPBAN(PBANConfig.tiny(score_range=(1.0, 5.0)))
+
+
+def pair(seed=0, b=2, size=48):
+    g = torch.Generator().manual_seed(seed)
+    hr = torch.rand(b, 3, size, size, generator=g)
+    return (hr + 0.05 * torch.randn(hr.shape, generator=g)).clamp(0, 1), hr
+
+
+def test_ssim_loss_is_one_minus_ssim():
+    sr, hr = pair()
+    torch.testing.assert_close(SSIMLoss()(sr, hr), 1 - ssim(sr, hr))
+    torch.testing.assert_close(SSIMLoss(reduction="none")(sr, hr), 1 - ssim(sr, hr, reduction="none"))
+    with pytest.raises(ValueError, match="reduction"):
+        SSIMLoss(reduction="map")
+
+
+def test_pban_loss_is_frozen_and_gradients_reach_only_sr(metric):
+    loss_fn = PBANLoss(metric)
+    loss_fn.train()
+    assert not loss_fn.model.training
+    assert all(not p.requires_grad for p in loss_fn.parameters())
+    sr, hr = pair()
+    sr.requires_grad_(True)
+    hr.requires_grad_(True)
+    loss = loss_fn(sr, hr)
+    loss.backward()
+    assert sr.grad is not None and sr.grad.abs().sum() > 0
+    assert hr.grad is None
+    # Rescaled by the config's score range: -(score - 1) / 4.
+    with torch.no_grad():
+        expected = -((metric(sr, hr) - 1.0) / 4.0).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def test_pban_loss_loads_a_checkpoint_directory(tmp_path, metric):
+    metric.save_pretrained(tmp_path / "m")
+    sr, hr = pair()
+    torch.testing.assert_close(PBANLoss(tmp_path / "m")(sr, hr), PBANLoss(metric)(sr, hr))
+
+
+def test_sr_loss_sums_weighted_parts(metric):
+    sr, hr = pair()
+    total, parts = SRLoss(l1=1.0, ssim=0.5, pban=0.1, pban_model=metric)(sr, hr)
+    assert set(parts) == {"l1", "ssim", "pban"}
+    expected = parts["l1"] + 0.5 * parts["ssim"] + 0.1 * parts["pban"]
+    torch.testing.assert_close(total, expected)
+    total, parts = SRLoss()(sr, hr)
+    assert set(parts) == {"l1"}
+
+
+def test_sr_loss_refuses_bad_settings():
+    with pytest.raises(ValueError, match="pban_model"):
+        SRLoss(pban=1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        SRLoss(l1=-1.0)
