@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 from epban import EfficientPBAN, PBANConfig
 from epban.models import pban as pban_module
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict.json"
 if not REFERENCE.exists():  # a fresh clone beside no shared/ folder: the copy kept in tests/
@@ -208,3 +211,23 @@ def test_config_validation():
         PBANConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown PBANConfig fields"):
         PBANConfig.from_dict({"width": 3})
+
+
+def test_score_equals_an_independent_transcription_of_the_authors_network(tmp_path, official):
+    """Batch size 1 (the authors' protocol), their checkpoint format and normalisation: same score to 1e-5."""
+    from authors_forward import authors_forward
+
+    _randomise_buffers(official)
+    with torch.no_grad():
+        for p in official.block2.parameters():  # larger attention inputs, so the block matters
+            p.mul_(2.0)
+    torch.save({"model_state_dict": official.state_dict(), "epoch": 3}, tmp_path / "authors.pth")
+    model = EfficientPBAN.from_checkpoint(tmp_path / "authors.pth", preset="official")
+    sd = model.state_dict()
+    for seed in range(2):
+        sr, hr = images(h=80, w=112, seed=seed)
+        mean = lambda v: torch.tensor(v).view(1, 3, 1, 1)  # noqa: E731
+        nsr = (sr - mean(pban_module.REALSRQ_SR_MEAN)) / mean(pban_module.REALSRQ_SR_STD)
+        nhr = (hr - mean(pban_module.REALSRQ_HR_MEAN)) / mean(pban_module.REALSRQ_HR_STD)
+        with torch.no_grad():
+            torch.testing.assert_close(model(sr, hr), authors_forward(sd, nsr, nhr), rtol=1e-5, atol=1e-5)
