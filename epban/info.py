@@ -9,14 +9,16 @@ from epban import _extension
 
 
 def _op_backends() -> dict:
-    from epban.ops import axial_attention, ssim
+    from epban.ops import axial_attention, deform_conv, ssim
 
     never = lambda device: False  # noqa: E731
     fused_ssim_available = getattr(ssim, "fused_ssim_available", never)
     fused_axial_available = getattr(axial_attention, "fused_axial_available", never)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     table = {}
-    for op, available in (("ssim", fused_ssim_available), ("axial_attention", fused_axial_available)):
+    ops = (("ssim", fused_ssim_available), ("axial_attention", fused_axial_available),
+           ("deform_conv", deform_conv.fused_deform_conv_available))
+    for op, available in ops:
         table[op] = {d: ("fused" if available(d) else "reference") for d in devices}
     return table
 

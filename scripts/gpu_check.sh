@@ -38,6 +38,6 @@ done
 
 step "tables"
 for check in ssim_gpu_check axial_gpu_check pban_gpu_check; do
-  [ -f "$OUT/$check.md" ] && { echo "--- $check"; tail -40 "$OUT/$check.md"; }
+  [ -f "$OUT/$check.md" ] && { echo "--- $check"; tail -60 "$OUT/$check.md"; }
 done
 exit $status

@@ -19,9 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
-from torchvision.ops import deform_conv2d
-
 from epban.ops.axial_attention import SIGMA_SCOPES, bi_axial_attention
+from epban.ops.deform_conv import multi_branch_deform_conv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,6 +134,7 @@ class GMDC(nn.Module):
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(branch)) for _ in kernel_sizes])
         self.param_generators = nn.ModuleList([nn.Conv2d(channels, 2 * k * k, 3, padding=1) for k in kernel_sizes])
         self.merge_conv = nn.Conv2d(channels, channels, 1)
+        self.backend = "auto"  # of the deformable convolution: "auto" | "reference" | "fused"
         for w in self.weights:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.merge_conv.weight, a=math.sqrt(5))
@@ -145,13 +145,9 @@ class GMDC(nn.Module):
             nn.init.zeros_(gen.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for k, w, b, gen in zip(self.kernel_sizes, self.weights, self.biases, self.param_generators):
-            # A NaN offset becomes a wild sampling index inside torchvision's kernel (a crash
-            # on CPU); zeroing it keeps the output NaN without reading out of bounds.
-            offset = torch.nan_to_num(gen(x), nan=0.0, posinf=0.0, neginf=0.0)
-            outs.append(deform_conv2d(x, offset, w, b, padding=k // 2))
-        return self.merge_conv(torch.cat(outs, dim=1))
+        offsets = [gen(x) for gen in self.param_generators]
+        out = multi_branch_deform_conv(x, offsets, list(self.weights), list(self.biases), backend=self.backend)
+        return self.merge_conv(out)
 
 
 class ChannelShuffle(nn.Module):
@@ -286,6 +282,21 @@ class EfficientPBAN(nn.Module):
     # -- the parts of the stem the authors keep frozen while training the metric --
     def frozen_stem_modules(self) -> list[nn.Module]:
         return [self.stem[0], self.stem[1], self.stem[4]]
+
+    def for_loss(self, **kwargs) -> nn.Module:
+        """A frozen, fast scorer ``f(sr, hr) -> (B,)`` for use as a loss: BatchNorm folded,
+        channels_last, optional bf16 and CUDA-graph capture; see ``epban.models.loss_mode.pban_for_loss``."""
+        from epban.models.loss_mode import pban_for_loss
+
+        return pban_for_loss(self, **kwargs)
+
+    @property
+    def deform_backend(self) -> str:
+        return self.block2.br1.backend
+
+    @deform_backend.setter
+    def deform_backend(self, backend: str) -> None:
+        self.block2.br1.backend = self.block2.br2.backend = backend
 
     @property
     def attention_backend(self) -> str:

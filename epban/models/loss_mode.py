@@ -1,0 +1,205 @@
+"""The loss mode of a frozen Efficient-PBAN: the same scores, computed for SR training.
+
+``pban_for_loss(model)`` returns a frozen scorer ``f(sr, hr) -> scores (B,)`` (float32) whose
+gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never what:
+
+- BatchNorm (inference statistics) is folded into the preceding convolutions:
+  ``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
+- GMDC: the branches' offset convolutions become one conv with all 2 * sum(k^2) channels,
+  whose output is the packed offset tensor of the fused deformable convolution, and the
+  branch weights are packed once (``epban.ops.deform_conv``).
+- channels_last activations (the layout cuDNN and the fused deformable conv read best).
+- ``dtype=torch.bfloat16``: the trunk (stem, layer3, block2) runs in bf16; the input
+  normalisation, the 2x2 pooling's output and the head stay float32. Scores stay within
+  ~5e-3 (relative) of float32, but the input gradient does not meet 1e-2: it is a
+  piecewise function of the activations (ReLU masks, max-pool arg-maxes), so any rounding
+  moves it — on random weights bf16 gives ~15% relative L2 error (cosine 0.99), a 1e-3
+  change of the input moves the float32 gradient by ~4%, and keeping stem and layer3 in
+  float32 still leaves ~3%. The same holds for TF32 convolutions (cuDNN's default).
+- No host syncs: inputs are checked by shape only (no finite check).
+- ``cuda_graph=True``: forward and backward are captured once per input shape, dtype and
+  device (``torch.cuda.make_graphed_callables``) and replayed; the scores and the gradient
+  handed to autograd live in the graph's static buffers, so consume them before the next
+  call (an SR training step does). Calls without a gradient to ``sr`` run eagerly.
+- ``compile=True`` (or a dict of ``torch.compile`` arguments): the scorer is compiled; the
+  fused ops are opaque custom ops to Dynamo. With both, ``mode="reduce-overhead"`` is used.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock
+
+from epban.models.pban import GMDC, EfficientPBAN
+from epban.ops.deform_conv import (
+    check_fp32_precision,
+    fused_deform_conv_packed,
+    multi_branch_deform_conv_reference,
+    pack_weights,
+    use_fused,
+)
+
+LOSS_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv computing ``bn(conv(x))`` with ``bn`` in inference mode (in float64, then cast back)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded")
+    dtype = conv.weight.dtype
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    bias = (bias - bn.running_mean.double()) * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, bias=True, device=conv.weight.device, dtype=dtype)
+    with torch.no_grad():
+        folded.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
+        folded.bias.copy_(bias.to(dtype))
+    return folded
+
+
+def _fold_resnet_layer(layer: nn.Sequential) -> None:
+    for block in layer:
+        if not isinstance(block, BasicBlock):
+            raise ValueError(f"expected torchvision BasicBlocks in the ResNet layers, got {type(block).__name__}")
+        block.conv1, block.bn1 = fold_batchnorm(block.conv1, block.bn1), nn.Identity()
+        block.conv2, block.bn2 = fold_batchnorm(block.conv2, block.bn2), nn.Identity()
+        if block.downsample is not None:
+            block.downsample = nn.Sequential(fold_batchnorm(block.downsample[0], block.downsample[1]))
+
+
+class PackedGMDC(nn.Module):
+    """GMDC with one offset conv for all branches and pre-packed branch weights (frozen)."""
+
+    def __init__(self, gmdc: GMDC):
+        super().__init__()
+        self.kernel_sizes = tuple(gmdc.kernel_sizes)
+        gens = list(gmdc.param_generators)
+        ref = gens[0]
+        self.offset_conv = nn.Conv2d(ref.in_channels, sum(g.out_channels for g in gens), 3, padding=1,
+                                     device=ref.weight.device, dtype=ref.weight.dtype)
+        with torch.no_grad():
+            self.offset_conv.weight.copy_(torch.cat([g.weight for g in gens]))
+            self.offset_conv.bias.copy_(torch.cat([g.bias for g in gens]))
+        self.register_buffer("weight", pack_weights([w.detach() for w in gmdc.weights]))
+        self.register_buffer("bias", torch.cat([b.detach() for b in gmdc.biases]))
+        self.merge_conv = gmdc.merge_conv
+        self.backend = getattr(gmdc, "backend", "auto")
+        self.fp32_precision = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = self.offset_conv(x)
+        if use_fused(x, self.backend):
+            out = fused_deform_conv_packed(x, offsets, self.weight, self.bias, self.kernel_sizes,
+                                           fp32_precision=self.fp32_precision)
+        else:
+            out = multi_branch_deform_conv_reference(x, *self._unpacked(offsets))
+        return self.merge_conv(out)
+
+    def _unpacked(self, offsets):
+        ob, c = self.weight.shape[-1], self.weight.shape[1]
+        sizes = [k * k for k in self.kernel_sizes]
+        offs = list(torch.split(offsets, [2 * s for s in sizes], dim=1))
+        weights = [w.reshape(k, k, c, ob).permute(3, 2, 0, 1)
+                   for w, k in zip(torch.split(self.weight, sizes), self.kernel_sizes)]
+        return offs, weights, list(torch.split(self.bias, ob))
+
+
+class PBANLossScorer(nn.Module):
+    """A frozen Efficient-PBAN prepared for use as a loss: ``scorer(sr, hr) -> scores (B,)``, float32."""
+
+    def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None):
+        super().__init__()
+        if not isinstance(model, EfficientPBAN):
+            raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
+        if dtype not in LOSS_DTYPES:
+            raise ValueError(f"loss-mode dtype must be one of {LOSS_DTYPES}, got {dtype}")
+        m = copy.deepcopy(model).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        m.stem[0], m.stem[1] = fold_batchnorm(m.stem[0], m.stem[1]), nn.Identity()
+        _fold_resnet_layer(m.stem[4])
+        _fold_resnet_layer(m.stem[5])
+        _fold_resnet_layer(m.layer2_1)  # layer2_2 is the same module
+        blk = m.block2
+        for name in ("after_block1", "after_block2"):
+            seq = getattr(blk, name)
+            setattr(blk, name, nn.Sequential(fold_batchnorm(seq[0], seq[1]), nn.ReLU(inplace=True)))
+        blk.after_block3 = blk.after_block4 = None  # unused when upchannel=True
+        blk.br1, blk.br2 = PackedGMDC(blk.br1), PackedGMDC(blk.br2)
+        blk.br1.fp32_precision = blk.br2.fp32_precision = check_fp32_precision(fp32_precision)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for trunk in (m.stem, m.layer2_1, m.block2):
+            trunk.to(dtype=dtype, memory_format=self.memory_format)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        self.model = m
+        self.dtype = dtype
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: BatchNorm is folded, dropout is off
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        m.check_inputs(sr, hr, check_finite=False)
+        sr, hr = m.normalise(sr.float(), hr.detach().float())
+        sr = sr.to(dtype=self.dtype, memory_format=self.memory_format)
+        hr = hr.to(dtype=self.dtype, memory_format=self.memory_format)
+        f1, f2 = m.block2(m.layer2_1(m.stem(sr)), m.layer2_2(m.stem(hr)))
+        f1 = m.pool1(f1).flatten(1).float()
+        f2 = m.pool2(f2).flatten(1).float()
+        f1 = F.relu(m.fc21(F.relu(m.fc11(f1))))
+        f2 = F.relu(m.fc22(F.relu(m.fc12(f2))))
+        return m.out(m.fc(torch.cat([f1, f2], dim=1))).squeeze(1)
+
+
+class CUDAGraphScorer(nn.Module):
+    """Replays a captured forward + backward per (shape, dtype, device) of the inputs."""
+
+    def __init__(self, scorer: nn.Module):
+        super().__init__()
+        self.scorer = scorer
+        self._graphed: dict = {}
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        if not (sr.is_cuda and sr.requires_grad and torch.is_grad_enabled()):
+            return self.scorer(sr, hr)
+        hr = hr.detach()
+        key = (tuple(sr.shape), sr.dtype, hr.dtype, sr.device)
+        fn = self._graphed.get(key)
+        if fn is None:
+            self.scorer(sr.detach(), hr)  # validates the inputs and compiles the kernels before capture
+            fn = torch.cuda.make_graphed_callables(
+                lambda a, b: self.scorer(a, b), (sr.detach().clone().requires_grad_(), hr.clone())
+            )
+            self._graphed[key] = fn
+        return fn(sr, hr)
+
+
+def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
+                  compile=False, fp32_precision=None) -> nn.Module:
+    """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
+
+    The model is copied (it stays usable as it is); move it to its device first.
+    ``fp32_precision``: the fused deformable convolution's float32 dots ("ieee", the default,
+    or "tf32x3" / "tf32": faster, no longer bit-for-bit float32).
+    """
+    scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision)
+    if compile:
+        kwargs = dict(compile) if isinstance(compile, dict) else {}
+        if cuda_graph:
+            kwargs.setdefault("mode", "reduce-overhead")
+        return torch.compile(scorer, **kwargs)
+    if cuda_graph:
+        return CUDAGraphScorer(scorer)
+    return scorer

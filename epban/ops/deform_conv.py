@@ -1,0 +1,364 @@
+"""Multi-branch deformable convolution (GMDC's branches): the reference, the fused op and the dispatch.
+
+For branches b = 0 .. NB-1 with kernels k_b (odd), weights W_b (OB, C, k_b, k_b), biases (OB,)
+and offsets (B, 2 k_b^2, H, W):
+
+    out = cat_b deform_conv2d(x, offsets_b, W_b, bias_b, padding=k_b // 2)       (B, NB * OB, H, W)
+
+with torchvision's semantics: stride 1, dilation 1, one offset group, no mask, bilinear
+sampling reading 0 outside the image, offset channels 2 (i k + j) = dy and 2 (i k + j) + 1 = dx.
+The reference is that loop; the fused op (``kernels/deform_conv.py``) computes all branches in
+one launch as an implicit GEMM. It is registered as ``torch.ops.epban.multi_branch_deform_conv``
+(a ``torch.library`` custom op with autograd and a fake implementation), so it works under
+``torch.compile`` and CUDA-graph capture.
+"""
+
+import functools
+import os
+
+import torch
+from torchvision.ops import deform_conv2d
+
+from epban._extension import check_backend, triton_available, triton_interpret
+
+try:
+    import triton
+except Exception:  # the reference path needs no Triton
+    triton = None
+
+
+def multi_branch_deform_conv_reference(x, offsets, weights, biases):
+    """The specification: one torchvision ``deform_conv2d`` per branch, concatenated on channels.
+
+    A NaN offset becomes a wild sampling index inside torchvision's CPU kernel (a crash), so
+    non-finite offsets are zeroed first; the fused kernels clamp coordinates instead and give NaN.
+    torchvision has no bfloat16 kernel: bf16 inputs are computed in float32 and the result cast back.
+    """
+    dtype = x.dtype
+    up = (lambda t: t.float()) if dtype == torch.bfloat16 else (lambda t: t)  # noqa: E731
+    outs = [
+        deform_conv2d(up(x), up(torch.nan_to_num(off, nan=0.0, posinf=0.0, neginf=0.0)), up(w), up(b),
+                      padding=w.shape[-1] // 2)
+        for off, w, b in zip(offsets, weights, biases)
+    ]
+    return torch.cat(outs, dim=1).to(dtype)
+
+
+def _fused_unavailable_reason(device, dtype=None) -> str | None:
+    """Why the fused kernels cannot serve tensors on ``device`` (None when they can)."""
+    device = torch.device(device)
+    if not triton_available():
+        return "Triton is not installed"
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the fused kernels take float32, bfloat16 or float16, got {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not triton_interpret():
+            return "the fused deformable convolution runs on CPU tensors only under TRITON_INTERPRET=1"
+        if dtype == torch.float16:
+            return "the Triton interpreter does not take float16 on CPU; use float32 or bfloat16"
+        return None
+    return f"no fused deformable convolution for device type {device.type!r}"
+
+
+def fused_deform_conv_available(device) -> bool:
+    """Whether ``backend="fused"`` can run on ``device`` (CUDA with Triton; CPU under TRITON_INTERPRET=1).
+
+    ``backend="auto"`` uses it on CUDA only: the interpreter is for tests.
+    """
+    return _fused_unavailable_reason(device) is None
+
+
+def pack_weights(weights) -> torch.Tensor:
+    """Branch weights (OB, C, k, k) -> the kernels' layout (sum k^2, C, OB): tap-major, OB contiguous."""
+    return torch.cat([w.permute(2, 3, 1, 0).reshape(-1, w.shape[1], w.shape[0]) for w in weights], dim=0)
+
+
+def check_deform_args(x, offsets, weights, biases) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D floating-point tensor (B, C, H, W), got {got}")
+    n = len(weights)
+    if n == 0 or len(offsets) != n or (biases is not None and len(biases) != n):
+        raise ValueError(
+            f"offsets, weights and biases must be lists of one tensor per branch (same length >= 1), got "
+            f"{len(offsets)}, {n}, {None if biases is None else len(biases)}"
+        )
+    b, c, h, w = x.shape
+    ob = weights[0].shape[0]
+    for i, (off, wt) in enumerate(zip(offsets, weights)):
+        k = wt.shape[-1]
+        if wt.dim() != 4 or wt.shape != (ob, c, k, k) or k % 2 == 0:
+            raise ValueError(
+                f"weights[{i}] must be (OB={ob}, C={c}, k, k) with odd k, got {tuple(wt.shape)}"
+            )
+        if off.shape != (b, 2 * k * k, h, w):
+            raise ValueError(f"offsets[{i}] must be {(b, 2 * k * k, h, w)} for a {k}x{k} kernel, got {tuple(off.shape)}")
+        if off.device != x.device or wt.device != x.device:
+            raise ValueError(f"branch {i}: offsets and weights must be on x's device {x.device}")
+    if biases is not None:
+        for i, bias in enumerate(biases):
+            if bias is not None and bias.shape != (ob,):
+                raise ValueError(f"biases[{i}] must be ({ob},), got {tuple(bias.shape)}")
+
+
+def multi_branch_deform_conv(x, offsets, weights, biases, *, backend="auto", fp32_precision=None):
+    """All branches' deformable convolutions concatenated: (B, C, H, W) -> (B, NB * OB, H, W).
+
+    ``offsets``, ``weights``, ``biases``: one tensor per branch (see the module docstring).
+    ``backend``: ``"auto"`` (fused on CUDA with Triton, else the reference), ``"reference"``, or
+    ``"fused"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; ValueError elsewhere).
+    ``fp32_precision``: the fused kernels' float32 dots, "ieee", "tf32x3" or "tf32" (None: the
+    default, ``FP32_PRECISION``).
+    """
+    check_backend(backend)
+    check_fp32_precision(fp32_precision)
+    check_deform_args(x, offsets, weights, biases)
+    if biases is None or any(b is None for b in biases):
+        biases = [torch.zeros(w.shape[0], device=x.device, dtype=w.dtype) if b is None else b
+                  for w, b in zip(weights, biases or [None] * len(weights))]
+    if not use_fused(x, backend):
+        return multi_branch_deform_conv_reference(x, offsets, weights, biases)
+    kernel_sizes = [w.shape[-1] for w in weights]
+    return fused_deform_conv_packed(
+        x, torch.cat(list(offsets), dim=1), pack_weights(weights), torch.cat(list(biases)), kernel_sizes,
+        fp32_precision=fp32_precision,
+    )
+
+
+def fused_deform_conv_packed(x, offsets, weight, bias, kernel_sizes, *, fp32_precision=None):
+    """The fused op on packed arguments: offsets (B, 2T, H, W), weight (T, C, OB), bias (NB * OB,) or None.
+
+    Weight, bias and offsets are cast to x's dtype (so the op runs under autocast); the result
+    has x's dtype and memory format. Used by the loss mode, which packs once.
+    """
+    dtype = x.dtype
+    precision = check_fp32_precision(fp32_precision)
+    bias = torch.zeros(len(kernel_sizes) * weight.shape[-1], device=x.device, dtype=dtype) if bias is None else bias
+    return torch.ops.epban.multi_branch_deform_conv(
+        x, offsets.to(dtype), weight.to(dtype), bias.to(dtype), [int(k) for k in kernel_sizes], precision
+    )
+
+
+def use_fused(x, backend) -> bool:
+    """Whether ``backend`` serves ``x`` with the fused kernels; ValueError for an impossible "fused"."""
+    if backend == "reference":
+        return False
+    reason = _fused_unavailable_reason(x.device, x.dtype)
+    if backend == "fused":
+        if reason is not None:
+            raise ValueError(f"backend='fused' is not available: {reason}")
+        return True
+    return x.device.type == "cuda" and reason is None
+
+
+# ---------------------------------------------------------------------------------- launch helpers
+# float32 dots: "ieee" (exact fp32, the default), "tf32x3" (tensor cores, ~fp32 accuracy) or
+# "tf32" (fastest, ~1e-3). Overridable with EPBAN_DEFORM_FP32_PRECISION.
+FP32_PRECISION = os.environ.get("EPBAN_DEFORM_FP32_PRECISION", "ieee")
+_FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+_BLOCK_P = 64
+_BLOCK_C = 32
+
+
+def check_fp32_precision(fp32_precision) -> str:
+    """``None`` -> the module default (``FP32_PRECISION``); ValueError for an unknown name."""
+    precision = FP32_PRECISION if fp32_precision is None else fp32_precision
+    if precision not in _FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision (or EPBAN_DEFORM_FP32_PRECISION) must be one of {_FP32_PRECISIONS}, "
+                         f"got {precision!r}")
+    return precision
+
+
+def _precision(dtype, fp32_precision: str) -> str:
+    if dtype != torch.float32:
+        return "low"
+    # The interpreter has no TF32: it computes every precision as fp32.
+    return "ieee" if triton_interpret() else fp32_precision
+
+
+def _pixel_tile(pixels: int) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of the forward and input-gradient kernels.
+
+    A program runs all k^2 taps of one branch, so the k = 9 programs set the critical path:
+    below ~1000 programs, 32-pixel tiles cut it and fill the SMs; above, 64-pixel tiles halve
+    the weight traffic. 64-pixel tiles need 8 warps to stay within registers (ptxas, sm_90).
+    """
+    return (_BLOCK_P, 8) if pixels >= 256 * _BLOCK_P else (32, 4)
+
+
+def _block_c(c: int) -> int:
+    # The interpreter runs each tile op as one numpy call: fewer, wider tiles are faster there.
+    return max(16, min(128, triton.next_power_of_2(c))) if triton_interpret() else _BLOCK_C
+
+
+def _block_o(ob: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(ob)))
+
+
+@functools.lru_cache(maxsize=None)
+def _tables_cpu(kernel_sizes: tuple):
+    ks = torch.tensor(kernel_sizes, dtype=torch.int32)
+    taps = ks * ks
+    tap0 = torch.cumsum(taps, 0, dtype=torch.int32) - taps
+    order = torch.argsort(-ks, stable=True).to(torch.int32)  # largest kernel first: the long programs start early
+    tap_branch = torch.repeat_interleave(torch.arange(len(kernel_sizes), dtype=torch.int32), taps)
+    return ks, tap0.to(torch.int32), order, tap_branch
+
+
+_TABLES: dict = {}
+
+
+def _tables(kernel_sizes, device):
+    """Per-branch kernel size, first global tap, launch order, and per-tap branch, cached per device.
+
+    Cached so that a CUDA-graph capture or a compiled graph never copies them host->device.
+    """
+    key = (tuple(kernel_sizes), str(device))
+    if key not in _TABLES:
+        _TABLES[key] = tuple(t.to(device) for t in _tables_cpu(tuple(kernel_sizes)))
+    return _TABLES[key]
+
+
+def _strides(t):
+    return tuple(int(s) for s in t.stride())
+
+
+def _out_like(x, channels, dtype):
+    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
+                                  and not x.is_contiguous()) else torch.contiguous_format
+    b, _, h, w = x.shape
+    return torch.empty((b, channels, h, w), device=x.device, dtype=dtype, memory_format=fmt)
+
+
+def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
+    from epban.kernels.deform_conv import mbdc_fwd_kernel
+
+    b, c, h, w = x.shape
+    nb, ob = len(kernel_sizes), weight.shape[-1]
+    out = _out_like(x, nb * ob, x.dtype)
+    ks, tap0, order, _ = _tables(kernel_sizes, x.device)
+    (block_p, warps), block_o = _pixel_tile(b * h * w), _block_o(ob)
+    n_pblocks = triton.cdiv(h * w, block_p)
+    grid = (nb * n_pblocks, b, triton.cdiv(ob, block_o))
+    mbdc_fwd_kernel[grid](
+        x, offsets, weight, bias, out, ks, tap0, order,
+        c, h, w, ob, n_pblocks,
+        *_strides(x), *_strides(offsets), *_strides(out),
+        HAS_BIAS=True, PRECISION=_precision(x.dtype, precision), UPCAST=triton_interpret(),
+        BLOCK_P=block_p, BLOCK_C=_block_c(c), BLOCK_O=block_o, num_warps=warps,
+    )
+    return out
+
+
+def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
+    from epban.kernels.deform_conv import mbdc_bwd_data_kernel
+
+    b, c, h, w = x.shape
+    nb, ob = len(kernel_sizes), weight.shape[-1]
+    grad_x = torch.zeros_like(x, dtype=torch.float32)  # keeps x's (dense) strides: the kernel indexes both alike
+    grad_off = torch.empty_like(offsets)
+    ks, tap0, order, _ = _tables(kernel_sizes, x.device)
+    (block_p, warps), block_o = _pixel_tile(b * h * w), _block_o(ob)
+    n_pblocks = triton.cdiv(h * w, block_p)
+    grid = (nb * n_pblocks, b)
+    mbdc_bwd_data_kernel[grid](
+        x, offsets, weight, grad, grad_x, grad_off, ks, tap0, order,
+        c, h, w, ob, n_pblocks,
+        *_strides(x), *_strides(offsets), *_strides(grad), *_strides(grad_off),
+        PRECISION=_precision(x.dtype, precision), UPCAST=triton_interpret(),
+        BLOCK_P=block_p, BLOCK_C=_block_c(c), BLOCK_O=block_o, ONE_OBLOCK=ob <= block_o, num_warps=warps,
+    )
+    return grad_x.to(x.dtype), grad_off
+
+
+def _launch_backward_weight(grad, x, offsets, weight, kernel_sizes, precision):
+    from epban.kernels.deform_conv import mbdc_bwd_weight_kernel
+
+    b, c, h, w = x.shape
+    ob = weight.shape[-1]
+    grad_w = torch.empty(weight.shape, device=x.device, dtype=torch.float32)
+    ks, tap0, _, tap_branch = _tables(kernel_sizes, x.device)
+    block_o = _block_o(ob)
+    # fp32 (FMA) tiles need 8 warps at 32 pixels to stay within registers; bf16 fits 64 in 4.
+    block_p, warps = (32, 8) if x.dtype == torch.float32 else (_BLOCK_P, 4)
+    grid = (weight.shape[0], triton.cdiv(c, _block_c(c)), triton.cdiv(ob, block_o))
+    mbdc_bwd_weight_kernel[grid](
+        x, offsets, grad, grad_w, ks, tap0, tap_branch,
+        b, c, h, w, ob,
+        *_strides(x), *_strides(offsets), *_strides(grad),
+        PRECISION=_precision(x.dtype, precision), UPCAST=triton_interpret(),
+        BLOCK_P=block_p, BLOCK_C=_block_c(c), BLOCK_O=block_o, num_warps=warps,
+    )
+    return grad_w.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------ the registered custom op
+def _dense(t):
+    """Kernels index with strides but need one dense layout: NCHW or channels_last."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+@torch.library.custom_op("epban::multi_branch_deform_conv", mutates_args=())
+def _mbdc_op(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             kernel_sizes: list[int], fp32_precision: str) -> torch.Tensor:
+    return _launch_forward(_dense(x), _dense(offsets), weight.contiguous(), bias.contiguous(), kernel_sizes,
+                           fp32_precision)
+
+
+@_mbdc_op.register_fake
+def _(x, offsets, weight, bias, kernel_sizes, fp32_precision):
+    return _out_like(x, len(kernel_sizes) * weight.shape[-1], x.dtype)
+
+
+@torch.library.custom_op("epban::multi_branch_deform_conv_backward_data", mutates_args=())
+def _mbdc_bwd_data_op(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
+                      kernel_sizes: list[int], fp32_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward_data(_dense(grad), _dense(x), _dense(offsets), weight.contiguous(), kernel_sizes,
+                                 fp32_precision)
+
+
+@_mbdc_bwd_data_op.register_fake
+def _(grad, x, offsets, weight, kernel_sizes, fp32_precision):
+    return torch.empty_like(x), torch.empty_like(offsets)
+
+
+@torch.library.custom_op("epban::multi_branch_deform_conv_backward_weight", mutates_args=())
+def _mbdc_bwd_weight_op(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
+                        kernel_sizes: list[int], fp32_precision: str) -> torch.Tensor:
+    return _launch_backward_weight(_dense(grad), _dense(x), _dense(offsets), weight, kernel_sizes, fp32_precision)
+
+
+@_mbdc_bwd_weight_op.register_fake
+def _(grad, x, offsets, weight, kernel_sizes, fp32_precision):
+    return torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, offsets, weight, bias, kernel_sizes, fp32_precision = inputs
+    # Only the inputs are kept: S is recomputed in the backward, never stored (it is C * T / OB
+    # times larger than the output).
+    ctx.save_for_backward(x, offsets, weight)
+    ctx.kernel_sizes = kernel_sizes
+    ctx.fp32_precision = fp32_precision
+    ctx.ob = weight.shape[-1]
+
+
+def _backward(ctx, grad):
+    x, offsets, weight = ctx.saved_tensors
+    ks = ctx.kernel_sizes
+    need_x, need_off, need_w, need_b = ctx.needs_input_grad[:4]
+    grad_x = grad_off = grad_w = grad_b = None
+    if need_x or need_off:
+        grad_x, grad_off = _mbdc_bwd_data_op(grad, x, offsets, weight, ks, ctx.fp32_precision)
+    if need_w:
+        grad_w = _mbdc_bwd_weight_op(grad, x, offsets, weight, ks, ctx.fp32_precision)
+    if need_b:
+        grad_b = grad.sum(dim=(0, 2, 3)).to(weight.dtype)
+    return grad_x, grad_off, grad_w, grad_b, None, None
+
+
+_mbdc_op.register_autograd(_backward, setup_context=_setup_context)

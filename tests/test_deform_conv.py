@@ -1,0 +1,266 @@
+"""The fused multi-branch deformable convolution against torchvision's deform_conv2d, forward and gradients.
+
+Without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
+conftest.py before anything imports triton): small shapes only.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epban._extension import triton_interpret
+from epban.models.pban import GMDC
+from epban.ops.deform_conv import (
+    fused_deform_conv_available,
+    multi_branch_deform_conv,
+    multi_branch_deform_conv_reference,
+)
+
+needs_fused = pytest.mark.skipif(
+    not (torch.cuda.is_available() or fused_deform_conv_available("cpu")),
+    reason="needs a CUDA GPU or TRITON_INTERPRET=1 before triton is imported",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: OpenMP workers spinning on a busy machine cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(b, c, h, w, ob, kernel_sizes, offset_scale, device=DEVICE, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g)
+    offsets = [offset_scale * torch.randn(b, 2 * k * k, h, w, generator=g) for k in kernel_sizes]
+    weights = [torch.randn(ob, c, k, k, generator=g) / (c * k) for k in kernel_sizes]
+    biases = [torch.randn(ob, generator=g) for _ in kernel_sizes]
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in [x, *offsets, *weights, *biases]]
+    n = len(kernel_sizes)
+    return leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], leaves[1 + 2 * n:]
+
+
+def _check_against_reference(x, offsets, weights, biases, atol=2e-5, rtol=2e-5):
+    ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    grad = torch.randn_like(ref)
+    leaves = [x, *offsets, *weights, *biases]
+    names = ["x"] + [f"offsets[{i}]" for i in range(len(offsets))] + [f"weights[{i}]" for i in range(len(weights))] \
+        + [f"biases[{i}]" for i in range(len(biases))]
+    expected = torch.autograd.grad(ref, leaves, grad)
+    got = torch.autograd.grad(out, leaves, grad)
+    for name, e, g in zip(names, expected, got):
+        torch.testing.assert_close(g, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@needs_fused
+def test_matches_torchvision_odd_sizes_samples_outside():
+    # Offsets of std 2.5 on a 7x9 map send many samples partly or wholly outside the image.
+    _check_against_reference(*_inputs(2, 6, 7, 9, 3, (3, 5), offset_scale=2.5))
+
+
+@needs_fused
+def test_matches_torchvision_official_kernel_sizes():
+    _check_against_reference(*_inputs(1, 5, 6, 5, 2, (3, 5, 7, 9), offset_scale=1.5, seed=1))
+
+
+@needs_fused
+def test_more_output_channels_than_one_tile():
+    # OB = 72 > 64: several output-channel tiles in the forward and the weight gradient,
+    # and the backward's loop over them.
+    _check_against_reference(*_inputs(1, 3, 4, 5, 72, (3,), offset_scale=1.0, seed=11))
+
+
+@needs_fused
+def test_integer_offsets_on_the_border():
+    # Integer offsets put samples exactly on the border rows/columns and on -1 and H:
+    # torchvision's per-corner validity decides both the values and the offset gradients.
+    x, offsets, weights, biases = _inputs(1, 4, 5, 6, 2, (3,), offset_scale=0.0, seed=2)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        offsets[0].copy_(torch.randint(-3, 4, offsets[0].shape, generator=g).float().to(offsets[0]))
+    _check_against_reference(x, offsets, weights, biases)
+
+
+@needs_fused
+def test_samples_all_outside_give_bias_and_zero_gradients():
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3, 5), offset_scale=0.0, seed=4)
+    with torch.no_grad():
+        for off in offsets:
+            off.fill_(-100.0)
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+    expected = torch.cat(biases).detach().view(1, -1, 1, 1).expand_as(out)
+    torch.testing.assert_close(out, expected)
+    gx, *goffs = torch.autograd.grad(out.sum(), [x, *offsets])
+    assert not gx.any() and not any(g.any() for g in goffs)
+
+
+@needs_fused
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf in the interpreter
+def test_nan_offset_makes_its_pixel_nan_without_wild_reads():
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, seed=12)
+    with torch.no_grad():
+        offsets[0][0, 4, 1, 2] = float("nan")
+        offsets[0][0, 7, 2, 3] = float("inf")
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+    assert out[0, :, 1, 2].isnan().all() and out.isfinite().sum() >= out.numel() - 2 * out.shape[1]
+
+
+@needs_fused
+def test_zero_offsets_are_a_plain_convolution():
+    x, offsets, weights, biases = _inputs(1, 4, 6, 7, 3, (3, 5), offset_scale=0.0, seed=5)
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+    conv = torch.cat([F.conv2d(x, w, b, padding=w.shape[-1] // 2) for w, b in zip(weights, biases)], dim=1)
+    torch.testing.assert_close(out, conv, atol=2e-5, rtol=2e-5)
+
+
+@needs_fused
+def test_channels_last_in_channels_last_out():
+    x, offsets, weights, biases = _inputs(2, 4, 5, 6, 2, (3,), offset_scale=1.0, seed=6)
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = multi_branch_deform_conv(xl, offsets, weights, biases, backend="fused")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, multi_branch_deform_conv_reference(x, offsets, weights, biases),
+                               atol=2e-5, rtol=2e-5)
+    (gx,) = torch.autograd.grad(out.square().sum(), [xl])
+    (ex,) = torch.autograd.grad(multi_branch_deform_conv_reference(x, offsets, weights, biases).square().sum(), [x])
+    torch.testing.assert_close(gx, ex, atol=1e-4, rtol=1e-4)
+
+
+@needs_fused
+def test_bfloat16_within_1e2_of_float32():
+    x, offsets, weights, biases = _inputs(1, 16, 5, 6, 16, (3, 5), offset_scale=1.0, seed=7)
+    ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
+    cast = [t.detach().bfloat16().requires_grad_() for t in [x, *offsets, *weights, *biases]]
+    xb, ob, wb, bb = cast[0], cast[1:3], cast[3:5], cast[5:]
+    out = multi_branch_deform_conv(xb, ob, wb, bb, backend="fused")
+    assert out.dtype == torch.bfloat16
+    scale = ref.abs().max()
+    assert (out.float() - ref).abs().max() <= 1e-2 * scale
+    gx, gw = torch.autograd.grad(out.float().sum(), [xb, wb[1]])
+    ex, ew = torch.autograd.grad(ref.sum(), [x, weights[1]])
+    assert (gx.float() - ex).abs().max() <= 2e-2 * ex.abs().max()
+    assert (gw.float() - ew).abs().max() <= 2e-2 * ew.abs().max()
+
+
+@needs_fused
+def test_gmdc_fused_backend_matches_reference():
+    torch.manual_seed(8)
+    block = GMDC(8, (3, 5)).to(DEVICE)
+    with torch.no_grad():
+        for gen in block.param_generators:
+            gen.weight.normal_(0, 0.1)
+            gen.bias.normal_(0, 0.5)
+    x = torch.randn(1, 8, 5, 6, device=DEVICE)
+    block.backend = "reference"
+    ref = block(x)
+    block.backend = "fused"
+    torch.testing.assert_close(block(x), ref, atol=2e-5, rtol=2e-5)
+
+
+@needs_fused
+def test_opcheck_of_the_registered_op():
+    from epban.ops.deform_conv import pack_weights
+
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, seed=9)
+    args = (x, torch.cat(offsets, 1).detach().requires_grad_(), pack_weights(weights).detach().requires_grad_(),
+            torch.cat(biases).detach().requires_grad_(), [3], "ieee")
+    torch.library.opcheck(torch.ops.epban.multi_branch_deform_conv.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_auto_is_the_reference_on_cpu():
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3, 5), offset_scale=1.0, device="cpu", seed=10)
+    out = multi_branch_deform_conv(x, offsets, weights, biases)
+    assert torch.equal(out, multi_branch_deform_conv_reference(x, offsets, weights, biases))
+
+
+def test_fused_on_cpu_without_interpreter_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not fused_deform_conv_available("cpu")
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, device="cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+
+
+def test_unknown_fp32_precision_is_a_value_error():
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, device="cpu")
+    with pytest.raises(ValueError, match="fp32_precision"):
+        multi_branch_deform_conv(x, offsets, weights, biases, fp32_precision="fp16")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda x, o, w, b: (x, o[:1], w, b), "one tensor per branch"),
+        (lambda x, o, w, b: (x, o, [w[0][:, :2]] + w[1:], b), "weights\\[0\\]"),
+        (lambda x, o, w, b: (x, [o[0][:, :4]] + o[1:], w, b), "offsets\\[0\\]"),
+        (lambda x, o, w, b: (x[0], o, w, b), "4-D"),
+        (lambda x, o, w, b: (x, o, w, b, "bogus"), "backend"),
+    ],
+)
+def test_bad_arguments_are_value_errors(change, match):
+    args = _inputs(1, 3, 4, 5, 2, (3, 5), offset_scale=1.0, device="cpu")
+    x, o, w, b, *backend = change(*args)
+    with pytest.raises(ValueError, match=match):
+        multi_branch_deform_conv(x, o, w, b, backend=backend[0] if backend else "auto")
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_official_width_matches_torchvision(dtype):
+    x, offsets, weights, biases = _inputs(2, 256, 13, 17, 64, (3, 5, 7, 9), offset_scale=2.0, device="cuda")
+    ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
+    cast = [t.detach().to(dtype).requires_grad_() for t in [x, *offsets, *weights, *biases]]
+    out = multi_branch_deform_conv(cast[0], cast[1:5], cast[5:9], cast[9:], backend="fused")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    scale = ref.abs().max()
+    assert (out.float() - ref).abs().max() <= tol * scale
+    grad = torch.randn_like(ref)
+    leaves = [x, *offsets, *weights]
+    expected = torch.autograd.grad(ref, leaves, grad)
+    got = torch.autograd.grad(out.float(), cast[:9], grad)
+    for e, g in zip(expected, got):
+        assert (g.float() - e).abs().max() <= 2 * tol * e.abs().max()
+
+
+def _packed_loss_cuda():
+    from epban.ops.deform_conv import fused_deform_conv_packed, pack_weights
+
+    x, offsets, weights, biases = _inputs(1, 64, 16, 16, 16, (3, 5, 7, 9), offset_scale=1.0, device="cuda")
+    off, w, b = torch.cat(offsets, 1).detach(), pack_weights(weights).detach(), torch.cat(biases).detach()
+    xs = x.detach().clone().requires_grad_()
+    f = lambda t: fused_deform_conv_packed(t, off, w, b, (3, 5, 7, 9)).square().sum()  # noqa: E731
+    return f, xs, torch.autograd.grad(f(xs), [xs])[0]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    f, xs, expected = _packed_loss_cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            torch.autograd.grad(f(xs), [xs])
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = torch.autograd.grad(f(xs), [xs])[0]
+    graph.replay()
+    torch.testing.assert_close(static, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(os.environ.get("EPBAN_TEST_COMPILE") != "1",
+                    reason="set EPBAN_TEST_COMPILE=1 (Inductor compiles for a while)")
+def test_cuda_torch_compile_fullgraph():
+    f, xs, expected = _packed_loss_cuda()
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(compiled(xs), [xs])[0], expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,210 @@
+"""The loss mode of Efficient-PBAN (epban.models.loss_mode) against the model's own forward."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from epban import EfficientPBAN, PBANConfig
+from epban.models.loss_mode import fold_batchnorm, pban_for_loss
+from epban.ops.deform_conv import fused_deform_conv_available
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: OpenMP workers spinning on a busy machine cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomised(model):
+    """Non-trivial BatchNorm statistics and affine terms and non-zero GMDC offsets."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean") or "param_generators" in name:
+                t.copy_(0.05 * torch.randn(t.shape, generator=g))
+            elif ".bn" in name and name.endswith(("weight", "bias")):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("weight") else 0.1 * torch.randn(t.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return _randomised(EfficientPBAN(PBANConfig.tiny()))
+
+
+@pytest.fixture(scope="module")
+def tiny_two_branches():
+    """Two GMDC branches (k = 3, 5): the Triton interpreter runs it in seconds."""
+    torch.manual_seed(0)
+    return _randomised(EfficientPBAN(PBANConfig.tiny(gmdc_kernel_sizes=(3, 5))))
+
+
+def _fused_gmdc(scorer):
+    for gmdc in (scorer.model.block2.br1, scorer.model.block2.br2):
+        gmdc.backend = "fused"
+    return scorer
+
+
+def _pair(b=2, h=64, w=80, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hr = torch.rand(b, 3, h, w, generator=g)
+    sr = (hr + 0.05 * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+    return sr.to(device), hr.to(device)
+
+
+def _score_and_grad(f, sr, hr):
+    sr = sr.detach().clone().requires_grad_()
+    s = f(sr, hr)
+    (g,) = torch.autograd.grad(s.sum(), sr)
+    return s.detach(), g
+
+
+def test_fold_batchnorm_is_exact_in_float32():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(5, 7, 3, padding=1, bias=False), nn.BatchNorm2d(7)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, 5, 9, 11)
+    torch.testing.assert_close(fold_batchnorm(conv, bn)(x), bn(conv(x)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_float32_scores_and_gradients_match_the_model(tiny, channels_last):
+    sr, hr = _pair()
+    expected, expected_grad = _score_and_grad(tiny, sr, hr)
+    scores, grad = _score_and_grad(pban_for_loss(tiny, channels_last=channels_last), sr, hr)
+    assert scores.dtype == torch.float32 and scores.shape == (2,)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+
+
+def test_bfloat16_scores_within_1e2(tiny):
+    """bf16 scores meet the 1e-2 bound; input gradients only agree in direction (see loss_mode.py)."""
+    sr, hr = _pair()
+    expected, expected_grad = _score_and_grad(tiny, sr, hr)
+    scores, grad = _score_and_grad(pban_for_loss(tiny, dtype=torch.bfloat16), sr, hr)
+    assert scores.dtype == torch.float32
+    assert (scores - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert F.cosine_similarity(grad.flatten(), expected_grad.flatten(), dim=0) > 0.95
+
+
+def test_model_is_left_untouched_and_scorer_is_frozen(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    scorer = pban_for_loss(tiny)
+    scorer.train()
+    assert not scorer.training and not scorer.model.training
+    assert not any(p.requires_grad for p in scorer.parameters())
+    assert isinstance(tiny.stem[1], nn.BatchNorm2d)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in scorer.modules())
+
+
+def test_no_gradient_reaches_hr(tiny):
+    sr, hr = _pair(b=1)
+    sr.requires_grad_()
+    hr.requires_grad_()
+    pban_for_loss(tiny)(sr, hr).sum().backward()
+    assert sr.grad is not None and hr.grad is None
+
+
+def test_bad_arguments_are_value_errors(tiny):
+    with pytest.raises(ValueError, match="EfficientPBAN"):
+        pban_for_loss(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="dtype"):
+        pban_for_loss(tiny, dtype=torch.float16)
+    with pytest.raises(ValueError, match="same shape"):
+        pban_for_loss(tiny)(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 48))
+
+
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_fused_gmdc_in_the_loss_mode_matches_the_model(tiny_two_branches):
+    sr, hr = _pair(b=1, h=48, w=64)
+    expected, expected_grad = _score_and_grad(tiny_two_branches, sr, hr)
+    scores, grad = _score_and_grad(_fused_gmdc(pban_for_loss(tiny_two_branches)), sr, hr)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+
+
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_compiles_without_breaking_on_our_ops(tiny_two_branches):
+    # aot_eager traces through the fused op's fake implementation and autograd formula.
+    sr, hr = _pair(b=1, h=32, w=32)
+    expected, expected_grad = _score_and_grad(tiny_two_branches, sr, hr)
+    scorer = _fused_gmdc(pban_for_loss(tiny_two_branches, compile={"backend": "aot_eager", "fullgraph": False}))
+    scores, grad = _score_and_grad(scorer, sr, hr)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+@pytest.fixture(scope="module")
+def official_cuda():
+    torch.manual_seed(0)
+    return _randomised(EfficientPBAN(PBANConfig.official())).cuda()
+
+
+@pytest.fixture
+def no_tf32():
+    """cuDNN may run float32 convolutions in TF32 by default: off, so that 1e-5 means float32."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_loss_mode_matches_the_reference(official_cuda, dtype, no_tf32):
+    sr, hr = _pair(b=2, h=256, w=256, device="cuda")
+    official_cuda.attention_backend = "reference"
+    for m in (official_cuda.block2.br1, official_cuda.block2.br2):
+        m.backend = "reference"
+    try:
+        expected, expected_grad = _score_and_grad(official_cuda, sr, hr)
+    finally:
+        official_cuda.attention_backend = "auto"
+        for m in (official_cuda.block2.br1, official_cuda.block2.br2):
+            m.backend = "auto"
+    scores, grad = _score_and_grad(pban_for_loss(official_cuda, dtype=dtype), sr, hr)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (scores - expected).abs().max() <= tol * max(1.0, expected.abs().max().item())
+    if dtype == torch.float32:
+        assert (grad - expected_grad).abs().max() <= 1e-4 * expected_grad.abs().max()
+    else:
+        assert F.cosine_similarity(grad.flatten(), expected_grad.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_match_eager(official_cuda, no_tf32):
+    scorer = pban_for_loss(official_cuda)
+    graphed = pban_for_loss(official_cuda, cuda_graph=True)
+    for seed in (0, 1):  # the second call replays the graph captured by the first
+        sr, hr = _pair(b=2, h=128, w=128, seed=seed, device="cuda")
+        expected, expected_grad = _score_and_grad(scorer, sr, hr)
+        scores, grad = _score_and_grad(graphed, sr, hr)
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(os.environ.get("EPBAN_TEST_COMPILE") != "1",
+                    reason="set EPBAN_TEST_COMPILE=1 (Inductor compiles for minutes)")
+def test_cuda_torch_compile(official_cuda, no_tf32):
+    sr, hr = _pair(b=1, h=128, w=128, device="cuda")
+    expected, expected_grad = _score_and_grad(pban_for_loss(official_cuda), sr, hr)
+    scores, grad = _score_and_grad(pban_for_loss(official_cuda, compile=True), sr, hr)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-3)
+
