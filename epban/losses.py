@@ -32,10 +32,14 @@ class PBANLoss(nn.Module):
     With ``rescale=True`` the score is first mapped by the config's ``score_range`` to
     roughly [0, 1], so the loss weight means the same whatever scale the metric was
     trained on. Gradients flow to ``sr`` only; the model stays in eval mode.
+
+    ``loss_mode=True`` (or a dict of ``EfficientPBAN.for_loss`` arguments, e.g.
+    ``{"dtype": torch.bfloat16, "cuda_graph": True}``) scores with the fast loss mode:
+    BatchNorm folded, channels_last, fused kernels. Move the model to its device first.
     """
 
     def __init__(self, model_or_path: EfficientPBAN | str | os.PathLike, *, rescale: bool = True,
-                 check_finite: bool = False):
+                 check_finite: bool = False, loss_mode: bool | dict = False):
         super().__init__()
         model = model_or_path
         if not isinstance(model, EfficientPBAN):
@@ -46,14 +50,21 @@ class PBANLoss(nn.Module):
         self.model = model
         self.rescale = rescale
         self.check_finite = check_finite
+        self.scorer = model.for_loss(**(loss_mode if isinstance(loss_mode, dict) else {})) if loss_mode else None
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.model.eval()  # BatchNorm statistics and dropout of the metric never change
+        if self.scorer is not None:
+            self.scorer.eval()
         return self
 
     def score(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Scores (B,) of the frozen metric, on its own scale (higher is better)."""
+        if self.scorer is not None:
+            if self.check_finite:
+                self.model.check_inputs(sr, hr, check_finite=True)
+            return self.scorer(sr, hr.detach())
         return self.model(sr, hr.detach(), check_finite=self.check_finite)
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
@@ -72,7 +83,7 @@ class SRLoss(nn.Module):
     """
 
     def __init__(self, l1: float = 1.0, ssim: float = 0.0, pban: float = 0.0, pban_model=None,
-                 ssim_kwargs: dict | None = None, pban_rescale: bool = True):
+                 ssim_kwargs: dict | None = None, pban_rescale: bool = True, pban_loss_mode: bool | dict = False):
         super().__init__()
         if min(l1, ssim, pban) < 0:
             raise ValueError(f"loss weights must be non-negative, got l1={l1}, ssim={ssim}, pban={pban}")
@@ -80,7 +91,9 @@ class SRLoss(nn.Module):
             raise ValueError("pban > 0 needs pban_model (an EfficientPBAN or a checkpoint path)")
         self.weights = {"l1": float(l1), "ssim": float(ssim), "pban": float(pban)}
         self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}))
-        self.pban_loss = PBANLoss(pban_model, rescale=pban_rescale) if pban_model is not None else None
+        self.pban_loss = (
+            PBANLoss(pban_model, rescale=pban_rescale, loss_mode=pban_loss_mode) if pban_model is not None else None
+        )
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor):
         parts = {}

@@ -63,3 +63,15 @@ def test_sr_loss_refuses_bad_settings():
         SRLoss(pban=1.0)
     with pytest.raises(ValueError, match="non-negative"):
         SRLoss(l1=-1.0)
+
+
+def test_pban_loss_mode_gives_the_same_loss_and_gradient(metric):
+    sr, hr = pair(seed=4)
+    a = sr.clone().requires_grad_(True)
+    b = sr.clone().requires_grad_(True)
+    reference = PBANLoss(metric)(a, hr)
+    fast = PBANLoss(metric, loss_mode=True)(b, hr)
+    reference.backward()
+    fast.backward()
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7)
