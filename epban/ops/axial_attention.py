@@ -11,12 +11,20 @@ Row pass (one sequence along W per (b, h)):
 The column pass is the same with H and W exchanged, with its own sigma.
 ``sigma_scope="batch"`` is the authors' whole-batch std (an image's output depends on its
 batch-mates); ``"sample"`` (default) takes one std per image.
+
+The fused path (``backend="fused"``, and ``"auto"`` on CUDA when Triton is importable)
+runs the Triton kernels of ``epban.kernels.axial_attention`` through ``_AxialFunction``;
+``bi_axial_attention`` puts both directions of the block into the same launches. Under
+``TRITON_INTERPRET=1`` the fused path also runs on CPU tensors (slowly: for tests).
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
-from epban._extension import check_backend
+from epban._extension import check_backend, triton_available, triton_interpret
 
 SIGMA_SCOPES = ("sample", "batch")
 SIGMA_EPS = 1e-6
@@ -55,16 +63,144 @@ def check_axial_args(q, k, v, sigma_scope) -> None:
         raise ValueError(f"sigma_scope must be one of {SIGMA_SCOPES}, got {sigma_scope!r}")
 
 
+# float32 dots of the fused kernels: "ieee" (exact fp32, the default), "tf32x3" or "tf32"
+# (tensor cores, less accurate). Overridable with EPBAN_AXIAL_FP32_PRECISION.
+FP32_PRECISION = os.environ.get("EPBAN_AXIAL_FP32_PRECISION", "ieee")
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_unavailable_reason(device, dtype=None) -> str | None:
+    """Why the fused kernels cannot serve tensors on ``device`` (None when they can)."""
+    device = torch.device(device)
+    if not triton_available():
+        return "Triton is not installed"
+    if device.type == "cuda":
+        if dtype is not None and dtype not in _CUDA_DTYPES:
+            return f"the fused kernels take float32, float16 or bfloat16 on CUDA, got {dtype}"
+        return None
+    if device.type == "cpu":
+        if not triton_interpret():
+            return "fused axial attention runs on CPU tensors only under TRITON_INTERPRET=1"
+        if dtype is not None and dtype == torch.bfloat16:
+            return "the Triton interpreter computes wrong bfloat16 dots; use float32, float64 or float16 on CPU"
+        return None
+    return f"no fused axial attention for device type {device.type!r}"
+
+
+def fused_axial_available(device) -> bool:
+    """Whether ``backend="fused"`` can run on ``device`` (CUDA with Triton; CPU under TRITON_INTERPRET=1)."""
+    return _fused_unavailable_reason(device) is None
+
+
+# (device, dtype) where the kernels failed to compile or launch under backend="auto"
+_FUSED_FAILED: set = set()
+
+
+def _use_fused(t: torch.Tensor, backend: str) -> bool:
+    if backend == "reference" or (backend == "auto" and t.device.type != "cuda"):
+        return False
+    reason = _fused_unavailable_reason(t.device, t.dtype)
+    if backend == "fused":
+        if reason is not None:
+            raise ValueError(f"backend='fused' is not available: {reason}")
+        return True
+    return t.device.type == "cuda" and reason is None and (str(t.device), t.dtype) not in _FUSED_FAILED
+
+
+def _run_fused(t: torch.Tensor, backend: str, fused, reference):
+    """``fused()``; under backend="auto" a failure of the kernels themselves (an old GPU, a
+    Triton that cannot compile them) is reported once and the reference serves from then on."""
+    if backend == "fused":
+        return fused()
+    try:
+        return fused()
+    except (ValueError, TypeError):
+        raise
+    except Exception as exc:  # Triton's compile and launch errors have no common base class
+        _FUSED_FAILED.add((str(t.device), t.dtype))
+        warnings.warn(f"epban: fused axial attention failed on {t.device} ({t.dtype}), using the reference: "
+                      f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+        return reference()
+
+
+class _AxialFunction(torch.autograd.Function):
+    """axial(q_d, k_d, v_d) for one or two directions d through the Triton kernels.
+
+    Saves the inputs plus the per-row logsumexp and the per-group (mu, sigma, N): the
+    backward recomputes the logits tile by tile instead of storing them.
+    """
+
+    @staticmethod
+    def forward(ctx, sigma_scope, precision, *qkv):
+        from epban.kernels import axial_attention as kernels
+
+        ndir = len(qkv) // 3
+        qkv = tuple(t.contiguous() for t in qkv)
+        qs, ks, vs = qkv[0::3], qkv[1::3], qkv[2::3]
+        outs, lse, stats = kernels.axial_forward(qs, ks, vs, sigma_scope, precision=precision)
+        ctx.save_for_backward(*qkv, lse, stats)
+        ctx.sigma_scope, ctx.precision, ctx.ndir = sigma_scope, precision, ndir
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        from epban.kernels import axial_attention as kernels
+
+        *qkv, lse, stats = ctx.saved_tensors
+        qs, ks, vs = qkv[0::3], qkv[1::3], qkv[2::3]
+        grads = tuple(torch.zeros_like(q) if g is None else g.contiguous() for g, q in zip(grad_outs, qs))
+        wanted = ctx.needs_input_grad[2:]
+        needs = [tuple(wanted[3 * d:3 * d + 3]) for d in range(ctx.ndir)]
+        dqs, dks, dvs = kernels.axial_backward(qs, ks, vs, grads, lse, stats, ctx.sigma_scope,
+                                               precision=ctx.precision, needs=needs)
+        out = [None, None]
+        for d in range(ctx.ndir):
+            out += [dqs[d], dks[d], dvs[d]]
+        return tuple(out)
+
+
+def axial_attention_fused(q, k, v, *, sigma_scope="sample", precision=None):
+    """axial(q, k, v) through the Triton kernels (no dispatch, no checks beyond the reference's)."""
+    return _AxialFunction.apply(sigma_scope, precision or FP32_PRECISION, q, k, v)[0]
+
+
 def axial_attention(q, k, v, *, sigma_scope="sample", backend="auto"):
-    """axial(q, k, v) of ARCHITECTURE.md, both passes averaged; (B, C, H, W) -> (B, C, H, W)."""
+    """axial(q, k, v) of ARCHITECTURE.md, both passes averaged; (B, C, H, W) -> (B, C, H, W).
+
+    backend: "auto" (the fused kernels on CUDA when Triton is available, else the
+    reference), "reference", or "fused" (ValueError when it cannot serve these tensors).
+    """
     check_backend(backend)
     check_axial_args(q, k, v, sigma_scope)
-    return axial_attention_reference(q, k, v, sigma_scope=sigma_scope)
+    reference = lambda: axial_attention_reference(q, k, v, sigma_scope=sigma_scope)  # noqa: E731
+    if _use_fused(q, backend):
+        _check_same_dtype((q, k, v))
+        return _run_fused(q, backend, lambda: axial_attention_fused(q, k, v, sigma_scope=sigma_scope), reference)
+    return reference()
+
+
+def _check_same_dtype(ts) -> None:
+    if len({t.dtype for t in ts}) != 1:
+        raise ValueError(f"the fused kernels need one dtype for all inputs, got {[t.dtype for t in ts]}")
 
 
 def bi_axial_attention(q1, k1, v1, q2, k2, v2, *, sigma_scope="sample", backend="auto"):
-    """The two directions of the block: (axial(q1, k2, v1), axial(q2, k1, v2))."""
-    return (
-        axial_attention(q1, k2, v1, sigma_scope=sigma_scope, backend=backend),
-        axial_attention(q2, k1, v2, sigma_scope=sigma_scope, backend=backend),
-    )
+    """The two directions of the block: (axial(q1, k2, v1), axial(q2, k1, v2)).
+
+    On the fused path both directions share every kernel launch.
+    """
+    check_backend(backend)
+    check_axial_args(q1, k2, v1, sigma_scope)
+    check_axial_args(q2, k1, v2, sigma_scope)
+    def separately():
+        return (
+            axial_attention(q1, k2, v1, sigma_scope=sigma_scope, backend=backend),
+            axial_attention(q2, k1, v2, sigma_scope=sigma_scope, backend=backend),
+        )
+
+    same = q1.shape == q2.shape and q1.device == q2.device
+    if same and _use_fused(q1, backend):
+        _check_same_dtype((q1, k1, v1, q2, k2, v2))
+        fused = lambda: _AxialFunction.apply(sigma_scope, FP32_PRECISION, q1, k2, v1, q2, k1, v2)  # noqa: E731
+        return _run_fused(q1, backend, fused, separately)
+    return separately()

@@ -1,0 +1,631 @@
+"""Triton kernels of the bi-directional axial attention, forward and backward, and their launchers.
+
+The op (epban.ops.axial_attention holds the reference, the dispatch and the autograd):
+for q, k, v of shape (B, C, H, W), axial(q, k, v) = 0.5 * (row + col). For one pass
+(row: sequences along W, one per (b, h); col: along H, one per (b, w)) and one sequence
+with positions i, j in [0, L) and channels c:
+
+    S[i, j]   = sum_c q[c, i] k[c, j]
+    mu, sigma = mean(S), std(S, unbiased) + eps    over all logits of the group
+                                                   (group: one image, or the whole batch)
+    A[i, j]   = exp(S[i, j] / sigma - lse[i]),     lse[i] = logsumexp_j S[i, j] / sigma
+    out[c, j] = sum_i v[c, i] A[i, j]
+
+Backward, with g = 0.5 * dL/d(axial) seen by each pass:
+
+    dA[i, j] = sum_c v[c, i] g[c, j]                dv[c, i] = sum_j A[i, j] g[c, j]
+    D[i]     = sum_j A[i, j] dA[i, j]               dZ[i, j] = A[i, j] (dA[i, j] - D[i])
+    dsigma   = -(1 / sigma^2) sum_group sum_ij dZ[i, j] S[i, j]
+             = -(1 / sigma^2) sum_group sum_i (E[i] - D[i] F[i]),
+               E[i] = sum_j A dA (S - mu),  F[i] = sum_j A (S - mu)   (the shift by mu is
+               exact because sum_j dZ[i, j] = 0, and it avoids cancellation)
+    omega    = dsigma / ((N - 1) (sigma - eps))     (d std / dS = (S - mu) / ((N - 1) std))
+    dS[i, j] = dZ[i, j] / sigma + omega (S[i, j] - mu)
+    dq[c, i] = sum_j dS[i, j] k[c, j]               dk[c, j] = sum_i dS[i, j] q[c, i]
+
+Nothing of size L x L reaches global memory: every kernel recomputes its S tiles from q
+and k. Saved for the backward: lse (one number per row, B*H*W per pass) and the group
+statistics (mu, sigma, N). q, k, v are read in NCHW as they are: a pass is a choice of
+two strides (row: sequence stride W, position stride 1; column: 1 and W), compile-time
+constants of each kernel body (``PASS``), so that row tiles load contiguous positions.
+A program owns one tile of positions of ``SEQS`` neighbouring sequences. In the column
+pass the only contiguous direction is across sequences: with one sequence per program
+its loads are strided (served from L2: program ids put sequences fastest, so neighbours
+run side by side); ``CONFIG["seqs_col"]`` > 1 coalesces them with 3-D tiles and batched
+dots, which hold more registers (they spill at C=256 on sm90), so it is off by default
+until GPU timings say otherwise (scripts/axial_gpu_check.py --sweep).
+
+Launches (both directions of the block share every launch; program_id(1) = direction):
+forward  1 stats (S tile moments, both passes) -> 2 sigma (Chan merge per group)
+         -> 3 lse (online logsumexp, both passes) -> 4 out, row pass (stores 0.5 row)
+         -> 5 out, column pass (adds 0.5 col);
+backward 1 dv/D, row -> 2 dv/D, column (adds) -> 3 omega per group
+         -> 4 dq and dk, row -> 5 dq and dk, column (adds).
+The row and column passes write the same elements, so they are ordered by launches
+rather than atomics: the result is deterministic and every output element is stored.
+
+Floor: a "product" is 2 C L^2 FLOPs per sequence, i.e. 2 C (H W^2 + W H^2) per image and
+direction (6.2 GFLOP for 1x256x135x240). The math needs 6 (S, v A; S, dA, dv, dq, dk
+share S); without stored logits the kernels spend 13: 4 in the forward (S for the
+moments, for lse, for out) and 9 in the backward (S and dA for dv/D, again for dq, again
+for dk; dq or dk programs whose gradient is not wanted skip theirs). Bytes: q, k, v (and
+g) read a few times each, out / dq / dk / dv written once and re-read once by the
+column pass; no L x L traffic; saved state 2 * 4 bytes per pixel and direction.
+
+float32 dots use ``input_precision`` ("ieee" by default: plain fp32 FMAs, matching the
+reference to ~1e-7 relative; "tf32x3" or "tf32" trade accuracy for tensor-core speed).
+float16 and bfloat16 inputs use tensor cores with float32 accumulation and statistics;
+A and dS are rounded to the input dtype for their dots (as in flash attention) and the
+row pass's result is stored in it before the column pass adds its half. float64
+(useful under TRITON_INTERPRET=1) accumulates in float64.
+
+Triton is imported here unconditionally: import this module only after checking that
+Triton is available (epban.ops.axial_attention does). Whether the kernels are
+interpreted is decided when this module is first imported (TRITON_INTERPRET=1). The
+interpreter of Triton 3.6 fails on runtime loop bounds with numpy 2.4 (3.8 does not);
+the compiled kernels are checked against Triton 3.6 and 3.8 for sm90.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+SIGMA_EPS = 1e-6
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+# Tile configuration (the GPU check sweeps it): positions per tile in the row and column
+# passes, neighbouring column sequences per program, channels per step of the logits'
+# contraction, warps per program.
+CONFIG = dict(block_row=32, block_col=32, seqs_col=1, block_ck=32, num_warps=8)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_RUNTIME_INTS = ("B", "C", "H", "W", "NG", "n_row_progs", "n_progs", "per_row", "per_col", "n_pass_progs",
+                 "pid_offset", "sample", "accumulate", "need_q", "need_k", "need_v")
+
+
+def _sized_jit(fn):
+    """triton.jit without specialising sizes and flags on their values: one compilation
+    serves every shape and both sigma scopes."""
+    names = [a for a in inspect.signature(fn).parameters if a in _RUNTIME_INTS]
+    return triton.jit(fn, do_not_specialize=names)
+
+
+@triton.jit
+def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``local`` of a pass -> (image b, first sequence, tile of positions) and the
+    pass's sequence count NS, length L, sequence stride and position stride (elements).
+
+    Sequences vary fastest, then tiles, then images: an image's programs are contiguous
+    (its partial sums too), and neighbouring column sequences run side by side.
+    """
+    if PASS == 0:
+        NS = H
+        L = W
+        s_seq = W
+        s_pos = 1
+    else:
+        NS = W
+        L = H
+        s_seq = 1
+        s_pos = W
+    n_groups = (NS + SEQS - 1) // SEQS
+    n_tiles = (L + BLOCK - 1) // BLOCK
+    s0 = (local % n_groups) * SEQS
+    tile = (local // n_groups) % n_tiles
+    b = local // (n_groups * n_tiles)
+    return b, s0, tile, NS, L, s_seq, s_pos
+
+
+@triton.jit
+def _bdot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for (SEQS, M, K) x (SEQS, K, N) tiles; one sequence goes through a 2-D dot
+    (batched dots keep operands in registers and spill at these tile sizes)."""
+    if a.shape[0] == 1:
+        acc2 = tl.dot(tl.reshape(a, [a.shape[1], a.shape[2]]), tl.reshape(b, [b.shape[1], b.shape[2]]),
+                      tl.reshape(acc, [acc.shape[1], acc.shape[2]]), input_precision=PRECISION)
+        return tl.reshape(acc2, [1, acc.shape[1], acc.shape[2]])
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _channel_dot(a_ptr, b_ptr, seq_off, offs_m, offs_n, mask_sm, mask_sn, C, HW, s_pos,
+                 SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
+                 PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """sum_c a[s, c, m] b[s, c, n] as a (SEQS, BLOCK, BLOCK) tile; mask_sm / mask_sn: (SEQS, BLOCK)."""
+    acc = tl.zeros([SEQS, BLOCK, BLOCK], dtype=ACC)
+    for c0 in range(0, C, BLOCK_CK):
+        offs_c = c0 + tl.arange(0, BLOCK_CK)
+        mask_c = offs_c < C
+        at = tl.load(a_ptr + seq_off[:, None, None] + offs_m[None, :, None] * s_pos + offs_c[None, None, :] * HW,
+                     mask=mask_sm[:, :, None] & mask_c[None, None, :], other=0.0)
+        bt = tl.load(b_ptr + seq_off[:, None, None] + offs_c[None, :, None] * HW + offs_n[None, None, :] * s_pos,
+                     mask=mask_c[None, :, None] & mask_sn[:, None, :], other=0.0)
+        acc = _bdot(at, bt, acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def _channel_ptrs(ptr, seq_off, offs_c, offs_n, HW, s_pos):
+    """Pointers to the (SEQS, BLOCK_C, BLOCK) tile x[s, c, n]."""
+    return ptr + seq_off[:, None, None] + offs_c[None, :, None] * HW + offs_n[None, None, :] * s_pos
+
+
+@triton.jit
+def _store_channels(ptr, seq_off, offs_c, offs_n, mask_c, mask_sn, HW, s_pos, res, accumulate,
+                    ACC: tl.constexpr):
+    """x[s, c, n] = res, or x += res when ``accumulate`` (the column pass after the row pass)."""
+    ptrs = _channel_ptrs(ptr, seq_off, offs_c, offs_n, HW, s_pos)
+    mask = mask_c[None, :, None] & mask_sn[:, None, :]
+    res += tl.load(ptrs, mask=mask & (accumulate != 0), other=0.0).to(ACC)
+    tl.store(ptrs, res.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_setup(local, H, W, C, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets shared by every kernel body: image base, sequences, the owned tile of positions."""
+    b, s0, tile, NS, L, s_seq, s_pos = _geometry(local, H, W, PASS, SEQS, BLOCK)
+    offs_s = s0 + tl.arange(0, SEQS)
+    mask_s = offs_s < NS
+    seq_off = b.to(tl.int64) * C * H * W + offs_s * s_seq
+    offs_t = tile * BLOCK + tl.arange(0, BLOCK)
+    mask_st = mask_s[:, None] & (offs_t < L)[None, :]
+    rows = (b * NS + offs_s) * L
+    return b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _stats_body(qp, kp, part, local, C, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows = _tile_setup(local, H, W, C, PASS, SEQS, BLOCK)
+    n_i = tl.sum(tl.sum(mask_si.to(ACC), axis=1), axis=0)
+    n = tl.full([], 0.0, ACC)
+    mean = tl.full([], 0.0, ACC)
+    m2 = tl.full([], 0.0, ACC)
+    for j0 in range(0, L, BLOCK):
+        offs_j = j0 + tl.arange(0, BLOCK)
+        mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+        valid = mask_si[:, :, None] & (offs_j < L)[None, None, :]
+        t_n = n_i * tl.sum((offs_j < L).to(ACC), axis=0)
+        t_mean = tl.sum(tl.sum(tl.sum(tl.where(valid, S, 0.0), axis=2), axis=1), axis=0) / t_n
+        dev = tl.where(valid, S - t_mean, 0.0)
+        t_m2 = tl.sum(tl.sum(tl.sum(dev * dev, axis=2), axis=1), axis=0)
+        tot = n + t_n
+        delta = t_mean - mean
+        mean = mean + delta * (t_n / tot)
+        m2 = m2 + t_m2 + delta * delta * (n * t_n / tot)
+        n = tot
+    tl.store(part, n)
+    tl.store(part + 1, mean)
+    tl.store(part + 2, m2)
+
+
+@_sized_jit
+def _axial_fwd_stats_kernel(q0, k0, q1, k1, part_ptr, C, H, W, n_row_progs, n_progs,
+                            SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
+                            BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Moments of the logits of one strip of rows: part = (n, mean, M2), row programs first.
+
+    Tiles are merged with Chan's formula (mean and M2 about the mean, never the sum of
+    squares minus the squared sum), so a large mean does not cancel the variance.
+    """
+    pid = tl.program_id(0)
+    d = tl.program_id(1)
+    if d == 0:
+        qp = q0
+        kp = k0
+    else:
+        qp = q1
+        kp = k1
+    part = part_ptr + (d * n_progs + pid) * 3
+    if pid < n_row_progs:
+        _stats_body(qp, kp, part, pid, C, H, W, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC)
+    else:
+        _stats_body(qp, kp, part, pid - n_row_progs, C, H, W, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC)
+
+
+@triton.jit
+def _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample):
+    """Program pid of a (direction, pass, group) grid -> direction and its partials' range."""
+    g = pid % NG
+    p = (pid // NG) % 2
+    d = pid // (2 * NG)
+    per_image = per_row + p * (per_col - per_row)
+    count = per_image * (sample + (1 - sample) * B)
+    start = p * n_row_progs + g * per_image
+    return d, start, count
+
+
+@_sized_jit
+def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, per_row, per_col, eps, sample,
+                            BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """Merge the strip moments of one group: stats = (mu, sigma = sqrt(M2 / (N - 1)) + eps, N)."""
+    pid = tl.program_id(0)
+    d, start, count = _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample)
+    base = part_ptr + (d * n_progs + start) * 3
+    tot_n = tl.zeros([BLOCK_P], dtype=ACC)
+    tot_s = tl.zeros([BLOCK_P], dtype=ACC)
+    for i0 in range(0, count, BLOCK_P):
+        offs = i0 + tl.arange(0, BLOCK_P)
+        m = offs < count
+        cnt = tl.load(base + offs * 3, mask=m, other=0.0)
+        mu = tl.load(base + offs * 3 + 1, mask=m, other=0.0)
+        tot_n += cnt
+        tot_s += cnt * mu
+    n = tl.sum(tot_n, axis=0)
+    mean = tl.sum(tot_s, axis=0) / n
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for i0 in range(0, count, BLOCK_P):
+        offs = i0 + tl.arange(0, BLOCK_P)
+        m = offs < count
+        cnt = tl.load(base + offs * 3, mask=m, other=0.0)
+        mu = tl.load(base + offs * 3 + 1, mask=m, other=0.0)
+        m2 = tl.load(base + offs * 3 + 2, mask=m, other=0.0)
+        acc += m2 + cnt * (mu - mean) * (mu - mean)
+    std = tl.sqrt(tl.sum(acc, axis=0) / (n - 1.0))
+    tl.store(stats_ptr + pid * 3, mean)
+    tl.store(stats_ptr + pid * 3 + 1, std + eps)
+    tl.store(stats_ptr + pid * 3 + 2, n)
+
+
+@triton.jit
+def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sample, NG,
+              PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+              BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows = _tile_setup(local, H, W, C, PASS, SEQS, BLOCK)
+    inv_sigma = 1.0 / tl.load(stats + (b * sample) * 3 + 1)
+    m_i = tl.full([SEQS, BLOCK], float("-inf"), ACC)
+    l_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
+    for j0 in range(0, L, BLOCK):
+        offs_j = j0 + tl.arange(0, BLOCK)
+        mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+        z = tl.where((offs_j < L)[None, None, :], S * inv_sigma, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=2))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, :, None]), axis=2)
+        m_i = m_new
+    tl.store(lse_ptr + rows[:, None] + offs_i[None, :], m_i + tl.log(l_i), mask=mask_si)
+
+
+@_sized_jit
+def _axial_fwd_lse_kernel(q0, k0, q1, k1, stats_ptr, lse_ptr, B, C, H, W, NG, n_row_progs, sample,
+                          SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
+                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """lse[i] = logsumexp_j S[i, j] / sigma for one strip of rows (online over j tiles)."""
+    pid = tl.program_id(0)
+    d = tl.program_id(1)
+    if d == 0:
+        qp = q0
+        kp = k0
+    else:
+        qp = q1
+        kp = k1
+    if pid < n_row_progs:
+        _lse_body(qp, kp, stats_ptr + (d * 2) * NG * 3, lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid,
+                  C, H, W, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC)
+    else:
+        _lse_body(qp, kp, stats_ptr + (d * 2 + 1) * NG * 3, lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W,
+                  pid - n_row_progs, C, H, W, sample, NG, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC)
+
+
+@_sized_jit
+def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B, C, H, W, NG, sample, accumulate,
+                          PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """out[c, j] (+)= 0.5 sum_i v[c, i] exp(S[i, j] / sigma - lse[i]) for one strip of columns j."""
+    d = tl.program_id(1)
+    if d == 0:
+        qp = q0
+        kp = k0
+        vp = v0
+        op = o0
+    else:
+        qp = q1
+        kp = k1
+        vp = v1
+        op = o1
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_j, mask_sj, rows = _tile_setup(
+        tl.program_id(0), H, W, C, PASS, SEQS, BLOCK)
+    inv_sigma = 1.0 / tl.load(stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3 + 1)
+    lse_base = lse_ptr + (d * 2 + PASS).to(tl.int64) * B * H * W + rows
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros([SEQS, BLOCK_C, BLOCK], dtype=ACC)
+    for i0 in range(0, L, BLOCK):
+        offs_i = i0 + tl.arange(0, BLOCK)
+        mask_si = mask_s[:, None] & (offs_i < L)[None, :]
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+        lse = tl.load(lse_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
+        a = tl.where(mask_si[:, :, None], tl.exp(S * inv_sigma - lse[:, :, None]), 0.0)
+        vt = tl.load(_channel_ptrs(vp, seq_off, offs_c, offs_i, H * W, s_pos),
+                     mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
+        acc = _bdot(vt, a.to(vt.dtype), acc, PRECISION)
+    _store_channels(op, seq_off, offs_c, offs_j, mask_c, mask_sj, H * W, s_pos, 0.5 * acc, accumulate, ACC)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@_sized_jit
+def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, lse_ptr, drow_ptr, dpart_ptr,
+                         pid_offset, B, C, H, W, NG, n_progs, sample, accumulate, need_v,
+                         PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """For one strip of rows i: dv[c, i] (+)= sum_j A g[c, j], D[i], and sum_i (E[i] - D[i] F[i])."""
+    d = tl.program_id(1)
+    if d == 0:
+        qp = q0
+        kp = k0
+        vp = v0
+        gp = g0
+        dvp = dv0
+    else:
+        qp = q1
+        kp = k1
+        vp = v1
+        gp = g1
+        dvp = dv1
+    local = tl.program_id(0)
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows = _tile_setup(local, H, W, C, PASS, SEQS, BLOCK)
+    st = stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3
+    mu = tl.load(st)
+    inv_sigma = 1.0 / tl.load(st + 1)
+    row_ptrs = (d * 2 + PASS).to(tl.int64) * B * H * W + rows[:, None] + offs_i[None, :]
+    lse = tl.load(lse_ptr + row_ptrs, mask=mask_si, other=0.0)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros([SEQS, BLOCK_C, BLOCK], dtype=ACC)
+    d_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
+    e_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
+    f_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
+    for j0 in range(0, L, BLOCK):
+        offs_j = j0 + tl.arange(0, BLOCK)
+        mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+        valid = mask_si[:, :, None] & (offs_j < L)[None, None, :]
+        a = tl.where(valid, tl.exp(S * inv_sigma - lse[:, :, None]), 0.0)
+        da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+                                SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+        ada = a * da
+        sc = S - mu
+        d_i += tl.sum(ada, axis=2)
+        e_i += tl.sum(ada * sc, axis=2)
+        f_i += tl.sum(a * sc, axis=2)
+        gt = tl.load(_channel_ptrs(gp, seq_off, offs_c, offs_j, H * W, s_pos),
+                     mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
+        acc = _bdot(gt, tl.permute(a, (0, 2, 1)).to(gt.dtype), acc, PRECISION)
+    tl.store(drow_ptr + row_ptrs, d_i, mask=mask_si)
+    tl.store(dpart_ptr + d * n_progs + pid_offset + local, tl.sum(tl.sum(e_i - d_i * f_i, axis=1), axis=0))
+    _store_channels(dvp, seq_off, offs_c, offs_i, mask_c & (((need_v >> d) & 1) != 0), mask_si, H * W, s_pos,
+                    0.5 * acc, accumulate, ACC)
+
+
+@_sized_jit
+def _axial_bwd_omega_kernel(dpart_ptr, stats_ptr, omega_ptr, NG, B, n_row_progs, n_progs, per_row, per_col, eps,
+                            sample, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """omega = dsigma / ((N - 1) (sigma - eps)), dsigma = -sum_group (E - D F) / sigma^2."""
+    pid = tl.program_id(0)
+    d, start, count = _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample)
+    base = dpart_ptr + d * n_progs + start
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for i0 in range(0, count, BLOCK_P):
+        offs = i0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(base + offs, mask=offs < count, other=0.0)
+    sigma = tl.load(stats_ptr + pid * 3 + 1)
+    n = tl.load(stats_ptr + pid * 3 + 2)
+    dsigma = -tl.sum(acc, axis=0) / (sigma * sigma)
+    tl.store(omega_ptr + pid, dsigma / ((n - 1.0) * (sigma - eps)))
+
+
+@triton.jit
+def _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, lse, d_i, mu, inv_sigma, omega,
+                     C, HW, s_pos, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
+                     PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dS[s, i, j] = A (dA - D[i]) / sigma + omega (S - mu), zero outside the sequences."""
+    S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, HW, s_pos,
+                     SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+    a = tl.exp(S * inv_sigma - lse[:, :, None])
+    da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, HW, s_pos,
+                            SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+    ds = a * (da - d_i[:, :, None]) * inv_sigma + omega * (S - mu)
+    return tl.where(mask_si[:, :, None] & mask_sj[:, None, :], ds, 0.0)
+
+
+@_sized_jit
+def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
+                          stats_ptr, omega_ptr, lse_ptr, drow_ptr, n_pass_progs, B, C, H, W, NG, sample, accumulate,
+                          need_q, need_k, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr,
+                          ACC: tl.constexpr):
+    """The first n_pass_progs programs: dq[c, i] (+)= sum_j dS[i, j] k[c, j] for a strip of rows i;
+    the others: dk[c, j] (+)= sum_i dS[i, j] q[c, i] for a strip of columns j.
+
+    need_q, need_k: bit d set when direction d's dq (dk) is wanted; the other programs skip
+    their loop and store nothing (a loss through one input of each direction halves the work).
+    """
+    pid = tl.program_id(0)
+    d = tl.program_id(1)
+    if d == 0:
+        qp = q0
+        kp = k0
+        vp = v0
+        gp = g0
+        dqp = dq0
+        dkp = dk0
+    else:
+        qp = q1
+        kp = k1
+        vp = v1
+        gp = g1
+        dqp = dq1
+        dkp = dk1
+    is_dk = pid >= n_pass_progs
+    role = is_dk.to(tl.int32)
+    need = ((need_q + role * (need_k - need_q)) >> d) & 1
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows = _tile_setup(
+        pid - role * n_pass_progs, H, W, C, PASS, SEQS, BLOCK)
+    st = (d * 2 + PASS) * NG + b * sample
+    mu = tl.load(stats_ptr + st * 3)
+    inv_sigma = 1.0 / tl.load(stats_ptr + st * 3 + 1)
+    omega = tl.load(omega_ptr + st)
+    row_base = (d * 2 + PASS).to(tl.int64) * B * H * W + rows
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros([SEQS, BLOCK_C, BLOCK], dtype=ACC)
+    if is_dk:
+        for i0 in range(0, L * need, BLOCK):
+            offs_i = i0 + tl.arange(0, BLOCK)
+            mask_si = mask_s[:, None] & (offs_i < L)[None, :]
+            lse = tl.load(lse_ptr + row_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
+            d_i = tl.load(drow_ptr + row_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
+            ds = _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_t, mask_si, mask_st, lse, d_i, mu,
+                                  inv_sigma, omega, C, H * W, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+            qt = tl.load(_channel_ptrs(qp, seq_off, offs_c, offs_i, H * W, s_pos),
+                         mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
+            acc = _bdot(qt, ds.to(qt.dtype), acc, PRECISION)
+        outp = dkp
+    else:
+        lse = tl.load(lse_ptr + row_base[:, None] + offs_t[None, :], mask=mask_st, other=0.0)
+        d_i = tl.load(drow_ptr + row_base[:, None] + offs_t[None, :], mask=mask_st, other=0.0)
+        for j0 in range(0, L * need, BLOCK):
+            offs_j = j0 + tl.arange(0, BLOCK)
+            mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
+            ds = _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_t, offs_j, mask_st, mask_sj, lse, d_i, mu,
+                                  inv_sigma, omega, C, H * W, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+            kt = tl.load(_channel_ptrs(kp, seq_off, offs_c, offs_j, H * W, s_pos),
+                         mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
+            acc = _bdot(kt, tl.permute(ds, (0, 2, 1)).to(kt.dtype), acc, PRECISION)
+        outp = dqp
+    _store_channels(outp, seq_off, offs_c, offs_t, mask_c & (need != 0), mask_st, H * W, s_pos, acc, accumulate,
+                    ACC)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+class _Plan:
+    """Grid geometry and tile configuration shared by the forward and backward launches."""
+
+    def __init__(self, shape, dtype, sigma_scope, precision, config=None):
+        cfg = {**CONFIG, **(config or {})}
+        B, C, H, W = shape
+        self.B, self.C, self.H, self.W = B, C, H, W
+        self.sample = int(sigma_scope == "sample")
+        self.NG = B if self.sample else 1
+        self.block_row = max(16, min(cfg["block_row"], triton.next_power_of_2(W)))
+        self.block_col = max(16, min(cfg["block_col"], triton.next_power_of_2(H)))
+        self.seqs_col = max(1, min(cfg["seqs_col"], triton.next_power_of_2(W)))
+        self.block_c = max(16, triton.next_power_of_2(C))
+        self.block_ck = max(16, min(cfg["block_ck"], triton.next_power_of_2(C)))
+        self.per_row = H * triton.cdiv(W, self.block_row)
+        self.per_col = triton.cdiv(W, self.seqs_col) * triton.cdiv(H, self.block_col)
+        self.n_row = B * self.per_row
+        self.n_col = B * self.per_col
+        self.n_progs = self.n_row + self.n_col
+        self.acc = tl.float64 if dtype == torch.float64 else tl.float32
+        self.acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
+        if precision not in FP32_PRECISIONS:
+            raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+        self.precision = precision if dtype == torch.float32 else "ieee"
+        self.num_warps = cfg["num_warps"] if self.block_c >= 128 else 4
+
+    def passes(self):
+        """(PASS, SEQS, BLOCK, number of programs, first program id, accumulate) for the row then column pass."""
+        return ((0, 1, self.block_row, self.n_row, 0, 0), (1, self.seqs_col, self.block_col, self.n_col, self.n_row, 1))
+
+    def both(self):
+        return dict(SEQS_COL=self.seqs_col, BLOCK_ROW=self.block_row, BLOCK_COL=self.block_col,
+                    BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, num_warps=self.num_warps)
+
+
+def _pair(ts):
+    return (ts[0], ts[-1])
+
+
+def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, config=None):
+    """Run axial(qs[d], ks[d], vs[d]) for one or two directions d (same shape, dtype, device).
+
+    Inputs must be contiguous NCHW. ``outs`` (optional) are overwritten entirely. ``config``
+    overrides entries of ``CONFIG``. Returns (outs, lse, stats): the state the backward needs.
+    """
+    plan = _Plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
+    ndir = len(qs)
+    dev = qs[0].device
+    if outs is None:
+        outs = tuple(torch.empty_like(q) for q in qs)
+    part = torch.empty((ndir, plan.n_progs, 3), dtype=plan.acc_torch, device=dev)
+    stats = torch.empty((ndir, 2, plan.NG, 3), dtype=plan.acc_torch, device=dev)
+    lse = torch.empty((ndir, 2, plan.B * plan.H * plan.W), dtype=plan.acc_torch, device=dev)
+    B, C, H, W = plan.B, plan.C, plan.H, plan.W
+    q0, q1 = _pair(qs)
+    k0, k1 = _pair(ks)
+    v0, v1 = _pair(vs)
+    o0, o1 = _pair(outs)
+    _axial_fwd_stats_kernel[(plan.n_progs, ndir)](
+        q0, k0, q1, k1, part, C, H, W, plan.n_row, plan.n_progs, **plan.both())
+    _axial_fwd_sigma_kernel[(ndir * 2 * plan.NG,)](
+        part, stats, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample,
+        BLOCK_P=1024, ACC=plan.acc, num_warps=4)
+    _axial_fwd_lse_kernel[(plan.n_progs, ndir)](
+        q0, k0, q1, k1, stats, lse, B, C, H, W, plan.NG, plan.n_row, plan.sample, **plan.both())
+    for pass_, seqs, block, n, _, accumulate in plan.passes():
+        _axial_fwd_out_kernel[(n, ndir)](
+            q0, k0, v0, o0, q1, k1, v1, o1, stats, lse, B, C, H, W, plan.NG, plan.sample, accumulate,
+            PASS=pass_, SEQS=seqs, BLOCK=block, BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck,
+            PRECISION=plan.precision, ACC=plan.acc, num_warps=plan.num_warps)
+    return outs, lse, stats
+
+
+def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="ieee", config=None, needs=None):
+    """Gradients (dqs, dks, dvs) of axial_forward for the upstream gradients ``grads`` (contiguous).
+
+    needs[d] = (dq wanted, dk wanted, dv wanted) for direction d (default: all); an unwanted
+    gradient is returned as None and costs no work beyond what the others need.
+    """
+    plan = _Plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
+    ndir = len(qs)
+    dev = qs[0].device
+    needs = needs or [(True, True, True)] * ndir
+    dqs = tuple(torch.empty_like(q) if needs[d][0] else None for d, q in enumerate(qs))
+    dks = tuple(torch.empty_like(q) if needs[d][1] else None for d, q in enumerate(qs))
+    dvs = tuple(torch.empty_like(q) if needs[d][2] else None for d, q in enumerate(qs))
+    need_q, need_k, need_v = (sum(1 << d for d in range(ndir) if needs[d][r]) for r in range(3))
+    drow = torch.empty_like(lse)
+    dpart = torch.empty((ndir, plan.n_progs), dtype=plan.acc_torch, device=dev)
+    omega = torch.empty((ndir, 2, plan.NG), dtype=plan.acc_torch, device=dev)
+    B, C, H, W = plan.B, plan.C, plan.H, plan.W
+    q0, q1 = _pair(qs)
+    k0, k1 = _pair(ks)
+    v0, v1 = _pair(vs)
+    g0, g1 = _pair(grads)
+    # an unwanted gradient's pointer is never written through: any tensor of the dtype will do
+    dq0, dq1 = _pair([t if t is not None else q for t, q in zip(dqs, qs)])
+    dk0, dk1 = _pair([t if t is not None else q for t, q in zip(dks, qs)])
+    dv0, dv1 = _pair([t if t is not None else q for t, q in zip(dvs, qs)])
+    common = dict(BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck, PRECISION=plan.precision, ACC=plan.acc,
+                  num_warps=plan.num_warps)
+    for pass_, seqs, block, n, first, accumulate in plan.passes():
+        _axial_bwd_dv_kernel[(n, ndir)](
+            q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats, lse, drow, dpart, first, B, C, H, W, plan.NG,
+            plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_, SEQS=seqs, BLOCK=block, **common)
+    _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
+        dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
+        plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)
+    for pass_, seqs, block, n, _, accumulate in plan.passes():
+        _axial_bwd_dqk_kernel[(2 * n, ndir)](
+            q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1, stats, omega, lse, drow, n, B, C, H, W,
+            plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_, SEQS=seqs, BLOCK=block, **common)
+    return dqs, dks, dvs

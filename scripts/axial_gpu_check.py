@@ -1,0 +1,282 @@
+"""GPU check of the fused axial attention: correctness against the reference, then timings.
+
+    python scripts/axial_gpu_check.py [--quick] [--no-timing] [--extra] [--sweep] [--no-warm]
+    python scripts/axial_gpu_check.py --dry-run     (CPU, Triton interpreter: tests this script)
+
+1. Correctness (exit status 1 on any failure): forward and q/k/v gradients of the fused
+   kernels (both directions of the block through ``bi_axial_attention``) against the
+   float64 reference, both sigma scopes, float32 and bfloat16, odd shapes, C=256 and
+   1x256x135x240, with every buffer the op allocates poisoned with NaN.
+2. Timings of forward+backward of both directions, float32: reference, fused, and
+   scaled_dot_product_attention on the same row and column tokens (a different function:
+   a speed yardstick only). Median of triton.testing.do_bench, peak memory over the
+   inputs, and a markdown table. ``--extra`` adds fused rows with tf32x3 dots and in
+   bfloat16 (more JIT compiles); ``--sweep`` times tile configurations of the fused fp32
+   path (about 20 s of compiles per configuration).
+
+The default run compiles about 30 kernel variants, first in 4 parallel processes (Triton's
+on-disk cache; the CUDA tests warm the same variants); it is sized to stay under 90 s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if "--dry-run" in sys.argv:  # the interpreter must be on before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from epban.ops import axial_attention as ops  # noqa: E402
+
+TARGETS_MS = {(1, 256, 64, 64): 0.15, (1, 256, 128, 128): 0.30, (16, 256, 16, 16): 0.15, (1, 256, 135, 240): 0.50}
+REFERENCE_ISSUE_MS = {(1, 256, 64, 64): 3.31, (1, 256, 128, 128): 3.22, (16, 256, 16, 16): 3.15,
+                      (1, 256, 135, 240): 6.22}
+# Shapes chosen to share compiled variants (tiles of 16 or 32 positions, C=256) with the timings.
+CHECK_CASES = [  # shape, scope, dtype, input scale
+    ((3, 256, 7, 13), "sample", torch.float32, 0.1),
+    ((3, 256, 13, 7), "batch", torch.float32, 0.1),
+    ((2, 256, 40, 1), "sample", torch.float32, 0.1),
+    ((2, 256, 33, 47), "batch", torch.bfloat16, 0.1),
+    ((1, 256, 135, 240), "sample", torch.float32, 0.1),
+    ((1, 256, 135, 240), "batch", torch.bfloat16, 0.1),
+]
+# One run per compiled variant family, in parallel subprocesses before the checks, so the
+# Triton JIT (single-threaded per kernel) fills its on-disk cache on several cores.
+WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32),
+              ((1, 256, 33, 47), torch.float32), ((1, 256, 33, 47), torch.bfloat16)]
+SWEEP = [
+    dict(block_row=32, block_col=32, seqs_col=2, block_ck=32, num_warps=8),
+    dict(block_row=32, block_col=32, seqs_col=1, block_ck=16, num_warps=4),
+    dict(block_row=64, block_col=64, seqs_col=1, block_ck=32, num_warps=8),
+    dict(block_row=32, block_col=16, seqs_col=4, block_ck=32, num_warps=8),
+]
+
+
+DEVICE = "cuda"
+
+
+def _inputs(shape, dtype, scale, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [(scale * torch.randn(shape, generator=g, device=DEVICE)).to(dtype).requires_grad_() for _ in range(6)]
+
+
+class _Poisoned:
+    """Every torch.empty / empty_like inside the block returns NaN-filled memory."""
+
+    def __enter__(self):
+        self.empty, self.empty_like = torch.empty, torch.empty_like
+        torch.empty = lambda *a, **k: self.empty(*a, **k).fill_(float("nan"))
+        torch.empty_like = lambda *a, **k: self.empty_like(*a, **k).fill_(float("nan"))
+
+    def __exit__(self, *exc):
+        torch.empty, torch.empty_like = self.empty, self.empty_like
+
+
+def _rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item(), (a - b).abs().max().item()
+
+
+def check_case(shape, scope, dtype, scale):
+    x = _inputs(shape, dtype, scale)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    grads = [torch.randn(shape, generator=g, device=DEVICE) for _ in range(2)]
+    with _Poisoned():
+        outs = ops.bi_axial_attention(*x, sigma_scope=scope, backend="fused")
+        got = torch.autograd.grad(outs, x, [gr.to(dtype) for gr in grads])
+    xr = [t.detach().double().requires_grad_() for t in x]
+    refs = ops.bi_axial_attention(*xr, sigma_scope=scope, backend="reference")
+    want = torch.autograd.grad(refs, xr, [gr.double() for gr in grads])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    worst, report = 0.0, []
+    for name, a, b in zip(["out1", "out2", "dq1", "dk1", "dv1", "dq2", "dk2", "dv2"], [*outs, *got], [*refs, *want]):
+        rel, abs_ = _rel_err(a, b)
+        finite = bool(torch.isfinite(a).all())
+        worst = max(worst, rel if finite else float("inf"))
+        report.append(f"{name} {rel:.1e}")
+    ok = worst <= tol
+    print(f"{'ok  ' if ok else 'FAIL'} {str(shape):20s} {scope:6s} {str(dtype)[6:]:8s} worst rel-L2 {worst:.2e}"
+          f" (tol {tol:.0e}): " + ", ".join(report), flush=True)
+    return ok
+
+
+def _sdpa_axial(q, k, v):
+    B, C, H, W = q.shape
+    rows = lambda t: t.permute(0, 2, 3, 1).reshape(B * H, 1, W, C)  # noqa: E731
+    cols = lambda t: t.permute(0, 3, 2, 1).reshape(B * W, 1, H, C)  # noqa: E731
+    row = F.scaled_dot_product_attention(rows(q), rows(k), rows(v)).reshape(B, H, W, C).permute(0, 3, 1, 2)
+    col = F.scaled_dot_product_attention(cols(q), cols(k), cols(v)).reshape(B, W, H, C).permute(0, 3, 2, 1)
+    return 0.5 * (row + col)
+
+
+def _fused(precision="ieee", config=None):
+    from epban.kernels import axial_attention as kernels
+
+    def run(*t):
+        old_precision, old_config = ops.FP32_PRECISION, dict(kernels.CONFIG)
+        ops.FP32_PRECISION = precision
+        kernels.CONFIG.update(config or {})
+        try:
+            return ops.bi_axial_attention(*t, backend="fused")
+        finally:
+            ops.FP32_PRECISION = old_precision
+            kernels.CONFIG.clear()
+            kernels.CONFIG.update(old_config)
+    return run
+
+
+def _impls(extra):
+    impls = [
+        ("reference fp32", torch.float32, lambda *t: ops.bi_axial_attention(*t, backend="reference")),
+        ("fused fp32 (ieee dots)", torch.float32, _fused("ieee")),
+    ]
+    if extra:
+        impls += [("fused fp32 (tf32x3 dots)", torch.float32, _fused("tf32x3")),
+                  ("fused bf16", torch.bfloat16 if DEVICE == "cuda" else torch.float16, _fused("ieee"))]
+    impls.append(("SDPA fp32 (different function)", torch.float32,
+                  lambda q1, k1, v1, q2, k2, v2: (_sdpa_axial(q1, k2, v1), _sdpa_axial(q2, k1, v2))))
+    return impls
+
+
+def time_case(shape, name, dtype, fn):
+    """(median ms of forward+backward, forward peak MiB, forward+backward peak MiB); peaks are
+    over the inputs and upstream gradients, so they include the outputs and the input gradients."""
+    import triton.testing
+
+    x = _inputs(shape, dtype, 0.1)
+    grads = [torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(2)]
+
+    def step():
+        torch.autograd.backward(fn(*x), grads)
+
+    step()
+    if DEVICE == "cpu":  # --dry-run: exercise the code path, no meaningful numbers
+        t0 = time.perf_counter()
+        step()
+        return (time.perf_counter() - t0) * 1e3, 0.0, 0.0
+    for t in x:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outs = fn(*x)
+    torch.cuda.synchronize()
+    fwd_peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    torch.autograd.backward(outs, grads)
+    del outs
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(step, warmup=10, rep=60, grad_to_none=x, return_mode="median")
+    return ms, fwd_peak, peak
+
+
+def _warm(index):
+    shape, dtype = WARM_CASES[index]
+    x = _inputs(shape, dtype, 0.1)
+    torch.autograd.backward(ops.bi_axial_attention(*x, backend="fused"), [torch.ones_like(x[0])] * 2)
+    torch.cuda.synchronize()
+    return 0
+
+
+def _warm_in_parallel():
+    import subprocess
+
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm", str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(len(WARM_CASES))]
+    for i, proc in enumerate(procs):
+        try:
+            out, _ = proc.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        if proc.returncode != 0:
+            print(f"warm-up {WARM_CASES[i]} failed (the checks below will say why):\n{out[-2000:]}")
+    print(f"JIT warm-up in {len(procs)} processes: {time.time() - t0:.1f} s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the first two correctness cases, no timing")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--extra", action="store_true", help="also time tf32x3 and bfloat16 fused rows")
+    parser.add_argument("--sweep", action="store_true", help="also time tile configurations of the fused fp32 path")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every step on tiny CPU tensors under TRITON_INTERPRET=1 (tests this script)")
+    parser.add_argument("--no-warm", action="store_true", help="compile in this process only")
+    parser.add_argument("--warm", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warm is not None:
+        return _warm(args.warm)
+    if args.dry_run:
+        return _dry_run(args)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to check")
+        return 1
+    if not ops.fused_axial_available("cuda"):
+        print(f"fused axial attention unavailable: {ops._fused_unavailable_reason('cuda')}")
+        return 1
+    import triton
+
+    device = torch.cuda.get_device_name()
+    print(f"{device} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    if not args.no_warm:
+        _warm_in_parallel()
+    return _run(args, CHECK_CASES, {shape: shape for shape in TARGETS_MS}, device)
+
+
+def _dry_run(args):
+    global DEVICE, SWEEP
+    DEVICE = "cpu"
+    SWEEP = SWEEP[-1:]
+    cases = [((2, 5, 7, 13), "sample", torch.float32, 1.0), ((2, 5, 13, 1), "batch", torch.float32, 1.0)]
+    return _run(args, cases, {(1, 256, 64, 64): (1, 8, 6, 5)}, "CPU (dry run under the Triton interpreter)")
+
+
+def _run(args, check_cases, timing_shapes, device):
+    """timing_shapes: {shape named in the table: shape actually run} (they differ only in a dry run)."""
+    t0 = time.time()
+    cases = check_cases[:2] if args.quick else check_cases
+    ok = all([check_case(*case) for case in cases])
+    print(f"correctness: {'PASS' if ok else 'FAIL'} ({time.time() - t0:.1f} s incl. JIT)", flush=True)
+    if args.extra:  # informational: how close tensor-core fp32 dots come to the fp64 reference
+        old, ops.FP32_PRECISION = ops.FP32_PRECISION, "tf32x3"
+        try:
+            print("with tf32x3 dots (does not affect the exit status):")
+            check_case(*cases[-2])
+        finally:
+            ops.FP32_PRECISION = old
+    if args.quick or args.no_timing:
+        return 0 if ok else 1
+
+    runs = [(name, dtype, fn) for name, dtype, fn in _impls(args.extra)]
+    if args.sweep:
+        runs += [("fused fp32 " + ",".join(f"{k}={v}" for k, v in cfg.items()), torch.float32, _fused("ieee", cfg))
+                 for cfg in SWEEP]
+    rows = []
+    for shape, run_shape in timing_shapes.items():
+        for name, dtype, fn in runs:
+            ms, fwd_peak, peak = time_case(run_shape, name, dtype, fn)
+            rows.append((shape, name, ms, fwd_peak, peak))
+            print(f"{str(shape):20s} {name:32s} {ms:8.3f} ms  fwd {fwd_peak:7.1f} MiB  fwd+bwd {peak:7.1f} MiB",
+                  flush=True)
+    print(f"\n{device}, forward+backward of both directions, median of do_bench. Peaks: max allocated over "
+          "the inputs and upstream gradients, during the forward (outputs included) and during forward+backward "
+          "(the 6 input gradients included: 6 x B*C*H*W*4 bytes for float32, whatever the implementation). "
+          "SDPA computes a different function (textbook attention over the same tokens): a speed yardstick "
+          "only.\n")
+    print("| (B,C,H,W) | implementation | ms | fwd peak MiB | fwd+bwd peak MiB | target ms | reference in issue 4 |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, name, ms, fwd_peak, peak in rows:
+        print(f"| {','.join(map(str, shape))} | {name} | {ms:.3f} | {fwd_peak:.0f} | {peak:.0f} |"
+              f" {TARGETS_MS[shape]} | {REFERENCE_ISSUE_MS[shape]} ms |")
+    print(f"\ncorrectness {'PASS' if ok else 'FAIL'}; total {time.time() - t0:.1f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

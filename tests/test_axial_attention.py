@@ -1,0 +1,461 @@
+"""Axial attention: the reference against a direct loop, its batch (in)dependence and
+gradients, and the fused Triton kernels against the reference.
+
+Without a GPU the fused kernels run on CPU tensors under the Triton interpreter; it must be
+switched on before epban.kernels.axial_attention is imported (the kernels are decorated at
+import), hence the environment variable at the top of this module. With a GPU it is left
+alone, the interpreter tests skip and the ``cuda`` tests run the compiled kernels.
+"""
+import math
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from epban.ops import axial_attention as ops  # noqa: E402
+from epban.ops.axial_attention import (  # noqa: E402
+    axial_attention,
+    axial_attention_reference,
+    bi_axial_attention,
+    fused_axial_available,
+)
+
+cuda = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _loop_axial(q, k, v, sigma_scope):
+    """axial(q, k, v) written element by element, straight from ARCHITECTURE.md."""
+    B, C, H, W = q.shape
+
+    def one_pass(n_seq, length, at):  # at(t, b, c, s, i): element i of sequence s
+        logits = {}
+        for b in range(B):
+            for s in range(n_seq):
+                for i in range(length):
+                    for j in range(length):
+                        logits[b, s, i, j] = sum(at(q, b, c, s, i) * at(k, b, c, s, j) for c in range(C))
+
+        def std(values):
+            mean = sum(values) / len(values)
+            return math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+
+        if sigma_scope == "batch":
+            sigma = {b: std(list(logits.values())) + 1e-6 for b in range(B)}
+        else:
+            sigma = {b: std([x for key, x in logits.items() if key[0] == b]) + 1e-6 for b in range(B)}
+        out = {}
+        for b in range(B):
+            for s in range(n_seq):
+                for i in range(length):
+                    z = [logits[b, s, i, j] / sigma[b] for j in range(length)]
+                    m = max(z)
+                    e = [math.exp(x - m) for x in z]
+                    for j in range(length):
+                        a = e[j] / sum(e)
+                        for c in range(C):
+                            out[b, c, s, j] = out.get((b, c, s, j), 0.0) + at(v, b, c, s, i) * a
+        return out
+
+    row = one_pass(H, W, lambda t, b, c, s, i: t[b, c, s, i].item())
+    col = one_pass(W, H, lambda t, b, c, s, i: t[b, c, i, s].item())
+    res = torch.empty(B, C, H, W, dtype=torch.float64)
+    for b in range(B):
+        for c in range(C):
+            for h in range(H):
+                for w in range(W):
+                    res[b, c, h, w] = 0.5 * (row[b, c, h, w] + col[b, c, w, h])
+    return res
+
+
+def _qkv(shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple((scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype=dtype, device=device)
+                 .requires_grad_() for _ in range(3))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("sigma_scope", ["sample", "batch"])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 5), (1, 2, 4, 2)])
+def test_reference_matches_loop(shape, sigma_scope):
+    q, k, v = _qkv(shape, torch.float64)
+    expected = _loop_axial(q, k, v, sigma_scope)
+    got = axial_attention(q, k, v, sigma_scope=sigma_scope, backend="reference")
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_scope_is_batch_independent():
+    q, k, v = (t.detach() for t in _qkv((3, 4, 5, 6), torch.float64))
+    whole = axial_attention(q, k, v, sigma_scope="sample", backend="reference")
+    for b in range(3):
+        alone = axial_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], sigma_scope="sample", backend="reference")
+        torch.testing.assert_close(whole[b:b + 1], alone, rtol=1e-13, atol=1e-13)
+    batch = axial_attention(q, k, v, sigma_scope="batch", backend="reference")
+    assert not torch.allclose(batch[:1], whole[:1], rtol=1e-6, atol=1e-6)
+    one = axial_attention(q[:1], k[:1], v[:1], sigma_scope="batch", backend="reference")
+    torch.testing.assert_close(one, whole[:1], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("sigma_scope", ["sample", "batch"])
+def test_reference_gradcheck(sigma_scope):
+    q, k, v = _qkv((2, 2, 3, 4), torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: axial_attention_reference(*t, sigma_scope=sigma_scope), (q, k, v))
+
+
+def test_bi_axial_pairs_the_directions():
+    q1, k1, v1 = _qkv((1, 3, 4, 5), torch.float64, seed=1)
+    q2, k2, v2 = _qkv((1, 3, 4, 5), torch.float64, seed=2)
+    out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="reference")
+    torch.testing.assert_close(out1, axial_attention_reference(q1, k2, v1), rtol=0, atol=0)
+    torch.testing.assert_close(out2, axial_attention_reference(q2, k1, v2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 6), torch.randn(1, 3, 4, 5)),
+    lambda: (torch.randn(3, 4, 5),) * 3,
+    lambda: (torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5), "v"),
+    lambda: (torch.ones(1, 3, 4, 5, dtype=torch.int64),) * 3,
+])
+@pytest.mark.parametrize("backend", ["reference", "auto", "fused"])
+def test_bad_inputs_raise_value_error(make, backend):
+    with pytest.raises(ValueError):
+        axial_attention(*make(), backend=backend)
+
+
+def test_bad_options_raise_value_error():
+    q = torch.randn(1, 3, 4, 5)
+    with pytest.raises(ValueError, match="sigma_scope"):
+        axial_attention(q, q, q, sigma_scope="image")
+    with pytest.raises(ValueError, match="backend"):
+        axial_attention(q, q, q, backend="triton")
+    with pytest.raises(ValueError):
+        bi_axial_attention(q, q, q, q, q, torch.randn(1, 3, 5, 4))
+
+
+def test_fused_without_interpreter_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 3, 4, 5)
+    assert not fused_axial_available("cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        axial_attention(q, q, q, backend="fused")
+    axial_attention(q, q, q, backend="auto")
+
+
+def test_auto_on_cpu_is_the_reference(monkeypatch):
+    def boom(*args):
+        raise AssertionError("auto must not take the fused path on CPU")
+
+    monkeypatch.setattr(ops._AxialFunction, "apply", boom)
+    q, k, v = _qkv((1, 3, 4, 5))
+    axial_attention(q, k, v)
+    bi_axial_attention(q, k, v, q, k, v)
+
+
+def test_auto_falls_back_to_the_reference_when_the_kernels_fail(monkeypatch):
+    monkeypatch.setattr(ops, "_FUSED_FAILED", set())
+    t = torch.zeros(1)
+
+    def broken():
+        raise RuntimeError("out of resource: shared memory")
+
+    with pytest.warns(RuntimeWarning, match="using the reference"):
+        assert ops._run_fused(t, "auto", broken, lambda: "reference") == "reference"
+    assert ("cpu", torch.float32) in ops._FUSED_FAILED
+    with pytest.raises(RuntimeError):
+        ops._run_fused(t, "fused", broken, lambda: "reference")
+
+
+# ----------------------------------------------------------------------------- fused, interpreted on CPU
+
+
+def _interpreted():
+    if torch.cuda.is_available():
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1" or not fused_axial_available("cpu"):
+        return False
+    from epban.kernels import axial_attention as kernels
+
+    return "Interpreted" in type(kernels._axial_fwd_out_kernel).__name__
+
+
+interpreted = pytest.mark.skipif(not _interpreted(), reason="needs Triton and TRITON_INTERPRET=1 set before import")
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5),
+       torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+def _check_against_reference(q, k, v, sigma_scope, fused_fn, tol):
+    out = fused_fn(q, k, v)
+    ref = axial_attention_reference(*(t.double() for t in (q, k, v)), sigma_scope=sigma_scope)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype).to(out.device))
+    want = torch.autograd.grad(ref, (q, k, v), grad.to(ref.device))
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == q.dtype
+        torch.testing.assert_close(a.double(), b.double(), **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@interpreted
+@pytest.mark.parametrize("shape, sigma_scope, dtype", [
+    ((3, 5, 7, 13), "sample", torch.float32),
+    ((3, 5, 7, 13), "batch", torch.float32),
+    ((2, 5, 13, 7), "sample", torch.float64),
+    ((2, 5, 1, 13), "sample", torch.float32),
+    ((2, 5, 9, 1), "batch", torch.float32),
+    ((1, 4, 6, 6), "sample", torch.float16),
+])
+def test_fused_matches_reference(shape, sigma_scope, dtype, rng_seed):
+    q, k, v = _qkv(shape, dtype, seed=rng_seed)
+    fused = lambda *t: axial_attention(*t, sigma_scope=sigma_scope, backend="fused")  # noqa: E731
+    _check_against_reference(q, k, v, sigma_scope, fused, TOL[dtype])
+
+
+@interpreted
+def test_fused_bi_axial_matches_reference(rng_seed, sigma_scope="batch"):
+    q1, k1, v1 = _qkv((2, 5, 5, 7), seed=rng_seed)
+    q2, k2, v2 = _qkv((2, 5, 5, 7), seed=rng_seed + 1, scale=0.5)
+    out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, sigma_scope=sigma_scope, backend="fused")
+    inputs = tuple(t.double() for t in (q1, k1, v1, q2, k2, v2))
+    ref1, ref2 = bi_axial_attention(*inputs, sigma_scope=sigma_scope, backend="reference")
+    torch.testing.assert_close(out1.double(), ref1, **TOL[torch.float32])
+    torch.testing.assert_close(out2.double(), ref2, **TOL[torch.float32])
+    g1, g2 = torch.randn_like(ref1), torch.randn_like(ref2)
+    got = torch.autograd.grad((out1, out2), (q1, k1, v1, q2, k2, v2), (g1.float(), g2.float()))
+    want = torch.autograd.grad((ref1, ref2), inputs, (g1, g2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
+
+
+SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, seqs_col=2)
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [(1, 18, 3, 20), (1, 18, 19, 3)])
+def test_fused_tiles_long_sequences_and_many_channels(shape, rng_seed):
+    """Sequences and channels longer than one tile (every loop runs several times, with
+    tails) and several column sequences per program, some of them past the image's edge."""
+    from epban.kernels import axial_attention as kernels
+
+    q, k, v = _qkv(shape, seed=rng_seed)
+
+    def fused(q, k, v):
+        class F(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                outs, lse, stats = kernels.axial_forward((q,), (k,), (v,), "sample", config=SMALL_TILES)
+                ctx.save_for_backward(q, k, v, lse, stats)
+                return outs[0]
+
+            @staticmethod
+            def backward(ctx, g):
+                q, k, v, lse, stats = ctx.saved_tensors
+                dq, dk, dv = kernels.axial_backward((q,), (k,), (v,), (g.contiguous(),), lse, stats, "sample",
+                                                    config=SMALL_TILES)
+                return dq[0], dk[0], dv[0]
+
+        return F.apply(q, k, v)
+
+    _check_against_reference(q, k, v, "sample", fused, TOL[torch.float32])
+
+
+@interpreted
+def test_fused_keeps_float32_accuracy_when_logits_have_a_large_mean(rng_seed):
+    """q, k with a common offset: the logits' mean dwarfs their spread. The std (Chan merge of
+    tile moments) and its gradient (row sums shifted by the mean) stay as accurate as the
+    float32 reference is."""
+    g = torch.Generator().manual_seed(rng_seed)
+    q, k, v = (torch.randn(1, 16, 6, 9, generator=g, dtype=torch.float64) + 3.0 for _ in range(3))
+    grad = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    truth = _value_and_grads(axial_attention_reference, (q, k, v), grad)
+    fused = _value_and_grads(lambda *t: axial_attention(*t, backend="fused"), (q.float(), k.float(), v.float()), grad)
+    ref32 = _value_and_grads(axial_attention_reference, (q.float(), k.float(), v.float()), grad)
+    for name, f, r, t in zip(["out", "dq", "dk", "dv"], fused, ref32, truth):
+        err_fused = ((f.double() - t).norm() / t.norm()).item()
+        err_ref32 = ((r.double() - t).norm() / t.norm()).item()
+        assert err_fused <= 4 * err_ref32 + 1e-7, f"{name}: fused {err_fused:.2e}, float32 reference {err_ref32:.2e}"
+
+
+def _value_and_grads(fn, inputs, grad):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
+
+
+@interpreted
+def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed):
+    """Every buffer the op allocates starts as NaN: the results must still be exact."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    def poisoned_empty_like(*args, **kwargs):
+        return real_empty_like(*args, **kwargs).fill_(float("nan"))
+
+    q, k, v = _qkv((2, 3, 5, 6), seed=rng_seed)
+    fused = lambda *t: axial_attention(*t, backend="fused")  # noqa: E731
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    _check_against_reference(q, k, v, "sample", fused, TOL[torch.float32])
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fused_single_logit_is_nan_like_the_reference():
+    q, k, v = _qkv((1, 3, 1, 1))
+    with pytest.warns(UserWarning):
+        ref = axial_attention_reference(q, k, v)
+    assert torch.isnan(ref).all()
+    assert torch.isnan(axial_attention(q, k, v, backend="fused")).all()
+
+
+@interpreted
+def test_fused_refuses_bfloat16_in_the_interpreter():
+    q = torch.randn(1, 3, 4, 5, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        axial_attention(q, q, q, backend="fused")
+
+
+def test_fused_availability_on_cpu_follows_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused_axial_available("cpu") == ops.triton_available()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not fused_axial_available(torch.device("cpu"))
+
+
+@interpreted
+def test_model_score_fused_equals_reference(rng_seed, sigma_scope="sample"):
+    """The tiny model's score with the fused attention agrees with the reference to 1e-5."""
+    from epban.models.pban import EfficientPBAN, PBANConfig
+
+    torch.manual_seed(rng_seed)
+    model = EfficientPBAN(PBANConfig.tiny(sigma_scope=sigma_scope)).eval()
+    sr, hr = torch.rand(2, 3, 48, 56), torch.rand(2, 3, 48, 56)
+    with torch.no_grad():
+        model.attention_backend = "reference"
+        expected = model(sr, hr)
+        model.attention_backend = "fused"
+        got = model(sr, hr)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fused, compiled on CUDA
+# All with C=256 and shapes that share compiled variants (tiles of 16 or 32 positions), so the
+# Triton JIT, warmed in parallel processes first, stays a small part of the run.
+
+_CUDA_WARM = [((1, 256, 7, 13), "float32"), ((1, 256, 40, 1), "float32"), ((1, 256, 33, 47), "float32"),
+              ((1, 256, 33, 47), "bfloat16"), ((1, 256, 7, 13), "float16")]
+_WARM_SCRIPT = r"""
+import sys, torch
+from epban.ops.axial_attention import bi_axial_attention
+shape, dtype = eval(sys.argv[1]), getattr(torch, sys.argv[2])
+x = [(0.1 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_() for _ in range(6)]
+torch.autograd.backward(bi_axial_attention(*x, backend="fused"), [torch.ones_like(x[0])] * 2)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.fixture(scope="module")
+def warm_cuda_kernels():
+    """Compile the kernel variants these tests use in parallel processes (Triton's on-disk cache)."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WARM_SCRIPT, repr(shape), dtype], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for shape, dtype in _CUDA_WARM]
+    for proc in procs:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _check_rel_l2(q, k, v, sigma_scope, tol):
+    out = axial_attention(q, k, v, sigma_scope=sigma_scope, backend="fused")
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = axial_attention_reference(*inputs, sigma_scope=sigma_scope)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.device)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    want = torch.autograd.grad(ref, inputs, grad)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], (out, *got), (ref, *want)):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err <= tol, f"{name}: relative L2 error {err:.2e} > {tol:.0e}"
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("shape, sigma_scope, dtype", [
+    ((3, 256, 7, 13), "sample", torch.float32),
+    ((3, 256, 13, 7), "batch", torch.float32),
+    ((2, 256, 40, 1), "sample", torch.float32),
+    ((2, 256, 33, 47), "batch", torch.bfloat16),
+    ((2, 256, 47, 33), "sample", torch.bfloat16),
+    ((3, 256, 7, 13), "batch", torch.float16),
+    ((4, 256, 64, 64), "sample", torch.float32),
+    ((1, 256, 135, 240), "sample", torch.float32),
+    ((1, 256, 135, 240), "batch", torch.bfloat16),
+])
+def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, rng_seed, warm_cuda_kernels):
+    q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
+    _check_rel_l2(q, k, v, sigma_scope, 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@cuda
+@needs_gpu
+def test_cuda_auto_uses_the_fused_kernels(monkeypatch, warm_cuda_kernels):
+    called = []
+    real = ops._AxialFunction.apply
+    monkeypatch.setattr(ops._AxialFunction, "apply", lambda *a: called.append(1) or real(*a))
+    q, k, v = _qkv((1, 256, 7, 13), torch.float32, "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        bi_axial_attention(q, k, v, q, k, v)
+    assert called == [1]
+    assert not ops._FUSED_FAILED
+
+
+# ----------------------------------------------------------------------------- compiled for a GPU, without one
+
+_COMPILE_SCRIPT = r"""
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from epban.kernels import axial_attention as K
+
+pointers = {"q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1",
+            "dv0", "dv1", "dq0", "dq1", "dk0", "dk1"}
+kernels = sorted(n for n in dir(K) if n.startswith("_axial_") and n.endswith("_kernel"))
+variants = [("fp32", 0, 1, name) for name in kernels]  # every kernel, one sequence per program
+variants += [("fp32", 1, 2, "_axial_fwd_out_kernel"), ("bf16", 0, 1, "_axial_bwd_dqk_kernel")]
+for dtype, pass_, seqs, name in variants:
+    constexprs = dict(PASS=pass_, SEQS=seqs, BLOCK=16, SEQS_COL=seqs, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32,
+                      BLOCK_CK=16, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32)
+    fn = getattr(K, name)
+    signature = {a: "constexpr" if a in constexprs else ("*" + dtype) if a in pointers
+                 else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
+    given = {a: v for a, v in constexprs.items() if a in fn.arg_names}
+    compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print(name, dtype, pass_, seqs, "compiled")
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """The kernels go through Triton's whole NVIDIA pipeline (ptxas included) for an H100,
+    so a GPU-only compile error shows up on a CPU machine too."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 9, result.stdout
