@@ -12,7 +12,7 @@ The column pass is the same with H and W exchanged, with its own sigma.
 ``sigma_scope="batch"`` is the authors' whole-batch std (an image's output depends on its
 batch-mates); ``"sample"`` (default) takes one std per image.
 
-The fused path (``backend="fused"``, and ``"auto"`` on CUDA when Triton is importable)
+The fused path (``backend="fused"``, and ``"auto"`` on CUDA for small maps, where it wins)
 runs the Triton kernels of ``epban.kernels.axial_attention`` through ``_AxialFunction``;
 ``bi_axial_attention`` puts both directions of the block into the same launches. Under
 ``TRITON_INTERPRET=1`` the fused path also runs on CPU tensors (slowly: for tests).
@@ -63,10 +63,30 @@ def check_axial_args(q, k, v, sigma_scope) -> None:
         raise ValueError(f"sigma_scope must be one of {SIGMA_SCOPES}, got {sigma_scope!r}")
 
 
-# float32 dots of the fused kernels: "ieee" (exact fp32, the default), "tf32x3" or "tf32"
-# (tensor cores, less accurate). Overridable with EPBAN_AXIAL_FP32_PRECISION.
-FP32_PRECISION = os.environ.get("EPBAN_AXIAL_FP32_PRECISION", "ieee")
+# float32 dots of the fused kernels: "ieee" (plain fp32 FMAs), "tf32x3" (three TF32 tensor-core
+# products, float32 accuracy: 3.4e-7 relative L2 against float64 at 1x256x135x240 on an H100,
+# where "ieee" gave 6.5e-7, at about half the time) or "tf32" (faster, ~1e-3). Default:
+# "tf32x3" on CUDA, "ieee" under the CPU interpreter. EPBAN_AXIAL_FP32_PRECISION overrides.
+FP32_PRECISION = os.environ.get("EPBAN_AXIAL_FP32_PRECISION")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# backend="auto" on CUDA takes the fused kernels only where they beat the reference. Their
+# cost grows with B*H*W*(H+W) (every query against every key of its row and column), while
+# the reference's cuBLAS path is launch-bound (~3 ms fwd+bwd) up to large maps. Measured on
+# an H100 (fwd+bwd, both directions, fp32): 16x16 maps x16 images 0.85 ms vs 3.4 ms, 64x64
+# 1.5 ms vs 2.8 ms, but 128x128 10.2 ms vs 2.8 ms and 135x240 31 ms vs 6.2 ms.
+AUTO_FUSED_MAX_WORK = 1 << 20
+
+
+def _fp32_precision(device: torch.device) -> str:
+    if FP32_PRECISION:
+        return FP32_PRECISION
+    return "tf32x3" if device.type == "cuda" else "ieee"
+
+
+def _fused_pays_off(t: torch.Tensor) -> bool:
+    b, _, h, w = t.shape
+    return b * h * w * (h + w) <= AUTO_FUSED_MAX_WORK
 
 
 def _fused_unavailable_reason(device, dtype=None) -> str | None:
@@ -104,7 +124,8 @@ def _use_fused(t: torch.Tensor, backend: str) -> bool:
         if reason is not None:
             raise ValueError(f"backend='fused' is not available: {reason}")
         return True
-    return t.device.type == "cuda" and reason is None and (str(t.device), t.dtype) not in _FUSED_FAILED
+    return (t.device.type == "cuda" and reason is None and (str(t.device), t.dtype) not in _FUSED_FAILED
+            and _fused_pays_off(t))
 
 
 def _run_fused(t: torch.Tensor, backend: str, fused, reference):
@@ -161,14 +182,15 @@ class _AxialFunction(torch.autograd.Function):
 
 def axial_attention_fused(q, k, v, *, sigma_scope="sample", precision=None):
     """axial(q, k, v) through the Triton kernels (no dispatch, no checks beyond the reference's)."""
-    return _AxialFunction.apply(sigma_scope, precision or FP32_PRECISION, q, k, v)[0]
+    return _AxialFunction.apply(sigma_scope, precision or _fp32_precision(q.device), q, k, v)[0]
 
 
 def axial_attention(q, k, v, *, sigma_scope="sample", backend="auto"):
     """axial(q, k, v) of ARCHITECTURE.md, both passes averaged; (B, C, H, W) -> (B, C, H, W).
 
-    backend: "auto" (the fused kernels on CUDA when Triton is available, else the
-    reference), "reference", or "fused" (ValueError when it cannot serve these tensors).
+    backend: "auto" (the fused kernels on CUDA when Triton is available and the maps are
+    small enough for them to win, see ``AUTO_FUSED_MAX_WORK``; else the reference),
+    "reference", or "fused" (ValueError when it cannot serve these tensors).
     """
     check_backend(backend)
     check_axial_args(q, k, v, sigma_scope)
@@ -201,6 +223,7 @@ def bi_axial_attention(q1, k1, v1, q2, k2, v2, *, sigma_scope="sample", backend=
     same = q1.shape == q2.shape and q1.device == q2.device
     if same and _use_fused(q1, backend):
         _check_same_dtype((q1, k1, v1, q2, k2, v2))
-        fused = lambda: _AxialFunction.apply(sigma_scope, FP32_PRECISION, q1, k2, v1, q2, k1, v2)  # noqa: E731
+        precision = _fp32_precision(q1.device)
+        fused = lambda: _AxialFunction.apply(sigma_scope, precision, q1, k2, v1, q2, k1, v2)  # noqa: E731
         return _run_fused(q1, backend, fused, separately)
     return separately()

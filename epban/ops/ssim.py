@@ -9,6 +9,15 @@ SSIM(x, y) per pixel, with Gaussian-weighted local moments (window ``win_size``,
 
 ``padding="valid"`` keeps only the pixels whose window lies inside the image (as
 pytorch-msssim and scikit-image); ``"same"`` zero-pads the image (as fused-ssim).
+
+The fused path (``torch.ops.epban.ssim_*``, csrc/ssim/) serves window 11 / sigma 1.5 on
+the CPU (float32/64, float16, bfloat16) and on CUDA (float32, float16, bfloat16). Its
+forward reduces inside the kernel (no map is written for "mean"/"none"); its backward
+recomputes the moments and saves nothing but the inputs. The gradient, with g the
+upstream gradient per window centre and the partials of csrc/ssim/ssim_math.h:
+
+    dL/dx = G*(g dS/dmu_x) + 2 x G*(g dS/dE[x^2]) + y G*(g dS/dE[xy])
+    dL/dy = G*(g dS/dmu_y) + 2 y G*(g dS/dE[y^2]) + x G*(g dS/dE[xy])
 """
 from __future__ import annotations
 
@@ -17,11 +26,16 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from epban._extension import check_backend
+from epban._extension import check_backend, extension_has_cuda, extension_loaded
 from epban.ops._checks import check_image_pair
 
 PADDINGS = ("valid", "same")
 REDUCTIONS = ("mean", "none", "map")
+SSIM_FUSED_WINDOW = (11, 1.5)  # (win_size, sigma) the compiled kernels implement
+_FUSED_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
 
 
 @functools.lru_cache(maxsize=32)
@@ -95,14 +109,99 @@ def ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=
     return _reduce(ssim_map, reduction)
 
 
+def fused_ssim_available(device: str | torch.device) -> bool:
+    """Whether the compiled SSIM kernel serves tensors on ``device`` (for window 11, sigma 1.5)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return extension_loaded()
+    if kind == "cuda":
+        return extension_has_cuda()
+    return False
+
+
+def _fused_unavailable(x, data_range, win_size, sigma) -> str | None:
+    """Why the fused kernel cannot serve these arguments, or None when it can."""
+    if not fused_ssim_available(x.device):
+        return f"the compiled extension does not serve {x.device.type} tensors (see epban.info())"
+    if x.dtype not in _FUSED_DTYPES[x.device.type]:
+        return f"dtype {x.dtype} is not supported on {x.device.type}"
+    if (win_size, float(sigma)) != SSIM_FUSED_WINDOW:
+        return f"the kernel implements win_size={SSIM_FUSED_WINDOW[0]}, sigma={SSIM_FUSED_WINDOW[1]}"
+    if not isinstance(data_range, (int, float)):
+        return "data_range must be a Python number"
+    return None
+
+
+def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
+    c1 = float((k1 * data_range) ** 2)
+    c2 = float((k2 * data_range) ** 2)
+    same = padding == "same"
+    x, y = x.contiguous(), y.contiguous()
+    if reduction == "map":
+        return torch.ops.epban.ssim_map(x, y, c1, c2, same)
+    per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def _fused_out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _register_fused() -> None:
+    """Fake kernels (for torch.compile and opcheck) and autograd of the torch.ops.epban.ssim_* ops."""
+
+    @torch.library.register_fake("epban::ssim_per_image")
+    def _(x, y, c1, c2, same_padding):
+        return x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
+
+    @torch.library.register_fake("epban::ssim_map")
+    def _(x, y, c1, c2, same_padding):
+        trim = 0 if same_padding else 2 * (SSIM_FUSED_WINDOW[0] // 2)
+        b, c, h, w = x.shape
+        return x.new_empty((b, c, h - trim, w - trim), dtype=_fused_out_dtype(x))
+
+    @torch.library.register_fake("epban::ssim_backward")
+    def _(grad, x, y, c1, c2, same_padding, grad_x, grad_y):
+        gx = x.new_empty(x.shape) if grad_x else x.new_empty((0,))
+        gy = y.new_empty(y.shape) if grad_y else y.new_empty((0,))
+        return gx, gy
+
+    def setup_context(ctx, inputs, output):
+        x, y, c1, c2, same_padding = inputs
+        ctx.save_for_backward(x, y)
+        ctx.args = (c1, c2, same_padding)
+
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[:2]
+        gx, gy = torch.ops.epban.ssim_backward(grad.contiguous(), x, y, *ctx.args, need_x, need_y)
+        return (gx if need_x else None), (gy if need_y else None), None, None, None
+
+    for name in ("epban::ssim_per_image", "epban::ssim_map"):
+        torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+if extension_loaded():
+    _register_fused()
+
+
 def ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid", reduction="mean", backend="auto"):
     """Structural similarity of two image batches (B, C, H, W); see the module docstring.
 
     reduction: "mean" (a scalar), "none" (one value per image, shape (B,)) or "map".
-    backend: "auto" (the fastest available for the tensors' device), "reference", or
-    "fused" (the compiled kernel; ValueError when it cannot serve these inputs).
+    backend: "auto" (the fused kernel when it serves these inputs, else the reference),
+    "reference", or "fused" (the compiled kernel; ValueError when it cannot serve these
+    inputs). Half-type inputs give float32 results, float64 inputs float64.
     """
     check_backend(backend)
-    return ssim_reference(
-        x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding, reduction=reduction
+    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
+    if backend != "reference":
+        reason = _fused_unavailable(x, data_range, win_size, sigma)
+        if reason is None:
+            return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction)
+        if backend == "fused":
+            raise ValueError(f"backend='fused' cannot serve these inputs: {reason}")
+    ssim_map = ssim_map_reference(
+        x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding
     )
+    return _reduce(ssim_map, reduction)
