@@ -1,0 +1,43 @@
+// The operator table of epban._C: every TORCH_LIBRARY schema, the kernels registered for
+// each dispatch key, and the Python module. Fake (meta) kernels and autograd are
+// registered from Python, beside each op's reference (epban/ops/*.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ssim/ssim.h"
+
+TORCH_LIBRARY(epban, m) {
+  // SSIM, window 11, sigma 1.5; c1 = (k1 R)^2, c2 = (k2 R)^2. Outputs are float32 for
+  // float32/half inputs, float64 for float64.
+  // The mean SSIM of each image, shape (B,).
+  m.def("ssim_per_image(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
+  // The SSIM map, (B, C, H, W) for same padding, (B, C, H - 10, W - 10) for valid.
+  m.def("ssim_map(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
+  // Gradients of both inputs from the gradient of either output above (shape (B,) or the
+  // map's). An input whose grad_* is false gets an empty (0,) tensor instead.
+  m.def(
+      "ssim_backward(Tensor grad, Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
+      "bool grad_y) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(epban, CPU, m) {
+  m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cpu);
+  m.impl("ssim_map", &epban::ssim::ssim_map_cpu);
+  m.impl("ssim_backward", &epban::ssim::ssim_backward_cpu);
+}
+
+#ifdef EPBAN_WITH_CUDA
+TORCH_LIBRARY_IMPL(epban, CUDA, m) {
+  m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
+  m.impl("ssim_map", &epban::ssim::ssim_map_cuda);
+  m.impl("ssim_backward", &epban::ssim::ssim_backward_cuda);
+}
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "epban's compiled kernels; the operators live in torch.ops.epban";
+  m.attr("WITH_CUDA") = kWithCuda;
+}

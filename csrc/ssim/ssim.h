@@ -1,0 +1,46 @@
+// The fused SSIM op (window 11, sigma 1.5): the C++ signatures behind the schemas in
+// bindings.cpp, and the geometry both devices share.
+//
+// Window centres live on the image grid. padding "same" (zero padding): every pixel is a
+// centre and the map is H x W. padding "valid": only centres whose window lies inside
+// the image, rows and columns [5, H-5) x [5, W-5); the map is (H-10) x (W-10).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "ssim/ssim_math.h"
+
+namespace epban {
+namespace ssim {
+
+struct Geometry {
+  int64_t batch, channels, height, width;
+  int64_t offset;            // first centre row / column (0 or kHalo)
+  int64_t out_h, out_w;      // the map's size
+  int64_t planes() const { return batch * channels; }
+  int64_t count() const { return channels * out_h * out_w; }  // map pixels per image
+};
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, bool same_padding);
+
+// Checks the upstream gradient's shape: (B,) for the per-image op, the map's for the map op.
+// Returns true for a map gradient.
+bool check_grad_shape(const at::Tensor& grad, const Geometry& g);
+
+at::Tensor ssim_per_image_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
+at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
+std::tuple<at::Tensor, at::Tensor> ssim_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                                     double c1, double c2, bool same_padding, bool grad_x, bool grad_y);
+
+#ifdef EPBAN_WITH_CUDA
+at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
+at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
+std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                                      double c1, double c2, bool same_padding, bool grad_x, bool grad_y);
+#endif
+
+}  // namespace ssim
+}  // namespace epban

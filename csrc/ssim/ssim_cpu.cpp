@@ -1,0 +1,485 @@
+// Fused SSIM on the CPU: forward (per-image sums or the map) and backward (both inputs).
+//
+// Work is split into (plane, row band) tasks run by at::parallel_for (OpenMP). Within a
+// task the image is streamed one row at a time; every inner loop runs along a row and is
+// vectorised (`omp simd`), and each row kernel is built for the baseline x86-64 ISA, for
+// AVX2+FMA and for AVX-512, picked at run time: the default build stays portable.
+//
+// Forward, per centre row: the vertical 11-tap sums of x, y, x^2, y^2, xy over all
+// columns into five row buffers, then the horizontal 11-tap sums and the SSIM formula
+// per centre. 5 x 11 x 2 multiply-adds + 3 x 11 products + ~20 for the formula, about
+// 160 FLOPs per pixel; the rows it reads stay in L2. No full-size buffer.
+// Backward, per gradient row p: the partials of the centre rows p-5..p+5 (a ring of 11
+// rows, each computed once per band: its moments as in the forward, then ssim_partials),
+// their vertical then horizontal 11-tap sums, and the combination of ssim_math.h.
+// About 2.5x the forward's FLOPs; the only full-size buffers are the gradients.
+// Half inputs are converted to float32 first; float32 accumulates in float32 (rows are
+// summed in double for the per-image mean), float64 in float64.
+#include "ssim/ssim.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace epban {
+namespace ssim {
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, bool same_padding) {
+  TORCH_CHECK(x.dim() == 4, "ssim: x must be 4-D (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(x.sizes() == y.sizes(), "ssim: x and y must have the same shape, got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "ssim: x and y must have the same dtype");
+  TORCH_CHECK(x.device() == y.device(), "ssim: x and y must be on the same device");
+  Geometry g;
+  g.batch = x.size(0);
+  g.channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  TORCH_CHECK(g.height >= kWin && g.width >= kWin, "ssim: images must be at least ", kWin, "x", kWin,
+              " (the SSIM window), got ", g.height, "x", g.width);
+  g.offset = same_padding ? 0 : kHalo;
+  g.out_h = g.height - 2 * g.offset;
+  g.out_w = g.width - 2 * g.offset;
+  return g;
+}
+
+bool check_grad_shape(const at::Tensor& grad, const Geometry& g) {
+  if (grad.dim() == 1) {
+    TORCH_CHECK(grad.size(0) == g.batch, "ssim_backward: per-image gradient must have shape (", g.batch, ",), got ",
+                grad.sizes());
+    return false;
+  }
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.channels && grad.size(2) == g.out_h &&
+                  grad.size(3) == g.out_w,
+              "ssim_backward: map gradient must have shape (", g.batch, ", ", g.channels, ", ", g.out_h, ", ", g.out_w,
+              "), got ", grad.sizes());
+  return true;
+}
+
+namespace {
+
+#if defined(__GNUC__)
+#define EPBAN_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define EPBAN_ALWAYS_INLINE inline
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define EPBAN_CPU_DISPATCH_AVX2 1
+#define EPBAN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define EPBAN_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#endif
+
+template <typename T>
+struct Taps {
+  T w[kWin];
+  Taps() {
+    for (int k = 0; k < kWin; ++k) w[k] = static_cast<T>(kGauss[k]);
+  }
+};
+
+// Everything one (plane, row band) task needs. Row buffers have pitch width + 2 kHalo:
+// column j of the image sits at index j + kHalo, the pads stay zero (zero padding).
+template <typename T>
+struct Plane {
+  const T* x;
+  const T* y;
+  int64_t height, width, pitch;
+  int64_t first, last_row, last_col;  // active centres: [first, last_row) x [first, last_col)
+  T c1, c2;
+};
+
+// Vertical 11-tap sums of x, y, x^2, y^2, xy for centre row r, all columns.
+template <typename T>
+EPBAN_ALWAYS_INLINE void vertical_moments(const Plane<T>& p, int64_t r, const T* zero_row, const Taps<T>& taps,
+                                          T* __restrict vx, T* __restrict vy, T* __restrict vxx, T* __restrict vyy,
+                                          T* __restrict vxy) {
+  const T* xr[kWin];
+  const T* yr[kWin];
+  for (int k = 0; k < kWin; ++k) {
+    const int64_t row = r - kHalo + k;
+    const bool inside = row >= 0 && row < p.height;
+    xr[k] = inside ? p.x + row * p.width : zero_row;
+    yr[k] = inside ? p.y + row * p.width : zero_row;
+  }
+  const int64_t w = p.width;
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) {
+    T sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
+#pragma GCC unroll 11
+    for (int k = 0; k < kWin; ++k) {
+      const T a = xr[k][j];
+      const T b = yr[k][j];
+      const T ga = taps.w[k] * a;
+      const T gb = taps.w[k] * b;
+      sx += ga;
+      sy += gb;
+      sxx += ga * a;
+      syy += gb * b;
+      sxy += ga * b;
+    }
+    vx[kHalo + j] = sx;
+    vy[kHalo + j] = sy;
+    vxx[kHalo + j] = sxx;
+    vyy[kHalo + j] = syy;
+    vxy[kHalo + j] = sxy;
+  }
+}
+
+// Horizontal 11-tap sum at centre column c of a padded row buffer.
+template <typename T>
+EPBAN_ALWAYS_INLINE T horizontal_tap(const T* v, int64_t c, const Taps<T>& taps) {
+  T s = 0;
+#pragma GCC unroll 11
+  for (int k = 0; k < kWin; ++k) s += taps.w[k] * v[c + k];
+  return s;
+}
+
+template <typename T>
+struct ForwardBuffers {
+  std::vector<T> v, zero;
+  explicit ForwardBuffers(int64_t pitch, int64_t width) : v(5 * pitch, T(0)), zero(width, T(0)) {}
+};
+
+// Centre rows [r0, r1) of one plane. Writes the map rows (map != nullptr) or returns the sum.
+template <typename T>
+EPBAN_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
+                                             ForwardBuffers<T>& buf) {
+  const Taps<T> taps;
+  T* vx = buf.v.data();
+  T* vy = vx + p.pitch;
+  T* vxx = vy + p.pitch;
+  T* vyy = vxx + p.pitch;
+  T* vxy = vyy + p.pitch;
+  const int64_t c0 = p.first, c1 = p.last_col;
+  double total = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    vertical_moments(p, r, buf.zero.data(), taps, vx, vy, vxx, vyy, vxy);
+    T row_sum = 0;
+    T* out = map ? map + (r - p.first) * map_w - p.first : nullptr;
+    if (out) {
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        out[c] = ssim_value(horizontal_tap(vx, c, taps), horizontal_tap(vy, c, taps), horizontal_tap(vxx, c, taps),
+                            horizontal_tap(vyy, c, taps), horizontal_tap(vxy, c, taps), p.c1, p.c2);
+      }
+    } else {
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t c = c0; c < c1; ++c) {
+        row_sum += ssim_value(horizontal_tap(vx, c, taps), horizontal_tap(vy, c, taps), horizontal_tap(vxx, c, taps),
+                              horizontal_tap(vyy, c, taps), horizontal_tap(vxy, c, taps), p.c1, p.c2);
+      }
+    }
+    total += static_cast<double>(row_sum);
+  }
+  return total;
+}
+
+template <typename T>
+struct BackwardBuffers {
+  std::vector<T> v;     // five moment rows
+  std::vector<T> ring;  // 11 slots x 4 partial rows (d_mx, d_my, d_e2, d_exy)
+  std::vector<T> acc;   // four vertically filtered partial rows
+  std::vector<T> zero;  // a zero partial row, pitch long
+  std::vector<T> gconst;  // the per-image upstream gradient, one row
+  BackwardBuffers(int64_t pitch, int64_t width)
+      : v(5 * pitch, T(0)), ring(kWin * 4 * pitch, T(0)), acc(4 * pitch, T(0)), zero(pitch, T(0)), gconst(width) {}
+};
+
+// The partials (times the upstream gradient) of centre row r into its ring slot; inactive
+// columns stay zero. grow[c]: the upstream gradient at centre column c.
+// (A function, not a lambda: lambdas do not inherit the caller's target ISA.)
+template <typename T>
+EPBAN_ALWAYS_INLINE void partials_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
+                                      BackwardBuffers<T>& buf) {
+  const int64_t pitch = p.pitch;
+  T* vx = buf.v.data();
+  T* vy = vx + pitch;
+  T* vxx = vy + pitch;
+  T* vyy = vxx + pitch;
+  T* vxy = vyy + pitch;
+  vertical_moments(p, r, buf.zero.data(), taps, vx, vy, vxx, vyy, vxy);
+  T* slot = buf.ring.data() + (r % kWin) * 4 * pitch;
+  T* __restrict pmx = slot;
+  T* __restrict pmy = slot + pitch;
+  T* __restrict pe2 = slot + 2 * pitch;
+  T* __restrict pexy = slot + 3 * pitch;
+  const int64_t c0 = p.first, c1 = p.last_col;
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    const SsimPartials<T> d =
+        ssim_partials(horizontal_tap(vx, c, taps), horizontal_tap(vy, c, taps), horizontal_tap(vxx, c, taps),
+                      horizontal_tap(vyy, c, taps), horizontal_tap(vxy, c, taps), p.c1, p.c2, grow[c]);
+    pmx[kHalo + c] = d.d_mx;
+    pmy[kHalo + c] = d.d_my;
+    pe2[kHalo + c] = d.d_e2;
+    pexy[kHalo + c] = d.d_exy;
+  }
+}
+
+// Gradient rows [p0, p1) of one plane. g_map: the upstream map gradient of this plane
+// (map coordinates), or nullptr with g_scalar the gradient of every centre.
+template <typename T>
+EPBAN_ALWAYS_INLINE void backward_rows_impl(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
+                                            T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf) {
+  const Taps<T> taps;
+  const int64_t pitch = p.pitch;
+  std::fill(buf.gconst.begin(), buf.gconst.end(), g_scalar);
+  const auto grow = [&](int64_t r) -> const T* {
+    return g_map ? g_map + (r - p.first) * map_w - p.first : buf.gconst.data() - p.first;
+  };
+  const auto active = [&](int64_t r) { return r >= p.first && r < p.last_row; };
+
+  for (int64_t r = std::max(p0 - kHalo, p.first); r < std::min(p0 + kHalo, p.last_row); ++r) {
+    partials_row(p, r, grow(r), taps, buf);
+  }
+  T* amx = buf.acc.data();
+  T* amy = amx + pitch;
+  T* ae2 = amy + pitch;
+  T* aexy = ae2 + pitch;
+  for (int64_t row = p0; row < p1; ++row) {
+    if (active(row + kHalo)) partials_row(p, row + kHalo, grow(row + kHalo), taps, buf);
+    const T* rows[kWin];
+    for (int k = 0; k < kWin; ++k) {
+      const int64_t r = row - kHalo + k;
+      rows[k] = active(r) ? buf.ring.data() + (r % kWin) * 4 * pitch : nullptr;
+    }
+    // Vertical sums of the four partial rows over the padded width.
+    for (int q = 0; q < 4; ++q) {
+      if ((q == 0 && !gx) || (q == 1 && !gy)) continue;
+      const T* pr[kWin];
+      for (int k = 0; k < kWin; ++k) pr[k] = rows[k] ? rows[k] + q * pitch : buf.zero.data();
+      T* __restrict out = buf.acc.data() + q * pitch;
+#pragma omp simd
+      for (int64_t j = 0; j < pitch; ++j) {
+        T s = 0;
+#pragma GCC unroll 11
+        for (int k = 0; k < kWin; ++k) s += taps.w[k] * pr[k][j];
+        out[j] = s;
+      }
+    }
+    const T* xrow = p.x + row * p.width;
+    const T* yrow = p.y + row * p.width;
+    const int64_t w = p.width;
+    if (gx) {
+      T* __restrict gxr = gx + row * p.width;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        gxr[j] = horizontal_tap(amx, j, taps) + T(2) * xrow[j] * horizontal_tap(ae2, j, taps) +
+                 yrow[j] * horizontal_tap(aexy, j, taps);
+      }
+    }
+    if (gy) {
+      T* __restrict gyr = gy + row * p.width;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        gyr[j] = horizontal_tap(amy, j, taps) + T(2) * yrow[j] * horizontal_tap(ae2, j, taps) +
+                 xrow[j] * horizontal_tap(aexy, j, taps);
+      }
+    }
+  }
+}
+
+// Each row kernel compiled for the baseline ISA and, on x86-64, for AVX2+FMA and AVX-512.
+template <typename T>
+double forward_rows_base(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w, ForwardBuffers<T>& buf) {
+  return forward_rows_impl(p, r0, r1, map, map_w, buf);
+}
+template <typename T>
+void backward_rows_base(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w, T g_scalar, T* gx,
+                        T* gy, BackwardBuffers<T>& buf) {
+  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf);
+}
+#ifdef EPBAN_CPU_DISPATCH_AVX2
+template <typename T>
+EPBAN_TARGET_AVX2 double forward_rows_avx2(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
+                                           ForwardBuffers<T>& buf) {
+  return forward_rows_impl(p, r0, r1, map, map_w, buf);
+}
+template <typename T>
+EPBAN_TARGET_AVX2 void backward_rows_avx2(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
+                                          T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf) {
+  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf);
+}
+template <typename T>
+EPBAN_TARGET_AVX512 double forward_rows_avx512(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
+                                               ForwardBuffers<T>& buf) {
+  return forward_rows_impl(p, r0, r1, map, map_w, buf);
+}
+template <typename T>
+EPBAN_TARGET_AVX512 void backward_rows_avx512(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map,
+                                              int64_t map_w, T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf) {
+  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf);
+}
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename T>
+double forward_rows(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w, ForwardBuffers<T>& buf) {
+#ifdef EPBAN_CPU_DISPATCH_AVX2
+  if (cpu_has_avx512()) return forward_rows_avx512(p, r0, r1, map, map_w, buf);
+  if (cpu_has_avx2()) return forward_rows_avx2(p, r0, r1, map, map_w, buf);
+#endif
+  return forward_rows_base(p, r0, r1, map, map_w, buf);
+}
+
+template <typename T>
+void backward_rows(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w, T g_scalar, T* gx, T* gy,
+                   BackwardBuffers<T>& buf) {
+#ifdef EPBAN_CPU_DISPATCH_AVX2
+  if (cpu_has_avx512()) return backward_rows_avx512(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf);
+  if (cpu_has_avx2()) return backward_rows_avx2(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf);
+#endif
+  backward_rows_base(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf);
+}
+
+template <typename T>
+Plane<T> make_plane(const Geometry& g, const T* x, const T* y, int64_t plane, double c1, double c2) {
+  Plane<T> p;
+  const int64_t n = g.height * g.width;
+  p.x = x + plane * n;
+  p.y = y + plane * n;
+  p.height = g.height;
+  p.width = g.width;
+  p.pitch = g.width + 2 * kHalo;
+  p.first = g.offset;
+  p.last_row = g.height - g.offset;
+  p.last_col = g.width - g.offset;
+  p.c1 = static_cast<T>(c1);
+  p.c2 = static_cast<T>(c2);
+  return p;
+}
+
+// Forward bands are fixed-height (the forward has no halo cost), so the per-image sum
+// does not depend on the thread count.
+constexpr int64_t kForwardBand = 32;
+
+// Half types run in float32; everything is made contiguous.
+at::Tensor as_compute(const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) return t.to(at::kFloat).contiguous();
+  return t.contiguous();
+}
+
+void check_cpu_inputs(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "ssim (CPU kernel): inputs must be CPU tensors");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "ssim (CPU kernel): dtype must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2, bool same_padding,
+                       bool want_map) {
+  const Geometry g = make_geometry(x_in, y_in, same_padding);
+  check_cpu_inputs(x_in, y_in);
+  const at::Tensor x = as_compute(x_in);
+  const at::Tensor y = as_compute(y_in);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_forward_cpu", [&] {
+    using T = scalar_t;
+    const int64_t bands = (g.out_h + kForwardBand - 1) / kForwardBand;
+    const int64_t tasks = g.planes() * bands;
+    const T* xp = x.data_ptr<T>();
+    const T* yp = y.data_ptr<T>();
+    T* map = nullptr;
+    at::Tensor sums;
+    if (want_map) {
+      out = at::empty({g.batch, g.channels, g.out_h, g.out_w}, x.options());
+      map = out.data_ptr<T>();
+    } else {
+      sums = at::empty({tasks}, x.options().dtype(at::kDouble));
+    }
+    double* sums_p = want_map ? nullptr : sums.data_ptr<double>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      ForwardBuffers<T> buf(g.width + 2 * kHalo, g.width);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / bands;
+        const int64_t band = t % bands;
+        const Plane<T> p = make_plane(g, xp, yp, plane, c1, c2);
+        const int64_t r0 = p.first + band * kForwardBand;
+        const int64_t r1 = std::min(r0 + kForwardBand, p.last_row);
+        T* plane_map = map ? map + plane * g.out_h * g.out_w : nullptr;
+        const double s = forward_rows(p, r0, r1, plane_map, g.out_w, buf);
+        if (sums_p) sums_p[t] = s;
+      }
+    });
+    if (!want_map) out = sums.view({g.batch, g.channels * bands}).sum(1).div_(static_cast<double>(g.count())).to(x.scalar_type());
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor ssim_per_image_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
+  return forward_cpu(x, y, c1, c2, same_padding, /*want_map=*/false);
+}
+
+at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
+  return forward_cpu(x, y, c1, c2, same_padding, /*want_map=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> ssim_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                     const at::Tensor& y_in, double c1, double c2, bool same_padding,
+                                                     bool grad_x, bool grad_y) {
+  const Geometry g = make_geometry(x_in, y_in, same_padding);
+  check_cpu_inputs(x_in, y_in);
+  const bool map_grad = check_grad_shape(grad_in, g);
+  const at::Tensor x = as_compute(x_in);
+  const at::Tensor y = as_compute(y_in);
+  at::Tensor gx = grad_x ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor gy = grad_y ? at::empty(y.sizes(), y.options()) : at::Tensor();
+  if (grad_x || grad_y) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_backward_cpu", [&] {
+      using T = scalar_t;
+      const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+      std::vector<T> g_scalar(g.batch, T(0));
+      if (!map_grad) {
+        const at::Tensor gd = grad.to(at::kDouble);
+        const double* gp = gd.data_ptr<double>();
+        for (int64_t b = 0; b < g.batch; ++b) g_scalar[b] = static_cast<T>(gp[b] / static_cast<double>(g.count()));
+      }
+      // Bands amortise the 10 halo rows of partials; enough of them to feed every thread.
+      const int64_t want = std::max<int64_t>(1, (8 * at::get_num_threads() + g.planes() - 1) / g.planes());
+      const int64_t bands = std::min(want, std::max<int64_t>(1, g.height / 48));
+      const int64_t band_h = (g.height + bands - 1) / bands;
+      const int64_t tasks = g.planes() * bands;
+      const T* xp = x.data_ptr<T>();
+      const T* yp = y.data_ptr<T>();
+      const T* gmap = map_grad ? grad.data_ptr<T>() : nullptr;
+      T* gxp = grad_x ? gx.data_ptr<T>() : nullptr;
+      T* gyp = grad_y ? gy.data_ptr<T>() : nullptr;
+      const int64_t n = g.height * g.width;
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        BackwardBuffers<T> buf(g.width + 2 * kHalo, g.width);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t plane = t / bands;
+          const int64_t band = t % bands;
+          const Plane<T> p = make_plane(g, xp, yp, plane, c1, c2);
+          const int64_t p0 = band * band_h;
+          const int64_t p1 = std::min(p0 + band_h, g.height);
+          if (p0 >= p1) continue;
+          std::fill(buf.ring.begin(), buf.ring.end(), T(0));
+          backward_rows(p, p0, p1, gmap ? gmap + plane * g.out_h * g.out_w : nullptr, g.out_w,
+                        g_scalar[plane / g.channels], gxp ? gxp + plane * n : nullptr, gyp ? gyp + plane * n : nullptr,
+                        buf);
+        }
+      });
+    });
+  }
+  const auto placeholder = [&](const at::Tensor& t) { return at::empty({0}, t.options()); };
+  gx = grad_x ? gx.to(x_in.scalar_type()) : placeholder(x_in);
+  gy = grad_y ? gy.to(y_in.scalar_type()) : placeholder(y_in);
+  return {gx, gy};
+}
+
+}  // namespace ssim
+}  // namespace epban

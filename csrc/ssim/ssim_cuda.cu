@@ -1,0 +1,460 @@
+// Fused SSIM on CUDA (window 11, sigma 1.5): forward (per-image sums or the map) and
+// backward (both inputs), float32 accumulation, inputs float32/float16/bfloat16. The
+// per-pixel math is ssim_math.h, shared with the CPU kernels.
+//
+// Forward: one block (256 threads) per 32x32 tile of window centres. The tile's inputs
+// plus a 5-pixel halo go to shared memory as float; a horizontal 11-tap pass writes the
+// five moment sums (x, y, x^2, y^2, xy) of every halo row; a vertical pass finishes them
+// and applies ssim_value. The map is written only for reduction "map"; otherwise each
+// block writes one partial sum and ssim_finish_kernel sums them per image in a fixed
+// order (deterministic). No full-size buffer.
+// Backward: one block per 32x32 tile of gradient pixels. It recomputes the moments of the
+// 42x42 centres that reach the tile (inputs with a 10-pixel halo), turns them into the
+// four partials of ssim_math.h times the upstream gradient (zero at centres that give no
+// output), filters those horizontally then vertically, and combines them with x, y at
+// each pixel. Nothing but the inputs is kept from the forward; the gradients are the only
+// full-size buffers.
+// Every pass is register-blocked along its filter direction (a thread makes 4-7 adjacent
+// outputs from inputs held in registers, each product formed once), and the shared-memory
+// pitches are odd where lanes walk down rows, so the passes are free of bank conflicts.
+//
+// Floor, per pixel of one plane, float32: forward reads 8 B; backward reads 8 B (+4 B of a
+// map gradient) and writes 4 B per gradient: 20 B for forward+backward of one gradient
+// (12 B if the inputs were read once, the issue's floor). Arithmetic, counted from the
+// passes above: forward ~200 FP32 instructions (2 x 55 multiply-adds for the separable
+// moments, 1.3x rows for the halo, ~20 for the formula), backward ~490 (the moments again
+// on 1.7x the centres, partials ~35, 2 x 44 multiply-adds to filter them), and ~90 shared
+// loads in all. At 1x3x1080x1920 that is ~4.3 G instructions: ~0.13 ms at an H100's
+// 33.5 T FP32 instructions/s, against 0.025-0.041 ms of memory traffic. Compute-bound.
+#include "ssim/ssim.h"
+
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace epban {
+namespace ssim {
+namespace {
+
+__constant__ float c_gauss[kWin] = {EPBAN_SSIM_GAUSS_11};
+
+constexpr int kThreads = 256;
+constexpr int kTile = 32;  // tile side (centres in the forward, gradient pixels in the backward)
+
+// Shared-memory pitches are odd where a warp's lanes walk down rows: no bank conflicts.
+// Forward: inputs 42x42 (pitch 43), horizontal moment sums 5 x 42 rows x 32 (pitch 33).
+constexpr int kFwdIn = kTile + 2 * kHalo;  // 42
+constexpr int kFwdInPitch = kFwdIn + 1;
+constexpr int kFwdHPitch = kTile + 1;
+constexpr int kFwdHStride = kFwdIn * kFwdHPitch;
+// Backward, region A: inputs 2 x 52x52 (pitch 53), then partials 4 x 42x42 (pitch 43).
+// Region B: horizontal moment sums 5 x 52 rows x 42 (pitch 43), then horizontally
+// filtered partials 4 x 42 rows x 32 (pitch 33).
+constexpr int kBwdIn = kTile + 4 * kHalo;   // 52
+constexpr int kBwdCtr = kTile + 2 * kHalo;  // 42 centres reach the tile
+constexpr int kBwdInPitch = kBwdIn + 1;
+constexpr int kBwdCtrPitch = kBwdCtr + 1;
+constexpr int kBwdInStride = kBwdIn * kBwdInPitch;
+constexpr int kBwdPStride = kBwdCtr * kBwdCtrPitch;
+constexpr int kBwdHStride = kBwdIn * kBwdCtrPitch;
+constexpr int kBwdFStride = kBwdCtr * (kTile + 1);
+constexpr int kBwdRegionA = 4 * kBwdPStride;
+constexpr int kBwdRegionB = 5 * kBwdHStride;
+constexpr size_t kBwdSmemBytes = sizeof(float) * (kBwdRegionA + kBwdRegionB);  // 73.6 KB: 3 blocks per SM
+static_assert(2 * kBwdInStride <= kBwdRegionA, "inputs must fit region A");
+static_assert(4 * kBwdFStride <= kBwdRegionB, "filtered partials must fit region B");
+
+struct Args {
+  int64_t height, width;
+  int64_t first, last_row, last_col;  // active centres: [first, last_row) x [first, last_col)
+  int64_t out_h, out_w;
+  int tiles_x, tiles_y;
+  float c1, c2;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ float load_or_zero(const scalar_t* plane, const Args& a, int64_t r, int64_t c) {
+  return (r >= 0 && r < a.height && c >= 0 && c < a.width) ? static_cast<float>(plane[r * a.width + c]) : 0.f;
+}
+
+// Horizontal 11-tap sums of x, y, x^2, y^2, xy: rows x cols outputs into five planes
+// (out_pitch, out_stride). Each thread makes R adjacent outputs of one row from R + 10
+// inputs held in registers (each product formed once); lanes take consecutive rows.
+template <int R>
+__device__ __forceinline__ void horizontal_moments(const float* sx, const float* sy, int in_pitch, int rows, int cols,
+                                                   float* out, int out_pitch, int out_stride) {
+  const int runs = cols / R;
+  for (int i = threadIdx.x; i < rows * runs; i += kThreads) {
+    const int r = i % rows;
+    const int c0 = (i / rows) * R;
+    const float* px = sx + r * in_pitch + c0;
+    const float* py = sy + r * in_pitch + c0;
+    float acc[R][5];
+#pragma unroll
+    for (int o = 0; o < R; ++o)
+#pragma unroll
+      for (int q = 0; q < 5; ++q) acc[o][q] = 0.f;
+#pragma unroll
+    for (int t = 0; t < R + 2 * kHalo; ++t) {
+      const float a = px[t];
+      const float b = py[t];
+      const float v[5] = {a, b, a * a, b * b, a * b};
+#pragma unroll
+      for (int o = 0; o < R; ++o) {
+        const int k = t - o;
+        if (k >= 0 && k < kWin) {
+#pragma unroll
+          for (int q = 0; q < 5; ++q) acc[o][q] = fmaf(c_gauss[k], v[q], acc[o][q]);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < R; ++o)
+#pragma unroll
+      for (int q = 0; q < 5; ++q) out[q * out_stride + r * out_pitch + c0 + o] = acc[o][q];
+  }
+}
+
+// Horizontal 11-tap sums of NQ planes, R adjacent outputs per thread as above.
+template <int NQ, int R>
+__device__ __forceinline__ void horizontal_sums(const float* in, int in_pitch, int in_stride, int rows, int cols,
+                                                float* out, int out_pitch, int out_stride) {
+  const int runs = cols / R;
+  for (int i = threadIdx.x; i < rows * runs; i += kThreads) {
+    const int r = i % rows;
+    const int c0 = (i / rows) * R;
+    float acc[R][NQ];
+#pragma unroll
+    for (int o = 0; o < R; ++o)
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) acc[o][q] = 0.f;
+#pragma unroll
+    for (int t = 0; t < R + 2 * kHalo; ++t) {
+      float v[NQ];
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) v[q] = in[q * in_stride + r * in_pitch + c0 + t];
+#pragma unroll
+      for (int o = 0; o < R; ++o) {
+        const int k = t - o;
+        if (k >= 0 && k < kWin) {
+#pragma unroll
+          for (int q = 0; q < NQ; ++q) acc[o][q] = fmaf(c_gauss[k], v[q], acc[o][q]);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < R; ++o)
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) out[q * out_stride + r * out_pitch + c0 + o] = acc[o][q];
+  }
+}
+
+// Vertical 11-tap sums of NQ planes (pitch, stride) for R consecutive output rows from
+// row0 in column col, sliding down R + 10 rows held in registers: acc[o][q].
+template <int NQ, int R>
+__device__ __forceinline__ void vertical_window(const float* in, int pitch, int stride, int row0, int col,
+                                                float (&acc)[R][NQ]) {
+#pragma unroll
+  for (int o = 0; o < R; ++o)
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) acc[o][q] = 0.f;
+#pragma unroll
+  for (int t = 0; t < R + 2 * kHalo; ++t) {
+    float v[NQ];
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) v[q] = in[q * stride + (row0 + t) * pitch + col];
+#pragma unroll
+    for (int o = 0; o < R; ++o) {
+      const int k = t - o;
+      if (k >= 0 && k < kWin) {
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) acc[o][q] = fmaf(c_gauss[k], v[q], acc[o][q]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool kMap>
+__global__ void __launch_bounds__(kThreads)
+    ssim_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
+                        float* __restrict__ map, float* __restrict__ partial) {
+  __shared__ float s_in[2][kFwdIn * kFwdInPitch];
+  __shared__ float s_h[5 * kFwdHStride];
+  __shared__ float s_warp[kThreads / 32];
+
+  const int tiles = a.tiles_x * a.tiles_y;
+  const int64_t plane = blockIdx.x / tiles;
+  const int tile = blockIdx.x % tiles;
+  const int64_t row0 = a.first + static_cast<int64_t>(tile / a.tiles_x) * kTile;  // first centre of the tile
+  const int64_t col0 = a.first + static_cast<int64_t>(tile % a.tiles_x) * kTile;
+  const int64_t n = a.height * a.width;
+  const scalar_t* xp = x + plane * n;
+  const scalar_t* yp = y + plane * n;
+
+  for (int i = threadIdx.x; i < kFwdIn * kFwdIn; i += kThreads) {
+    const int r = i / kFwdIn;
+    const int c = i % kFwdIn;
+    s_in[0][r * kFwdInPitch + c] = load_or_zero(xp, a, row0 - kHalo + r, col0 - kHalo + c);
+    s_in[1][r * kFwdInPitch + c] = load_or_zero(yp, a, row0 - kHalo + r, col0 - kHalo + c);
+  }
+  __syncthreads();
+  horizontal_moments<4>(s_in[0], s_in[1], kFwdInPitch, kFwdIn, kTile, s_h, kFwdHPitch, kFwdHStride);
+  __syncthreads();
+
+  const int tx = threadIdx.x % kTile;
+  const int ty = threadIdx.x / kTile;  // 8 groups of 4 rows
+  float acc[4][5];
+  vertical_window<5, 4>(s_h, kFwdHPitch, kFwdHStride, ty * 4, tx, acc);
+  const int64_t c = col0 + tx;
+  float sum = 0.f;
+#pragma unroll
+  for (int o = 0; o < 4; ++o) {
+    const int64_t r = row0 + ty * 4 + o;
+    if (r < a.last_row && c < a.last_col) {
+      const float s = ssim_value(acc[o][0], acc[o][1], acc[o][2], acc[o][3], acc[o][4], a.c1, a.c2);
+      if (kMap) {
+        map[plane * a.out_h * a.out_w + (r - a.first) * a.out_w + (c - a.first)] = s;
+      } else {
+        sum += s;
+      }
+    }
+  }
+  if (!kMap) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_down_sync(0xffffffffu, sum, off);
+    if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) total += s_warp[w];
+      partial[blockIdx.x] = total;
+    }
+  }
+}
+
+// The per-image mean from the forward's per-block sums: one block per image, a fixed
+// summation order (deterministic), double accumulation.
+__global__ void __launch_bounds__(kThreads)
+    ssim_finish_kernel(const float* __restrict__ partial, int64_t per_image, double inv_count, float* __restrict__ out) {
+  __shared__ double s_warp[kThreads / 32];
+  const float* p = partial + blockIdx.x * per_image;
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < per_image; i += kThreads) sum += p[i];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_down_sync(0xffffffffu, sum, off);
+  if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total += s_warp[w];
+    out[blockIdx.x] = static_cast<float>(total * inv_count);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
+    ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
+                         const float* __restrict__ grad_map, const float* __restrict__ grad_image, float inv_count,
+                         int64_t channels, scalar_t* __restrict__ gx, scalar_t* __restrict__ gy) {
+  extern __shared__ float smem[];
+  float* s_a = smem;                // inputs, then partials
+  float* s_b = smem + kBwdRegionA;  // horizontal moment sums, then filtered partials
+
+  const int tiles = a.tiles_x * a.tiles_y;
+  const int64_t plane = blockIdx.x / tiles;
+  const int tile = blockIdx.x % tiles;
+  const int64_t row0 = static_cast<int64_t>(tile / a.tiles_x) * kTile;  // first gradient pixel of the tile
+  const int64_t col0 = static_cast<int64_t>(tile % a.tiles_x) * kTile;
+  const int64_t n = a.height * a.width;
+  const scalar_t* xp = x + plane * n;
+  const scalar_t* yp = y + plane * n;
+
+  // 1. Inputs with a 10-pixel halo.
+  for (int i = threadIdx.x; i < kBwdIn * kBwdIn; i += kThreads) {
+    const int r = i / kBwdIn;
+    const int c = i % kBwdIn;
+    s_a[r * kBwdInPitch + c] = load_or_zero(xp, a, row0 - 2 * kHalo + r, col0 - 2 * kHalo + c);
+    s_a[kBwdInStride + r * kBwdInPitch + c] = load_or_zero(yp, a, row0 - 2 * kHalo + r, col0 - 2 * kHalo + c);
+  }
+  __syncthreads();
+  // 2. Horizontal moment sums of the 52 input rows at the 42 centre columns.
+  horizontal_moments<6>(s_a, s_a + kBwdInStride, kBwdInPitch, kBwdIn, kBwdCtr, s_b, kBwdCtrPitch, kBwdHStride);
+  __syncthreads();
+  // 3. Vertical moment sums and the partials (times the upstream gradient) of the 42x42
+  //    centres, 7 rows per thread (252 items); zero at centres that give no output.
+  //    Per-image mode: every active centre gets grad[b] / (map pixels per image).
+  const float g_scale = grad_map ? 0.f : grad_image[plane / channels] * inv_count;
+  const float* g_plane = grad_map ? grad_map + plane * a.out_h * a.out_w : nullptr;
+  constexpr int kCtrRows = 7;
+  for (int i = threadIdx.x; i < kBwdCtr * (kBwdCtr / kCtrRows); i += kThreads) {
+    const int cc = i % kBwdCtr;
+    const int cr0 = (i / kBwdCtr) * kCtrRows;
+    float acc[kCtrRows][5];
+    vertical_window<5, kCtrRows>(s_b, kBwdCtrPitch, kBwdHStride, cr0, cc, acc);
+    const int64_t ic = col0 - kHalo + cc;  // the centre's image column
+#pragma unroll
+    for (int o = 0; o < kCtrRows; ++o) {
+      const int cr = cr0 + o;
+      const int64_t ir = row0 - kHalo + cr;
+      SsimPartials<float> d{0.f, 0.f, 0.f, 0.f};
+      if (ir >= a.first && ir < a.last_row && ic >= a.first && ic < a.last_col) {
+        const float g = g_plane ? g_plane[(ir - a.first) * a.out_w + (ic - a.first)] : g_scale;
+        d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], acc[o][4], a.c1, a.c2, g);
+      }
+      float* p = s_a + cr * kBwdCtrPitch + cc;
+      p[0] = d.d_mx;
+      p[kBwdPStride] = d.d_my;
+      p[2 * kBwdPStride] = d.d_e2;
+      p[3 * kBwdPStride] = d.d_exy;
+    }
+  }
+  __syncthreads();
+  // 4. Horizontal sums of the partials at the tile's 32 columns, all 42 centre rows.
+  horizontal_sums<4, 4>(s_a, kBwdCtrPitch, kBwdPStride, kBwdCtr, kTile, s_b, kTile + 1, kBwdFStride);
+  __syncthreads();
+  // 5. Vertical sums and the gradients of the tile's pixels.
+  const int tx = threadIdx.x % kTile;
+  const int ty = threadIdx.x / kTile;  // 8 groups of 4 rows
+  float acc[4][4];
+  vertical_window<4, 4>(s_b, kTile + 1, kBwdFStride, ty * 4, tx, acc);
+  const int64_t c = col0 + tx;
+  if (c >= a.width) return;
+#pragma unroll
+  for (int o = 0; o < 4; ++o) {
+    const int64_t r = row0 + ty * 4 + o;
+    if (r >= a.height) break;
+    const int64_t idx = plane * n + r * a.width + c;
+    const float xv = static_cast<float>(x[idx]);
+    const float yv = static_cast<float>(y[idx]);
+    if (gx) gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][2] + yv * acc[o][3]);
+    if (gy) gy[idx] = static_cast<scalar_t>(acc[o][1] + 2.f * yv * acc[o][2] + xv * acc[o][3]);
+  }
+}
+
+void check_cuda_inputs(const at::Tensor& x, const at::Tensor& y) {
+  TORCH_CHECK(x.is_cuda() && y.is_cuda(), "ssim (CUDA kernel): inputs must be CUDA tensors");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "ssim (CUDA kernel): dtype must be float32, float16 or bfloat16, got ", t);
+}
+
+// Calls f(scalar_t{}) for the three input dtypes of the CUDA kernels (no float64 instance).
+template <typename F>
+void dispatch_input_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "ssim (CUDA kernel): unsupported dtype ", t);
+  }
+}
+
+Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles) {
+  Args a;
+  a.height = g.height;
+  a.width = g.width;
+  a.first = g.offset;
+  a.last_row = g.height - g.offset;
+  a.last_col = g.width - g.offset;
+  a.out_h = g.out_h;
+  a.out_w = g.out_w;
+  const int64_t th = centre_tiles ? g.out_h : g.height;
+  const int64_t tw = centre_tiles ? g.out_w : g.width;
+  const int64_t ty = (th + kTile - 1) / kTile;
+  const int64_t tx = (tw + kTile - 1) / kTile;
+  TORCH_CHECK(g.planes() * tx * ty < (int64_t(1) << 31), "ssim (CUDA kernel): input too large");
+  a.tiles_x = static_cast<int>(tx);
+  a.tiles_y = static_cast<int>(ty);
+  a.c1 = static_cast<float>(c1);
+  a.c2 = static_cast<float>(c2);
+  return a;
+}
+
+at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2, bool same_padding,
+                        bool want_map) {
+  const Geometry g = make_geometry(x_in, y_in, same_padding);
+  check_cuda_inputs(x_in, y_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  const Args a = make_args(g, c1, c2, /*centre_tiles=*/true);
+  const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor map = want_map ? at::empty({g.batch, g.channels, g.out_h, g.out_w}, fopts) : at::Tensor();
+  at::Tensor partial = want_map ? at::Tensor() : at::empty({blocks}, fopts);
+  if (blocks > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      if (want_map) {
+        ssim_forward_kernel<scalar_t, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, map.data_ptr<float>(), nullptr);
+      } else {
+        ssim_forward_kernel<scalar_t, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, nullptr, partial.data_ptr<float>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (want_map) return map;
+  at::Tensor out = at::empty({g.batch}, fopts);
+  if (g.batch > 0) {
+    ssim_finish_kernel<<<static_cast<unsigned>(g.batch), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        partial.data_ptr<float>(), blocks / g.batch, 1.0 / static_cast<double>(g.count()), out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
+  return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/false);
+}
+
+at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
+  return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                      const at::Tensor& y_in, double c1, double c2, bool same_padding,
+                                                      bool grad_x, bool grad_y) {
+  const Geometry g = make_geometry(x_in, y_in, same_padding);
+  check_cuda_inputs(x_in, y_in);
+  const bool map_grad = check_grad_shape(grad_in, g);
+  TORCH_CHECK(grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = y_in.contiguous();
+  at::Tensor gx = at::empty(grad_x ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor gy = at::empty(grad_y ? y.sizes() : at::IntArrayRef{0}, y.options());
+  if (!(grad_x || grad_y)) return {gx, gy};
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const Args a = make_args(g, c1, c2, /*centre_tiles=*/false);
+  const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
+  if (blocks == 0) return {gx, gy};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto kernel = ssim_backward_kernel<scalar_t>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kBwdSmemBytes)));
+    kernel<<<static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream>>>(
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, map_grad ? grad.data_ptr<float>() : nullptr,
+        map_grad ? nullptr : grad.data_ptr<float>(), static_cast<float>(1.0 / static_cast<double>(g.count())),
+        g.channels, grad_x ? gx.data_ptr<scalar_t>() : nullptr,
+        grad_y ? gy.data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gx, gy};
+}
+
+}  // namespace ssim
+}  // namespace epban

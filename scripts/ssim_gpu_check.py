@@ -1,0 +1,258 @@
+"""GPU check of the fused SSIM kernel: correctness against the reference, then timings.
+
+    python scripts/ssim_gpu_check.py [--seed N] [--skip-timings] [--device cpu]
+
+1. Correctness on CUDA, fresh random odd shapes (the seed is printed; --seed repeats a
+   run): forward and both gradients for float32/bfloat16/float16, every reduction, both
+   paddings, from NaN-poisoned allocations; one-input gradients; non-contiguous inputs.
+2. Median times (triton.testing.do_bench, else CUDA events) of epban fused, epban
+   reference, pytorch-msssim, torchmetrics and kornia (those importable) at 16x3x256x256,
+   1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
+   the peak extra memory of each at 4K forward+backward; a markdown table with the
+   memory-traffic floor (read two images, + write one gradient for fwd+bwd, at 3.0 TB/s).
+Exits 1 when a correctness check fails. About a minute on an H100. ``--device cpu``
+runs the correctness part against the CPU kernel (a dry run of this script without a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import time
+
+import torch
+
+import epban
+from epban.ops.ssim import fused_ssim_available, ssim_reference
+
+SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
+TARGETS_MS = {(16, 3, 256, 256): 0.07, (1, 3, 1080, 1920): 0.12, (1, 3, 2160, 3840): 0.44}  # fwd+bwd, issue 3
+BANDWIDTH = 3.0e12  # bytes/s for the floor column
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every torch.empty (the kernels' outputs included) starts as NaN."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+DEVICE = "cuda"
+
+
+def image_pair(shape, dtype, gen):
+    x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    y = (0.9 * x + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    return x.to(DEVICE, dtype), y.to(DEVICE, dtype)
+
+
+def run_with_grads(fn, x, y, u_seed):
+    x = x.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    out = fn(x, y)
+    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(u_seed), dtype=torch.float64)
+    gx, gy = torch.autograd.grad((out * u.to(out.device, out.dtype)).sum(), (x, y))
+    return out.detach(), gx, gy
+
+
+def abs_err(a, b):
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item()
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+def check_correctness(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 1, 13, 29), (2, 4, 57, 31), (1, 3, 257, 131)]
+    shapes += [
+        (rng.randint(1, 3), rng.randint(1, 4), 2 * rng.randint(6, 200) + 1, 2 * rng.randint(6, 300) + 1) for _ in range(3)
+    ]
+    failures = []
+    n_checks = 0
+    with poisoned_allocations():
+        for shape in shapes:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x, y = image_pair(shape, dtype, gen)
+                # float32: against the float64 reference; half types: against the reference on
+                # the same inputs (it upcasts to float32 as the kernel does).
+                rx, ry = (x.double(), y.double()) if dtype == torch.float32 else (x, y)
+                grad_tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+                for padding in ("valid", "same"):
+                    for reduction in ("mean", "none", "map"):
+                        kw = dict(padding=padding, reduction=reduction)
+                        out, gx, gy = run_with_grads(lambda a, b: epban.ssim(a, b, backend="fused", **kw), x, y, 7)
+                        ref = run_with_grads(lambda a, b: ssim_reference(a, b, **kw), rx, ry, 7)
+                        errs = [abs_err(out, ref[0]), rel_err(gx, ref[1]), rel_err(gy, ref[2])]
+                        # Gradients: relative to their largest value, with a floor of a few float16
+                        # subnormal steps (mean over large images: per-pixel gradients near 1e-6).
+                        floor = 4 * 2.0**-24 / max(ref[1].abs().max().item(), 1e-30) if dtype == torch.float16 else 0.0
+                        tols = [1e-5, max(grad_tol, floor), max(grad_tol, floor)]
+                        if dtype == torch.float32:
+                            # Per-pixel maps of flat regions: float32 cancellation (E[x^2] - mu^2)
+                            # limits any float32 SSIM; accept no worse than 2x the reference in float32.
+                            ref32 = run_with_grads(lambda a, b: ssim_reference(a, b, **kw), x, y, 7)
+                            base = [abs_err(ref32[0], ref[0]), rel_err(ref32[1], ref[1]), rel_err(ref32[2], ref[2])]
+                            tols = [max(t, 2 * b) for t, b in zip(tols, base)]
+                        n_checks += 1
+                        if not all(e <= t for e, t in zip(errs, tols)):
+                            failures.append(
+                                f"{shape} {dtype} {padding} {reduction}: fwd {errs[0]:.2e} ({tols[0]:.1e}), "
+                                f"grad x {errs[1]:.2e}, grad y {errs[2]:.2e} ({tols[1]:.1e})"
+                            )
+        # One input requiring grad; non-contiguous inputs; identical images.
+        x, y = image_pair((2, 3, 101, 77), torch.float32, gen)
+        xr = x.clone().requires_grad_(True)
+        epban.ssim(xr, y, backend="fused").backward()
+        xr64 = x.double().requires_grad_(True)
+        ssim_reference(xr64, y.double()).backward()
+        n_checks += 1
+        if rel_err(xr.grad, xr64.grad) > 1e-4:
+            failures.append(f"grad of x alone: {rel_err(xr.grad, xr64.grad):.2e}")
+        xc, yc = x.to(memory_format=torch.channels_last), y.transpose(2, 3).contiguous().transpose(2, 3)
+        n_checks += 1
+        if not torch.equal(epban.ssim(xc, yc, reduction="none"), epban.ssim(x, y, reduction="none")):
+            failures.append("non-contiguous inputs give a different result")
+        n_checks += 1
+        same = epban.ssim(x, x, padding="same", backend="fused").item()
+        if abs(same - 1.0) > 1e-6:
+            failures.append(f"ssim(x, x) = {same}")
+    print(f"correctness: {n_checks - len(failures)}/{n_checks} checks passed (seed {seed}, shapes {shapes})")
+    for f in failures:
+        print("  FAIL", f)
+    return failures
+
+
+def competitors():
+    impls = {
+        "epban fused": lambda x, y: epban.ssim(x, y, backend="fused"),
+        "epban reference": lambda x, y: epban.ssim(x, y, backend="reference"),
+    }
+    try:
+        import pytorch_msssim
+
+        impls["pytorch-msssim"] = lambda x, y: pytorch_msssim.ssim(x, y, data_range=1.0)
+    except ImportError:
+        print("pytorch-msssim not installed: skipped")
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        impls["torchmetrics"] = lambda x, y: structural_similarity_index_measure(x, y, data_range=1.0)
+    except ImportError:
+        print("torchmetrics not installed: skipped")
+    try:
+        import kornia
+
+        impls["kornia"] = lambda x, y: kornia.metrics.ssim(x, y, window_size=11, max_val=1.0).mean()
+    except ImportError:
+        print("kornia not installed: skipped")
+    return impls
+
+
+def median_ms(fn) -> float:
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    except ImportError:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(30):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+
+def timings() -> None:
+    impls = competitors()
+    rows = []
+    for shape in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x, y = image_pair(shape, torch.float32, gen)
+        numel = x.numel()
+        for mode in ("fwd", "fwd+bwd"):
+            floor_ms = (3 if mode == "fwd+bwd" else 2) * 4 * numel / BANDWIDTH * 1e3
+            for name, fn in impls.items():
+                if mode == "fwd":
+
+                    def run(fn=fn):
+                        with torch.no_grad():
+                            fn(x, y)
+
+                else:
+                    xg = x.clone().requires_grad_(True)
+
+                    def run(fn=fn, xg=xg):
+                        xg.grad = None
+                        fn(xg, y).backward()
+
+                ms = median_ms(run)
+                mem = ""
+                if mode == "fwd+bwd" and shape == SHAPES[-1]:
+                    xg.grad = None
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    run()
+                    torch.cuda.synchronize()
+                    extra = torch.cuda.max_memory_allocated() - base
+                    mem = f"{extra / 2**20:.0f} MiB ({extra / (4 * numel):.2f} images)"
+                    xg.grad = None
+                target = f"{TARGETS_MS[shape]:.2f}" if mode == "fwd+bwd" and name == "epban fused" else ""
+                rows.append(("x".join(map(str, shape)), mode, name, ms, floor_ms, target, mem))
+                print(f"  {rows[-1][0]} {mode:8s} {name:16s} {ms:8.3f} ms", flush=True)
+            del run
+    print()
+    print(f"SSIM, float32, reduction mean, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("floor: read x and y (+ write one gradient for fwd+bwd) at 3.0 TB/s; peak extra memory at 4K fwd+bwd")
+    print()
+    print("| shape | pass | implementation | median ms | floor ms | x floor | target ms | peak extra memory |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for shape, mode, name, ms, floor_ms, target, mem in rows:
+        print(f"| {shape} | {mode} | {name} | {ms:.3f} | {floor_ms:.3f} | {ms / floor_ms:.1f} | {target} | {mem} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--skip-timings", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("ssim_gpu_check: no CUDA device")
+        return 1
+    if not fused_ssim_available(DEVICE):
+        from epban._extension import EXTENSION_ERROR
+
+        print(f"ssim_gpu_check: epban._C has no {DEVICE} kernels ({EXTENSION_ERROR or 'built without CUDA'})")
+        return 1
+    start = time.perf_counter()
+    seed = args.seed if args.seed is not None else int(time.time()) % 100000
+    failures = check_correctness(seed)
+    if not args.skip_timings and DEVICE == "cuda":
+        timings()
+    print(f"\nssim_gpu_check: {'FAILED' if failures else 'passed'} in {time.perf_counter() - start:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

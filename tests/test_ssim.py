@@ -1,0 +1,411 @@
+"""SSIM: the reference against scikit-image and pytorch-msssim, the fused kernels against the reference."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import epban
+from epban.ops import ssim as ssim_module
+from epban.ops.ssim import SSIM_FUSED_WINDOW, fused_ssim_available, gaussian_window_1d, ssim_reference
+
+PADDINGS = ("valid", "same")
+REDUCTIONS = ("mean", "none", "map")
+ODD_SHAPES = [(3, 1, 13, 29), (2, 4, 57, 31), (1, 3, 257, 131)]
+
+needs_cpu_kernel = pytest.mark.skipif(not fused_ssim_available("cpu"), reason="epban._C is not built")
+needs_cuda_kernel = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and fused_ssim_available("cuda")), reason="needs a GPU and epban._C with CUDA"
+    ),
+]
+DEVICES = [
+    pytest.param("cpu", marks=needs_cpu_kernel),
+    pytest.param("cuda", marks=needs_cuda_kernel),
+]
+
+
+def image_pair(shape, *, dtype=torch.float32, device="cpu", seed=0):
+    """x in [0, 1] with some structure, y a noisy, slightly darkened copy."""
+    gen = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    coarse = torch.rand((b, c, max(h // 4, 2), max(w // 4, 2)), generator=gen, dtype=torch.float64)
+    x = 0.7 * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    x = x + 0.3 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    y = (0.9 * x + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def photo_pairs():
+    """Crops (192x256, to keep the suite fast) of scikit-image's photos and noisy copies."""
+    skdata = pytest.importorskip("skimage.data")
+    for name in ("astronaut", "coffee", "chelsea"):
+        img = torch.from_numpy(getattr(skdata, name)()).to(torch.float64).div(255).permute(2, 0, 1)[None]
+        img = img[..., 40:232, 40:296].contiguous()
+        gen = torch.Generator().manual_seed(1)
+        noisy = (img + 0.05 * torch.randn(img.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+        yield name, img, noisy
+
+
+def value_and_grads(fn, x, y, reduction, upstream_seed=3):
+    """fn's output and the gradients of <output, u> for a fixed random u, w.r.t. both inputs."""
+    x = x.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    out = fn(x, y)
+    gen = torch.Generator().manual_seed(upstream_seed)
+    u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
+    gx, gy = torch.autograd.grad((out * u).sum(), (x, y))
+    return out.detach(), gx, gy
+
+
+def assert_close_rel(actual, expected, rel, what):
+    """max |actual - expected| <= rel * max |expected| (gradients: scale-free)."""
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} x {scale:.3g}"
+
+
+def check_fused_float32(x, y, padding, reduction, grad_atol=0.0, **kw):
+    """The fused kernel on float32 x, y against the float64 reference: forward within 1e-5,
+    gradients within 1e-4 of their largest value, or, where float32 arithmetic cannot reach
+    that (per-pixel maps of nearly flat regions: E[x^2] - mu^2 cancels), no less accurate
+    than the reference run in float32."""
+    out, gx, gy = value_and_grads(fused(padding, reduction, **kw), x, y, reduction)
+    truth = value_and_grads(reference(padding, reduction, **kw), x.double(), y.double(), reduction)
+    ref32 = value_and_grads(reference(padding, reduction, **kw), x, y, reduction)
+    assert out.shape == truth[0].shape and out.dtype == torch.float32
+    for name, ours, exact, theirs, tol in zip(
+        ("forward", "grad x", "grad y"), (out, gx, gy), truth, ref32, (1e-5, 1e-4, 1e-4)
+    ):
+        assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+        err = (ours.double() - exact).abs().max().item()
+        bound = tol if name == "forward" else max(tol * exact.abs().max().item(), grad_atol)
+        ref_err = (theirs.double() - exact).abs().max().item()
+        assert err <= max(bound, 2 * ref_err), f"{name}: error {err:.3g} > {bound:.3g} (float32 reference: {ref_err:.3g})"
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """torch.empty's memory is filled with NaN, so every unwritten output element shows."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+# ---------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "coffee", "chelsea"])
+def test_reference_matches_scikit_image_on_photos(photo):
+    metrics = pytest.importorskip("skimage.metrics")
+    _, x, y = next(p for p in photo_pairs() if p[0] == photo)
+    kwargs = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, channel_axis=0)
+    expected, expected_map = metrics.structural_similarity(x[0].numpy(), y[0].numpy(), full=True, **kwargs)
+    ours = ssim_reference(x, y, reduction="mean")
+    assert abs(ours.item() - expected) <= 1e-6
+    ours_map = ssim_reference(x, y, reduction="map")[0]
+    assert torch.allclose(ours_map, torch.from_numpy(expected_map)[:, 5:-5, 5:-5], atol=1e-6, rtol=0)
+
+
+def test_reference_matches_scikit_image_on_random_images():
+    metrics = pytest.importorskip("skimage.metrics")
+    x, y = image_pair((1, 2, 37, 45), dtype=torch.float64, seed=5)
+    expected = metrics.structural_similarity(
+        x[0].numpy(), y[0].numpy(), gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=2.0, channel_axis=0,
+    )
+    assert abs(ssim_reference(x, y, data_range=2.0).item() - expected) <= 1e-6
+
+
+@pytest.mark.parametrize("source", ["photos", "random"])
+def test_reference_matches_pytorch_msssim(source):
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    if source == "photos":
+        pairs = [(x, y) for _, x, y in photo_pairs()]
+    else:
+        pairs = [image_pair((4, 3, 64, 48), dtype=torch.float64, seed=s) for s in range(2)]
+    for x, y in pairs:
+        # pytorch-msssim builds its window in float32 (a 4e-6 difference on photos); give it
+        # the same float64 window so that the comparison is of the formulas.
+        win = gaussian_window_1d(11, 1.5, torch.float64, "cpu").view(1, 1, 1, 11).repeat(x.shape[1], 1, 1, 1)
+        expected = pytorch_msssim.ssim(x, y, data_range=1.0, size_average=False, win=win)
+        assert torch.allclose(ssim_reference(x, y, reduction="none"), expected, atol=1e-6, rtol=0)
+        assert abs(ssim_reference(x, y).item() - expected.mean().item()) <= 1e-6
+
+
+def test_reference_same_padding_is_zero_padding():
+    x, y = image_pair((2, 3, 23, 31), dtype=torch.float64)
+    padded = ssim_reference(F.pad(x, (5, 5, 5, 5)), F.pad(y, (5, 5, 5, 5)), reduction="map")
+    assert torch.allclose(ssim_reference(x, y, padding="same", reduction="map"), padded, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_reference_reductions_agree(padding):
+    x, y = image_pair((3, 2, 20, 26), dtype=torch.float64)
+    ssim_map = ssim_reference(x, y, padding=padding, reduction="map")
+    per_image = ssim_reference(x, y, padding=padding, reduction="none")
+    assert per_image.shape == (3,)
+    assert torch.allclose(per_image, ssim_map.mean(dim=(1, 2, 3)))
+    assert torch.allclose(ssim_reference(x, y, padding=padding), per_image.mean())
+    assert torch.allclose(epban.ssim(x, y, padding=padding, backend="reference"), per_image.mean())
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_reference_gradcheck(padding):
+    x, y = image_pair((1, 2, 13, 14), dtype=torch.float64)
+    fn = lambda a, b: ssim_reference(a, b, padding=padding, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
+
+
+def test_identical_images_score_one():
+    x, _ = image_pair((2, 3, 24, 24))
+    for padding in PADDINGS:
+        for backend in ("reference", "auto"):
+            assert torch.allclose(epban.ssim(x, x, padding=padding, backend=backend), torch.tensor(1.0), atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: (torch.rand(3, 16, 16), torch.rand(3, 16, 16)), "4-D"),
+        (lambda: (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 17)), "same shape"),
+        (lambda: (torch.randint(0, 255, (1, 3, 16, 16)), torch.randint(0, 255, (1, 3, 16, 16))), "floating"),
+        (lambda: (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16).double()), "dtype"),
+        (lambda: (torch.rand(1, 3, 10, 30), torch.rand(1, 3, 10, 30)), "at least 11x11"),
+        (lambda: (torch.rand(1, 3, 30, 10), torch.rand(1, 3, 30, 10)), "at least 11x11"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_inputs_raise_value_error(make, match, backend):
+    x, y = make()
+    with pytest.raises(ValueError, match=match):
+        epban.ssim(x, y, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(padding="reflect"), "padding"),
+        (dict(reduction="sum"), "reduction"),
+        (dict(win_size=10), "win_size"),
+        (dict(sigma=0.0), "sigma"),
+        (dict(data_range=0.0), "data_range"),
+        (dict(backend="triton"), "backend"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    x, y = image_pair((1, 1, 16, 16))
+    with pytest.raises(ValueError, match=match):
+        epban.ssim(x, y, **kwargs)
+
+
+def test_fused_backend_raises_when_it_cannot_serve():
+    x, y = image_pair((1, 1, 16, 16))
+    with pytest.raises(ValueError, match="fused"):
+        epban.ssim(x, y, win_size=7, backend="fused")
+    if not fused_ssim_available("cpu"):
+        with pytest.raises(ValueError, match="fused"):
+            epban.ssim(x, y, backend="fused")
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+@needs_cpu_kernel
+def test_auto_picks_the_fused_kernel_for_its_window(monkeypatch):
+    calls = []
+    real = ssim_module._ssim_fused
+    monkeypatch.setattr(ssim_module, "_ssim_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = image_pair((1, 1, 16, 16))
+    epban.ssim(x, y)
+    assert len(calls) == 1
+    epban.ssim(x, y, win_size=7)
+    epban.ssim(x, y, backend="reference")
+    assert len(calls) == 1
+    assert SSIM_FUSED_WINDOW == (11, 1.5)
+
+
+# ---------------------------------------------------------------- fused vs reference
+
+
+def fused(padding, reduction, **kw):
+    return lambda a, b: epban.ssim(a, b, padding=padding, reduction=reduction, backend="fused", **kw)
+
+
+def reference(padding, reduction, **kw):
+    return lambda a, b: ssim_reference(a, b, padding=padding, reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_matches_reference(device, shape, padding, reduction):
+    x, y = image_pair(shape, device=device, seed=sum(shape))
+    check_fused_float32(x, y, padding, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_data_range_and_constants(device):
+    x, y = image_pair((2, 3, 19, 23), device=device)
+    check_fused_float32(255 * x, 255 * y, "valid", "none", data_range=255.0, k1=0.02, k2=0.05)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_half_types(device, dtype, padding, reduction):
+    x, y = image_pair((2, 3, 37, 41), dtype=dtype, device=device)
+    out, gx, gy = value_and_grads(fused(padding, reduction), x, y, reduction)
+    # The reference upcasts half inputs to float32 too: the same inputs, the same math.
+    ref, rgx, rgy = value_and_grads(reference(padding, reduction), x, y, reduction)
+    assert out.dtype == ref.dtype == torch.float32
+    assert gx.dtype == gy.dtype == dtype
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+    rel = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the gradients are rounded to the input dtype
+    assert_close_rel(gx, rgx, rel, "grad x")
+    assert_close_rel(gy, rgy, rel, "grad y")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_float64_gradcheck(padding, reduction):
+    x, y = image_pair((2, 1, 12, 15), dtype=torch.float64)
+    assert torch.autograd.gradcheck(fused(padding, reduction), (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_fused_float64_matches_reference_exactly(padding):
+    x, y = image_pair((2, 3, 30, 27), dtype=torch.float64)
+    out, gx, gy = value_and_grads(fused(padding, "map"), x, y, "map")
+    ref, rgx, rgy = value_and_grads(reference(padding, "map"), x, y, "map")
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert_close_rel(gx, rgx, 1e-10, "grad x")
+    assert_close_rel(gy, rgy, 1e-10, "grad y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_gradient_of_one_input(device):
+    x, y = image_pair((2, 2, 25, 33), device=device)
+    xr = x.clone().requires_grad_(True)
+    epban.ssim(xr, y, backend="fused").backward()
+    xr2 = x.double().requires_grad_(True)
+    ssim_reference(xr2, y.double()).backward()
+    assert_close_rel(xr.grad, xr2.grad, 1e-4, "grad x")
+    yr = y.clone().requires_grad_(True)
+    epban.ssim(x, yr, padding="same", reduction="none", backend="fused").sum().backward()
+    yr2 = y.double().requires_grad_(True)
+    ssim_reference(x.double(), yr2, padding="same", reduction="none").sum().backward()
+    assert_close_rel(yr.grad, yr2.grad, 1e-4, "grad y")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "x_value, y_value", [(0.0, 0.0), (0.5, 0.5), (1.0, 0.25), (0.5, None)], ids=["zeros", "equal", "unequal", "one"]
+)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_fused_constant_images_are_finite(device, x_value, y_value, padding):
+    x, y = image_pair((2, 3, 21, 17), device=device)
+    x = torch.full_like(x, x_value)
+    if y_value is not None:
+        y = torch.full_like(y, y_value)
+    for reduction in REDUCTIONS:
+        # The exact gradients are 0 or tiny here: the float32 rounding of the partials sets the bar.
+        check_fused_float32(x, y, padding, reduction, grad_atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_writes_every_element(device, dtype, reduction):
+    """Outputs and gradients come from NaN-filled allocations: any element not written stays NaN."""
+    x, y = image_pair((2, 3, 45, 70), dtype=dtype, device=device)
+    with poisoned_allocations():
+        for padding in PADDINGS:
+            out, gx, gy = value_and_grads(fused(padding, reduction), x, y, reduction)
+            assert torch.isfinite(out).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+            grads = torch.ops.epban.ssim_backward(
+                torch.ones(2, device=device), x, y, 1e-4, 9e-4, padding == "same", True, True
+            )
+            assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided"])
+def test_fused_non_contiguous_inputs(device, layout):
+    x, y = image_pair((2, 3, 40, 36), device=device)
+    if layout == "channels_last":
+        xs, ys = x.to(memory_format=torch.channels_last), y.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        xs, ys = x.transpose(2, 3).contiguous().transpose(2, 3), y.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        xs, ys = torch.stack((x, 0 * x), dim=-1)[..., 0], torch.stack((y, 0 * y), dim=-1)[..., 0]
+    assert not xs.is_contiguous()
+    for reduction in ("none", "map"):
+        out, gx, gy = value_and_grads(fused("same", reduction), xs, ys, reduction)
+        ref, rgx, rgy = value_and_grads(fused("same", reduction), x, y, reduction)
+        assert torch.equal(out, ref)
+        assert torch.equal(gx, rgx) and torch.equal(gy, rgy)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_opcheck(padding):
+    x, y = image_pair((2, 2, 14, 17))
+    same = padding == "same"
+    args = (x.requires_grad_(True), y.requires_grad_(True), 1e-4, 9e-4, same)
+    torch.library.opcheck(torch.ops.epban.ssim_per_image.default, args)
+    torch.library.opcheck(torch.ops.epban.ssim_map.default, args)
+    bx, by = x.detach(), y.detach()
+    torch.library.opcheck(torch.ops.epban.ssim_backward.default, (torch.rand(2), bx, by, 1e-4, 9e-4, same, True, False))
+    grad_map = torch.rand(torch.ops.epban.ssim_map(bx, by, 1e-4, 9e-4, same).shape)
+    torch.library.opcheck(torch.ops.epban.ssim_backward.default, (grad_map, bx, by, 1e-4, 9e-4, same, True, True))
+
+
+@needs_cpu_kernel
+@pytest.mark.slow
+def test_torch_compile_traces_the_fused_op():
+    x, y = image_pair((2, 3, 24, 20))
+    compiled = torch.compile(lambda a, b: epban.ssim(a, b, reduction="none"), fullgraph=True)
+    xr = x.clone().requires_grad_(True)
+    out = compiled(xr, y)
+    out.sum().backward()
+    ref, rgx, _ = value_and_grads(reference("valid", "none"), x.double(), y.double(), "none")
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
+    xr2 = x.clone().requires_grad_(True)
+    epban.ssim(xr2, y, reduction="none", backend="fused").sum().backward()
+    assert torch.allclose(xr.grad, xr2.grad)
+
+
+@pytest.mark.parametrize(
+    "device", [pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")])]
+)
+def test_cuda_float64_uses_the_reference(device):
+    x, y = image_pair((1, 2, 16, 16), dtype=torch.float64, device=device)
+    assert torch.allclose(epban.ssim(x, y), ssim_reference(x, y))
+    with pytest.raises(ValueError, match="fused"):
+        epban.ssim(x, y, backend="fused")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_photos(device):
+    for _, x, y in photo_pairs():
+        x32, y32 = x.float().to(device), y.float().to(device)
+        assert abs(epban.ssim(x32, y32, backend="fused").item() - ssim_reference(x, y).item()) <= 1e-5
