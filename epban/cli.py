@@ -106,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("info", help="versions and which backend serves each op")
     p.set_defaults(func=cmd_info)
-    try:
+    import importlib.util
+
+    if importlib.util.find_spec("epban.train.cli") is not None:
         from epban.train.cli import register as register_train
-    except ImportError:
-        register_train = None
-    if register_train is not None:
+
         register_train(sub)
     return parser
 

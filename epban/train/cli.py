@@ -1,0 +1,155 @@
+"""``epban make-dataset``, ``epban train-metric``, ``epban eval-metric`` (registered by ``epban/cli.py``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from epban.cli import CLIError
+
+
+def _user_error(exc: BaseException) -> CLIError:
+    """One line for the user; an error raised in a DataLoader worker arrives wrapped in a traceback."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(exc).__name__
+    for prefix in ("epban.data.manifest.ManifestError: ", "epban.imageio.ImageReadError: ", "ValueError: "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    return CLIError(message)
+
+
+def _size_or_none(text: str):
+    if text.lower() in ("full", "none", "0"):
+        return None
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side length, 'full' or 'auto', got {text!r}") from None
+
+
+def cmd_make_dataset(args) -> int:
+    from epban.data.toy import make_toy_dataset
+
+    if not args.toy:
+        raise CLIError("only the synthetic toy set can be made (pass --toy OUT); train on your own scored "
+                       "data with a manifest CSV (sr_path,hr_path,score[,method][,split])")
+    try:
+        manifest = make_toy_dataset(args.toy, seed=args.seed, scales=tuple(args.scales), size=args.size,
+                                    quiet=args.quiet)
+    except (FileExistsError, ValueError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    print(manifest)
+    return 0
+
+
+def cmd_train_metric(args) -> int:
+    from epban.data.manifest import ManifestError
+    from epban.imageio import ImageReadError
+    from epban.train.trainer import TrainingInterrupted, train_metric
+
+    try:
+        best = train_metric(
+            args.data, config=args.config, epochs=args.epochs, out=args.out, batch_size=args.batch_size,
+            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, resume=args.resume, device=args.device,
+            backbone_weights=True if args.weights == "hub" else args.weights, max_steps=args.max_steps, crop=args.crop, quiet=args.quiet,
+            root=args.root, val_data=args.val_data, eval_size=args.eval_size, lr_step=args.lr_step,
+            lr_gamma=args.lr_gamma, accum_steps=args.accum_steps, amp=args.amp, num_workers=args.workers,
+            freeze_stem=not args.no_freeze_stem, overwrite=args.overwrite,
+        )
+    except TrainingInterrupted as exc:
+        print(f"epban train-metric: {exc}", file=sys.stderr)
+        return 130
+    except (ManifestError, ImageReadError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        # ValueError: our checks of the arguments (preset name, backbone/config mismatch, counts)
+        raise _user_error(exc) from None
+    print(best)
+    return 0
+
+
+def cmd_eval_metric(args) -> int:
+    from epban.data.manifest import ManifestError
+    from epban.imageio import ImageReadError
+    from epban.train.evaluate import evaluate_metric
+
+    try:
+        report = evaluate_metric(
+            args.data, weights=args.weights, split=None if args.split == "all" else args.split, out=args.out,
+            device=args.device, root=args.root, batch_size=args.batch_size, eval_size=args.eval_size,
+            preset=args.preset, num_workers=args.workers, quiet=args.quiet,
+        )
+    except (ManifestError, ImageReadError, FileNotFoundError, ValueError) as exc:
+        # ValueError: an unreadable or mismatched checkpoint, a non-finite score from the model
+        raise _user_error(exc) from None
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"{report['split']}: n={report['n']}  SRCC {fmt(report['srcc'])}  KRCC {fmt(report['krcc'])}  "
+          f"PLCC {fmt(report['plcc'])}  RMSE {fmt(report['rmse'])}")
+    if report.get("logistic"):
+        lg = report["logistic"]
+        print(f"after the logistic fit:  PLCC {fmt(lg['plcc'])}  RMSE {fmt(lg['rmse'])}")
+    if report.get("synthetic_scores"):
+        print("note: SYNTHETIC scores (the toy set): these figures say nothing about agreement with people")
+    if args.out:
+        print(f"wrote {args.out}/report.json, scatter.png, predictions.csv")
+    elif args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("make-dataset", help="write the SYNTHETIC toy SR-quality set (demos and tests)")
+    p.add_argument("--toy", metavar="OUT", help="folder to write the toy set to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="upsampling factors (default: 2 4)")
+    p.add_argument("--size", type=int, default=None, help="side of the square HR images (default 128)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_dataset)
+
+    p = sub.add_parser("train-metric", help="train the metric on scored SR/HR pairs")
+    p.add_argument("--data", required=True,
+                   help="manifest: a CSV (sr_path,hr_path,score[,method][,split]), an authors' list file, "
+                        "or a folder with their train.txt/val.txt/test.txt")
+    p.add_argument("--root", help="for the authors' list files: the folder holding SR_results/ and HR/")
+    p.add_argument("--val-data", help="a separate manifest for validation (default: the 'val' split of --data)")
+    p.add_argument("--config", default="tiny", help="model preset: tiny, resnet34, official (default tiny)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", required=True, help="run folder: best/, last/, log.csv")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--weights", metavar="BACKBONE",
+                   help="torchvision's ImageNet resnet34 file for the backbone ('hub': the torch hub cache)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-step", type=int, default=5, help="StepLR period in epochs")
+    p.add_argument("--lr-gamma", type=float, default=0.5)
+    p.add_argument("--crop", type=int, help="random square training crops of this size "
+                   "(default: the authors' 768/900/1080 -> 768; 96 for tiny)")
+    p.add_argument("--eval-size", type=_size_or_none, default="auto",
+                   help="validation resize: a side length, 'full' (default with --crop/tiny), or 'auto'")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
+    p.add_argument("--no-freeze-stem", action="store_true", help="also train conv1/bn1/layer1")
+    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_metric)
+
+    p = sub.add_parser("eval-metric", help="SRCC/KRCC/PLCC/RMSE of a metric on a manifest split")
+    p.add_argument("--data", required=True, help="manifest (as for train-metric)")
+    p.add_argument("--root", help="for the authors' list files: the folder holding SR_results/ and HR/")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--weights", required=True, help="a run's best/ or last/, or the authors' .pth")
+    p.add_argument("--preset", help="for the authors' .pth: 'official' uses their normalisation")
+    p.add_argument("--out", help="folder for report.json, scatter.png, predictions.csv")
+    p.add_argument("--eval-size", type=_size_or_none, default="auto",
+                   help="resize to this side, 'full' resolution, or 'auto' (the run's own policy)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON (without --out)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval_metric)

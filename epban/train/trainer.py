@@ -1,0 +1,458 @@
+"""Training the metric on scored SR/HR pairs: the authors' recipe (ARCHITECTURE.md), resumable.
+
+Recipe defaults: MSE between predicted and manifest score, Adam (lr 1e-4, weight decay
+1e-4), StepLR(5, 0.5) per epoch, batch 8, the stem's conv1/bn1/layer1 frozen (their
+BatchNorm kept in eval mode), best checkpoint by validation SRCC. Additions: autocast
+(bf16, or fp16 with loss scaling) on CUDA, gradient accumulation, DDP under torchrun.
+
+The output layer starts at the training scores' mean and spread (``out.bias = mean``,
+``out.weight *= std``), so a freshly initialised network predicts on the score scale from
+the first step instead of spending its first epochs finding it.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from epban.data.dataset import EpochBatchSampler, PairDataset
+from epban.data.manifest import ManifestError, check_images, load_manifest, select_split
+from epban.data.toy import SYNTHETIC_WARNING, TOY_MARKER
+from epban.data.transforms import DataPolicy
+from epban.models.pban import EfficientPBAN, PBANConfig
+from epban.train import checkpoint, distributed
+from epban.train.evaluate import MIN_EVAL_SIZE, _no_sigint_in_worker, build_report, default_workers, predict
+
+LOG_FIELDS = ["epoch", "step", "train_loss", "lr", "val_srcc", "val_plcc", "val_krcc", "val_rmse",
+              "images_per_s", "elapsed_s"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during training: ``last`` was saved; resume with ``resume=True``."""
+
+    def __init__(self, last: Path, step: int):
+        super().__init__(f"training interrupted at step {step}; saved {last} (resume with --resume)")
+        self.last, self.step = last, step
+
+
+class _StopSignal:
+    """The first SIGINT/SIGTERM asks training to stop after the current step; a second one
+    interrupts at once. Handlers are restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _unused_modules(model: EfficientPBAN) -> list[nn.Module]:
+    """Modules kept for the authors' state dict but not used by the forward (ARCHITECTURE.md).
+
+    Their parameters must not require gradients, or DDP waits for gradients that never come.
+    """
+    b = model.block2
+    return [b.after_block3, b.after_block4, b.SE.subchannel, b.SE.shuffle.conv]
+
+
+def _set_train_mode(model: EfficientPBAN, freeze_stem: bool) -> None:
+    model.train()
+    if freeze_stem:
+        for m in model.frozen_stem_modules():
+            m.eval()  # frozen BatchNorm keeps its statistics
+
+
+def _build_config(config, score_range) -> PBANConfig:
+    if isinstance(config, PBANConfig):
+        base = config
+    elif isinstance(config, str):
+        base = PBANConfig.preset(config)
+    else:
+        raise ValueError(f"config must be a preset name or a PBANConfig, got {type(config).__name__}")
+    return dataclasses.replace(base, score_range=score_range)
+
+
+def _autocast_dtype(amp: str, device: torch.device):
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _read_log(path: Path, max_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["step"]) <= max_step]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train_metric(
+    data,
+    *,
+    config="tiny",
+    epochs: int = 3,
+    out="runs/metric",
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    resume: bool = False,
+    device=None,
+    backbone_weights=None,
+    max_steps: int | None = None,
+    crop: int | None = None,
+    quiet: bool = False,
+    root=None,
+    val_data=None,
+    eval_size="auto",
+    lr_step: int = 5,
+    lr_gamma: float = 0.5,
+    accum_steps: int = 1,
+    amp: str = "auto",
+    num_workers: int | None = None,
+    freeze_stem: bool = True,
+    overwrite: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> Path:
+    """Train a metric on the ``train`` split of manifest ``data``, select by ``val`` SRCC; return ``out/best``.
+
+    ``config``: a preset name (``tiny``, ``resnet34``, ``official``) or a ``PBANConfig``.
+    ``crop``: train on random ``crop`` x ``crop`` pairs (default: the authors' recipe for
+    the full-size presets, 96 for ``tiny``). ``eval_size``: ``"auto"`` (512 with the
+    authors' recipe, else full resolution), ``None`` or a side length.
+    ``backbone_weights``: torchvision's ResNet-34 ImageNet file (a path, or ``True`` for
+    the torch hub cache). ``max_steps`` stops after that many optimiser steps (then
+    validates and saves). ``val_data``: a separate manifest for validation.
+    ``callback(row)`` is called after every optimiser step with ``epoch, step, loss, lr``.
+
+    Writes ``out/best``, ``out/last`` (model directories, loadable by
+    ``EfficientPBAN.from_checkpoint``) and ``out/log.csv``. SIGINT/SIGTERM saves ``last``
+    and raises ``TrainingInterrupted``; ``resume=True`` continues from ``last`` exactly.
+    An existing run in ``out`` is an error unless ``resume`` or ``overwrite`` is given.
+    """
+    if epochs < 1 or batch_size < 1 or accum_steps < 1:
+        raise ValueError(f"epochs, batch_size and accum_steps must be >= 1, got {epochs}, {batch_size}, {accum_steps}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    out = Path(out)
+    config_name = config.name if isinstance(config, PBANConfig) else str(config)
+    policy = DataPolicy.for_config(config_name) if crop is None else DataPolicy.crop(int(crop))
+    if eval_size != "auto":
+        policy = dataclasses.replace(policy, eval_size=None if eval_size in (None, 0) else int(eval_size))
+
+    # -- data: everything is checked before anything is written -------------------------
+    samples = load_manifest(data, root=root)
+    train_samples = select_split(samples, "train", data)
+    val_source = load_manifest(val_data, root=root) if val_data is not None else samples
+    val_samples = select_split(val_source, "val" if val_data is None or any(s.split for s in val_source) else None,
+                               val_data or data)
+    check_images(train_samples)
+    val_sizes = check_images(val_samples, MIN_EVAL_SIZE if policy.eval_size is None else 1)
+    scores = np.array([s.score for s in train_samples], dtype=np.float64)
+    if scores.max() <= scores.min():
+        raise ManifestError(f"{data}: all training scores are equal ({scores[0]}); nothing to learn")
+    synthetic = _is_toy(data)
+
+    last_dir = checkpoint.resolve(out / "last") if resume else None
+    if resume and last_dir is None:
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last'}")
+    if not resume and checkpoint.resolve(out / "last") is not None:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume), overwrite=True "
+                                  "(--overwrite) or choose another --out")
+        if int(os.environ.get("RANK", "0")) == 0:
+            _remove_run(out)
+
+    ctx = distributed.setup(device)
+    try:
+        return _train(**locals())
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _remove_run(out: Path) -> None:
+    import shutil
+
+    for name in ("last", "best", ".last.old", ".best.old", "tensorboard"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "log.csv").unlink(missing_ok=True)
+
+
+def _is_toy(data) -> bool:
+    path = Path(data)
+    return ((path if path.is_dir() else path.parent) / TOY_MARKER).exists()
+
+
+def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, resume, backbone_weights, max_steps,
+           quiet, lr_step, lr_gamma, accum_steps, amp, num_workers, freeze_stem, callback, policy, train_samples,
+           val_samples, val_sizes, scores, synthetic, last_dir, ctx, **_unused) -> Path:
+    device = ctx.device
+    show = not quiet and ctx.is_main
+    if synthetic and show:
+        print(f"warning: {SYNTHETIC_WARNING}", file=sys.stderr)
+
+    # -- model, optimiser, schedule ------------------------------------------------------
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if last_dir is not None:
+        model = EfficientPBAN.from_checkpoint(last_dir)
+    else:
+        model = EfficientPBAN(_build_config(config, (float(scores.min()), float(scores.max()))))
+        if backbone_weights is not None and backbone_weights is not False:
+            model.load_imagenet_backbone(None if backbone_weights is True else backbone_weights)
+        with torch.no_grad():
+            model.out.bias.fill_(float(scores.mean()))
+            model.out.weight.mul_(float(scores.std()) or 1.0)
+    frozen = [p for m in model.frozen_stem_modules() for p in m.parameters()] if freeze_stem else []
+    for p in frozen + [p for m in _unused_modules(model) for p in m.parameters()]:
+        p.requires_grad_(False)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    autocast_dtype = _autocast_dtype(amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    net = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- data ----------------------------------------------------------------------------
+    workers = default_workers(device) if num_workers is None else num_workers
+    sampler = EpochBatchSampler(len(train_samples), batch_size, seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader_gen = torch.Generator().manual_seed(seed + 1000 * ctx.rank)
+    loader = DataLoader(PairDataset(train_samples, policy.train_transform()), batch_sampler=sampler,
+                        num_workers=workers, pin_memory=device.type == "cuda", generator=loader_gen,
+                        worker_init_fn=_no_sigint_in_worker if workers else None)
+    generators = {"loader": loader_gen}
+
+    # -- position in the run -------------------------------------------------------------
+    start_epoch, start_batch, step, best_srcc = 0, 0, 0, -math.inf
+    if last_dir is not None:
+        state = checkpoint.load_training_state(last_dir)
+        if state["world_size"] != ctx.world_size or state["batch_size"] != batch_size:
+            print(f"warning: resuming with world size {ctx.world_size} and batch {batch_size}; the run used "
+                  f"{state['world_size']} and {state['batch_size']}: the data order will differ", file=sys.stderr)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        best_srcc = state["best_srcc"] if state["best_srcc"] is not None else -math.inf
+        rng = state["rng"]
+        if ctx.rank < len(rng):
+            checkpoint.restore_rng(rng[ctx.rank], generators)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    log_rows = _read_log(out / "log.csv", step) if last_dir is not None else []
+    tb = _tensorboard(out) if ctx.is_main else None
+    have_best = checkpoint.resolve(out / "best") is not None
+
+    run_info = {
+        "data": str(data), "config": model.config.name, "epochs": epochs, "batch_size": batch_size,
+        "accum_steps": accum_steps, "lr": lr, "weight_decay": weight_decay, "lr_step": lr_step,
+        "lr_gamma": lr_gamma, "seed": seed, "world_size": ctx.world_size, "freeze_stem": freeze_stem,
+        "data_policy": policy.to_dict(), "synthetic_scores": synthetic,
+        "score_stats": {"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean()),
+                        "std": float(scores.std()), "n": int(scores.size)},
+    }
+
+    def save(name: str, *, epoch: int, batch_in_epoch: int, metrics: dict | None, with_state: bool) -> Path:
+        rng_all = distributed.all_gather_objects(ctx, checkpoint.capture_rng(generators)) if with_state else None
+        target = out / name
+        if not ctx.is_main:
+            return target
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            if with_state:
+                torch.save({
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
+                    "best_srcc": None if not math.isfinite(best_srcc) else best_srcc,
+                    "world_size": ctx.world_size, "batch_size": batch_size, "rng": rng_all,
+                }, tmp / checkpoint.TRAINING_STATE_FILE)
+            checkpoint.write_json(tmp / checkpoint.TRAINING_INFO_FILE, {
+                **run_info, "epoch": epoch, "step": step, "val": metrics})
+        return checkpoint.write_dir_atomic(target, write)
+
+    def validate() -> dict:
+        distributed.sync_buffers(ctx, model)
+        preds = predict(model, val_samples, eval_size=policy.eval_size, batch_size=batch_size, ctx=ctx,
+                        num_workers=workers, sizes=val_sizes)
+        report = build_report(val_samples, preds)
+        report.pop("per_method", None)
+        return report
+
+    def finish_epoch(epoch: int, batch_in_epoch: int, epoch_loss: float, epoch_lr: float, images: int,
+                     seconds: float) -> None:
+        nonlocal best_srcc, have_best
+        metrics = validate()
+        srcc = metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
+        improved = srcc > best_srcc or not have_best
+        best_srcc = max(best_srcc, srcc)
+        save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=True)
+        if improved:
+            save("best", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=False)
+            have_best = True
+        if ctx.is_main:
+            row = {"epoch": epoch + (batch_in_epoch > 0), "step": step, "train_loss": f"{epoch_loss:.6g}",
+                   "lr": f"{epoch_lr:.6g}", "val_srcc": f"{metrics['srcc']:.6f}",
+                   "val_plcc": f"{metrics['plcc']:.6f}", "val_krcc": f"{metrics['krcc']:.6f}",
+                   "val_rmse": f"{metrics['rmse']:.6g}", "images_per_s": f"{images / max(seconds, 1e-9):.2f}",
+                   "elapsed_s": f"{time.perf_counter() - t_start:.1f}"}
+            log_rows.append(row)
+            _write_log(out / "log.csv", log_rows)
+            if tb is not None:
+                for key in ("srcc", "plcc", "krcc", "rmse"):
+                    tb.add_scalar(f"val/{key}", metrics[key], step)
+            if show:
+                print(f"epoch {row['epoch']}: loss {epoch_loss:.4g}  val SRCC {metrics['srcc']:.4f}  "
+                      f"PLCC {metrics['plcc']:.4f}  RMSE {metrics['rmse']:.4g}" + ("  (best)" if improved else ""),
+                      file=sys.stderr)
+
+    # -- the loop ------------------------------------------------------------------------
+    t_start = time.perf_counter()
+    stop_reason = None
+    with _StopSignal() as stop:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            batch_in_epoch = sampler.start_batch
+            _set_train_mode(model, freeze_stem)
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            loss_sum, loss_count, images, t_epoch = torch.zeros((), device=device), 0, 0, time.perf_counter()
+            bar = None
+            if show:
+                from tqdm import tqdm
+
+                bar = tqdm(total=sampler.num_batches(), initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                           unit="batch", file=sys.stderr, leave=False)
+            pending = 0
+            for batch in loader:
+                sr = batch["sr"].to(device, non_blocking=True)
+                hr = batch["hr"].to(device, non_blocking=True)
+                target = batch["score"].to(device, non_blocking=True)
+                sync_now = pending + 1 == accum_steps or batch_in_epoch + 1 == sampler.num_batches()
+                ctx_sync = net.no_sync() if ctx.distributed and not sync_now else _null()
+                with ctx_sync:
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        pred = net(sr, hr, check_finite=False)
+                    loss = F.mse_loss(pred.float(), target)
+                    scaler.scale(loss / accum_steps).backward()
+                pending += 1
+                batch_in_epoch += 1
+                images += sr.shape[0] * ctx.world_size
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not sync_now:
+                    continue
+                if pending < accum_steps:  # the epoch's last, partial accumulation: average what there is
+                    for p in trainable:
+                        if p.grad is not None:
+                            p.grad.mul_(accum_steps / pending)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                pending = 0
+                step += 1
+                if callback is not None or (bar is not None and step % 5 == 0) or tb is not None:
+                    loss_value = float(loss.detach())
+                    if callback is not None:
+                        callback({"epoch": epoch, "step": step, "loss": loss_value,
+                                  "lr": optimizer.param_groups[0]["lr"]})
+                    if tb is not None:
+                        tb.add_scalar("train/loss", loss_value, step)
+                    if bar is not None:
+                        rate = images / max(time.perf_counter() - t_epoch, 1e-9)
+                        bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{rate:.1f}")
+                if bar is not None:
+                    bar.update(accum_steps if batch_in_epoch < sampler.num_batches() else bar.total - bar.n)
+                if distributed.any_rank(ctx, stop.requested):
+                    stop_reason = "signal"
+                elif max_steps is not None and step >= max_steps:
+                    stop_reason = "max_steps"
+                if stop_reason:
+                    break
+            if bar is not None:
+                bar.close()
+            epoch_loss = float(loss_sum) / max(loss_count, 1)
+            seconds = time.perf_counter() - t_epoch
+            if stop_reason == "signal":
+                last = save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=None, with_state=True)
+                if show:
+                    print(f"interrupted: saved {last} at step {step}; continue with --resume", file=sys.stderr)
+                raise TrainingInterrupted(last, step)
+            finished = batch_in_epoch >= sampler.num_batches()
+            if finished:
+                scheduler.step()
+            # The position saved is the start of the next epoch, or the next batch of this one.
+            finish_epoch(epoch + 1 if finished else epoch, 0 if finished else batch_in_epoch,
+                         epoch_loss, epoch_lr, images, seconds)
+            if stop_reason:
+                break
+    if tb is not None:
+        tb.close()
+    distributed.barrier(ctx)
+    best = out / "best"
+    if show:
+        print(f"best checkpoint (val SRCC {best_srcc:.4f}): {best}", file=sys.stderr)
+    return best
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,203 @@
+"""Training and evaluating the metric: outputs, exact resume after Ctrl-C, DDP, the CLI, bad input.
+
+Everything runs the tiny config on 16 pairs per split of a 64x64 toy set, 32x32 crops, a few steps.
+"""
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+from epban.cli import main as epban_main
+from epban.data import load_manifest, make_toy_dataset
+from epban.models.pban import EfficientPBAN
+from epban.train import TrainingInterrupted, evaluate_metric, train_metric
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a shared, oversubscribed CPU, one intra-op thread is many times faster than several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FAST = dict(config="tiny", batch_size=4, crop=32, lr=1e-3, num_workers=0, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A 16-pair-per-split subset of the toy set (its images, its SYNTHETIC header)."""
+    full = make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy", size=64, quiet=True)
+    lines = full.read_text().splitlines()
+    kept, count = [], {}
+    for line in lines:
+        split = line.rsplit(",", 1)[-1]
+        if line.startswith("#") or line.startswith("sr_path"):
+            kept.append(line)
+        elif count.get(split, 0) < 16:
+            count[split] = count.get(split, 0) + 1
+            kept.append(line)
+    small = full.parent / "small.csv"
+    small.write_text("\n".join(kept) + "\n")
+    return small
+
+
+@pytest.fixture(scope="module")
+def run(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    losses = []
+    best = train_metric(toy, epochs=2, max_steps=6, out=out, callback=losses.append, **FAST)
+    return out, best, losses
+
+
+def test_run_outputs(run, toy):
+    out, best, losses = run
+    assert best == out / "best"
+    for name in ("best", "last"):
+        assert (out / name / "model.safetensors").exists() and (out / name / "training.json").exists()
+    assert (out / "last" / "training_state.pt").exists() and not (out / "best" / "training_state.pt").exists()
+    assert [(r["epoch"], r["step"]) for r in losses] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 5), (1, 6)]
+    model = EfficientPBAN.from_checkpoint(best)
+    train_scores = [s.score for s in load_manifest(toy) if s.split == "train"]
+    assert model.config.score_range == (min(train_scores), max(train_scores))
+    info = json.loads((best / "training.json").read_text())
+    assert info["synthetic_scores"] is True and info["step"] == 6 and info["val"]["n"] > 0
+    log = (out / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,step,train_loss") and len(log) == 3  # epoch 1, then the stop at step 6
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_trained_beats_untrained(run, toy):
+    """Training moves predictions to the score scale and lowers the error of the untrained network."""
+    _, best, _ = run
+    trained = evaluate_metric(toy, weights=best, split="val", quiet=True, num_workers=0)
+    torch.manual_seed(0)
+    untrained_dir = best.parent / "untrained"
+    EfficientPBAN(EfficientPBAN.from_checkpoint(best).config).save_pretrained(untrained_dir)
+    untrained = evaluate_metric(toy, weights=untrained_dir, split="val", quiet=True, num_workers=0)
+    assert trained["rmse"] < 0.5 * untrained["rmse"]
+
+
+def test_resume_after_sigint_equals_uninterrupted(toy, tmp_path):
+    kwargs = dict(FAST, epochs=2, max_steps=5)
+    ref = []
+    train_metric(toy, out=tmp_path / "ref", callback=ref.append, **kwargs)
+
+    def interrupt(row):
+        if row["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted):
+        train_metric(toy, out=tmp_path / "cut", callback=interrupt, **kwargs)
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    state = torch.load(tmp_path / "cut" / "last" / "training_state.pt", weights_only=False)
+    assert state["step"] == 3
+    assert not (tmp_path / "cut" / "best").exists()  # an interrupted run leaves no "best" pretending to be one
+    with pytest.raises(FileExistsError, match="resume"):
+        train_metric(toy, out=tmp_path / "cut", **kwargs)
+    train_metric(toy, out=tmp_path / "ref", overwrite=True, **dict(kwargs, max_steps=1))
+    assert json.loads((tmp_path / "ref" / "best" / "training.json").read_text())["step"] == 1
+    resumed = []
+    train_metric(toy, out=tmp_path / "cut", resume=True, callback=resumed.append, **kwargs)
+    assert [r["step"] for r in resumed] == [4, 5]  # step 4 ends epoch 1: validation, LR step, epoch 2
+    for a, b in zip(resumed, ref[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6, rel=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, toy, out, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        best = train_metric(toy, epochs=1, max_steps=2, out=out, device="cpu", **dict(FAST, batch_size=2))
+        report = evaluate_metric(toy, weights=best, split="val", device="cpu", quiet=True, num_workers=0)
+        queue.put((rank, report["srcc"], report["rmse"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(toy, tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    out = tmp_path / "ddp"
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, toy, out, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted(queue.get(timeout=5) for _ in procs)
+    single = evaluate_metric(toy, weights=out / "best", split="val", quiet=True, num_workers=0)
+    validated = json.loads((out / "best" / "training.json").read_text())["val"]
+    for _, srcc, rmse in results:  # metrics gathered across ranks = one process scoring everything
+        assert srcc == pytest.approx(single["srcc"], abs=1e-6) and rmse == pytest.approx(single["rmse"], rel=1e-5)
+    assert validated["srcc"] == pytest.approx(single["srcc"], abs=1e-6)
+    assert validated["n"] == single["n"]
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_eval_metric(run, toy, tmp_path, capsys):
+    _, best, _ = run
+    out = tmp_path / "eval"
+    assert epban_main(["eval-metric", "--data", str(toy), "--split", "test", "--weights", str(best),
+                       "--out", str(out), "--quiet", "--workers", "0"]) == 0
+    assert "SRCC" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert {"srcc", "krcc", "plcc", "rmse", "logistic", "n", "per_method"} <= set(report)
+    assert set(report["logistic"]) == {"srcc", "krcc", "plcc", "rmse", "params"}
+    assert report["n"] == sum(s.split == "test" for s in load_manifest(toy))
+    assert "bicubic_x4" in report["per_method"] and report["synthetic_scores"] is True
+    assert (out / "scatter.png").stat().st_size > 1000
+    assert len((out / "predictions.csv").read_text().splitlines()) == report["n"] + 1
+
+
+def test_cli_make_dataset(tmp_path, capsys):
+    assert epban_main(["make-dataset", "--toy", str(tmp_path / "t"), "--size", "32", "--scales", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "SYNTHETIC" in captured.err and captured.out.strip().endswith("manifest.csv")
+    assert epban_main(["make-dataset"]) == 2
+
+
+@pytest.mark.parametrize("row, message", [
+    ("SR/none.png,HR/astronaut.png,50,x,train", "bad.csv:{line}: SR image .*none.png does not exist"),
+    ("SR/astronaut_00_nearest_x2.png,HR/astronaut.png,NaN,x,train", "bad.csv:{line}: score 'NaN' is not a finite"),
+])
+def test_cli_bad_manifest_one_line_no_outputs(toy, tmp_path, capsys, row, message):
+    lines = toy.read_text().splitlines()
+    lines.insert(5, row)
+    bad = toy.parent / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    try:
+        out = tmp_path / "run"
+        code = epban_main(["train-metric", "--data", str(bad), "--out", str(out), "--epochs", "1", "--quiet"])
+    finally:
+        bad.unlink()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    import re
+
+    assert re.search(message.format(line=6), err[0]), err[0]
+    assert not out.exists()
+
+
+def test_cli_unknown_column(tmp_path, capsys):
+    bad = tmp_path / "m.csv"
+    bad.write_text("sr_path,hr_path,score,mos\n")
+    assert epban_main(["eval-metric", "--data", str(bad), "--weights", str(tmp_path)]) == 2
+    assert "m.csv:1: unknown column(s) 'mos'" in capsys.readouterr().err
