@@ -1,0 +1,86 @@
+"""``scripts/train_sr.py``: train an SR network with L1 + SSIM + Efficient-PBAN losses, or run the ablation."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+from epban.sr.networks import NETWORKS
+from epban.sr.trainer import ABLATION_WEIGHTS, SRTrainConfig, run_ablation, train_sr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SRTrainConfig(train="")
+    p = argparse.ArgumentParser(
+        prog="train_sr.py",
+        description="Train an SR network against L1, SSIM and a frozen Efficient-PBAN metric.",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--train", required=True, help="folder of HR training images")
+    g.add_argument("--train-lr", help="paired LR folder (default: LR by MATLAB bicubic downsampling)")
+    g.add_argument("--val", help="folder of HR validation images (whole images)")
+    g.add_argument("--val-lr", help="paired LR folder for --val")
+    g.add_argument("--scale", type=int, default=defaults.scale, choices=(2, 3, 4), help="upscaling factor (default: %(default)s)")
+    g.add_argument("--patch-size", type=int, default=defaults.patch_size, help="HR crop side (default: %(default)s)")
+    g.add_argument("--full-res", action="store_true", help="train on whole images instead of crops")
+    g.add_argument("--modcrop", action="store_true", help="trim HR images to a multiple of the scale")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--max-val-images", type=int, default=None, help="validate on the first N images only")
+
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--net", default=defaults.net, choices=sorted(NETWORKS), help="edsr = EDSR-baseline, rrdb = narrow RRDBNet, tiny = demo net (default: %(default)s)")
+    g.add_argument("--l1", type=float, default=defaults.l1, help="weight of L1 (default: %(default)s)")
+    g.add_argument("--ssim", type=float, default=None, help=f"weight of 1 - SSIM (default 0; with --ablation: {ABLATION_WEIGHTS['ssim']:g})")
+    g.add_argument("--pban", type=float, default=None, help=f"weight of the PBAN loss (default 0; with --ablation: {ABLATION_WEIGHTS['pban']:g})")
+    g.add_argument("--pban-weights", help="trained metric: an epban checkpoint directory or the authors' .pth")
+    g.add_argument("--ablation", action="store_true",
+                   help="run L1, L1+SSIM, L1+PBAN, L1+SSIM+PBAN with the same seed, data and budget")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate, cosine decay to 1%% (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="network init and data order (default: %(default)s)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=defaults.out, help="run folder (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between validations (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between log.csv rows (default: %(default)s)")
+    g.add_argument("--sample-crop", type=int, default=defaults.sample_crop, help="HR crop side in the side-by-side PNGs (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP with a checkpoint (for time-limited jobs; continue with --resume)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels_last memory format (default: on CUDA)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SRTrainConfig:
+    fields = {k: v for k, v in vars(args).items() if k not in ("ablation", "ssim", "pban")}
+    return SRTrainConfig(ssim=args.ssim or 0.0, pban=args.pban or 0.0, **fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if args.ablation:
+            run_ablation(config, ssim_weight=args.ssim or ABLATION_WEIGHTS["ssim"],
+                         pban_weight=args.pban or ABLATION_WEIGHTS["pban"])
+        else:
+            train_sr(config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"train_sr.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

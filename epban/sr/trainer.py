@@ -1,0 +1,407 @@
+"""Training an SR network with ``SRLoss`` (L1 + SSIM + the frozen Efficient-PBAN), and the paper's ablation.
+
+One run writes to ``out/``: ``config.json``, ``log.csv`` (losses), ``eval.csv`` (validation
+metrics), ``samples/step_XXXXXX.png`` (bicubic / SR / HR crops), ``checkpoint.pt`` (model,
+optimiser, scheduler, step, RNG states: ``resume=True`` continues exactly where it
+stopped), ``net.pt`` (final weights) and ``metrics.json`` (final and bicubic metrics).
+
+The network trains in bf16 autocast on CUDA (``amp``); the loss is computed in float32
+(SSIM's variances cancel catastrophically in bf16), and validation runs in float32 (bf16
+outputs are coarser than the 8-bit levels the metrics measure). Under ``torchrun`` the batch is
+split over ranks (DDP; NCCL on CUDA, gloo on CPU) and rank 0 evaluates and writes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from epban.losses import PBANLoss, SRLoss
+from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN
+from epban.sr.data import SRFolderDataset, StepSampler, collate, image_size
+from epban.sr.evaluate import autocast_for, evaluate, load_lpips
+from epban.sr.networks import build_network
+from epban.sr.report import ablation_markdown, comparison_crops, save_grid, save_side_by_side, write_json
+
+CHECKPOINT_FILE = "checkpoint.pt"
+ABLATION_WEIGHTS = {"ssim": 1.0, "pban": 0.1}  # the term weights of --ablation unless given
+ABLATION_SETTINGS = (("L1", False, False), ("L1+SSIM", True, False), ("L1+PBAN", False, True), ("L1+SSIM+PBAN", True, True))
+
+
+@dataclass
+class SRTrainConfig:
+    """Everything a run depends on; saved as ``out/config.json``."""
+
+    train: str  # HR folder
+    val: str | None = None  # HR folder for validation (whole images)
+    train_lr: str | None = None  # paired LR folder (else LR is made by bicubic downsampling)
+    val_lr: str | None = None
+    out: str = "runs/sr"
+    net: str = "edsr"  # edsr (EDSR-baseline) | rrdb (narrow RRDBNet) | tiny
+    scale: int = 4
+    patch_size: int = 96  # HR crop side; ignored with full_res
+    full_res: bool = False  # train on whole images (the case the fused loss is for)
+    batch_size: int = 16  # per process
+    steps: int = 10_000
+    lr: float = 2e-4
+    l1: float = 1.0
+    ssim: float = 0.0
+    pban: float = 0.0
+    pban_weights: str | None = None  # an epban checkpoint (directory) or the authors' .pth
+    eval_every: int = 1000
+    save_every: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    device: str | None = None  # default: cuda when available
+    amp: bool = True  # bf16 autocast on CUDA; no effect on the CPU
+    channels_last: bool | None = None  # default: on CUDA only
+    workers: int | None = None  # DataLoader workers; default 4 on CUDA, 0 on the CPU
+    modcrop: bool = False  # trim HR images to a multiple of the scale instead of refusing them
+    max_val_images: int | None = None
+    sample_crop: int = 128  # HR side of the crops in the side-by-side PNGs
+    resume: bool = False
+    stop_at: int | None = None  # stop after this step with a checkpoint (time-limited jobs); resume later
+    quiet: bool = False
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if min(self.l1, self.ssim, self.pban) < 0 or self.l1 + self.ssim + self.pban == 0:
+            raise ValueError(f"loss weights must be non-negative and not all zero, got l1={self.l1}, ssim={self.ssim}, pban={self.pban}")
+        if self.pban > 0 and not self.pban_weights:
+            raise ValueError("a PBAN loss weight needs --pban-weights (a trained metric checkpoint)")
+        if self.pban > 0 and not self.full_res and self.patch_size < MIN_INPUT_SIZE:
+            raise ValueError(f"the PBAN loss needs crops of at least {MIN_INPUT_SIZE} pixels, got --patch-size {self.patch_size}")
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; choose the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist()
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    if world > 1:
+        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def _barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- state
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, net, optimizer, scheduler, step: int, config: SRTrainConfig) -> None:
+    """Written to a temporary name and renamed: never a half-written checkpoint."""
+    state = {
+        "net": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+        "config": dataclasses.asdict(config),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+RESUME_MUST_MATCH = ("net", "scale", "batch_size", "seed", "patch_size", "full_res", "train", "train_lr")
+
+
+def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig) -> int:
+    if not path.exists():
+        raise ValueError(f"nothing to resume: {path} does not exist")
+    # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file; it holds numpy RNG state
+    saved = state["config"]
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
+    if changed:
+        raise ValueError(f"cannot resume {path} with different {', '.join(changed)} (saved: {[saved[k] for k in changed]})")
+    net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+class _CsvLog:
+    def __init__(self, path: Path, fields: list[str], append: bool):
+        new = not (append and path.exists())
+        self.file = path.open("a" if not new else "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+        if new:
+            self.writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _load_pban(config: SRTrainConfig, device):
+    if not config.pban_weights:
+        return None
+    return EfficientPBAN.from_checkpoint(config.pban_weights).to(device).eval()
+
+
+# ---------------------------------------------------------------------------- training
+def train_sr(config: SRTrainConfig) -> dict:
+    """Train (or resume) one SR run; returns the summary also written to ``out/metrics.json``."""
+    config.validate()
+    d, device = setup_distributed(config.device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    workers = (4 if device.type == "cuda" else 0) if config.workers is None else config.workers
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: None) if (config.quiet or not d.main) else print
+
+    train_set = SRFolderDataset(config.train, config.scale, lr_folder=config.train_lr,
+                                patch_size=None if config.full_res else config.patch_size, modcrop=config.modcrop)
+    val_set = None
+    if config.val:
+        val_set = SRFolderDataset(config.val, config.scale, lr_folder=config.val_lr, patch_size=None,
+                                  augment=False, modcrop=config.modcrop)
+        if config.max_val_images:
+            val_set.limit(config.max_val_images)
+    pban_model = _load_pban(config, device)
+    if pban_model is not None and val_set is not None:
+        small = [p for p in val_set.hr_paths if min(image_size(p)) < MIN_INPUT_SIZE]
+        if small:
+            raise ValueError(f"{small[0]} is smaller than the {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} the PBAN score needs")
+
+    torch.manual_seed(config.seed)
+    net = build_network(config.net, config.scale).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    criterion = SRLoss(config.l1, config.ssim, config.pban, pban_model=pban_model).to(device)
+    scorer = PBANLoss(pban_model).to(device) if pban_model is not None else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=config.lr * 0.01)
+
+    ckpt_path = out / CHECKPOINT_FILE
+    step = load_checkpoint(ckpt_path, net, optimizer, scheduler, config) if config.resume else 0
+    if d.main:
+        write_json(out / "config.json", dataclasses.asdict(config))
+    model = net
+    if d.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    lpips_fn, lpips_note = (None, None)
+    baseline = None
+    if val_set is not None and d.main:
+        lpips_fn, lpips_note = load_lpips(device)
+        if lpips_note:
+            say(lpips_note)
+        baseline = evaluate(None, val_set, device, config.scale, scorer=scorer, lpips_fn=lpips_fn, bicubic=True)
+
+    sampler = StepSampler(len(train_set), config.batch_size, config.steps, seed=config.seed, start_step=step,
+                          rank=d.rank, world_size=d.world_size)
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
+    loss_log = _CsvLog(out / "log.csv", ["step", "loss", "l1", "ssim", "pban", "lr", "seconds"], config.resume) if d.main else None
+    eval_log = None
+    history = []
+    last_eval = None
+
+    def run_eval():
+        nonlocal eval_log, last_eval
+        if val_set is None or not d.main:
+            return
+        # float32 even with --amp: bf16 outputs are coarser than the 8-bit levels the metrics see
+        m = evaluate(net, val_set, device, config.scale, scorer=scorer, lpips_fn=lpips_fn, channels_last=channels_last)
+        row = {"step": step, **m["mean"]}
+        if eval_log is None:
+            eval_log = _CsvLog(out / "eval.csv", list(row), config.resume)
+        eval_log.write(row)
+        history.append(row)
+        last_eval = m
+        save_side_by_side(out / "samples" / f"step_{step:06d}.png", net, val_set, device, config.scale,
+                          crop=config.sample_crop, metrics=m, baseline=baseline, channels_last=channels_last,
+                          title=f"{config.net} x{config.scale}, step {step}")
+        say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m["mean"].items()))
+
+    net.train()
+    criterion.train()
+    start = time.time()
+    bar = None
+    if d.main and not config.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.net} x{config.scale}", unit="step")
+    try:
+        for batch in loader:
+            lr = batch["lr"].to(device, non_blocking=True)
+            hr = batch["hr"].to(device, non_blocking=True)
+            if channels_last:
+                lr = lr.contiguous(memory_format=torch.channels_last)
+            with autocast_for(device, config.amp):
+                sr = model(lr)
+            with torch.autocast(device.type, enabled=False):
+                loss, parts = criterion(sr.float(), hr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if loss_log is not None and (step % config.log_every == 0 or step == config.steps):
+                row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                       "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - start, 2)}
+                loss_log.write(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if step % config.eval_every == 0 or step == config.steps:
+                run_eval()
+                _barrier(d)
+            if step % config.save_every == 0 or step == config.steps:
+                if d.main:
+                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
+                _barrier(d)
+            if config.stop_at is not None and step >= config.stop_at:
+                if d.main:
+                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
+                    say(f"stopped at step {step} (--stop-at); continue with --resume")
+                break
+    except KeyboardInterrupt:
+        if d.main:
+            save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
+            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (resume with --resume)")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for log in (loss_log, eval_log):
+            if log is not None:
+                log.close()
+
+    summary = {"config": dataclasses.asdict(config), "steps": step, "seconds": round(time.time() - start, 2)}
+    if d.main:
+        torch.save(net.state_dict(), out / "net.pt")
+        if val_set is not None:
+            if last_eval is None:  # resumed at the end: nothing was evaluated in this process
+                run_eval()
+            summary.update({"final": last_eval, "bicubic": baseline, "history": history, "lpips": lpips_note or "computed"})
+        write_json(out / "metrics.json", summary)
+    _barrier(d)
+    return summary
+
+
+# ---------------------------------------------------------------------------- ablation
+def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS["ssim"],
+                 pban_weight: float = ABLATION_WEIGHTS["pban"]) -> dict:
+    """The paper's four loss settings with the same seed, data and budget; one table and one figure.
+
+    Each setting trains in ``out/<setting>/``; ``out/ablation.md``, ``out/ablation.json``
+    and ``out/ablation.png`` (bicubic / each setting / HR crops) compare them.
+    """
+    if not config.pban_weights:
+        raise ValueError("--ablation needs --pban-weights (the L1+PBAN settings use it, all settings are scored with it)")
+    if not config.val:
+        raise ValueError("--ablation needs a validation folder (--val)")
+    out = Path(config.out)
+    results = []
+    for name, use_ssim, use_pban in ABLATION_SETTINGS:
+        run_cfg = dataclasses.replace(config, out=str(out / name.replace("+", "_")), l1=1.0,
+                                      ssim=ssim_weight if use_ssim else 0.0, pban=pban_weight if use_pban else 0.0)
+        summary = train_sr(run_cfg)
+        results.append({"setting": name, "out": run_cfg.out,
+                        "weights": {"l1": run_cfg.l1, "ssim": run_cfg.ssim, "pban": run_cfg.pban},
+                        "eval": summary.get("final"), "bicubic": summary.get("bicubic")})
+    d, device = setup_distributed(config.device)
+    if not d.main:
+        return {}
+    baseline = results[0]["bicubic"]
+    table = ablation_markdown(results, baseline)
+    (out / "ablation.md").write_text(table)
+    report = {"settings": [{k: r[k] for k in ("setting", "out", "weights")} | {"mean": r["eval"]["mean"], "images": r["eval"]["images"]}
+                           for r in results],
+              "bicubic": baseline, "steps": config.steps, "seed": config.seed, "net": config.net, "scale": config.scale}
+    write_json(out / "ablation.json", report)
+    save_ablation_figure(out / "ablation.png", config, results, device)
+    if not config.quiet:
+        print(table)
+        print(f"ablation table: {out / 'ablation.md'} and {out / 'ablation.json'}; figure: {out / 'ablation.png'}")
+    return report
+
+
+@torch.no_grad()
+def save_ablation_figure(path: Path, config: SRTrainConfig, results: list[dict], device, max_images: int = 3) -> Path:
+    from epban.sr.evaluate import super_resolve
+    from epban.sr.imresize import bicubic_upsample, quantize
+
+    val_set = SRFolderDataset(config.val, config.scale, lr_folder=config.val_lr, patch_size=None, augment=False,
+                              modcrop=config.modcrop)
+    nets = {}
+    for r in results:
+        net = build_network(config.net, config.scale)
+        net.load_state_dict(torch.load(Path(r["out"]) / "net.pt", map_location="cpu", weights_only=True))
+        nets[r["setting"]] = net.to(device).eval()
+    rows, labels, captions = [], [], []
+    for i in range(min(max_images, len(val_set))):
+        item = val_set[i]
+        lr, hr = item["lr"][None].to(device), item["hr"][None].to(device)
+        cols = {"bicubic": quantize(bicubic_upsample(lr, config.scale))[0]}
+        b = results[0]["bicubic"]["images"][item["name"]]
+        cap = {"bicubic": f"{b['psnr_y']:.2f} dB" + (f" / PBAN {b['pban']:.3f}" if "pban" in b else "")}
+        for name, net in nets.items():
+            cols[name] = super_resolve(net, lr)[0]
+        cols["HR"] = hr[0]
+        rows.append(comparison_crops(cols, config.sample_crop, config.scale))
+        for r in results:
+            m = r["eval"]["images"][item["name"]]
+            cap[r["setting"]] = f"{m['psnr_y']:.2f} dB" + (f" / PBAN {m['pban']:.3f}" if "pban" in m else "")
+        labels.append(item["name"])
+        captions.append(cap)
+    title = f"{config.net} x{config.scale}, {config.steps} steps, seed {config.seed}: same data and budget for each loss"
+    return save_grid(path, rows, title=title, row_labels=labels, captions=captions)

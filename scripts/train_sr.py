@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Train an SR network with L1 + SSIM + Efficient-PBAN losses (see ``--help``); the logic is in ``epban.sr``.
+
+    python scripts/train_sr.py --train DIV2K/HR --val Set5/HR --scale 4 --net edsr \
+        --ssim 1 --pban 0.1 --pban-weights runs/metric/best
+    torchrun --nproc_per_node 4 scripts/train_sr.py ...            # DDP
+    python scripts/train_sr.py ... --ablation                       # the paper's four loss settings
+"""
+import sys
+
+from epban.sr.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

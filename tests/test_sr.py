@@ -1,0 +1,332 @@
+"""SR training: the bicubic downsampler, Y-channel metrics, loss terms, training, resume, bad input, the demo."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import epban
+from epban.imageio import write_image
+from epban.losses import SRLoss
+from epban.sr import SRFolderDataset, SRTrainConfig, build_network, psnr_y, rgb_to_y, run_ablation, ssim_y, train_sr
+from epban.sr.data import StepSampler, collate
+from epban.sr.imresize import bicubic_downsample, imresize, resize_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared CPU extra threads only wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _photo(name="astronaut", size=None) -> torch.Tensor:
+    import skimage.data
+
+    a = getattr(skimage.data, name)()
+    t = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1).float() / 255
+    return t if size is None else t[:, :size, :size]
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """Three small HR training images and one validation image (sizes divisible by 2)."""
+    root = tmp_path_factory.mktemp("sr")
+    train, val = root / "train", root / "val"
+    train.mkdir()
+    val.mkdir()
+    photo = _photo()
+    for i, (top, left) in enumerate(((0, 0), (100, 180), (300, 260))):
+        write_image(train / f"img{i}.png", photo[:, top : top + 96, left : left + 128])
+    write_image(val / "val0.png", _photo("chelsea")[:, 40:104, 150:214])
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def tiny_pban(tmp_path_factory):
+    """A randomly initialised tiny metric, saved in our checkpoint format."""
+    torch.manual_seed(0)
+    model = epban.EfficientPBAN(epban.PBANConfig.preset("tiny")).eval()
+    path = tmp_path_factory.mktemp("pban") / "tiny"
+    model.save_pretrained(path)
+    return path
+
+
+def _config(data_dirs, tiny_pban, out, **kw) -> SRTrainConfig:
+    train, _ = data_dirs
+    base = dict(train=str(train), out=str(out), net="tiny", scale=2, patch_size=32, batch_size=2, steps=4,
+                lr=5e-4, l1=1.0, ssim=1.0, pban=0.5, pban_weights=str(tiny_pban), eval_every=1000,
+                save_every=1000, device="cpu", quiet=True)
+    base.update(kw)
+    return SRTrainConfig(**base)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------- imresize
+def test_imresize_matches_matlab_without_antialiasing():
+    # MATLAB/Octave: imresize(reshape(0:15, 4, 4)', 0.5, 'bicubic', 'AntiAliasing', false)
+    x = torch.arange(16, dtype=torch.float64).view(4, 4)
+    expected = torch.tensor([[2.1875, 4.3125], [10.6875, 12.8125]], dtype=torch.float64)
+    torch.testing.assert_close(imresize(x, 0.5, antialias=False), expected, rtol=0, atol=1e-12)
+
+
+def test_imresize_antialiased_half_by_hand():
+    # x0.5 with antialiasing: h(t) = cubic(t / 2) / 2 over 8 taps. For output 1 (x = 1.5) the
+    # taps at distances 3.5, 2.5, 1.5, 0.5 weigh cubic(1.75), cubic(1.25), cubic(0.75), cubic(0.25)
+    # / 2 = -0.01171875, -0.03515625, 0.11328125, 0.43359375 (symmetric, summing to 1); the
+    # left taps fall outside and mirror onto pixels 3, 2, 1 (values 2, 1, 0 of the ramp 0..3):
+    # -0.01171875*2 - 0.03515625*1 + 0.11328125*0 + 0.43359375*(0 + 1) + 0.11328125*2
+    #   - 0.03515625*3 - 0.01171875*3 = 0.4609375, and 3 - 0.4609375 at the other end.
+    a = torch.tensor([0.4609375, 2.5390625], dtype=torch.float64)
+    x = torch.arange(16, dtype=torch.float64).view(4, 4)  # value = 4 row + col
+    torch.testing.assert_close(imresize(x, 0.5), 4 * a[:, None] + a[None, :], rtol=0, atol=1e-12)
+
+
+def test_imresize_x4_kernel_is_the_stretched_cubic():
+    # Downsampling by 4, output pixel u (0-based) is centred at 4u + 1.5; input pixels at
+    # distance d = 0.5, 1.5, ..., 7.5 get cubic(d / 4) / 4: 16 taps (the kernel's support of
+    # 4 input pixels stretched 4 times). Values of cubic at d/4 = 0.125 ... 1.875 by hand:
+    half = torch.tensor([0.9638671875, 0.7275390625, 0.3896484375, 0.0908203125,
+                         -0.0478515625, -0.0732421875, -0.0439453125, -0.0068359375], dtype=torch.float64) / 4
+    expected_taps = torch.cat([half.flip(0), half])
+    m = torch.from_numpy(resize_matrix(64, 16, 0.25))
+    for u in (4, 5, 9):  # interior outputs: no mirroring
+        row = m[u]
+        nz = row.nonzero().flatten()
+        assert nz.tolist() == list(range(4 * u - 6, 4 * u + 10))
+        torch.testing.assert_close(row[nz], expected_taps, rtol=0, atol=1e-15)
+    # At the border the taps left of the image mirror back onto it: the weights still sum to 1.
+    torch.testing.assert_close(m.sum(1), torch.ones(16, dtype=torch.float64))
+    assert m[0, :10].nonzero().numel() == 10
+
+
+def test_imresize_properties():
+    x = torch.full((2, 3, 16, 24), 0.37, dtype=torch.float64)
+    torch.testing.assert_close(imresize(x, 0.25), torch.full((2, 3, 4, 6), 0.37, dtype=torch.float64))
+    ramp = torch.arange(64, dtype=torch.float64).expand(1, 64)
+    # The cubic reproduces linear functions: interior LR pixels equal the ramp at their centres.
+    torch.testing.assert_close(imresize(ramp, 0.25)[0, 3:-3], torch.arange(3, 13, dtype=torch.float64) * 4 + 1.5)
+    assert imresize(torch.rand(1, 3, 10, 14), 4.0).shape == (1, 3, 40, 56)
+
+
+def test_random_crop_lr_equals_crop_of_whole_lr(data_dirs):
+    train, _ = data_dirs
+    ds = SRFolderDataset(train, 4, patch_size=32, augment=False, quantize_lr=False)
+    hr = ds._read_hr(0)
+    whole = bicubic_downsample(hr, 4)
+    for ly, lx in ((0, 0), (5, 7), (16, 24)):  # corners and interior of a 24x32 LR grid
+        lr, hr_crop = ds._crop(0, hr, ly, lx)
+        torch.testing.assert_close(lr, whole[:, ly : ly + 8, lx : lx + 8], rtol=0, atol=1e-6)
+        torch.testing.assert_close(hr_crop, hr[:, 4 * ly : 4 * ly + 32, 4 * lx : 4 * lx + 32])
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_y_channel_is_matlab_rgb2ycbcr():
+    from skimage.color import rgb2ycbcr
+
+    x = torch.rand(2, 3, 8, 9, dtype=torch.float64)
+    ref = rgb2ycbcr(x.permute(0, 2, 3, 1).numpy())[..., 0]  # MATLAB's formula, Y in [16, 235]
+    np.testing.assert_allclose(rgb_to_y(x)[:, 0].numpy() * 255, ref, rtol=0, atol=1e-10)
+    white = torch.ones(1, 3, 1, 1, dtype=torch.float64)
+    assert abs(float(rgb_to_y(white)) - 235 / 255) < 1e-12
+
+
+@pytest.mark.parametrize("source", ["photo", "random"])
+def test_psnr_ssim_on_y_equal_scikit_image(source):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    if source == "photo":
+        hr = _photo("astronaut", 96)[None]
+        sr = (hr + 0.03 * torch.randn_like(hr)).clamp(0, 1)
+    else:
+        g = torch.Generator().manual_seed(1)
+        hr, sr = torch.rand(2, 3, 40, 48, generator=g), torch.rand(2, 3, 40, 48, generator=g)
+    for crop in (0, 4):
+        ys, yh = rgb_to_y(sr.double()), rgb_to_y(hr.double())
+        if crop:
+            ys, yh = ys[..., crop:-crop, crop:-crop], yh[..., crop:-crop, crop:-crop]
+        for b in range(hr.shape[0]):
+            a, r = ys[b, 0].numpy(), yh[b, 0].numpy()
+            ref_psnr = peak_signal_noise_ratio(r, a, data_range=1.0)
+            ref_ssim = structural_similarity(r, a, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                             use_sample_covariance=False)
+            assert abs(float(psnr_y(sr, hr, crop)[b]) - ref_psnr) < 1e-4
+            assert abs(float(ssim_y(sr, hr, crop)[b]) - ref_ssim) < 1e-4
+
+
+# ---------------------------------------------------------------------------- losses and training
+def test_each_loss_term_contributes_gradient(tiny_pban):
+    torch.manual_seed(0)
+    net = build_network("tiny", 2)
+    lr, hr = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 32, 32)
+    pban = epban.EfficientPBAN.from_checkpoint(tiny_pban)
+
+    def grads(**weights):
+        net.zero_grad()
+        loss, _ = SRLoss(pban_model=pban, **weights)(net(lr), hr)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    full = grads(l1=1.0, ssim=1.0, pban=1.0)
+    for term in ("l1", "ssim", "pban"):
+        alone = grads(**{"l1": 0.0, "ssim": 0.0, "pban": 0.0, term: 1.0})
+        assert alone.abs().sum() > 0, f"{term} gives no gradient"
+        without = grads(**{"l1": 1.0, "ssim": 1.0, "pban": 1.0, term: 0.0})
+        torch.testing.assert_close(without + alone, full, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(without, full), f"switching {term} off does not change the gradient"
+
+
+def test_switching_a_term_off_changes_the_update(data_dirs, tiny_pban, tmp_path):
+    weights = {}
+    for name, kw in (("all", {}), ("no_l1", {"l1": 0.0}), ("no_ssim", {"ssim": 0.0}), ("no_pban", {"pban": 0.0})):
+        train_sr(_config(data_dirs, tiny_pban, tmp_path / name, steps=1, **kw))
+        weights[name] = _load(tmp_path / name / "net.pt")
+    for name in ("no_l1", "no_ssim", "no_pban"):
+        assert any(not torch.equal(weights[name][k], weights["all"][k]) for k in weights["all"]), name
+
+
+def test_few_steps_lower_the_training_loss(data_dirs, tiny_pban, tmp_path):
+    cfg = _config(data_dirs, tiny_pban, tmp_path, steps=8)
+    ds = SRFolderDataset(cfg.train, cfg.scale, patch_size=cfg.patch_size)
+    batch = collate([ds[key] for key in StepSampler(len(ds), 6, 1, seed=123)])
+    criterion = SRLoss(cfg.l1, cfg.ssim, cfg.pban, pban_model=cfg.pban_weights)
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg.net, cfg.scale)
+    with torch.no_grad():
+        before = float(criterion(net(batch["lr"]), batch["hr"])[0])
+    train_sr(cfg)
+    net.load_state_dict(_load(tmp_path / "net.pt"))
+    with torch.no_grad():
+        after = float(criterion(net(batch["lr"]), batch["hr"])[0])
+    assert after < before
+
+
+def test_resume_equals_uninterrupted_run(data_dirs, tiny_pban, tmp_path):
+    # The frozen metric is deterministic; what resume must restore is the network, Adam, the schedule, the data order.
+    kw = dict(steps=4, pban=0.0)
+    train_sr(_config(data_dirs, tiny_pban, tmp_path / "straight", **kw))
+    train_sr(_config(data_dirs, tiny_pban, tmp_path / "resumed", stop_at=2, **kw))
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    train_sr(_config(data_dirs, tiny_pban, tmp_path / "resumed", resume=True, **kw))
+    a, b = _load(tmp_path / "straight" / "net.pt"), _load(tmp_path / "resumed" / "net.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+
+
+def test_ablation_writes_one_table_and_figure(data_dirs, tiny_pban, tmp_path):
+    """Four settings, same seed/data/budget; each run evaluates, writes samples; one table and figure."""
+    _, val = data_dirs
+    report = run_ablation(_config(data_dirs, tiny_pban, tmp_path, steps=1, val=str(val), eval_every=1),
+                          ssim_weight=1.0, pban_weight=0.5)
+    assert [s["setting"] for s in report["settings"]] == ["L1", "L1+SSIM", "L1+PBAN", "L1+SSIM+PBAN"]
+    assert [s["weights"]["pban"] for s in report["settings"]] == [0.0, 0.0, 0.5, 0.5]
+    assert {"psnr_y", "ssim_y", "pban"} <= set(report["settings"][0]["mean"])
+    assert report["bicubic"]["mean"]["psnr_y"] > 20
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and table[2].startswith("| bicubic")
+    for name in ("ablation.json", "ablation.png", "L1/metrics.json", "L1/eval.csv", "L1/samples/step_000001.png",
+                 "L1_SSIM_PBAN/checkpoint.pt"):
+        assert (tmp_path / name).exists(), name
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="holds no images"):
+        SRFolderDataset(tmp_path, 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        SRFolderDataset(tmp_path / "nope", 2)
+
+
+def test_image_smaller_than_crop(tmp_path):
+    write_image(tmp_path / "small.png", torch.rand(3, 40, 48))
+    with pytest.raises(ValueError, match=r"small.png is 40x48, smaller than the 64x64 crop"):
+        SRFolderDataset(tmp_path, 2, patch_size=64)
+
+
+def test_scale_not_dividing_hr(tmp_path):
+    write_image(tmp_path / "odd.png", torch.rand(3, 50, 66))
+    with pytest.raises(ValueError, match=r"odd.png is 50x66, not divisible by the scale 4.*--modcrop"):
+        SRFolderDataset(tmp_path, 4, patch_size=32)
+    assert SRFolderDataset(tmp_path, 4, modcrop=True)[0]["hr"].shape == (3, 48, 64)
+    with pytest.raises(ValueError, match="not divisible"):
+        bicubic_downsample(torch.rand(3, 50, 66), 4)
+    with pytest.raises(ValueError, match="multiple of the scale"):
+        SRFolderDataset(tmp_path, 4, patch_size=30, modcrop=True)
+
+
+def test_paired_folders_and_mismatches(tmp_path):
+    hr_dir, lr_dir = tmp_path / "hr", tmp_path / "lr"
+    hr_dir.mkdir()
+    lr_dir.mkdir()
+    write_image(hr_dir / "a.png", torch.rand(3, 32, 32))
+    write_image(lr_dir / "ax2.png", torch.rand(3, 16, 16))  # DIV2K's naming
+    ds = SRFolderDataset(hr_dir, 2, lr_folder=lr_dir, patch_size=16)
+    item = ds[(0, [0, 0])]
+    assert item["lr"].shape == (3, 8, 8) and item["hr"].shape == (3, 16, 16)
+    (lr_dir / "ax2.png").rename(lr_dir / "a.png")
+    with pytest.raises(ValueError, match=r"a.png is 16x16 but its HR .*a.png is 32x32; at x4"):
+        SRFolderDataset(hr_dir, 4, lr_folder=lr_dir)
+    write_image(hr_dir / "b.png", torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="no LR image for .*b.png"):
+        SRFolderDataset(hr_dir, 2, lr_folder=lr_dir)
+
+
+def test_full_res_training_and_mixed_sizes(data_dirs, tiny_pban, tmp_path):
+    _, val = data_dirs
+    summary = train_sr(_config(data_dirs, tiny_pban, tmp_path, train=str(val), full_res=True, batch_size=1, steps=1))
+    assert summary["steps"] == 1
+    with pytest.raises(ValueError, match="--batch-size 1"):
+        collate([{"lr": torch.rand(3, 8, 8), "hr": torch.rand(3, 16, 16), "name": "a"},
+                 {"lr": torch.rand(3, 8, 10), "hr": torch.rand(3, 16, 20), "name": "b"}])
+
+
+def test_config_errors(data_dirs, tiny_pban, tmp_path):
+    with pytest.raises(ValueError, match="--pban-weights"):
+        _config(data_dirs, tiny_pban, tmp_path, pban_weights=None).validate()
+    with pytest.raises(ValueError, match="at least 32"):
+        _config(data_dirs, tiny_pban, tmp_path, patch_size=16).validate()
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train_sr(_config(data_dirs, tiny_pban, tmp_path / "fresh", resume=True))
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from epban.sr.cli import main
+
+    assert main(["--train", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no images" in err[0]
+
+
+# ---------------------------------------------------------------------------- the demo
+def test_demo_runs_end_to_end_with_a_stub_metric_trainer(tmp_path, monkeypatch, tiny_pban):
+    """The demo's own path (SR data, training, figures, metrics.json) with epban.train stubbed."""
+    stub = types.ModuleType("epban.train")
+    stub.make_toy_dataset = lambda out_dir, *, seed=0, quiet=False: Path(out_dir) / "manifest.csv"
+    stub.train_metric = lambda data, **kw: tiny_pban
+    monkeypatch.setitem(sys.modules, "epban.train", stub)
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    monkeypatch.setattr(demo, "VAL_CROPS", {"chelsea": (20, 100, 64)})
+    monkeypatch.setattr(demo, "TRAIN_PHOTOS", ("coffee",))
+    out = tmp_path / "demo_out"
+    assert demo.main(["--out", str(out), "--sr-steps", "2", "--patch-size", "32", "--device", "cpu"]) == 0
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"bicubic", "before", "after", "note"} <= set(metrics)
+    assert "SYNTHETIC" in metrics["note"]
+    assert (out / "comparison.png").stat().st_size > 0
