@@ -75,3 +75,12 @@ def test_pban_loss_mode_gives_the_same_loss_and_gradient(metric):
     fast.backward()
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_reference_ssim_ignores_autocast():
+    sr, hr = pair(seed=5)
+    expected = ssim(sr, hr, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssim(sr, hr, backend="reference")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)

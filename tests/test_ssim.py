@@ -70,18 +70,19 @@ def assert_close_rel(actual, expected, rel, what):
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} x {scale:.3g}"
 
 
-def check_fused_float32(x, y, padding, reduction, grad_atol=0.0, **kw):
-    """The fused kernel on float32 x, y against the float64 reference: forward within 1e-5,
-    gradients within 1e-4 of their largest value, or, where float32 arithmetic cannot reach
-    that (per-pixel maps of nearly flat regions: E[x^2] - mu^2 cancels), no less accurate
-    than the reference run in float32."""
+def check_fused(x, y, padding, reduction, tols=(1e-5, 1e-4, 1e-4), grad_atol=0.0, **kw):
+    """The fused kernel on x, y (float32 or a half type; it computes in float32) against the
+    float64 reference on the same inputs upcast: forward within tols[0], gradients within
+    tols[1:] of their largest value, or, where float32 arithmetic cannot reach that
+    (per-pixel maps of nearly flat regions: E[x^2] - mu^2 cancels), no less accurate than
+    the reference run in float32 on the same inputs (it upcasts half inputs as the kernel
+    does, and its gradients are rounded to the input dtype as the kernel's are)."""
     out, gx, gy = value_and_grads(fused(padding, reduction, **kw), x, y, reduction)
     truth = value_and_grads(reference(padding, reduction, **kw), x.double(), y.double(), reduction)
     ref32 = value_and_grads(reference(padding, reduction, **kw), x, y, reduction)
-    assert out.shape == truth[0].shape and out.dtype == torch.float32
-    for name, ours, exact, theirs, tol in zip(
-        ("forward", "grad x", "grad y"), (out, gx, gy), truth, ref32, (1e-5, 1e-4, 1e-4)
-    ):
+    assert out.shape == truth[0].shape and out.dtype == ref32[0].dtype == torch.float32
+    assert gx.dtype == gy.dtype == x.dtype
+    for name, ours, exact, theirs, tol in zip(("forward", "grad x", "grad y"), (out, gx, gy), truth, ref32, tols):
         assert torch.isfinite(ours).all(), f"{name}: non-finite values"
         err = (ours.double() - exact).abs().max().item()
         bound = tol if name == "forward" else max(tol * exact.abs().max().item(), grad_atol)
@@ -256,13 +257,13 @@ def reference(padding, reduction, **kw):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fused_matches_reference(device, shape, padding, reduction):
     x, y = image_pair(shape, device=device, seed=sum(shape))
-    check_fused_float32(x, y, padding, reduction)
+    check_fused(x, y, padding, reduction)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_data_range_and_constants(device):
     x, y = image_pair((2, 3, 19, 23), device=device)
-    check_fused_float32(255 * x, 255 * y, "valid", "none", data_range=255.0, k1=0.02, k2=0.05)
+    check_fused(255 * x, 255 * y, "valid", "none", data_range=255.0, k1=0.02, k2=0.05)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,15 +272,8 @@ def test_fused_data_range_and_constants(device):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fused_half_types(device, dtype, padding, reduction):
     x, y = image_pair((2, 3, 37, 41), dtype=dtype, device=device)
-    out, gx, gy = value_and_grads(fused(padding, reduction), x, y, reduction)
-    # The reference upcasts half inputs to float32 too: the same inputs, the same math.
-    ref, rgx, rgy = value_and_grads(reference(padding, reduction), x, y, reduction)
-    assert out.dtype == ref.dtype == torch.float32
-    assert gx.dtype == gy.dtype == dtype
-    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
     rel = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the gradients are rounded to the input dtype
-    assert_close_rel(gx, rgx, rel, "grad x")
-    assert_close_rel(gy, rgy, rel, "grad y")
+    check_fused(x, y, padding, reduction, tols=(1e-5, rel, rel))
 
 
 @needs_cpu_kernel
@@ -328,7 +322,7 @@ def test_fused_constant_images_are_finite(device, x_value, y_value, padding):
         y = torch.full_like(y, y_value)
     for reduction in REDUCTIONS:
         # The exact gradients are 0 or tiny here: the float32 rounding of the partials sets the bar.
-        check_fused_float32(x, y, padding, reduction, grad_atol=1e-6)
+        check_fused(x, y, padding, reduction, grad_atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -363,6 +357,32 @@ def test_fused_non_contiguous_inputs(device, layout):
         ref, rgx, rgy = value_and_grads(fused("same", reduction), x, y, reduction)
         assert torch.equal(out, ref)
         assert torch.equal(gx, rgx) and torch.equal(gy, rgy)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_fused_upstream_gradient_strides(device, padding):
+    """The backward reads the upstream gradient through its strides: expanded (from .sum()),
+    transposed and strided gradients give the gradients of their contiguous copies."""
+    x, y = image_pair((2, 3, 40, 36), device=device)
+    same = padding == "same"
+    ssim_map = torch.ops.epban.ssim_map(x, y, 1e-4, 9e-4, same)
+    u = torch.randn(ssim_map.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    views = [
+        torch.tensor(0.37, device=device).expand(ssim_map.shape),
+        u.transpose(2, 3).contiguous().transpose(2, 3),
+        torch.tensor(0.37, device=device).expand(2),
+        torch.stack((u[:, 0, 0, 0], u[:, 1, 0, 0]), dim=-1)[:, 0],
+    ]
+    for grad in views:
+        assert not grad.is_contiguous() or grad.stride()[0] == 0
+        strided = torch.ops.epban.ssim_backward(grad, x, y, 1e-4, 9e-4, same, True, True)
+        dense = torch.ops.epban.ssim_backward(grad.contiguous(), x, y, 1e-4, 9e-4, same, True, True)
+        assert torch.equal(strided[0], dense[0]) and torch.equal(strided[1], dense[1])
+    xr = x.clone().requires_grad_(True)
+    epban.ssim(xr, y, padding=padding, reduction="map", backend="fused").sum().backward()
+    dense = torch.ops.epban.ssim_backward(torch.ones_like(ssim_map), x, y, 1e-4, 9e-4, same, True, False)[0]
+    assert torch.equal(xr.grad, dense)
 
 
 @needs_cpu_kernel

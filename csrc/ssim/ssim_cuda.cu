@@ -26,12 +26,26 @@
 // on 1.7x the centres, partials ~35, 2 x 44 multiply-adds to filter them), and ~90 shared
 // loads in all. At 1x3x1080x1920 that is ~4.3 G instructions: ~0.13 ms at an H100's
 // 33.5 T FP32 instructions/s, against 0.025-0.041 ms of memory traffic. Compute-bound.
+// Per backward block, counted per thread from the passes (256 threads): loads ~330,
+// horizontal moments 2 rounds x ~400 (364 runs of 6), moments + partials ~810, filtered
+// partials 2 rounds x ~250 (336 runs of 4), vertical + combine ~260: ~2,700, i.e. ~22 K
+// warp instructions a block. Blocks are 48 x 64 = 3,072 at 16x3x256x256 and 3 x 34 x 60 =
+// 6,120 at 1x3x1080x1920: ~0.07 and ~0.14 ms at one warp instruction per scheduler cycle
+// (132 SMs x 4 x 1.75 GHz). The work scales with the pixels, so a 256x256 batch costing
+// more than a 1080p frame is time outside this kernel (ssim_gpu_check.py prints the
+// breakdown), not its tiling: the halo costs both shapes the same 2.6x on inputs.
+// The upstream gradient is read through its strides (GradView): the gradient of a .sum()
+// of the map is an expanded, stride-0 tensor, and a contiguous copy of it cost a launch
+// plus 8 B per map pixel (4 read, 4 written) and a full-size float buffer; the per-image
+// gradient (B,) is read directly too. The shared-memory opt-in is set once per device.
 #include "ssim/ssim.h"
 
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <atomic>
 
 namespace epban {
 namespace ssim {
@@ -64,6 +78,13 @@ constexpr int kBwdRegionB = 5 * kBwdHStride;
 constexpr size_t kBwdSmemBytes = sizeof(float) * (kBwdRegionA + kBwdRegionB);  // 73.6 KB: 3 blocks per SM
 static_assert(2 * kBwdInStride <= kBwdRegionA, "inputs must fit region A");
 static_assert(4 * kBwdFStride <= kBwdRegionB, "filtered partials must fit region B");
+
+// The upstream gradient as given (no contiguous copy: the gradient of a .sum() is an
+// expanded, stride-0 tensor): the map's (B, C, H', W') or the per-image (B,), with strides.
+struct GradView {
+  const float* data;
+  int64_t stride[4];  // per-image: stride[0] only
+};
 
 struct Args {
   int64_t height, width;
@@ -257,8 +278,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
-                         const float* __restrict__ grad_map, const float* __restrict__ grad_image, float inv_count,
-                         int64_t channels, scalar_t* __restrict__ gx, scalar_t* __restrict__ gy) {
+                         GradView grad, bool map_grad, float inv_count, int64_t channels,
+                         scalar_t* __restrict__ gx, scalar_t* __restrict__ gy) {
   extern __shared__ float smem[];
   float* s_a = smem;                // inputs, then partials
   float* s_b = smem + kBwdRegionA;  // horizontal moment sums, then filtered partials
@@ -286,8 +307,10 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   // 3. Vertical moment sums and the partials (times the upstream gradient) of the 42x42
   //    centres, 7 rows per thread (252 items); zero at centres that give no output.
   //    Per-image mode: every active centre gets grad[b] / (map pixels per image).
-  const float g_scale = grad_map ? 0.f : grad_image[plane / channels] * inv_count;
-  const float* g_plane = grad_map ? grad_map + plane * a.out_h * a.out_w : nullptr;
+  const int64_t image = plane / channels;
+  const float g_scale = map_grad ? 0.f : grad.data[image * grad.stride[0]] * inv_count;
+  const float* g_plane =
+      map_grad ? grad.data + image * grad.stride[0] + (plane - image * channels) * grad.stride[1] : nullptr;
   constexpr int kCtrRows = 7;
   for (int i = threadIdx.x; i < kBwdCtr * (kBwdCtr / kCtrRows); i += kThreads) {
     const int cc = i % kBwdCtr;
@@ -301,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
       const int64_t ir = row0 - kHalo + cr;
       SsimPartials<float> d{0.f, 0.f, 0.f, 0.f};
       if (ir >= a.first && ir < a.last_row && ic >= a.first && ic < a.last_col) {
-        const float g = g_plane ? g_plane[(ir - a.first) * a.out_w + (ic - a.first)] : g_scale;
+        const float g = map_grad ? g_plane[(ir - a.first) * grad.stride[2] + (ic - a.first) * grad.stride[3]] : g_scale;
         d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], acc[o][4], a.c1, a.c2, g);
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;
@@ -332,6 +355,18 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
     if (gx) gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][2] + yv * acc[o][3]);
     if (gy) gy[idx] = static_cast<scalar_t>(acc[o][1] + 2.f * yv * acc[o][2] + xv * acc[o][3]);
   }
+}
+
+// Lifts the backward kernel's dynamic shared-memory limit to kBwdSmemBytes, once per
+// device and kernel instance (a driver call per launch costs microseconds of host time).
+template <typename scalar_t>
+void allow_backward_smem(int device) {
+  static std::atomic<uint64_t> done{0};  // one bit per device index < 64
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kBwdSmemBytes)));
+  done.fetch_or(bit, std::memory_order_release);
 }
 
 void check_cuda_inputs(const at::Tensor& x, const at::Tensor& y) {
@@ -436,21 +471,20 @@ std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad_in,
   at::Tensor gx = at::empty(grad_x ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor gy = at::empty(grad_y ? y.sizes() : at::IntArrayRef{0}, y.options());
   if (!(grad_x || grad_y)) return {gx, gy};
-  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const at::Tensor grad = grad_in.to(at::kFloat);  // float32 already for the op's own outputs: no copy
+  GradView gv{grad.data_ptr<float>(), {0, 0, 0, 0}};
+  for (int64_t d = 0; d < grad.dim(); ++d) gv.stride[d] = grad.stride(d);
   const Args a = make_args(g, c1, c2, /*centre_tiles=*/false);
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
   if (blocks == 0) return {gx, gy};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const auto kernel = ssim_backward_kernel<scalar_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kBwdSmemBytes)));
-    kernel<<<static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, map_grad ? grad.data_ptr<float>() : nullptr,
-        map_grad ? nullptr : grad.data_ptr<float>(), static_cast<float>(1.0 / static_cast<double>(g.count())),
-        g.channels, grad_x ? gx.data_ptr<scalar_t>() : nullptr,
-        grad_y ? gy.data_ptr<scalar_t>() : nullptr);
+    allow_backward_smem<scalar_t>(x.get_device());
+    ssim_backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream>>>(
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
+        static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
+        grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gx, gy};

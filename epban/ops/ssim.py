@@ -60,6 +60,12 @@ def _gaussian_filter(x: torch.Tensor, g: torch.Tensor, pad: int) -> torch.Tensor
 
 def ssim_map_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid"):
     """The per-pixel SSIM map (B, C, H', W'), computed in the inputs' dtype (float32 for half types)."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast would run the convolutions in half precision, where the variances
+        # E[x^2] - mu^2 cancel to noise.
+        with torch.autocast(x.device.type, enabled=False):
+            return ssim_map_reference(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                                      padding=padding)
     compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     x, y = x.to(compute_dtype), y.to(compute_dtype)
     g = gaussian_window_1d(win_size, sigma, compute_dtype, x.device)
@@ -174,7 +180,8 @@ def _register_fused() -> None:
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[:2]
-        gx, gy = torch.ops.epban.ssim_backward(grad.contiguous(), x, y, *ctx.args, need_x, need_y)
+        # grad as given: the kernels read it through its strides (a .sum() gives an expanded one).
+        gx, gy = torch.ops.epban.ssim_backward(grad, x, y, *ctx.args, need_x, need_y)
         return (gx if need_x else None), (gy if need_y else None), None, None, None
 
     for name in ("epban::ssim_per_image", "epban::ssim_map"):
