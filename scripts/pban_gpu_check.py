@@ -102,13 +102,9 @@ def _randomised_official():
 
     torch.manual_seed(0)
     model = EfficientPBAN(PBANConfig.official()).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean") or "param_generators" in name:
-                t.copy_(0.05 * torch.randn(t.shape, generator=g))
+    from epban.testing import randomise_inference_state
+
+    randomise_inference_state(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.cuda()

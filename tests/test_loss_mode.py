@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from epban import EfficientPBAN, PBANConfig
+from epban.testing import randomise_inference_state
 from epban.models.loss_mode import fold_batchnorm, pban_for_loss
 from epban.ops.deform_conv import fused_deform_conv_available
 
@@ -21,17 +22,7 @@ def _one_thread():
 
 
 def _randomised(model):
-    """Non-trivial BatchNorm statistics and affine terms and non-zero GMDC offsets."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean") or "param_generators" in name:
-                t.copy_(0.05 * torch.randn(t.shape, generator=g))
-            elif ".bn" in name and name.endswith(("weight", "bias")):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("weight") else 0.1 * torch.randn(t.shape, generator=g))
-    return model.eval()
+    return randomise_inference_state(model, affine=True)
 
 
 @pytest.fixture(scope="module")

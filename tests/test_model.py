@@ -7,6 +7,7 @@ import torch
 
 from epban import EfficientPBAN, PBANConfig
 from epban.models import pban as pban_module
+from epban.testing import randomise_inference_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -31,13 +32,7 @@ def tiny():
 
 def _randomise_buffers(model):
     """Non-trivial BatchNorm statistics and GMDC offsets, so round trips test real values."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean") or "param_generators" in name:
-                t.copy_(0.05 * torch.randn(t.shape, generator=g))
+    randomise_inference_state(model)
 
 
 def images(b=1, h=64, w=64, seed=0):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
+from epban.ops._checks import check_image_pair
 from epban.ops.axial_attention import SIGMA_SCOPES, bi_axial_attention
 from epban.ops.deform_conv import multi_branch_deform_conv
 
@@ -308,18 +309,9 @@ class EfficientPBAN(nn.Module):
 
     def check_inputs(self, sr: torch.Tensor, hr: torch.Tensor, check_finite: bool = True) -> None:
         for name, t in (("sr", sr), ("hr", hr)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{name} must be 4-D (B, 3, H, W), got shape {tuple(t.shape)}")
-            if t.shape[1] != 3:
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] != 3:
                 raise ValueError(f"{name} must have 3 (RGB) channels, got shape {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor with values in [0, 1], got {t.dtype}")
-        if sr.shape != hr.shape:
-            raise ValueError(f"sr and hr must have the same shape, got {tuple(sr.shape)} and {tuple(hr.shape)}")
-        if sr.device != hr.device:
-            raise ValueError(f"sr and hr must be on the same device, got {sr.device} and {hr.device}")
+        check_image_pair(sr, hr, name_x="sr", name_y="hr", same_dtype=False)  # an SR net under autocast may give bf16
         h, w = sr.shape[-2:]
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
             raise ValueError(f"images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, got {h}x{w}")

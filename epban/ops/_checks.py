@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 
-def check_image_pair(x: torch.Tensor, y: torch.Tensor, *, name_x: str = "x", name_y: str = "y") -> None:
+def check_image_pair(x: torch.Tensor, y: torch.Tensor, *, name_x: str = "x", name_y: str = "y",
+                     same_dtype: bool = True) -> None:
     for name, t in ((name_x, x), (name_y, y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -16,5 +17,5 @@ def check_image_pair(x: torch.Tensor, y: torch.Tensor, *, name_x: str = "x", nam
         raise ValueError(f"{name_x} and {name_y} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.device != y.device:
         raise ValueError(f"{name_x} and {name_y} must be on the same device, got {x.device} and {y.device}")
-    if x.dtype != y.dtype:
+    if same_dtype and x.dtype != y.dtype:
         raise ValueError(f"{name_x} and {name_y} must have the same dtype, got {x.dtype} and {y.dtype}")
