@@ -211,6 +211,11 @@ def test_toy_dataset(toy, capsys):
     for hr in by_split["train"]:
         rel = hr.relative_to(toy.parent).as_posix()
         assert score[(rel, "bicubic_x4")] < score[(rel, "bicubic_x2")]
+    # the graded levels of each single degradation come in order of strength: scores strictly decrease
+    for hr in {r["hr_path"] for r in rows}:
+        for method in ("blur", "ringing", "noise", "jpeg", "oversharpen"):
+            levels = [float(r["score"]) for r in rows if r["hr_path"] == hr and r["method"] == method]
+            assert len(levels) >= 5 and all(a > b for a, b in zip(levels, levels[1:])), (hr, method, levels)
 
 
 def test_toy_dataset_is_reproducible_and_guarded(toy, tmp_path, capsys):

@@ -64,7 +64,9 @@ def test_run_outputs(run, toy):
     train_scores = [s.score for s in load_manifest(toy) if s.split == "train"]
     assert model.config.score_range == (min(train_scores), max(train_scores))
     info = json.loads((best / "training.json").read_text())
-    assert info["synthetic_scores"] is True and info["step"] == 6 and info["val"]["n"] > 0
+    # best is whichever validated checkpoint (end of epoch 1 at step 4, or the stop at step 6) had the best SRCC
+    assert info["synthetic_scores"] is True and info["step"] in (4, 6) and info["val"]["n"] > 0
+    assert json.loads((out / "last" / "training.json").read_text())["step"] == 6
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,step,train_loss") and len(log) == 3  # epoch 1, then the stop at step 6
     assert not list(out.glob(".*tmp*"))
