@@ -11,40 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import epban
 from epban.ops.ssim import fused_ssim_available
+from epban.testing import ssim_implementations
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
 MODES = ("fwd", "fwd+bwd")
 
 
-def _competitors():
-    impls = {
-        "epban-fused": lambda x, y: epban.ssim(x, y, backend="fused"),
-        "epban-reference": lambda x, y: epban.ssim(x, y, backend="reference"),
-    }
-    try:
-        import pytorch_msssim
-
-        impls["pytorch-msssim"] = lambda x, y: pytorch_msssim.ssim(x, y, data_range=1.0)
-    except ImportError:
-        pass
-    try:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
-        impls["torchmetrics"] = lambda x, y: structural_similarity_index_measure(x, y, data_range=1.0)
-    except ImportError:
-        pass
-    try:
-        import kornia
-
-        impls["kornia"] = lambda x, y: kornia.metrics.ssim(x, y, window_size=11, max_val=1.0).mean()
-    except ImportError:
-        pass
-    return impls
-
-
-IMPLS = _competitors()
+IMPLS = ssim_implementations()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -52,14 +26,14 @@ def _shape_id(shape):
     return "x".join(map(str, shape))
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", list(IMPLS), ids=lambda name: name.replace(" ", "-"))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("device", DEVICES)
 def test_ssim(benchmark, device, shape, mode, impl):
     if device == "cpu" and shape[-1] > 2000:
         pytest.skip("4K is a GPU shape")
-    if impl == "epban-fused" and not fused_ssim_available(device):
+    if impl == "epban fused" and not fused_ssim_available(device):
         pytest.skip(f"epban._C does not serve {device}")
     benchmark.group = f"ssim {device} {_shape_id(shape)} {mode}"
     benchmark.name = impl
@@ -90,5 +64,5 @@ def test_ssim(benchmark, device, shape, mode, impl):
         benchmark.pedantic(run, rounds=10 if shape[-1] > 2000 else 20, warmup_rounds=3)
     else:
         # The competitors take seconds per call here: two rounds, no warm-up (nothing to compile).
-        fast = impl == "epban-fused"
+        fast = impl == "epban fused"
         benchmark.pedantic(run, rounds=5 if fast else 2, warmup_rounds=1 if fast else 0)

@@ -20,3 +20,34 @@ def randomise_inference_state(model: torch.nn.Module, *, seed: int = 1, affine: 
             elif affine and ".bn" in name and name.endswith("bias"):
                 t.copy_(0.1 * torch.randn(t.shape, generator=g))
     return model.eval()
+
+
+def ssim_implementations(on_missing=None) -> dict:
+    """SSIM callables ``f(x, y) -> mean SSIM`` for side-by-side comparisons: epban's two
+    backends and the libraries users would otherwise pick, each when installed.
+    ``on_missing(name)`` is called for each library that is absent."""
+    from epban.ops.ssim import ssim
+
+    impls = {
+        "epban fused": lambda x, y: ssim(x, y, backend="fused"),
+        "epban reference": lambda x, y: ssim(x, y, backend="reference"),
+    }
+    try:
+        import pytorch_msssim
+
+        impls["pytorch-msssim"] = lambda x, y: pytorch_msssim.ssim(x, y, data_range=1.0)
+    except ImportError:
+        on_missing and on_missing("pytorch-msssim")
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        impls["torchmetrics"] = lambda x, y: structural_similarity_index_measure(x, y, data_range=1.0)
+    except ImportError:
+        on_missing and on_missing("torchmetrics")
+    try:
+        import kornia
+
+        impls["kornia"] = lambda x, y: kornia.metrics.ssim(x, y, window_size=11, max_val=1.0).mean()
+    except ImportError:
+        on_missing and on_missing("kornia")
+    return impls

@@ -27,6 +27,7 @@ import torch
 
 import epban
 from epban.ops.ssim import fused_ssim_available, ssim_reference
+from epban.testing import ssim_implementations
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
 TARGETS_MS = {(16, 3, 256, 256): 0.07, (1, 3, 1080, 1920): 0.12, (1, 3, 2160, 3840): 0.44}  # fwd+bwd, issue 3
@@ -137,32 +138,6 @@ def check_correctness(seed: int) -> list[str]:
     return failures
 
 
-def competitors():
-    impls = {
-        "epban fused": lambda x, y: epban.ssim(x, y, backend="fused"),
-        "epban reference": lambda x, y: epban.ssim(x, y, backend="reference"),
-    }
-    try:
-        import pytorch_msssim
-
-        impls["pytorch-msssim"] = lambda x, y: pytorch_msssim.ssim(x, y, data_range=1.0)
-    except ImportError:
-        print("pytorch-msssim not installed: skipped")
-    try:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
-        impls["torchmetrics"] = lambda x, y: structural_similarity_index_measure(x, y, data_range=1.0)
-    except ImportError:
-        print("torchmetrics not installed: skipped")
-    try:
-        import kornia
-
-        impls["kornia"] = lambda x, y: kornia.metrics.ssim(x, y, window_size=11, max_val=1.0).mean()
-    except ImportError:
-        print("kornia not installed: skipped")
-    return impls
-
-
 def median_ms(fn) -> float:
     try:
         from triton.testing import do_bench
@@ -226,7 +201,7 @@ def breakdown() -> None:
 
 
 def timings() -> None:
-    impls = competitors()
+    impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
     rows = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
