@@ -82,6 +82,7 @@ ext_modules, cmdclass = _extension()
 setup(
     packages=_packages(),
     package_dir={"epban.kernels": "kernels"},
+    package_data={"epban": ["weights/*/*.json", "weights/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

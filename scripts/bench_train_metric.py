@@ -2,7 +2,11 @@
 
 Target (issue 5): test SRCC >= 0.8 within 5 minutes on a 2-core CPU.
 
-    .venv/bin/python scripts/bench_train_metric.py [--out bench_out] [--threads 1] [--crop 64] [--lr 1e-3]
+    .venv/bin/python scripts/bench_train_metric.py [--out bench_out] [--threads 1] [--crop 96] [--lr 1e-4]
+        [--init auto|random|DIR]
+
+The tiny model starts from the bundled SSIM-pretrained weights (``epban.weights``) unless
+``--init random``; see scripts/pretrain_tiny.py for how they were made.
 
 On a shared CPU, one intra-op thread is much faster than two (OpenMP threads spin when
 the cores are oversubscribed): hence the default ``--threads 1``.
@@ -24,12 +28,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out/train_metric")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--crop", type=int, default=96)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=128, help="toy HR size")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="auto", help="auto (the bundled tiny-ssim weights), random, or a model directory")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,7 +47,7 @@ def main(argv=None) -> int:
     manifest = make_toy_dataset(out / "toy", seed=args.seed, size=args.size, quiet=True)
     t1 = time.perf_counter()
     best = train_metric(manifest, config="tiny", epochs=args.epochs, out=out / "run", batch_size=args.batch_size,
-                        lr=args.lr, crop=args.crop, seed=args.seed, num_workers=0, quiet=True)
+                        lr=args.lr, crop=args.crop, seed=args.seed, num_workers=0, quiet=True, init=args.init)
     t2 = time.perf_counter()
     report = evaluate_metric(manifest, weights=best, split="test", out=out / "eval", num_workers=0, quiet=True)
     t3 = time.perf_counter()

@@ -56,7 +56,7 @@ def cmd_train_metric(args) -> int:
             backbone_weights=True if args.weights == "hub" else args.weights, max_steps=args.max_steps, crop=args.crop, quiet=args.quiet,
             root=args.root, val_data=args.val_data, eval_size=args.eval_size, lr_step=args.lr_step,
             lr_gamma=args.lr_gamma, accum_steps=args.accum_steps, amp=args.amp, num_workers=args.workers,
-            freeze_stem=not args.no_freeze_stem, overwrite=args.overwrite,
+            freeze_stem=not args.no_freeze_stem, overwrite=args.overwrite, init=args.init,
         )
     except TrainingInterrupted as exc:
         print(f"epban train-metric: {exc}", file=sys.stderr)
@@ -119,8 +119,10 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--weights", metavar="BACKBONE",
                    help="torchvision's ImageNet resnet34 file for the backbone ('hub': the torch hub cache)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--init", default="auto",
+                   help="starting weights: auto (tiny: the bundled SSIM-pretrained weights; others: random), "
+                        "random, or a model directory")
+XX, type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--lr-step", type=int, default=5, help="StepLR period in epochs")

@@ -163,6 +163,7 @@ def train_metric(
     freeze_stem: bool = True,
     overwrite: bool = False,
     callback: Callable[[dict], None] | None = None,
+    init="auto",
 ) -> Path:
     """Train a metric on the ``train`` split of manifest ``data``, select by ``val`` SRCC; return ``out/best``.
 
@@ -174,6 +175,9 @@ def train_metric(
     the torch hub cache). ``max_steps`` stops after that many optimiser steps (then
     validates and saves). ``val_data``: a separate manifest for validation.
     ``callback(row)`` is called after every optimiser step with ``epoch, step, loss, lr``.
+    ``init``: where the weights start: ``"auto"`` (the bundled SSIM-pretrained weights
+    for the ``tiny`` preset, see ``epban.weights``; random otherwise), ``"random"``, or a
+    model directory (``save_pretrained`` format) of the same architecture.
 
     Writes ``out/best``, ``out/last`` (model directories, loadable by
     ``EfficientPBAN.from_checkpoint``) and ``out/log.csv``. SIGINT/SIGTERM saves ``last``
@@ -213,11 +217,50 @@ def train_metric(
         if int(os.environ.get("RANK", "0")) == 0:
             _remove_run(out)
 
+    init_dir = _resolve_init(init, config)
     ctx = distributed.setup(device)
     try:
         return _train(**locals())
     finally:
         distributed.cleanup(ctx)
+
+
+def _resolve_init(init, config) -> Path | None:
+    """The model directory training starts from, or None for random weights."""
+    from epban import weights
+
+    if init == "random":
+        return None
+    if init == "auto":
+        name = config.name if isinstance(config, PBANConfig) else str(config)
+        return weights.path("tiny-ssim") if name == "tiny" and weights.available("tiny-ssim") else None
+    path = Path(init)
+    if checkpoint.resolve(path) is None and not (path / "config.json").exists():
+        raise FileNotFoundError(f"init={init!r}: not 'auto', 'random' or a model directory")
+    return path
+
+
+def _initial_model(init_dir: Path, config, score_range: tuple[float, float], scores: np.ndarray) -> EfficientPBAN:
+    """The model at ``init_dir``, its output rescaled to the training scores.
+
+    The pretrained output is in the units of its own target (``pretrain.json``: mean and
+    std); the affine map that takes those to the training scores' mean and std is folded
+    into the ``out`` layer, as the random start's output is set to the scores' scale.
+    """
+    model = EfficientPBAN.from_checkpoint(init_dir).float()
+    wanted = _build_config(config, score_range)
+    have = dataclasses.replace(model.config, score_range=score_range, name=wanted.name)
+    if have != wanted:
+        raise ValueError(f"init weights {init_dir} have another architecture or normalisation than config "
+                         f"{wanted.name!r}: {model.config} vs {wanted}")
+    model.config = wanted
+    stats_file = init_dir / "pretrain.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"mean": 0.0, "std": 1.0}
+    gain = float(scores.std() or 1.0) / float(stats["std"])
+    with torch.no_grad():
+        model.out.weight.mul_(gain)
+        model.out.bias.sub_(float(stats["mean"])).mul_(gain).add_(float(scores.mean()))
+    return model
 
 
 def _remove_run(out: Path) -> None:
@@ -234,7 +277,7 @@ def _is_toy(data) -> bool:
 
 
 def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, resume, backbone_weights, max_steps,
-           quiet, lr_step, lr_gamma, accum_steps, amp, num_workers, freeze_stem, callback, policy, train_samples,
+           init_dir, quiet, lr_step, lr_gamma, accum_steps, amp, num_workers, freeze_stem, callback, policy, train_samples,
            val_samples, val_sizes, scores, synthetic, last_dir, ctx, **_unused) -> Path:
     device = ctx.device
     show = not quiet and ctx.is_main
@@ -245,10 +288,15 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    score_range = (float(scores.min()), float(scores.max()))
     if last_dir is not None:
         model = EfficientPBAN.from_checkpoint(last_dir)
+    elif init_dir is not None:
+        model = _initial_model(init_dir, config, score_range, scores)
+        if show:
+            print(f"starting from {init_dir}", file=sys.stderr)
     else:
-        model = EfficientPBAN(_build_config(config, (float(scores.min()), float(scores.max()))))
+        model = EfficientPBAN(_build_config(config, score_range))
         if backbone_weights is not None and backbone_weights is not False:
             model.load_imagenet_backbone(None if backbone_weights is True else backbone_weights)
         with torch.no_grad():
@@ -302,6 +350,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
         "data": str(data), "config": model.config.name, "epochs": epochs, "batch_size": batch_size,
         "accum_steps": accum_steps, "lr": lr, "weight_decay": weight_decay, "lr_step": lr_step,
         "lr_gamma": lr_gamma, "seed": seed, "world_size": ctx.world_size, "freeze_stem": freeze_stem,
+        "init": "random" if init_dir is None else str(init_dir),
         "data_policy": policy.to_dict(), "synthetic_scores": synthetic,
         "score_stats": {"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean()),
                         "std": float(scores.std()), "n": int(scores.size)},
