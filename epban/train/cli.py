@@ -122,7 +122,8 @@ def register(sub) -> None:
     p.add_argument("--init", default="auto",
                    help="starting weights: auto (tiny: the bundled SSIM-pretrained weights; others: random), "
                         "random, or a model directory")
-XX, type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--lr-step", type=int, default=5, help="StepLR period in epochs")
