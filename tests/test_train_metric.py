@@ -203,3 +203,21 @@ def test_cli_unknown_column(tmp_path, capsys):
     bad.write_text("sr_path,hr_path,score,mos\n")
     assert epban_main(["eval-metric", "--data", str(bad), "--weights", str(tmp_path)]) == 2
     assert "m.csv:1: unknown column(s) 'mos'" in capsys.readouterr().err
+
+
+def test_cli_bad_init_one_line_no_outputs(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = epban_main(["train-metric", "--data", str(toy), "--out", str(out), "--epochs", "1", "--quiet",
+                       "--init", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "init=" in err[0], err
+    assert not out.exists()
+
+
+def test_init_random_and_bundled_differ(toy, tmp_path):
+    """``init="auto"`` starts the tiny model from the bundled weights, ``"random"`` does not."""
+    runs = {}
+    for init in ("auto", "random"):
+        best = train_metric(toy, epochs=1, max_steps=1, out=tmp_path / init, init=init, **FAST)
+        runs[init] = json.loads((best / "training.json").read_text())["init"]
+    assert runs["random"] == "random" and runs["auto"].endswith("tiny-ssim")

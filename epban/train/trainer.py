@@ -194,7 +194,8 @@ def train_metric(
     if eval_size != "auto":
         policy = dataclasses.replace(policy, eval_size=None if eval_size in (None, 0) else int(eval_size))
 
-    # -- data: everything is checked before anything is written -------------------------
+    # -- data and arguments: everything is checked before anything is written -----------
+    init_dir = _resolve_init(init, config)
     samples = load_manifest(data, root=root)
     train_samples = select_split(samples, "train", data)
     val_source = load_manifest(val_data, root=root) if val_data is not None else samples
@@ -217,7 +218,6 @@ def train_metric(
         if int(os.environ.get("RANK", "0")) == 0:
             _remove_run(out)
 
-    init_dir = _resolve_init(init, config)
     ctx = distributed.setup(device)
     try:
         return _train(**locals())
