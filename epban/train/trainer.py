@@ -246,6 +246,7 @@ def _initial_model(init_dir: Path, config, score_range: tuple[float, float], sco
     The pretrained output is in the units of its own target (``pretrain.json``: mean and
     std); the affine map that takes those to the training scores' mean and std is folded
     into the ``out`` layer, as the random start's output is set to the scores' scale.
+    Without ``pretrain.json`` (another run's checkpoint) the output is kept as it is.
     """
     model = EfficientPBAN.from_checkpoint(init_dir).float()
     wanted = _build_config(config, score_range)
@@ -255,7 +256,9 @@ def _initial_model(init_dir: Path, config, score_range: tuple[float, float], sco
                          f"{wanted.name!r}: {model.config} vs {wanted}")
     model.config = wanted
     stats_file = init_dir / "pretrain.json"
-    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"mean": 0.0, "std": 1.0}
+    if not stats_file.exists():  # e.g. an earlier run of ours: its output is already on a score scale
+        return model
+    stats = json.loads(stats_file.read_text())
     gain = float(scores.std() or 1.0) / float(stats["std"])
     with torch.no_grad():
         model.out.weight.mul_(gain)
