@@ -79,7 +79,8 @@ FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 # Tile configuration (the GPU check sweeps it): positions per tile in the row and column
 # passes, neighbouring column sequences per program, channels per step of the logits'
 # contraction, warps per program.
-CONFIG = dict(block_row=32, block_col=32, seqs_col=1, block_ck=32, num_warps=8)
+# num_stages: software-pipelining depth of the loops (None: Triton's default).
+CONFIG = dict(block_row=32, block_col=32, seqs_col=1, block_ck=32, num_warps=8, num_stages=None)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -541,6 +542,9 @@ class _Plan:
             raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
         self.precision = precision if dtype == torch.float32 else "ieee"
         self.num_warps = cfg["num_warps"] if self.block_c >= 128 else 4
+        self.launch = dict(num_warps=self.num_warps)
+        if cfg.get("num_stages") is not None:
+            self.launch["num_stages"] = cfg["num_stages"]
 
     def passes(self):
         """(PASS, SEQS, BLOCK, number of programs, first program id, accumulate) for the row then column pass."""
@@ -548,7 +552,7 @@ class _Plan:
 
     def both(self):
         return dict(SEQS_COL=self.seqs_col, BLOCK_ROW=self.block_row, BLOCK_COL=self.block_col,
-                    BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, num_warps=self.num_warps)
+                    BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, **self.launch)
 
 
 def _pair(ts):
@@ -585,7 +589,7 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
         _axial_fwd_out_kernel[(n, ndir)](
             q0, k0, v0, o0, q1, k1, v1, o1, stats, lse, B, C, H, W, plan.NG, plan.sample, accumulate,
             PASS=pass_, SEQS=seqs, BLOCK=block, BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck,
-            PRECISION=plan.precision, ACC=plan.acc, num_warps=plan.num_warps)
+            PRECISION=plan.precision, ACC=plan.acc, **plan.launch)
     return outs, lse, stats
 
 
@@ -616,7 +620,7 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     dk0, dk1 = _pair([t if t is not None else q for t, q in zip(dks, qs)])
     dv0, dv1 = _pair([t if t is not None else q for t, q in zip(dvs, qs)])
     common = dict(BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck, PRECISION=plan.precision, ACC=plan.acc,
-                  num_warps=plan.num_warps)
+                  **plan.launch)
     for pass_, seqs, block, n, first, accumulate in plan.passes():
         _axial_bwd_dv_kernel[(n, ndir)](
             q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats, lse, drow, dpart, first, B, C, H, W, plan.NG,

@@ -48,12 +48,19 @@ CHECK_CASES = [  # shape, scope, dtype, input scale
 # Triton JIT (single-threaded per kernel) fills its on-disk cache on several cores.
 WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32),
               ((1, 256, 33, 47), torch.float32), ((1, 256, 33, 47), torch.bfloat16)]
+# Tile configurations timed by --sweep (tf32x3 dots, the CUDA default; "precision" picks another).
 SWEEP = [
-    dict(block_row=32, block_col=32, seqs_col=2, block_ck=32, num_warps=8),
-    dict(block_row=32, block_col=32, seqs_col=1, block_ck=16, num_warps=4),
-    dict(block_row=64, block_col=64, seqs_col=1, block_ck=32, num_warps=8),
-    dict(block_row=32, block_col=16, seqs_col=4, block_ck=32, num_warps=8),
+    dict(block_ck=256),
+    dict(block_ck=64),
+    dict(block_ck=256, num_warps=4),
+    dict(block_row=64, block_col=64, block_ck=64),
+    dict(num_stages=1),
+    dict(num_stages=2, block_ck=64),
+    dict(seqs_col=4, block_col=16),
+    dict(precision="tf32"),
+    dict(precision="tf32", block_ck=256),
 ]
+SWEEP_SHAPES = [(16, 256, 16, 16), (1, 256, 64, 64), (1, 256, 128, 128), (1, 256, 135, 240)]
 
 
 DEVICE = "cuda"
@@ -182,6 +189,103 @@ def _warm(index):
     return 0
 
 
+def _warm_config(cfg_json):
+    """Compile one sweep configuration's kernels (a subprocess of --profile)."""
+    import json
+
+    cfg = json.loads(cfg_json)
+    fn = _fused(cfg.pop("precision", "tf32x3"), cfg)
+    for shape in ((1, 256, 64, 64), (2, 256, 16, 16)):
+        x = _inputs(shape, torch.float32, 0.1)
+        torch.autograd.backward(fn(*x), [torch.ones_like(x[0])] * 2)
+    torch.cuda.synchronize()
+    return 0
+
+
+def _kernel_profile(shape, fn, iters=5):
+    """{kernel name: device us per fwd+bwd}, host us to issue one fwd+bwd, device us per fwd+bwd."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = _inputs(shape, torch.float32, 0.1)
+    grads = [torch.randn(shape, device=DEVICE) for _ in range(2)]
+
+    def step():
+        torch.autograd.backward(fn(*x), grads)
+        for t in x:
+            t.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    # host time: issue 20 steps behind a long sleep kernel, so the queue never blocks the host
+    torch.cuda._sleep(int(5e8))
+    t0 = time.perf_counter()
+    for _ in range(20):
+        step()
+    host_us = (time.perf_counter() - t0) / 20 * 1e6
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] if DEVICE == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.key_averages():
+        dev = getattr(ev, "device_time_total", None)
+        if dev is None:
+            dev = ev.cuda_time_total
+        if dev > 0 and ev.count >= iters:
+            per[ev.key] = (dev / iters, ev.count // iters)
+    return per, host_us
+
+
+def _profile(args):
+    """Where the fused path's time goes, and a tile-configuration sweep (for kernel work)."""
+    import json
+    import subprocess
+
+    import triton
+    import triton.testing
+
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm-config", json.dumps(cfg)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cfg in [{}] + SWEEP]
+    for cfg, proc in zip([{}] + SWEEP, procs):
+        out, _ = proc.communicate(timeout=240)
+        if proc.returncode != 0:
+            print(f"config {cfg} failed to compile/run:\n{out[-1500:]}")
+    print(f"compiled {len(procs)} configurations in parallel: {time.time() - t0:.1f} s", flush=True)
+    default = _fused("tf32x3")
+    for shape in SWEEP_SHAPES:
+        per, host_us = _kernel_profile(shape, default)
+        print(f"\n## profile {shape} fused tf32x3 default: host issue {host_us:.0f} us/iter; "
+              f"device kernels {sum(us for us, _ in per.values()):.0f} us/iter (sum of rows below, incl. nested)")
+        for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:14]:
+            print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
+    print("\n## sweep (fwd+bwd both directions, fp32 inputs, median ms of do_bench)", flush=True)
+    runs = [("reference", lambda *t: ops.bi_axial_attention(*t, backend="reference")), ("default tf32x3", default)]
+    runs += [(",".join(f"{k}={v}" for k, v in cfg.items()),
+              _fused(cfg.get("precision", "tf32x3"), {k: v for k, v in cfg.items() if k != "precision"}))
+             for cfg in SWEEP]
+    print("| config | " + " | ".join(",".join(map(str, s)) for s in SWEEP_SHAPES) + " |")
+    print("|---|" + "---|" * len(SWEEP_SHAPES))
+    for name, fn in runs:
+        cells = []
+        for shape in SWEEP_SHAPES:
+            x = _inputs(shape, torch.float32, 0.1)
+            grads = [torch.randn(shape, device=DEVICE) for _ in range(2)]
+            try:
+                ms = triton.testing.do_bench(lambda: torch.autograd.backward(fn(*x), grads), warmup=5, rep=25,
+                                             grad_to_none=x, return_mode="median")
+                cells.append(f"{ms:.3f}")
+            except Exception as exc:  # a configuration that does not compile for this shape
+                cells.append(f"error {type(exc).__name__}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\nprofile + sweep in {time.time() - t0:.1f} s")
+    return 0
+
+
 def _warm_in_parallel():
     import subprocess
 
@@ -208,10 +312,17 @@ def main():
     parser.add_argument("--dry-run", action="store_true",
                         help="every step on tiny CPU tensors under TRITON_INTERPRET=1 (tests this script)")
     parser.add_argument("--no-warm", action="store_true", help="compile in this process only")
+    parser.add_argument("--profile", action="store_true",
+                        help="only: per-kernel device times, host issue time, and the --sweep table")
     parser.add_argument("--warm", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warm is not None:
         return _warm(args.warm)
+    if args.warm_config is not None:
+        return _warm_config(args.warm_config)
+    if args.profile:
+        return _profile(args)
     if args.dry_run:
         return _dry_run(args)
     if not torch.cuda.is_available():
@@ -255,7 +366,8 @@ def _run(args, check_cases, timing_shapes, device):
 
     runs = [(name, dtype, fn) for name, dtype, fn in _impls(args.extra)]
     if args.sweep:
-        runs += [("fused fp32 " + ",".join(f"{k}={v}" for k, v in cfg.items()), torch.float32, _fused("ieee", cfg))
+        runs += [("fused " + ",".join(f"{k}={v}" for k, v in cfg.items()), torch.float32,
+                  _fused(cfg.get("precision", "tf32x3"), {k: v for k, v in cfg.items() if k != "precision"}))
                  for cfg in SWEEP]
     rows = []
     for shape, run_shape in timing_shapes.items():
