@@ -1,6 +1,7 @@
 // The operator table of epban._C: every TORCH_LIBRARY schema, the kernels registered for
-// each dispatch key, and the Python module. Fake (meta) kernels and autograd are
-// registered from Python, beside each op's reference (epban/ops/*.py).
+// each dispatch key, and the Python module. Autograd kernels live beside each op
+// (csrc/ssim/ssim_autograd.cpp); fake (meta) kernels are registered from Python, beside
+// each op's reference (epban/ops/*.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -154,7 +154,7 @@ def _fused_out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _register_fused() -> None:
-    """Fake kernels (for torch.compile and opcheck) and autograd of the torch.ops.epban.ssim_* ops."""
+    """Fake kernels of the torch.ops.epban.ssim_* ops (for torch.compile and opcheck)."""
 
     @torch.library.register_fake("epban::ssim_per_image")
     def _(x, y, c1, c2, same_padding):
@@ -172,20 +172,8 @@ def _register_fused() -> None:
         gy = y.new_empty(y.shape) if grad_y else y.new_empty((0,))
         return gx, gy
 
-    def setup_context(ctx, inputs, output):
-        x, y, c1, c2, same_padding = inputs
-        ctx.save_for_backward(x, y)
-        ctx.args = (c1, c2, same_padding)
-
-    def backward(ctx, grad):
-        x, y = ctx.saved_tensors
-        need_x, need_y = ctx.needs_input_grad[:2]
-        # grad as given: the kernels read it through its strides (a .sum() gives an expanded one).
-        gx, gy = torch.ops.epban.ssim_backward(grad, x, y, *ctx.args, need_x, need_y)
-        return (gx if need_x else None), (gy if need_y else None), None, None, None
-
-    for name in ("epban::ssim_per_image", "epban::ssim_map"):
-        torch.library.register_autograd(name, backward, setup_context=setup_context)
+    # Autograd is registered in C++ (csrc/ssim/ssim_autograd.cpp): the backward never
+    # re-enters Python.
 
 
 if extension_loaded():
