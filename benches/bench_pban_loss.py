@@ -151,7 +151,9 @@ def run_rows(sizes, variants, device, *, deadline=None, log=print):
                 f, module = make_variant(name, model)
                 ms, peak = time_variant(f, module, size, device)
                 rows.append(dict(size=size, variant=name, ms=ms, peak=peak))
-                log(f"{size} {name}: {ms:.2f} ms, peak {peak if peak is None else round(peak)} MiB")
+                choice = getattr(f, "attention_choice", None)
+                choice = f" (attention picked: {list(choice.values())})" if choice else ""
+                log(f"{size} {name}: {ms:.2f} ms, peak {peak if peak is None else round(peak)} MiB{choice}")
             except Exception as exc:  # one failing row must not hide the others
                 log(f"{size} {name}: FAILED {type(exc).__name__}: {exc}")
             finally:

@@ -555,6 +555,20 @@ class _Plan:
                     BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, **self.launch)
 
 
+_PLANS: dict = {}
+
+
+def _plan(shape, dtype, sigma_scope, precision, config=None) -> _Plan:
+    """The _Plan of these arguments, built once (it is host time on every call otherwise)."""
+    key = (tuple(shape), dtype, sigma_scope, precision, tuple(sorted({**CONFIG, **(config or {})}.items())))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(shape, dtype, sigma_scope, precision, config)
+    return plan
+
+
 def _pair(ts):
     return (ts[0], ts[-1])
 
@@ -565,7 +579,7 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
     Inputs must be contiguous NCHW. ``outs`` (optional) are overwritten entirely. ``config``
     overrides entries of ``CONFIG``. Returns (outs, lse, stats): the state the backward needs.
     """
-    plan = _Plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
+    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
     ndir = len(qs)
     dev = qs[0].device
     if outs is None:
@@ -599,7 +613,7 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     needs[d] = (dq wanted, dk wanted, dv wanted) for direction d (default: all); an unwanted
     gradient is returned as None and costs no work beyond what the others need.
     """
-    plan = _Plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
+    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
     ndir = len(qs)
     dev = qs[0].device
     needs = needs or [(True, True, True)] * ndir

@@ -314,6 +314,8 @@ def main():
     parser.add_argument("--no-warm", action="store_true", help="compile in this process only")
     parser.add_argument("--profile", action="store_true",
                         help="only: per-kernel device times, host issue time, and the --sweep table")
+    parser.add_argument("--sweep-configs", help="JSON list of configurations for --profile / --sweep "
+                        "(default: SWEEP), e.g. '[{\"num_warps\": 4}]'")
     parser.add_argument("--warm", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--warm-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -321,6 +323,11 @@ def main():
         return _warm(args.warm)
     if args.warm_config is not None:
         return _warm_config(args.warm_config)
+    if args.sweep_configs:
+        import json
+
+        global SWEEP
+        SWEEP = json.loads(args.sweep_configs)
     if args.profile:
         return _profile(args)
     if args.dry_run:

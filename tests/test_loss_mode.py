@@ -190,6 +190,9 @@ def test_cuda_graph_replays_match_eager(official_cuda, no_tf32):
         scores, grad = _score_and_grad(graphed, sr, hr)
         torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
+    # one shape captured: its attention backend was picked by timing both
+    assert [c[0] in ("fused", "reference") for c in graphed.attention_choice.values()] == [True]
+    assert official_cuda.attention_backend == "auto"
 
 
 @pytest.mark.cuda

@@ -20,13 +20,16 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
 - ``cuda_graph=True``: forward and backward are captured once per input shape, dtype and
   device (``torch.cuda.make_graphed_callables``) and replayed; the scores and the gradient
   handed to autograd live in the graph's static buffers, so consume them before the next
-  call (an SR training step does). Calls without a gradient to ``sr`` run eagerly.
+  call (an SR training step does). Calls without a gradient to ``sr`` run eagerly. With the
+  attention backend "auto", the first call of a shape captures the step with the fused and
+  with the reference attention and keeps the faster (``.attention_choice``).
 - ``compile=True`` (or a dict of ``torch.compile`` arguments): the scorer is compiled; the
   fused ops are opaque custom ops to Dynamo. With both, ``mode="reduce-overhead"`` is used.
 """
 from __future__ import annotations
 
 import copy
+import gc
 
 import torch
 import torch.nn as nn
@@ -161,15 +164,76 @@ class PBANLossScorer(nn.Module):
 
 
 class CUDAGraphScorer(nn.Module):
-    """Replays a captured forward + backward per (shape, dtype, device) of the inputs."""
+    """Replays a captured forward + backward per (shape, dtype, device) of the inputs.
+
+    When the attention backend is "auto", the first call of a shape captures the step once
+    with the fused attention kernels and once with the reference attention, times a few
+    replays of each, and keeps the faster: replays carry no host overhead, so the eager
+    rule of thumb behind "auto" (which counts the host time of ~10 kernel launches against
+    ~40) does not hold inside a graph. ``attention_choice`` records the pick per shape.
+    """
+
+    TIMED_REPLAYS = 5
 
     def __init__(self, scorer: nn.Module):
         super().__init__()
         self.scorer = scorer
         self._graphed: dict = {}
+        self.attention_choice: dict = {}
 
     def train(self, mode: bool = True):
         return super().train(False)
+
+    def _capture(self, sr: torch.Tensor, hr: torch.Tensor):
+        self.scorer(sr.detach(), hr)  # validates the inputs and compiles the kernels before capture
+        return torch.cuda.make_graphed_callables(
+            lambda a, b: self.scorer(a, b), (sr.detach().clone().requires_grad_(), hr.clone())
+        )
+
+    def _attention_candidates(self, sr: torch.Tensor) -> list:
+        from epban.ops.axial_attention import fused_axial_available
+
+        block = self.scorer.model.block2
+        if block.attention_backend != "auto" or not fused_axial_available(sr.device):
+            return []
+        return ["fused", "reference"]
+
+    def _replay_ms(self, fn, sr: torch.Tensor, hr: torch.Tensor) -> float:
+        x = sr.detach().clone().requires_grad_()
+        for _ in range(2):
+            torch.autograd.grad(fn(x, hr).sum(), x)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(self.TIMED_REPLAYS):
+            torch.autograd.grad(fn(x, hr).sum(), x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / self.TIMED_REPLAYS
+
+    def _capture_fastest(self, sr: torch.Tensor, hr: torch.Tensor, key):
+        candidates = self._attention_candidates(sr)
+        if not candidates:
+            return self._capture(sr, hr)
+        block = self.scorer.model.block2
+        best = None
+        try:
+            for backend in candidates:
+                block.attention_backend = backend
+                try:
+                    fn = self._capture(sr, hr)
+                except Exception:  # a backend that cannot serve this shape or device
+                    continue
+                ms = self._replay_ms(fn, sr, hr)
+                if best is None or ms < best[0]:
+                    best = (ms, backend, fn)
+                del fn
+        finally:
+            block.attention_backend = "auto"
+        gc.collect()  # frees the slower capture's graph and its memory pool
+        if best is None:
+            return self._capture(sr, hr)
+        self.attention_choice[key] = (best[1], round(best[0], 3))
+        return best[2]
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         if not (sr.is_cuda and sr.requires_grad and torch.is_grad_enabled()):
@@ -178,11 +242,7 @@ class CUDAGraphScorer(nn.Module):
         key = (tuple(sr.shape), sr.dtype, hr.dtype, sr.device)
         fn = self._graphed.get(key)
         if fn is None:
-            self.scorer(sr.detach(), hr)  # validates the inputs and compiles the kernels before capture
-            fn = torch.cuda.make_graphed_callables(
-                lambda a, b: self.scorer(a, b), (sr.detach().clone().requires_grad_(), hr.clone())
-            )
-            self._graphed[key] = fn
+            fn = self._graphed[key] = self._capture_fastest(sr, hr, key)
         return fn(sr, hr)
 
 
