@@ -16,6 +16,8 @@
       reported against the 1e-2 goal without failing the run.
    c. CUDA-graph replays equal eager, two different inputs of one shape.
    d. with --compile: torch.compile of the loss mode (Inductor; slow to compile).
+   With --profile, only: where the loss mode's device time goes (bf16 and fp32, eager, whose
+   kernels are those a graph replays), per kernel and per part of the model.
 2. Timings of the whole loss (forward + backward to sr) at 16x3x256x256, 1x3x512x512,
    1x3x1024x1024, 1x3x2048x2048 (rows from benches/bench_pban_loss.py), then the deformable
    op alone (benches/bench_deform_conv.py), as markdown tables printed last. Rows that would
@@ -168,16 +170,73 @@ def check_loss_mode(report: Report, model, compile_check: bool):
         report.line("compiled: scores and gradient", max(_rel(c_s, e_s), _rel(c_g, e_g)), 1e-4)
 
 
+# Kernel name fragments -> the part of the model they belong to (first match wins).
+_PARTS = [("mbdc_", "deformable conv (Triton)"), ("_axial_", "axial attention (Triton)"),
+          ("bmm", "attention matmuls (reference)"), ("gemm", "GEMMs (cuBLAS)"), ("conv", "convolutions (cuDNN)"),
+          ("wgrad", "convolutions (cuDNN)"), ("dgrad", "convolutions (cuDNN)"), ("xmma", "convolutions (cuDNN)"),
+          ("sm90", "convolutions / GEMMs (cuDNN, cuBLAS)"), ("softmax", "softmax"), ("reduce", "reductions"),
+          ("max_pool", "pooling"), ("avg_pool", "pooling"), ("elementwise", "elementwise"),
+          ("copy", "copies / layout"), ("nchw", "copies / layout"), ("nhwc", "copies / layout")]
+
+
+def profile_loss(sizes=((16, 256, 256), (1, 1024, 1024)), iters=5):
+    """Print the device time per loss step of the loss mode, by part of the model and by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from epban.models.loss_mode import pban_for_loss
+
+    model = _randomised_official()
+    for dtype in (torch.bfloat16, torch.float32):
+        scorer = pban_for_loss(model, dtype=dtype)
+        for b, h, w in sizes:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            hr = torch.rand(b, 3, h, w, generator=g, device="cuda")
+            sr = (hr + 0.05 * torch.randn(b, 3, h, w, generator=g, device="cuda")).clamp(0, 1)
+
+            def step():
+                x = sr.clone().requires_grad_()
+                torch.autograd.grad(scorer(x, hr).sum(), x)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    step()
+                torch.cuda.synchronize()
+            kernels = []
+            for ev in prof.key_averages():
+                dev = getattr(ev, "device_time_total", None)
+                dev = ev.cuda_time_total if dev is None else dev
+                if dev > 0:
+                    kernels.append((dev / iters / 1e3, ev.count / iters, ev.key))
+            parts: dict = {}
+            for ms, _, name in kernels:
+                part = next((p for frag, p in _PARTS if frag in name.lower()), "other")
+                parts[part] = parts.get(part, 0.0) + ms
+            total = sum(ms for ms, _, _ in kernels)
+            print(f"\n## loss mode {str(dtype)[6:]}, {b}x3x{h}x{w}: {total:.2f} ms of kernels per fwd+bwd step")
+            for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
+                print(f"  {ms:7.3f} ms  {100 * ms / total:5.1f}%  {part}")
+            print("  top kernels:")
+            for ms, n, name in sorted(kernels, reverse=True)[:12]:
+                print(f"  {ms:7.3f} ms  x{n:<5.1f} {name[:100]}")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="timings up to 1024x1024 only")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also check torch.compile (Inductor, slow)")
     parser.add_argument("--budget", type=float, default=90.0, help="seconds after which no timing row starts")
+    parser.add_argument("--profile", action="store_true", help="only: the loss mode's device time by part and kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to check")
         return 1
+    if args.profile:
+        return profile_loss()
     t0 = time.time()
     import triton
 
