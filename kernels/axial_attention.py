@@ -33,7 +33,10 @@ pass the only contiguous direction is across sequences: with one sequence per pr
 its loads are strided (served from L2: program ids put sequences fastest, so neighbours
 run side by side); ``CONFIG["seqs_col"]`` > 1 coalesces them with 3-D tiles and batched
 dots, which hold more registers (they spill at C=256 on sm90), so it is off by default
-until GPU timings say otherwise (scripts/axial_gpu_check.py --sweep).
+(measured: no gain). ``CONFIG["col_layout"] = "transposed"`` instead gives the column pass
+(B, C, W, H) copies of its inputs, made per call: its tiles then load contiguous positions
+like the row pass's (``COL_T``), and it still writes NCHW (strided stores, once per element).
+scripts/axial_gpu_check.py --profile times the configurations side by side.
 
 Launches (both directions of the block share every launch; program_id(1) = direction):
 forward  1 stats (S tile moments, both passes) -> 2 sigma (Chan merge per group)
@@ -68,6 +71,7 @@ the compiled kernels are checked against Triton 3.6 and 3.8 for sm90.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import triton
@@ -80,7 +84,12 @@ FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 # passes, neighbouring column sequences per program, channels per step of the logits'
 # contraction, warps per program.
 # num_stages: software-pipelining depth of the loops (None: Triton's default).
-CONFIG = dict(block_row=32, block_col=32, seqs_col=1, block_ck=32, num_warps=8, num_stages=None)
+# col_layout: "strided" (the column pass reads q, k, v, g in NCHW: each position of a tile in
+# its own 32-byte sector) or "transposed" (it reads (B, C, W, H) copies made per call:
+# coalesced tiles for 2 x 3 + 2 x 4 extra tensors of the inputs' size, made and freed per call).
+# EPBAN_AXIAL_COL_LAYOUT overrides the default col_layout.
+CONFIG = dict(block_row=32, block_col=32, seqs_col=1, block_ck=32, num_warps=8, num_stages=None,
+              col_layout=os.environ.get("EPBAN_AXIAL_COL_LAYOUT", "strided"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -97,9 +106,11 @@ def _sized_jit(fn):
 
 
 @triton.jit
-def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr):
+def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
     """Program ``local`` of a pass -> (image b, first sequence, tile of positions) and the
-    pass's sequence count NS, length L, sequence stride and position stride (elements).
+    pass's sequence count NS, length L, the inputs' sequence and position strides, and the
+    outputs' (elements). COL_T: the column pass reads (B, C, W, H) copies of its inputs, so
+    its tiles load contiguous positions as the row pass's do; it writes NCHW all the same.
 
     Sequences vary fastest, then tiles, then images: an image's programs are contiguous
     (its partial sums too), and neighbouring column sequences run side by side.
@@ -112,14 +123,24 @@ def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.con
     else:
         NS = W
         L = H
-        s_seq = 1
-        s_pos = W
+        if COL_T:
+            s_seq = H
+            s_pos = 1
+        else:
+            s_seq = 1
+            s_pos = W
     n_groups = (NS + SEQS - 1) // SEQS
     n_tiles = (L + BLOCK - 1) // BLOCK
     s0 = (local % n_groups) * SEQS
     tile = (local // n_groups) % n_tiles
     b = local // (n_groups * n_tiles)
-    return b, s0, tile, NS, L, s_seq, s_pos
+    if PASS == 0:
+        o_seq = W
+        o_pos = 1
+    else:
+        o_seq = 1
+        o_pos = W
+    return b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos
 
 
 @triton.jit
@@ -168,16 +189,19 @@ def _store_channels(ptr, seq_off, offs_c, offs_n, mask_c, mask_sn, HW, s_pos, re
 
 
 @triton.jit
-def _tile_setup(local, H, W, C, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr):
-    """Offsets shared by every kernel body: image base, sequences, the owned tile of positions."""
-    b, s0, tile, NS, L, s_seq, s_pos = _geometry(local, H, W, PASS, SEQS, BLOCK)
+def _tile_setup(local, H, W, C, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+                COL_T: tl.constexpr):
+    """Offsets shared by every kernel body: image base, sequences, the owned tile of positions;
+    seq_off / s_pos address the inputs, out_off / o_pos the outputs (they differ under COL_T)."""
+    b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos = _geometry(local, H, W, PASS, SEQS, BLOCK, COL_T)
     offs_s = s0 + tl.arange(0, SEQS)
     mask_s = offs_s < NS
     seq_off = b.to(tl.int64) * C * H * W + offs_s * s_seq
+    out_off = b.to(tl.int64) * C * H * W + offs_s * o_seq
     offs_t = tile * BLOCK + tl.arange(0, BLOCK)
     mask_st = mask_s[:, None] & (offs_t < L)[None, :]
     rows = (b * NS + offs_s) * L
-    return b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows
+    return b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows, out_off, o_pos
 
 
 # ----------------------------------------------------------------------------- forward
@@ -185,8 +209,9 @@ def _tile_setup(local, H, W, C, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: t
 
 @triton.jit
 def _stats_body(qp, kp, part, local, C, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-                BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows = _tile_setup(local, H, W, C, PASS, SEQS, BLOCK)
+                BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, _, _ = _tile_setup(
+        local, H, W, C, PASS, SEQS, BLOCK, COL_T)
     n_i = tl.sum(tl.sum(mask_si.to(ACC), axis=1), axis=0)
     n = tl.full([], 0.0, ACC)
     mean = tl.full([], 0.0, ACC)
@@ -212,9 +237,10 @@ def _stats_body(qp, kp, part, local, C, H, W, PASS: tl.constexpr, SEQS: tl.const
 
 
 @_sized_jit
-def _axial_fwd_stats_kernel(q0, k0, q1, k1, part_ptr, C, H, W, n_row_progs, n_progs,
+def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, W, n_row_progs, n_progs,
                             SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
-                            BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                            BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                            COL_T: tl.constexpr):
     """Moments of the logits of one strip of rows: part = (n, mean, M2), row programs first.
 
     Tiles are merged with Chan's formula (mean and M2 about the mean, never the sum of
@@ -225,14 +251,19 @@ def _axial_fwd_stats_kernel(q0, k0, q1, k1, part_ptr, C, H, W, n_row_progs, n_pr
     if d == 0:
         qp = q0
         kp = k0
+        qtp = qt0
+        ktp = kt0
     else:
         qp = q1
         kp = k1
+        qtp = qt1
+        ktp = kt1
     part = part_ptr + (d * n_progs + pid) * 3
     if pid < n_row_progs:
-        _stats_body(qp, kp, part, pid, C, H, W, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC)
+        _stats_body(qp, kp, part, pid, C, H, W, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
     else:
-        _stats_body(qp, kp, part, pid - n_row_progs, C, H, W, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC)
+        _stats_body(qtp, ktp, part, pid - n_row_progs, C, H, W, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC,
+                    COL_T)
 
 
 @triton.jit
@@ -282,8 +313,9 @@ def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, pe
 @triton.jit
 def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sample, NG,
               PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-              BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows = _tile_setup(local, H, W, C, PASS, SEQS, BLOCK)
+              BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, _, _ = _tile_setup(
+        local, H, W, C, PASS, SEQS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats + (b * sample) * 3 + 1)
     m_i = tl.full([SEQS, BLOCK], float("-inf"), ACC)
     l_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
@@ -300,30 +332,35 @@ def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sample, NG,
 
 
 @_sized_jit
-def _axial_fwd_lse_kernel(q0, k0, q1, k1, stats_ptr, lse_ptr, B, C, H, W, NG, n_row_progs, sample,
-                          SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
-                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr, B, C, H, W, NG, n_row_progs,
+                          sample, SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
+                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """lse[i] = logsumexp_j S[i, j] / sigma for one strip of rows (online over j tiles)."""
     pid = tl.program_id(0)
     d = tl.program_id(1)
     if d == 0:
         qp = q0
         kp = k0
+        qtp = qt0
+        ktp = kt0
     else:
         qp = q1
         kp = k1
+        qtp = qt1
+        ktp = kt1
     if pid < n_row_progs:
         _lse_body(qp, kp, stats_ptr + (d * 2) * NG * 3, lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid,
-                  C, H, W, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC)
+                  C, H, W, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
     else:
-        _lse_body(qp, kp, stats_ptr + (d * 2 + 1) * NG * 3, lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W,
-                  pid - n_row_progs, C, H, W, sample, NG, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC)
+        _lse_body(qtp, ktp, stats_ptr + (d * 2 + 1) * NG * 3, lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W,
+                  pid - n_row_progs, C, H, W, sample, NG, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC, COL_T)
 
 
 @_sized_jit
 def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B, C, H, W, NG, sample, accumulate,
                           PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                          COL_T: tl.constexpr):
     """out[c, j] (+)= 0.5 sum_i v[c, i] exp(S[i, j] / sigma - lse[i]) for one strip of columns j."""
     d = tl.program_id(1)
     if d == 0:
@@ -336,8 +373,8 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
         kp = k1
         vp = v1
         op = o1
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_j, mask_sj, rows = _tile_setup(
-        tl.program_id(0), H, W, C, PASS, SEQS, BLOCK)
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_j, mask_sj, rows, out_off, o_pos = _tile_setup(
+        tl.program_id(0), H, W, C, PASS, SEQS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3 + 1)
     lse_base = lse_ptr + (d * 2 + PASS).to(tl.int64) * B * H * W + rows
     offs_c = tl.arange(0, BLOCK_C)
@@ -353,7 +390,7 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
         vt = tl.load(_channel_ptrs(vp, seq_off, offs_c, offs_i, H * W, s_pos),
                      mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
         acc = _bdot(vt, a.to(vt.dtype), acc, PRECISION)
-    _store_channels(op, seq_off, offs_c, offs_j, mask_c, mask_sj, H * W, s_pos, 0.5 * acc, accumulate, ACC)
+    _store_channels(op, out_off, offs_c, offs_j, mask_c, mask_sj, H * W, o_pos, 0.5 * acc, accumulate, ACC)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -363,7 +400,7 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
 def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, lse_ptr, drow_ptr, dpart_ptr,
                          pid_offset, B, C, H, W, NG, n_progs, sample, accumulate, need_v,
                          PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                         BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """For one strip of rows i: dv[c, i] (+)= sum_j A g[c, j], D[i], and sum_i (E[i] - D[i] F[i])."""
     d = tl.program_id(1)
     if d == 0:
@@ -379,7 +416,8 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
         gp = g1
         dvp = dv1
     local = tl.program_id(0)
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows = _tile_setup(local, H, W, C, PASS, SEQS, BLOCK)
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, out_off, o_pos = _tile_setup(
+        local, H, W, C, PASS, SEQS, BLOCK, COL_T)
     st = stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3
     mu = tl.load(st)
     inv_sigma = 1.0 / tl.load(st + 1)
@@ -410,7 +448,7 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
         acc = _bdot(gt, tl.permute(a, (0, 2, 1)).to(gt.dtype), acc, PRECISION)
     tl.store(drow_ptr + row_ptrs, d_i, mask=mask_si)
     tl.store(dpart_ptr + d * n_progs + pid_offset + local, tl.sum(tl.sum(e_i - d_i * f_i, axis=1), axis=0))
-    _store_channels(dvp, seq_off, offs_c, offs_i, mask_c & (((need_v >> d) & 1) != 0), mask_si, H * W, s_pos,
+    _store_channels(dvp, out_off, offs_c, offs_i, mask_c & (((need_v >> d) & 1) != 0), mask_si, H * W, o_pos,
                     0.5 * acc, accumulate, ACC)
 
 
@@ -450,7 +488,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
                           stats_ptr, omega_ptr, lse_ptr, drow_ptr, n_pass_progs, B, C, H, W, NG, sample, accumulate,
                           need_q, need_k, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr,
-                          ACC: tl.constexpr):
+                          ACC: tl.constexpr, COL_T: tl.constexpr):
     """The first n_pass_progs programs: dq[c, i] (+)= sum_j dS[i, j] k[c, j] for a strip of rows i;
     the others: dk[c, j] (+)= sum_i dS[i, j] q[c, i] for a strip of columns j.
 
@@ -476,8 +514,8 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     is_dk = pid >= n_pass_progs
     role = is_dk.to(tl.int32)
     need = ((need_q + role * (need_k - need_q)) >> d) & 1
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows = _tile_setup(
-        pid - role * n_pass_progs, H, W, C, PASS, SEQS, BLOCK)
+    b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows, out_off, o_pos = _tile_setup(
+        pid - role * n_pass_progs, H, W, C, PASS, SEQS, BLOCK, COL_T)
     st = (d * 2 + PASS) * NG + b * sample
     mu = tl.load(stats_ptr + st * 3)
     inv_sigma = 1.0 / tl.load(stats_ptr + st * 3 + 1)
@@ -510,7 +548,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
                          mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
             acc = _bdot(kt, tl.permute(ds, (0, 2, 1)).to(kt.dtype), acc, PRECISION)
         outp = dqp
-    _store_channels(outp, seq_off, offs_c, offs_t, mask_c & (need != 0), mask_st, H * W, s_pos, acc, accumulate,
+    _store_channels(outp, out_off, offs_c, offs_t, mask_c & (need != 0), mask_st, H * W, o_pos, acc, accumulate,
                     ACC)
 
 
@@ -528,7 +566,11 @@ class _Plan:
         self.NG = B if self.sample else 1
         self.block_row = max(16, min(cfg["block_row"], triton.next_power_of_2(W)))
         self.block_col = max(16, min(cfg["block_col"], triton.next_power_of_2(H)))
-        self.seqs_col = max(1, min(cfg["seqs_col"], triton.next_power_of_2(W)))
+        if cfg["col_layout"] not in ("strided", "transposed"):
+            raise ValueError(f"col_layout must be 'strided' or 'transposed', got {cfg['col_layout']!r}")
+        self.col_t = cfg["col_layout"] == "transposed"
+        # several column sequences per program only coalesce strided loads
+        self.seqs_col = 1 if self.col_t else max(1, min(cfg["seqs_col"], triton.next_power_of_2(W)))
         self.block_c = max(16, triton.next_power_of_2(C))
         self.block_ck = max(16, min(cfg["block_ck"], triton.next_power_of_2(C)))
         self.per_row = H * triton.cdiv(W, self.block_row)
@@ -552,7 +594,11 @@ class _Plan:
 
     def both(self):
         return dict(SEQS_COL=self.seqs_col, BLOCK_ROW=self.block_row, BLOCK_COL=self.block_col,
-                    BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, **self.launch)
+                    BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, COL_T=self.col_t, **self.launch)
+
+    def col_inputs(self, ts):
+        """The column pass's copies of ``ts``: (B, C, W, H) contiguous under col_layout "transposed"."""
+        return [t.transpose(2, 3).contiguous() for t in ts] if self.col_t else list(ts)
 
 
 _PLANS: dict = {}
@@ -588,22 +634,26 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
     stats = torch.empty((ndir, 2, plan.NG, 3), dtype=plan.acc_torch, device=dev)
     lse = torch.empty((ndir, 2, plan.B * plan.H * plan.W), dtype=plan.acc_torch, device=dev)
     B, C, H, W = plan.B, plan.C, plan.H, plan.W
+    qts, kts, vts = plan.col_inputs(qs), plan.col_inputs(ks), plan.col_inputs(vs)
     q0, q1 = _pair(qs)
     k0, k1 = _pair(ks)
-    v0, v1 = _pair(vs)
+    qt0, qt1 = _pair(qts)
+    kt0, kt1 = _pair(kts)
     o0, o1 = _pair(outs)
     _axial_fwd_stats_kernel[(plan.n_progs, ndir)](
-        q0, k0, q1, k1, part, C, H, W, plan.n_row, plan.n_progs, **plan.both())
+        q0, k0, q1, k1, qt0, kt0, qt1, kt1, part, C, H, W, plan.n_row, plan.n_progs, **plan.both())
     _axial_fwd_sigma_kernel[(ndir * 2 * plan.NG,)](
         part, stats, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample,
         BLOCK_P=1024, ACC=plan.acc, num_warps=4)
     _axial_fwd_lse_kernel[(plan.n_progs, ndir)](
-        q0, k0, q1, k1, stats, lse, B, C, H, W, plan.NG, plan.n_row, plan.sample, **plan.both())
+        q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats, lse, B, C, H, W, plan.NG, plan.n_row, plan.sample,
+        **plan.both())
     for pass_, seqs, block, n, _, accumulate in plan.passes():
+        q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
         _axial_fwd_out_kernel[(n, ndir)](
-            q0, k0, v0, o0, q1, k1, v1, o1, stats, lse, B, C, H, W, plan.NG, plan.sample, accumulate,
-            PASS=pass_, SEQS=seqs, BLOCK=block, BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck,
-            PRECISION=plan.precision, ACC=plan.acc, **plan.launch)
+            q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, stats, lse, B, C, H, W, plan.NG, plan.sample,
+            accumulate, PASS=pass_, SEQS=seqs, BLOCK=block, BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck,
+            PRECISION=plan.precision, ACC=plan.acc, COL_T=plan.col_t, **plan.launch)
     return outs, lse, stats
 
 
@@ -625,25 +675,27 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     dpart = torch.empty((ndir, plan.n_progs), dtype=plan.acc_torch, device=dev)
     omega = torch.empty((ndir, 2, plan.NG), dtype=plan.acc_torch, device=dev)
     B, C, H, W = plan.B, plan.C, plan.H, plan.W
-    q0, q1 = _pair(qs)
-    k0, k1 = _pair(ks)
-    v0, v1 = _pair(vs)
-    g0, g1 = _pair(grads)
     # an unwanted gradient's pointer is never written through: any tensor of the dtype will do
     dq0, dq1 = _pair([t if t is not None else q for t, q in zip(dqs, qs)])
     dk0, dk1 = _pair([t if t is not None else q for t, q in zip(dks, qs)])
     dv0, dv1 = _pair([t if t is not None else q for t, q in zip(dvs, qs)])
     common = dict(BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck, PRECISION=plan.precision, ACC=plan.acc,
-                  **plan.launch)
+                  COL_T=plan.col_t, **plan.launch)
+    row_in = (qs, ks, vs, grads)
+    col_in = tuple(plan.col_inputs(ts) for ts in row_in)
     for pass_, seqs, block, n, first, accumulate in plan.passes():
+        q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
         _axial_bwd_dv_kernel[(n, ndir)](
-            q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats, lse, drow, dpart, first, B, C, H, W, plan.NG,
-            plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_, SEQS=seqs, BLOCK=block, **common)
+            q_[0], k_[0], v_[0], g_[0], dv0, q_[-1], k_[-1], v_[-1], g_[-1], dv1, stats, lse, drow, dpart, first,
+            B, C, H, W, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_, SEQS=seqs, BLOCK=block,
+            **common)
     _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
         dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
         plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)
     for pass_, seqs, block, n, _, accumulate in plan.passes():
+        q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
         _axial_bwd_dqk_kernel[(2 * n, ndir)](
-            q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1, stats, omega, lse, drow, n, B, C, H, W,
-            plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_, SEQS=seqs, BLOCK=block, **common)
+            q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, omega, lse, drow,
+            n, B, C, H, W, plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_, SEQS=seqs, BLOCK=block,
+            **common)
     return dqs, dks, dvs

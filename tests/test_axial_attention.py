@@ -233,6 +233,28 @@ def test_fused_bi_axial_matches_reference(rng_seed, sigma_scope="batch"):
         torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
 
 
+@interpreted
+@pytest.mark.parametrize("shape, sigma_scope", [((2, 5, 7, 13), "sample"), ((3, 4, 13, 6), "batch"),
+                                                ((1, 18, 19, 3), "sample"), ((2, 3, 9, 1), "batch")])
+def test_fused_column_pass_on_transposed_copies(shape, sigma_scope, rng_seed, monkeypatch):
+    """col_layout="transposed": the column pass reads (B, C, W, H) copies and writes NCHW."""
+    from epban.kernels import axial_attention as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed")
+    monkeypatch.setitem(kernels.CONFIG, "block_col", 16)
+    q, k, v = _qkv(shape, seed=rng_seed)
+    fused = lambda *t: axial_attention(*t, sigma_scope=sigma_scope, backend="fused")  # noqa: E731
+    _check_against_reference(q, k, v, sigma_scope, fused, TOL[torch.float32])
+
+
+def test_unknown_column_layout_is_refused(monkeypatch):
+    pytest.importorskip("triton")
+    from epban.kernels import axial_attention as kernels
+
+    with pytest.raises(ValueError, match="col_layout"):
+        kernels._Plan((1, 2, 3, 4), torch.float32, "sample", "ieee", {"col_layout": "diagonal"})
+
+
 SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, seqs_col=2)
 
 
@@ -289,8 +311,12 @@ def _value_and_grads(fn, inputs, grad):
 
 
 @interpreted
-def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed):
+@pytest.mark.parametrize("col_layout", ["strided", "transposed"])
+def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, col_layout):
     """Every buffer the op allocates starts as NaN: the results must still be exact."""
+    from epban.kernels import axial_attention as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "col_layout", col_layout)
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poisoned_empty(*args, **kwargs):
@@ -409,6 +435,21 @@ def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, rng_seed, warm_
 
 @cuda
 @needs_gpu
+@pytest.mark.parametrize("shape, sigma_scope, dtype", [
+    ((3, 256, 7, 13), "batch", torch.float32),
+    ((2, 256, 33, 47), "sample", torch.bfloat16),
+    ((1, 256, 135, 240), "sample", torch.float32),
+])
+def test_cuda_fused_column_pass_on_transposed_copies(shape, sigma_scope, dtype, rng_seed, monkeypatch):
+    from epban.kernels import axial_attention as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed")
+    q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
+    _check_rel_l2(q, k, v, sigma_scope, 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@cuda
+@needs_gpu
 def test_cuda_auto_uses_the_fused_kernels(monkeypatch, warm_cuda_kernels):
     called = []
     real = ops._AxialFunction.apply
@@ -430,19 +471,22 @@ from triton.compiler import ASTSource, compile
 from epban.kernels import axial_attention as K
 
 pointers = {"q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1",
-            "dv0", "dv1", "dq0", "dq1", "dk0", "dk1"}
+            "dv0", "dv1", "dq0", "dq1", "dk0", "dk1", "qt0", "kt0", "qt1", "kt1"}
 kernels = sorted(n for n in dir(K) if n.startswith("_axial_") and n.endswith("_kernel"))
-variants = [("fp32", 0, 1, name) for name in kernels]  # every kernel, one sequence per program
-variants += [("fp32", 1, 2, "_axial_fwd_out_kernel"), ("bf16", 0, 1, "_axial_bwd_dqk_kernel")]
-for dtype, pass_, seqs, name in variants:
+# every kernel, one sequence per program, then the column pass's transposed-input variants
+variants = [("fp32", 0, 1, False, name) for name in kernels]
+variants += [("fp32", 1, 2, False, "_axial_fwd_out_kernel"), ("bf16", 0, 1, False, "_axial_bwd_dqk_kernel")]
+variants += [("fp32", 1, 1, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_out_kernel",
+                                                      "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel")]
+for dtype, pass_, seqs, col_t, name in variants:
     constexprs = dict(PASS=pass_, SEQS=seqs, BLOCK=16, SEQS_COL=seqs, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32,
-                      BLOCK_CK=16, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32)
+                      BLOCK_CK=16, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
     fn = getattr(K, name)
     signature = {a: "constexpr" if a in constexprs else ("*" + dtype) if a in pointers
                  else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
     given = {a: v for a, v in constexprs.items() if a in fn.arg_names}
     compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(name, dtype, pass_, seqs, "compiled")
+    print(name, dtype, pass_, seqs, col_t, "compiled")
 """
 
 
@@ -458,4 +502,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 9, result.stdout
+    assert result.stdout.count("compiled") == 13, result.stdout
