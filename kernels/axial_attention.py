@@ -144,6 +144,16 @@ def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
+def _pick(d, first, second):
+    """``first`` for direction 0, ``second`` for direction 1 (each launch serves both)."""
+    if d == 0:
+        chosen = first
+    else:
+        chosen = second
+    return chosen
+
+
+@triton.jit
 def _bdot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b for (SEQS, M, K) x (SEQS, K, N) tiles; one sequence goes through a 2-D dot
     (batched dots keep operands in registers and spill at these tile sizes)."""
@@ -248,16 +258,10 @@ def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, 
     """
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    if d == 0:
-        qp = q0
-        kp = k0
-        qtp = qt0
-        ktp = kt0
-    else:
-        qp = q1
-        kp = k1
-        qtp = qt1
-        ktp = kt1
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    qtp = _pick(d, qt0, qt1)
+    ktp = _pick(d, kt0, kt1)
     part = part_ptr + (d * n_progs + pid) * 3
     if pid < n_row_progs:
         _stats_body(qp, kp, part, pid, C, H, W, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
@@ -338,16 +342,10 @@ def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr
     """lse[i] = logsumexp_j S[i, j] / sigma for one strip of rows (online over j tiles)."""
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    if d == 0:
-        qp = q0
-        kp = k0
-        qtp = qt0
-        ktp = kt0
-    else:
-        qp = q1
-        kp = k1
-        qtp = qt1
-        ktp = kt1
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    qtp = _pick(d, qt0, qt1)
+    ktp = _pick(d, kt0, kt1)
     if pid < n_row_progs:
         _lse_body(qp, kp, stats_ptr + (d * 2) * NG * 3, lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid,
                   C, H, W, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
@@ -363,16 +361,10 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
                           COL_T: tl.constexpr):
     """out[c, j] (+)= 0.5 sum_i v[c, i] exp(S[i, j] / sigma - lse[i]) for one strip of columns j."""
     d = tl.program_id(1)
-    if d == 0:
-        qp = q0
-        kp = k0
-        vp = v0
-        op = o0
-    else:
-        qp = q1
-        kp = k1
-        vp = v1
-        op = o1
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    vp = _pick(d, v0, v1)
+    op = _pick(d, o0, o1)
     b, L, s_pos, offs_s, mask_s, seq_off, offs_j, mask_sj, rows, out_off, o_pos = _tile_setup(
         tl.program_id(0), H, W, C, PASS, SEQS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3 + 1)
@@ -403,18 +395,11 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """For one strip of rows i: dv[c, i] (+)= sum_j A g[c, j], D[i], and sum_i (E[i] - D[i] F[i])."""
     d = tl.program_id(1)
-    if d == 0:
-        qp = q0
-        kp = k0
-        vp = v0
-        gp = g0
-        dvp = dv0
-    else:
-        qp = q1
-        kp = k1
-        vp = v1
-        gp = g1
-        dvp = dv1
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    vp = _pick(d, v0, v1)
+    gp = _pick(d, g0, g1)
+    dvp = _pick(d, dv0, dv1)
     local = tl.program_id(0)
     b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, out_off, o_pos = _tile_setup(
         local, H, W, C, PASS, SEQS, BLOCK, COL_T)
@@ -497,20 +482,12 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     """
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    if d == 0:
-        qp = q0
-        kp = k0
-        vp = v0
-        gp = g0
-        dqp = dq0
-        dkp = dk0
-    else:
-        qp = q1
-        kp = k1
-        vp = v1
-        gp = g1
-        dqp = dq1
-        dkp = dk1
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    vp = _pick(d, v0, v1)
+    gp = _pick(d, g0, g1)
+    dqp = _pick(d, dq0, dq1)
+    dkp = _pick(d, dk0, dk1)
     is_dk = pid >= n_pass_progs
     role = is_dk.to(tl.int32)
     need = ((need_q + role * (need_k - need_q)) >> d) & 1
