@@ -205,3 +205,40 @@ def test_cuda_torch_compile(official_cuda, no_tf32):
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-3)
 
+
+
+def test_graph_scorer_keeps_the_faster_attention_backend(tiny, monkeypatch):
+    """The capture-and-time selection of CUDAGraphScorer, its CUDA parts replaced: the faster
+    backend is kept and recorded, a backend that fails to capture is skipped, and the model's
+    own setting is left at "auto"."""
+    import epban.ops.axial_attention as axial_ops
+    from epban.models.loss_mode import CUDAGraphScorer
+
+    monkeypatch.setattr(axial_ops, "fused_axial_available", lambda device: True)
+    graphed = CUDAGraphScorer(pban_for_loss(tiny))
+    block = graphed.scorer.model.block2
+    timings = {"fused": 2.0, "reference": 1.0}
+    captured = []
+
+    def fake_capture(sr, hr):
+        backend = block.attention_backend
+        if backend in failing:
+            raise RuntimeError("cannot capture")
+        captured.append(backend)
+        return backend  # stands for the graphed callable
+
+    monkeypatch.setattr(graphed, "_capture", fake_capture)
+    monkeypatch.setattr(graphed, "_replay_ms", lambda fn, sr, hr: timings[fn])
+    sr, hr = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    for failing, expected in ((set(), "reference"), ({"reference"}, "fused")):
+        captured.clear()
+        graphed.attention_choice.clear()
+        assert graphed._capture_fastest(sr, hr, key="k") == expected
+        assert graphed.attention_choice["k"][0] == expected
+        assert block.attention_backend == "auto"
+    timings.update(fused=0.5)
+    failing = set()
+    assert graphed._capture_fastest(sr, hr, key="k") == "fused"
+    block.attention_backend = "reference"  # a user's explicit choice is not second-guessed
+    graphed.attention_choice.clear()
+    assert graphed._capture_fastest(sr, hr, key="k") == "reference" and not graphed.attention_choice
