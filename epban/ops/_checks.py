@@ -4,15 +4,33 @@ from __future__ import annotations
 import torch
 
 
+def check_nchw_float(name: str, t) -> None:
+    """``t`` must be a 4-D (B, C, H, W) floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def fused_requested(backend: str, unavailable: str | None) -> bool:
+    """Whether ``backend`` asks for the fused kernels, given why they cannot serve (None: they can).
+
+    "reference" never does; "fused" does, or raises ValueError saying why it cannot;
+    "auto" does where they can serve (an op may add its own rules on top).
+    """
+    if backend == "reference":
+        return False
+    if backend == "fused" and unavailable is not None:
+        raise ValueError(f"backend='fused' is not available: {unavailable}")
+    return unavailable is None
+
+
 def check_image_pair(x: torch.Tensor, y: torch.Tensor, *, name_x: str = "x", name_y: str = "y",
                      same_dtype: bool = True) -> None:
     for name, t in ((name_x, x), (name_y, y)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        check_nchw_float(name, t)
     if x.shape != y.shape:
         raise ValueError(f"{name_x} and {name_y} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.device != y.device:

@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from epban._extension import check_backend, triton_available, triton_interpret
+from epban.ops._checks import check_nchw_float, fused_requested
 
 SIGMA_SCOPES = ("sample", "batch")
 SIGMA_EPS = 1e-6
@@ -49,12 +50,7 @@ def axial_attention_reference(q, k, v, *, sigma_scope="sample"):
 
 def check_axial_args(q, k, v, sigma_scope) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        check_nchw_float(name, t)
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k and v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.device == k.device == v.device):
@@ -117,15 +113,11 @@ _FUSED_FAILED: set = set()
 
 
 def _use_fused(t: torch.Tensor, backend: str) -> bool:
-    if backend == "reference" or (backend == "auto" and t.device.type != "cuda"):
+    if backend == "auto" and t.device.type != "cuda":
         return False
-    reason = _fused_unavailable_reason(t.device, t.dtype)
-    if backend == "fused":
-        if reason is not None:
-            raise ValueError(f"backend='fused' is not available: {reason}")
-        return True
-    return (t.device.type == "cuda" and reason is None and (str(t.device), t.dtype) not in _FUSED_FAILED
-            and _fused_pays_off(t))
+    if not fused_requested(backend, _fused_unavailable_reason(t.device, t.dtype)):
+        return False
+    return backend == "fused" or ((str(t.device), t.dtype) not in _FUSED_FAILED and _fused_pays_off(t))
 
 
 def _run_fused(t: torch.Tensor, backend: str, fused, reference):

@@ -20,6 +20,7 @@ import torch
 from torchvision.ops import deform_conv2d
 
 from epban._extension import check_backend, triton_available, triton_interpret
+from epban.ops._checks import fused_requested
 
 try:
     import triton
@@ -143,14 +144,9 @@ def fused_deform_conv_packed(x, offsets, weight, bias, kernel_sizes, *, fp32_pre
 
 def use_fused(x, backend) -> bool:
     """Whether ``backend`` serves ``x`` with the fused kernels; ValueError for an impossible "fused"."""
-    if backend == "reference":
+    if backend == "auto" and x.device.type != "cuda":
         return False
-    reason = _fused_unavailable_reason(x.device, x.dtype)
-    if backend == "fused":
-        if reason is not None:
-            raise ValueError(f"backend='fused' is not available: {reason}")
-        return True
-    return x.device.type == "cuda" and reason is None
+    return fused_requested(backend, _fused_unavailable_reason(x.device, x.dtype))
 
 
 # ---------------------------------------------------------------------------------- launch helpers
