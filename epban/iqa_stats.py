@@ -36,28 +36,26 @@ def _constant(x: np.ndarray) -> bool:
     return x.size < 2 or bool(np.all(x == x[0]))
 
 
-def srcc(pred, mos) -> float:
-    """Spearman rank correlation; NaN when fewer than 2 items or either side is constant."""
+def _correlation(statistic, pred, mos) -> float:
     pred, mos = _pair(pred, mos)
     if _constant(pred) or _constant(mos):
         return math.nan
-    return float(stats.spearmanr(pred, mos).statistic)
+    return float(statistic(pred, mos).statistic)
+
+
+def srcc(pred, mos) -> float:
+    """Spearman rank correlation; NaN when fewer than 2 items or either side is constant."""
+    return _correlation(stats.spearmanr, pred, mos)
 
 
 def krcc(pred, mos) -> float:
     """Kendall rank correlation (tau-b, which accounts for ties); NaN as for ``srcc``."""
-    pred, mos = _pair(pred, mos)
-    if _constant(pred) or _constant(mos):
-        return math.nan
-    return float(stats.kendalltau(pred, mos).statistic)
+    return _correlation(stats.kendalltau, pred, mos)
 
 
 def plcc(pred, mos) -> float:
     """Pearson linear correlation; NaN as for ``srcc``."""
-    pred, mos = _pair(pred, mos)
-    if _constant(pred) or _constant(mos):
-        return math.nan
-    return float(stats.pearsonr(pred, mos).statistic)
+    return _correlation(stats.pearsonr, pred, mos)
 
 
 def rmse(pred, mos) -> float:
