@@ -38,16 +38,29 @@ constexpr double kSigma = 1.5;
       0.03600077212843083, 0.007598758135239185, 0.00102838008447911
 constexpr double kGauss[kWin] = {EPBAN_SSIM_GAUSS_11};
 
+// The four terms of S = A1 A2 / (B1 B2).
 template <typename T>
-C10_HOST_DEVICE inline T ssim_value(T mx, T my, T exx, T eyy, T exy, T c1, T c2) {
+struct SsimTerms {
+  T a1, b1, a2, b2;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline SsimTerms<T> ssim_terms(T mx, T my, T exx, T eyy, T exy, T c1, T c2) {
   const T mxy = mx * my;
   const T mxx = mx * mx;
   const T myy = my * my;
-  const T a1 = T(2) * mxy + c1;
-  const T b1 = mxx + myy + c1;
-  const T a2 = T(2) * (exy - mxy) + c2;
-  const T b2 = (exx - mxx) + (eyy - myy) + c2;
-  return (a1 * a2) / (b1 * b2);
+  SsimTerms<T> t;
+  t.a1 = T(2) * mxy + c1;
+  t.b1 = mxx + myy + c1;
+  t.a2 = T(2) * (exy - mxy) + c2;
+  t.b2 = (exx - mxx) + (eyy - myy) + c2;
+  return t;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T ssim_value(T mx, T my, T exx, T eyy, T exy, T c1, T c2) {
+  const SsimTerms<T> t = ssim_terms(mx, my, exx, eyy, exy, c1, c2);
+  return (t.a1 * t.a2) / (t.b1 * t.b2);
 }
 
 // The partial derivatives of S, each multiplied by the upstream gradient g.
@@ -61,13 +74,8 @@ struct SsimPartials {
 
 template <typename T>
 C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mx, T my, T exx, T eyy, T exy, T c1, T c2, T g) {
-  const T mxy = mx * my;
-  const T mxx = mx * mx;
-  const T myy = my * my;
-  const T a1 = T(2) * mxy + c1;
-  const T b1 = mxx + myy + c1;
-  const T a2 = T(2) * (exy - mxy) + c2;
-  const T b2 = (exx - mxx) + (eyy - myy) + c2;
+  const SsimTerms<T> t = ssim_terms(mx, my, exx, eyy, exy, c1, c2);
+  const T a1 = t.a1, b1 = t.b1, a2 = t.a2, b2 = t.b2;
   const T inv_b1 = T(1) / b1;
   const T inv_b2 = T(1) / b2;
   const T g_inv = g * inv_b1 * inv_b2;  // g / (B1 B2)
