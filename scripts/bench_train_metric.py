@@ -3,7 +3,11 @@
 Target (issue 5): test SRCC >= 0.8 within 5 minutes on a 2-core CPU.
 
     .venv/bin/python scripts/bench_train_metric.py [--out bench_out] [--threads 1] [--crop 96] [--lr 1e-4]
-        [--init auto|random|DIR]
+        [--init auto|random|DIR] [--seed 0] [--crops-per-image 1] [--lr-schedule step|cosine] [--warmup-steps 0]
+
+``--seed`` seeds the training and also draws the toy set, hence which photos are tested:
+results move a lot between seeds (README, "Training a metric"); compare configurations
+over several.
 
 The tiny model starts from the bundled SSIM-pretrained weights (``epban.weights``) unless
 ``--init random``; see scripts/pretrain_tiny.py for how they were made.
@@ -35,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="auto", help="auto (the bundled tiny-ssim weights), random, or a model directory")
+    p.add_argument("--crops-per-image", type=int, default=1, help="visits of each training pair per epoch")
+    p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"])
+    p.add_argument("--warmup-steps", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,7 +54,9 @@ def main(argv=None) -> int:
     manifest = make_toy_dataset(out / "toy", seed=args.seed, size=args.size, quiet=True)
     t1 = time.perf_counter()
     best = train_metric(manifest, config="tiny", epochs=args.epochs, out=out / "run", batch_size=args.batch_size,
-                        lr=args.lr, crop=args.crop, seed=args.seed, num_workers=0, quiet=True, init=args.init)
+                        lr=args.lr, crop=args.crop, seed=args.seed, num_workers=0, quiet=True, init=args.init,
+                        crops_per_image=args.crops_per_image, lr_schedule=args.lr_schedule,
+                        warmup_steps=args.warmup_steps)
     t2 = time.perf_counter()
     report = evaluate_metric(manifest, weights=best, split="test", out=out / "eval", num_workers=0, quiet=True)
     t3 = time.perf_counter()

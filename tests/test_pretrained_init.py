@@ -79,3 +79,14 @@ def test_initial_model_rescales_output_to_the_scores():
 def test_initial_model_refuses_another_architecture():
     with pytest.raises(ValueError, match="another architecture"):
         _initial_model(weights.path("tiny-ssim"), PBANConfig.tiny(stem_width=8), (0.0, 1.0), np.array([0.0, 1.0]))
+
+
+def test_leaf_scene_deterministic_in_range():
+    from epban.data.procedural import leaf_scene
+
+    a = leaf_scene(48, np.random.default_rng(7))
+    assert a.shape == (48, 48, 3) and a.dtype == np.float32
+    assert np.array_equal(a, leaf_scene(48, np.random.default_rng(7)))
+    assert 0.0 <= a.min() and a.max() <= 1.0 and a.std() > 0
+    sr, hr, params = degraded_pair(48, np.random.default_rng(1), images="scenes")
+    assert sr.shape == hr.shape == (48, 48, 3) and params

@@ -3,6 +3,7 @@
 Everything runs the tiny config on 16 pairs per split of a 64x64 toy set, 32x32 crops, a few steps.
 """
 import json
+import math
 import os
 import signal
 import socket
@@ -221,3 +222,21 @@ def test_init_random_and_bundled_differ(toy, tmp_path):
         best = train_metric(toy, epochs=1, max_steps=1, out=tmp_path / init, init=init, **FAST)
         runs[init] = json.loads((best / "training.json").read_text())["init"]
     assert runs["random"] == "random" and runs["auto"].endswith("tiny-ssim")
+
+
+def test_crops_per_image_and_cosine_warmup(toy, tmp_path):
+    """crops_per_image=2 doubles the steps of an epoch; warmup rises linearly, cosine ends near 0."""
+    rows = []
+    best = train_metric(toy, epochs=2, out=tmp_path / "run", callback=rows.append, crops_per_image=2,
+                        lr_schedule="cosine", warmup_steps=3, **FAST)
+    per_epoch = 2 * 16 // FAST["batch_size"]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(s // per_epoch, s + 1) for s in range(2 * per_epoch)]
+    lrs = [r["lr"] for r in rows]  # the rate after each step, for the next one
+    lr, total = FAST["lr"], 2 * per_epoch
+    assert lrs[0] == pytest.approx(lr * 2 / 3 * 0.5 * (1 + math.cos(math.pi / total)))
+    assert lrs[2] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 3 / total)))
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    info = json.loads((best / "training.json").read_text())
+    assert info["crops_per_image"] == 2 and info["lr_schedule"] == "cosine" and info["warmup_steps"] == 3
+    with pytest.raises(ValueError, match="crops_per_image"):
+        train_metric(toy, epochs=1, out=tmp_path / "bad", crops_per_image=0, **FAST)

@@ -57,6 +57,7 @@ def cmd_train_metric(args) -> int:
             root=args.root, val_data=args.val_data, eval_size=args.eval_size, lr_step=args.lr_step,
             lr_gamma=args.lr_gamma, accum_steps=args.accum_steps, amp=args.amp, num_workers=args.workers,
             freeze_stem=not args.no_freeze_stem, overwrite=args.overwrite, init=args.init,
+            crops_per_image=args.crops_per_image, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         )
     except TrainingInterrupted as exc:
         print(f"epban train-metric: {exc}", file=sys.stderr)
@@ -128,6 +129,11 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--lr-step", type=int, default=5, help="StepLR period in epochs")
     p.add_argument("--lr-gamma", type=float, default=0.5)
+    p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"],
+                   help="step: StepLR(--lr-step, --lr-gamma) per epoch (default); cosine: to 0 over the run, per step")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (optimiser steps)")
+    p.add_argument("--crops-per-image", type=int, default=1,
+                   help="visits of each training pair per epoch, each with its own random crop (default 1)")
     p.add_argument("--crop", type=int, help="random square training crops of this size "
                    "(default: the authors' 768/900/1080 -> 768; 96 for tiny)")
     p.add_argument("--eval-size", type=_size_or_none, default="auto",

@@ -3,7 +3,9 @@
 Recipe defaults: MSE between predicted and manifest score, Adam (lr 1e-4, weight decay
 1e-4), StepLR(5, 0.5) per epoch, batch 8, the stem's conv1/bn1/layer1 frozen (their
 BatchNorm kept in eval mode), best checkpoint by validation SRCC. Additions: autocast
-(bf16, or fp16 with loss scaling) on CUDA, gradient accumulation, DDP under torchrun.
+(bf16, or fp16 with loss scaling) on CUDA, gradient accumulation, DDP under torchrun;
+optional (off by default): several random crops of each pair per epoch, a cosine learning
+rate schedule, linear warmup.
 
 The output layer starts at the training scores' mean and spread (``out.bias = mean``,
 ``out.weight *= std``), so a freshly initialised network predicts on the score scale from
@@ -164,6 +166,9 @@ def train_metric(
     overwrite: bool = False,
     callback: Callable[[dict], None] | None = None,
     init="auto",
+    crops_per_image: int = 1,
+    lr_schedule: str = "step",
+    warmup_steps: int = 0,
 ) -> Path:
     """Train a metric on the ``train`` split of manifest ``data``, select by ``val`` SRCC; return ``out/best``.
 
@@ -178,6 +183,11 @@ def train_metric(
     ``init``: where the weights start: ``"auto"`` (the bundled SSIM-pretrained weights
     for the ``tiny`` preset, see ``epban.weights``; random otherwise), ``"random"``, or a
     model directory (``save_pretrained`` format) of the same architecture.
+    ``crops_per_image``: each epoch visits every training pair this many times, each time
+    with its own random crop and flip (more steps per epoch from few, small images).
+    ``lr_schedule``: ``"step"`` (StepLR(``lr_step``, ``lr_gamma``) per epoch, the authors'),
+    or ``"cosine"`` (per optimiser step, from ``lr`` to 0 over the run's ``epochs``).
+    ``warmup_steps``: the learning rate rises linearly from 0 over the first optimiser steps.
 
     Writes ``out/best``, ``out/last`` (model directories, loadable by
     ``EfficientPBAN.from_checkpoint``) and ``out/log.csv``. SIGINT/SIGTERM saves ``last``
@@ -186,6 +196,10 @@ def train_metric(
     """
     if epochs < 1 or batch_size < 1 or accum_steps < 1:
         raise ValueError(f"epochs, batch_size and accum_steps must be >= 1, got {epochs}, {batch_size}, {accum_steps}")
+    if crops_per_image < 1 or warmup_steps < 0:
+        raise ValueError(f"crops_per_image must be >= 1 and warmup_steps >= 0, got {crops_per_image}, {warmup_steps}")
+    if lr_schedule not in ("step", "cosine"):
+        raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     out = Path(out)
@@ -280,8 +294,8 @@ def _is_toy(data) -> bool:
 
 
 def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, resume, backbone_weights, max_steps,
-           init_dir, quiet, lr_step, lr_gamma, accum_steps, amp, num_workers, freeze_stem, callback, policy, train_samples,
-           val_samples, val_sizes, scores, synthetic, last_dir, ctx, **_unused) -> Path:
+           init_dir, quiet, lr_step, lr_gamma, crops_per_image, lr_schedule, warmup_steps, accum_steps, amp,
+           num_workers, freeze_stem, callback, policy, train_samples, val_samples, val_sizes, scores, synthetic, last_dir, ctx, **_unused) -> Path:
     device = ctx.device
     show = not quiet and ctx.is_main
     if synthetic and show:
@@ -311,21 +325,37 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    # -- data ----------------------------------------------------------------------------
+    workers = default_workers(device) if num_workers is None else num_workers
+    sampler = EpochBatchSampler(len(train_samples) * crops_per_image, batch_size, seed, rank=ctx.rank,
+                                world_size=ctx.world_size)
+    loader_gen = torch.Generator().manual_seed(seed + 1000 * ctx.rank)
+    dataset = PairDataset(train_samples, policy.train_transform())
+    loader = DataLoader(dataset if crops_per_image == 1 else _Repeated(dataset, crops_per_image),
+                        batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=loader_gen, worker_init_fn=_no_sigint_in_worker if workers else None)
+    generators = {"loader": loader_gen}
+
+    # The authors' StepLR steps once per epoch; warmup and cosine step once per optimiser step.
+    per_step = lr_schedule == "cosine" or warmup_steps > 0
+    steps_per_epoch = -(-sampler.num_batches() // accum_steps)
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+
+    def lr_factor(i: int) -> float:  # i: optimiser steps taken
+        warm = min(1.0, (i + 1) / warmup_steps) if warmup_steps else 1.0
+        if lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps))
+        return warm * lr_gamma ** ((i // steps_per_epoch) // lr_step)
+
+    if per_step:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
     autocast_dtype = _autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     net = model
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # -- data ----------------------------------------------------------------------------
-    workers = default_workers(device) if num_workers is None else num_workers
-    sampler = EpochBatchSampler(len(train_samples), batch_size, seed, rank=ctx.rank, world_size=ctx.world_size)
-    loader_gen = torch.Generator().manual_seed(seed + 1000 * ctx.rank)
-    loader = DataLoader(PairDataset(train_samples, policy.train_transform()), batch_sampler=sampler,
-                        num_workers=workers, pin_memory=device.type == "cuda", generator=loader_gen,
-                        worker_init_fn=_no_sigint_in_worker if workers else None)
-    generators = {"loader": loader_gen}
 
     # -- position in the run -------------------------------------------------------------
     start_epoch, start_batch, step, best_srcc = 0, 0, 0, -math.inf
@@ -352,7 +382,8 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
     run_info = {
         "data": str(data), "config": model.config.name, "epochs": epochs, "batch_size": batch_size,
         "accum_steps": accum_steps, "lr": lr, "weight_decay": weight_decay, "lr_step": lr_step,
-        "lr_gamma": lr_gamma, "seed": seed, "world_size": ctx.world_size, "freeze_stem": freeze_stem,
+        "lr_gamma": lr_gamma, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
+        "crops_per_image": crops_per_image, "seed": seed, "world_size": ctx.world_size, "freeze_stem": freeze_stem,
         "init": "random" if init_dir is None else str(init_dir),
         "data_policy": policy.to_dict(), "synthetic_scores": synthetic,
         "score_stats": {"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean()),
@@ -456,6 +487,8 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if per_step:
+                    scheduler.step()
                 pending = 0
                 step += 1
                 if callback is not None or (bar is not None and step % 5 == 0) or tb is not None:
@@ -486,7 +519,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                     print(f"interrupted: saved {last} at step {step}; continue with --resume", file=sys.stderr)
                 raise TrainingInterrupted(last, step)
             finished = batch_in_epoch >= sampler.num_batches()
-            if finished:
+            if finished and not per_step:
                 scheduler.step()
             # The position saved is the start of the next epoch, or the next batch of this one.
             finish_epoch(epoch + 1 if finished else epoch, 0 if finished else batch_in_epoch,
@@ -500,6 +533,22 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
     if show:
         print(f"best checkpoint (val SRCC {best_srcc:.4f}): {best}", file=sys.stderr)
     return best
+
+
+class _Repeated(torch.utils.data.Dataset):
+    """``dataset`` seen ``times`` times per epoch: item ``i`` is ``dataset[i % len(dataset)]``
+    (each visit gets its own augmentation seed from the sampler)."""
+
+    def __init__(self, dataset, times: int):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        index = index % len(self.dataset)
+        return self.dataset[index if seed is None else (index, seed)]
 
 
 class _null:
