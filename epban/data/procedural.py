@@ -26,6 +26,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def _random_leaf(rng: np.random.Generator, size: int, r_min: float, r_max: float):
+    """Radius (inverse CDF of p(r) ~ r^-3 on [r_min, r_max]), centre, and its clipped bounding box."""
+    u = rng.random()
+    r = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
+    cy, cx = rng.uniform(-r, size + r, 2)
+    box = (max(int(cy - r), 0), min(int(cy + r) + 2, size), max(int(cx - r), 0), min(int(cx + r) + 2, size))
+    return r, cy, cx, box
+
+
 def dead_leaves(size: int, rng: np.random.Generator, r_min: float = 3.0, r_max: float | None = None,
                 max_discs: int = 4000) -> np.ndarray:
     """(size, size, 3) float32 in [0, 1]."""
@@ -35,12 +44,7 @@ def dead_leaves(size: int, rng: np.random.Generator, r_min: float = 3.0, r_max: 
     covered = np.zeros((size, size), bool)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for _ in range(max_discs):
-        # Inverse CDF of p(r) ~ r^-3 on [r_min, r_max].
-        u = rng.random()
-        r = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
-        cy, cx = rng.uniform(-r, size + r, 2)
-        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 2, size)
-        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 2, size)
+        r, cy, cx, (y0, y1, x0, x1) = _random_leaf(rng, size, r_min, r_max)
         if y0 >= y1 or x0 >= x1:
             continue
         sy, sx = yy[y0:y1, x0:x1], xx[y0:y1, x0:x1]
@@ -113,11 +117,7 @@ def leaf_scene(size: int, rng: np.random.Generator, max_leaves: int = 4000) -> n
     canvas = colour() * (1 - t[..., None]) + colour() * t[..., None]
     covered = np.zeros((size, size), bool)
     for _ in range(n_leaves):
-        u = rng.random()
-        r = (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
-        cy, cx = rng.uniform(-r, size + r, 2)
-        y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 2, size)
-        x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 2, size)
+        r, cy, cx, (y0, y1, x0, x1) = _random_leaf(rng, size, r_min, r_max)
         if y0 >= y1 or x0 >= x1:
             continue
         sy, sx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
