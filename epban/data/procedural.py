@@ -35,6 +35,25 @@ def _random_leaf(rng: np.random.Generator, size: int, r_min: float, r_max: float
     return r, cy, cx, box
 
 
+def _two_tone(rng, dx, dy, r, colour, other, *, gradient: bool, theta: float):
+    """A leaf blending two colours along direction theta: a linear gradient across the leaf,
+    or an oriented grating of period 2..16 px (drawn from ``rng``)."""
+    phase = (np.cos(theta) * dx + np.sin(theta) * dy)[..., None]
+    if gradient:
+        t = np.clip(0.5 + phase / (2 * r), 0, 1)
+    else:
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * phase / rng.uniform(2.0, 16.0))
+    return colour * (1 - t) + other * t
+
+
+def _paint(canvas, covered, box, inside, patch) -> bool:
+    """Paint a leaf's visible pixels (leaves in front come first); True once the canvas is full."""
+    y0, y1, x0, x1 = box
+    canvas[y0:y1, x0:x1][inside] = patch[inside]
+    covered[y0:y1, x0:x1] |= inside
+    return bool(covered.all())
+
+
 def dead_leaves(size: int, rng: np.random.Generator, r_min: float = 3.0, r_max: float | None = None,
                 max_discs: int = 4000) -> np.ndarray:
     """(size, size, 3) float32 in [0, 1]."""
@@ -59,16 +78,8 @@ def dead_leaves(size: int, rng: np.random.Generator, r_min: float = 3.0, r_max: 
             patch = colour + rng.uniform(0.05, 0.4) * texture[y0:y1, x0:x1, None]
         else:
             theta = rng.uniform(0, np.pi)
-            phase = (np.cos(theta) * (sx - cx) + np.sin(theta) * (sy - cy))[..., None]
-            other = _colour(rng)
-            if kind < 0.75:  # linear colour gradient across the disc
-                t = np.clip(0.5 + phase / (2 * r), 0, 1)
-            else:  # oriented grating, period 2..16 px
-                t = 0.5 + 0.5 * np.sin(2 * np.pi * phase / rng.uniform(2.0, 16.0))
-            patch = colour * (1 - t) + other * t
-        canvas[y0:y1, x0:x1][inside] = patch[inside]
-        covered[y0:y1, x0:x1] |= inside
-        if covered.all():
+            patch = _two_tone(rng, sx - cx, sy - cy, r, colour, _colour(rng), gradient=kind < 0.75, theta=theta)
+        if _paint(canvas, covered, (y0, y1, x0, x1), inside, patch):
             break
     from scipy.ndimage import gaussian_filter
 
@@ -144,16 +155,9 @@ def leaf_scene(size: int, rng: np.random.Generator, max_leaves: int = 4000) -> n
             patch = np.broadcast_to(c, inside.shape + (3,))
         else:
             theta = rng.uniform(0, np.pi)
-            phase = (np.cos(theta) * sx + np.sin(theta) * sy)[..., None]
             other = colour()
-            if rng.random() < 0.6:
-                w = np.clip(0.5 + phase / (2 * r), 0, 1)
-            else:
-                w = 0.5 + 0.5 * np.sin(2 * np.pi * phase / rng.uniform(2.0, 16.0))
-            patch = c * (1 - w) + other * w
-        canvas[y0:y1, x0:x1][inside] = patch[inside]
-        covered[y0:y1, x0:x1] |= inside
-        if covered.all():
+            patch = _two_tone(rng, sx, sy, r, c, other, gradient=rng.random() < 0.6, theta=theta)
+        if _paint(canvas, covered, (y0, y1, x0, x1), inside, patch):
             break
     sigma = rng.uniform(0.3, 0.8) if rng.random() < 0.7 else rng.uniform(0.8, 2.0)
     canvas = gaussian_filter(canvas, sigma=(sigma, sigma, 0))
