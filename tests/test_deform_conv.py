@@ -14,6 +14,7 @@ from epban.models.pban import GMDC
 from epban.ops.deform_conv import (
     fused_deform_conv_available,
     multi_branch_deform_conv,
+    multi_branch_deform_conv_gather,
     multi_branch_deform_conv_reference,
 )
 
@@ -175,10 +176,86 @@ def test_opcheck_of_the_registered_op():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_auto_is_the_reference_on_cpu():
+def test_auto_is_the_gather_path_on_cpu():
     x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3, 5), offset_scale=1.0, device="cpu", seed=10)
     out = multi_branch_deform_conv(x, offsets, weights, biases)
-    assert torch.equal(out, multi_branch_deform_conv_reference(x, offsets, weights, biases))
+    assert torch.equal(out, multi_branch_deform_conv_gather(x, offsets, weights, biases))
+    ref = multi_branch_deform_conv(x, offsets, weights, biases, backend="reference")
+    assert torch.equal(ref, multi_branch_deform_conv_reference(x, offsets, weights, biases))
+    assert not torch.equal(out, ref)  # two computations (a test that could not tell them apart proves nothing)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-6)
+
+
+# ------------------------------------------------------------------ the gather (grid_sample) path
+def _gather_vs_reference(x, offsets, weights, biases, atol, rtol):
+    leaves = [x, *offsets, *weights, *biases]
+    ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="gather")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype)
+    for i, (e, g) in enumerate(zip(torch.autograd.grad(ref, leaves, grad), torch.autograd.grad(out, leaves, grad))):
+        torch.testing.assert_close(g, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, msg=lambda m: f"leaf {i}: {m}")
+
+
+@pytest.mark.parametrize("b,c,h,w,ob,kernel_sizes,offset_scale", [
+    (2, 5, 7, 13, 3, (3, 5), 3.0),        # odd sizes, H != W, many samples outside the image
+    (3, 4, 1, 9, 2, (3,), 1.5),           # H = 1
+    (1, 3, 11, 1, 2, (5,), 1.5),          # W = 1
+    (1, 4, 6, 5, 2, (3, 5, 7, 9), 0.7),   # the model's four branches
+])
+def test_gather_matches_torchvision_float64(b, c, h, w, ob, kernel_sizes, offset_scale):
+    x, offsets, weights, biases = _inputs(b, c, h, w, ob, kernel_sizes, offset_scale, device="cpu",
+                                          dtype=torch.float64, seed=h * 31 + w)
+    _gather_vs_reference(x, offsets, weights, biases, atol=1e-10, rtol=1e-10)
+
+
+def test_gather_matches_torchvision_float32():
+    x, offsets, weights, biases = _inputs(2, 6, 9, 8, 3, (3, 5, 7), 2.0, device="cpu", seed=21)
+    _gather_vs_reference(x, offsets, weights, biases, atol=2e-5, rtol=2e-5)
+
+
+def test_gather_gradcheck_float64():
+    x, offsets, weights, biases = _inputs(1, 2, 4, 5, 2, (3,), 0.8, device="cpu", dtype=torch.float64, seed=22)
+    # Keep samples off integer coordinates, where bilinear sampling has no derivative.
+    with torch.no_grad():
+        offsets[0].add_(0.37)
+    assert torch.autograd.gradcheck(
+        lambda *t: multi_branch_deform_conv(t[0], [t[1]], [t[2]], [t[3]], backend="gather"),
+        (x, offsets[0], weights[0], biases[0]))
+
+
+def test_gather_bfloat16_within_1e2_of_float32():
+    x, offsets, weights, biases = _inputs(1, 4, 6, 7, 2, (3, 5), 1.0, device="cpu", seed=23)
+    ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
+    half = [t.detach().bfloat16() for t in (x, *offsets, *weights, *biases)]
+    out = multi_branch_deform_conv(half[0], half[1:3], half[3:5], half[5:], backend="gather")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
+def test_gather_nan_offset_makes_its_pixel_nan():
+    x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), 1.0, device="cpu", seed=24)
+    with torch.no_grad():
+        offsets[0][0, 4, 1, 2] = float("nan")
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="gather")
+    assert out[0, :, 1, 2].isnan().all() and out.isfinite().sum() == out.numel() - out.shape[1]
+
+
+def test_gmdc_gather_and_reference_backends_agree():
+    torch.manual_seed(25)
+    gmdc = GMDC(8, (3, 5)).double()
+    with torch.no_grad():
+        for gen in gmdc.param_generators:
+            gen.weight.normal_(0.0, 0.3)
+    x = torch.randn(2, 8, 7, 6, dtype=torch.float64, requires_grad=True)
+    out = gmdc(x)
+    (gx,) = torch.autograd.grad(out.square().sum(), [x])
+    gmdc.backend = "reference"
+    ref = gmdc(x)
+    (rx,) = torch.autograd.grad(ref.square().sum(), [x])
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(gx, rx, atol=1e-9, rtol=1e-9)
 
 
 def test_fused_on_cpu_without_interpreter_is_a_value_error(monkeypatch):

@@ -40,7 +40,7 @@ from epban.models.pban import GMDC, EfficientPBAN
 from epban.ops.deform_conv import (
     check_fp32_precision,
     fused_deform_conv_packed,
-    multi_branch_deform_conv_reference,
+    multi_branch_deform_conv,
     pack_weights,
     use_fused,
 )
@@ -103,7 +103,7 @@ class PackedGMDC(nn.Module):
             out = fused_deform_conv_packed(x, offsets, self.weight, self.bias, self.kernel_sizes,
                                            fp32_precision=self.fp32_precision)
         else:
-            out = multi_branch_deform_conv_reference(x, *self._unpacked(offsets))
+            out = multi_branch_deform_conv(x, *self._unpacked(offsets), backend=self.backend)
         return self.merge_conv(out)
 
     def _unpacked(self, offsets):

@@ -135,7 +135,7 @@ class GMDC(nn.Module):
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(branch)) for _ in kernel_sizes])
         self.param_generators = nn.ModuleList([nn.Conv2d(channels, 2 * k * k, 3, padding=1) for k in kernel_sizes])
         self.merge_conv = nn.Conv2d(channels, channels, 1)
-        self.backend = "auto"  # of the deformable convolution: "auto" | "reference" | "fused"
+        self.backend = "auto"  # of the deformable convolution: "auto" | "reference" | "gather" | "fused"
         for w in self.weights:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.merge_conv.weight, a=math.sqrt(5))
