@@ -1,6 +1,7 @@
 """GMDC's four deformable branches (k = 3, 5, 7, 9, 256 -> 4 x 64), forward + backward to x and offsets.
 
-Rows: the reference (four torchvision deform_conv2d calls), the fused Triton op with fp32
+Rows: the reference (four torchvision deform_conv2d calls), the gather path (grid_sample +
+matmul per branch, the CPU default), the fused Triton op with fp32
 dots as IEEE fp32 and as tf32x3, and the fused op in bfloat16. The weights are frozen, as
 in the loss (their gradient kernel is for metric training and is not timed here). The
 achieved rate is against the GEMM floor of kernels/deform_conv.py: 2 * OB * C * sum(k^2)
@@ -20,9 +21,10 @@ from epban.ops import deform_conv as ops
 
 KERNEL_SIZES = (3, 5, 7, 9)
 CUDA_SHAPES = [(1, 256, 64, 64), (16, 256, 16, 16), (1, 256, 128, 128), (1, 256, 32, 32)]
-CPU_SHAPES = [(1, 32, 12, 12)]
+CPU_SHAPES = [(1, 32, 12, 12), (8, 64, 12, 12)]  # (8, 64, 12, 12): a tiny-metric training batch of 96 px crops
 # channels_last x and offsets, as in the loss mode.
-IMPLS = ["reference", "fused ieee", "fused tf32x3", "fused bf16"]
+IMPLS = ["reference", "gather", "fused ieee", "fused tf32x3", "fused bf16"]
+CPU_IMPLS = ["reference", "gather"]
 
 
 def gemm_flop(shape, kernel_sizes=KERNEL_SIZES) -> float:
@@ -49,7 +51,7 @@ def make_inputs(shape, device, dtype=torch.float32, offset_std=1.0, seed=0):
 def make_step(impl, shape, device):
     dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
     x, offsets, weights, biases = make_inputs(shape, device, dtype)
-    backend = "reference" if impl == "reference" else "fused"
+    backend = impl if impl in ("reference", "gather") else "fused"
     precision = impl.split()[-1] if impl in ("fused ieee", "fused tf32x3") else None
 
     def step():
@@ -105,7 +107,7 @@ def run_rows(shapes, impls, log=print):
 
 
 def _cases():
-    cases = [pytest.param("cpu", s, "reference", id=f"reference-cpu-{'x'.join(map(str, s))}") for s in CPU_SHAPES]
+    cases = [pytest.param("cpu", s, i, id=f"{i}-cpu-{'x'.join(map(str, s))}") for s in CPU_SHAPES for i in CPU_IMPLS]
     if torch.cuda.is_available():
         cases += [pytest.param("cuda", s, i, id=f"{i.replace(' ', '-')}-cuda-{'x'.join(map(str, s))}",
                                marks=pytest.mark.cuda)
@@ -123,6 +125,7 @@ def test_deform_conv(benchmark, device, shape, impl):
         sync()
 
     run()
+    benchmark.group = f"deform conv {device} {'x'.join(map(str, shape))}"
     benchmark.extra_info["gemm_gflop"] = 2 * gemm_flop(shape) / 1e9
     benchmark.pedantic(run, rounds=10 if device == "cuda" else 2, warmup_rounds=1)
 
