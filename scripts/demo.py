@@ -30,6 +30,8 @@ TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "camera
 VAL_CROPS = {"chelsea": (20, 100, 256), "hubble_deep_field": (300, 300, 256)}  # name: (top, left, side)
 
 
+DEMO_MARKER = ".epban-demo"  # marks a folder the demo wrote (and may overwrite on a rerun)
+
 def write_photos(root: Path, scale: int) -> tuple[Path, Path]:
     """HR training photos (trimmed to a multiple of the scale) and validation crops, as PNG."""
     import skimage.data
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
+    # Rerunning the demo replaces its earlier results; a folder it did not write is left alone.
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        raise SystemExit(f"{out} exists and was not written by the demo; choose another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
     times = {}
     print(f"epban demo on {device} -> {out}/")
     print(SYNTHETIC_NOTE)
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     print("\n[2/4] training the tiny Efficient-PBAN metric ...")
     metric_dir = train_metric(manifest, config="tiny", epochs=args.metric_epochs, out=str(out / "metric"),
-                              lr=args.metric_lr, seed=args.seed, device=str(device), max_steps=args.metric_steps)
+                              lr=args.metric_lr, seed=args.seed, device=str(device), max_steps=args.metric_steps,
+                              overwrite=True)
     times["metric_training_s"] = round(time.time() - t, 1)
 
     t = time.time()

@@ -330,3 +330,11 @@ def test_demo_runs_end_to_end_with_a_stub_metric_trainer(tmp_path, monkeypatch, 
     assert {"bicubic", "before", "after", "note"} <= set(metrics)
     assert "SYNTHETIC" in metrics["note"]
     assert (out / "comparison.png").stat().st_size > 0
+    # A second run replaces the first; a folder the demo did not write is refused.
+    assert demo.main(["--out", str(out), "--sr-steps", "2", "--patch-size", "32", "--device", "cpu"]) == 0
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not written by the demo"):
+        demo.main(["--out", str(other), "--sr-steps", "2", "--device", "cpu"])
+    assert (other / "notes.txt").read_text() == "keep"
