@@ -193,7 +193,7 @@ def _gather_vs_reference(x, offsets, weights, biases, atol, rtol):
     out = multi_branch_deform_conv(x, offsets, weights, biases, backend="gather")
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype).to(ref.device)
     for i, (e, g) in enumerate(zip(torch.autograd.grad(ref, leaves, grad), torch.autograd.grad(out, leaves, grad))):
         torch.testing.assert_close(g, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, msg=lambda m: f"leaf {i}: {m}")
 
@@ -290,6 +290,13 @@ def test_bad_arguments_are_value_errors(change, match):
 
 
 # ------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+def test_cuda_gather_matches_torchvision():
+    """The gather path is plain PyTorch ops: on CUDA too (backend="gather"), float32, the model's branches."""
+    x, offsets, weights, biases = _inputs(2, 64, 11, 9, 16, (3, 5, 7, 9), offset_scale=2.0, device="cuda", seed=31)
+    _gather_vs_reference(x, offsets, weights, biases, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_official_width_matches_torchvision(dtype):
