@@ -18,7 +18,8 @@ deformable convolution's grid_sample path, five times as many steps per minute. 
 against SSIM after each stage: 0.87, 0.89, 0.93, 0.95; zero-shot toy test SRCC 0.52, 0.62,
 0.68, 0.74; fine-tuned by scripts/bench_train_metric.py, seeds 0-4, stage 2 gave mean 0.75,
 stage 4 0.79. A variant of stage 4 at lr 1e-4 reached 0.957 against SSIM but fine-tuned to
-0.77: the SSIM fit is a guide, not the goal.)
+0.77: the SSIM fit is a guide, not the goal; a fifth stage (lr 3e-4 or 1.5e-4, 0.967 or 0.962
+against SSIM) fine-tuned to means 0.777 and 0.787: a plateau, so four stages are bundled.)
 
 ``--images scenes`` pretrains on ``leaf_scene`` instead (photo-like variety between
 images) and ``--per-image K`` degrades each image K times. A third stage on scenes instead,
