@@ -417,33 +417,25 @@ def _check_rel_l2(q, k, v, sigma_scope, tol):
 
 @cuda
 @needs_gpu
-@pytest.mark.parametrize("shape, sigma_scope, dtype", [
-    ((3, 256, 7, 13), "sample", torch.float32),
-    ((3, 256, 13, 7), "batch", torch.float32),
-    ((2, 256, 40, 1), "sample", torch.float32),
-    ((2, 256, 33, 47), "batch", torch.bfloat16),
-    ((2, 256, 47, 33), "sample", torch.bfloat16),
-    ((3, 256, 7, 13), "batch", torch.float16),
-    ((4, 256, 64, 64), "sample", torch.float32),
-    ((1, 256, 135, 240), "sample", torch.float32),
-    ((1, 256, 135, 240), "batch", torch.bfloat16),
+@pytest.mark.parametrize("shape, sigma_scope, dtype, col_layout", [
+    ((3, 256, 7, 13), "sample", torch.float32, "strided"),
+    ((3, 256, 13, 7), "batch", torch.float32, "strided"),
+    ((2, 256, 40, 1), "sample", torch.float32, "strided"),
+    ((2, 256, 33, 47), "batch", torch.bfloat16, "strided"),
+    ((2, 256, 47, 33), "sample", torch.bfloat16, "strided"),
+    ((3, 256, 7, 13), "batch", torch.float16, "strided"),
+    ((4, 256, 64, 64), "sample", torch.float32, "strided"),
+    ((1, 256, 135, 240), "sample", torch.float32, "strided"),
+    ((1, 256, 135, 240), "batch", torch.bfloat16, "strided"),
+    # The column pass on transposed copies (CONFIG["col_layout"]).
+    ((3, 256, 7, 13), "batch", torch.float32, "transposed"),
+    ((2, 256, 33, 47), "sample", torch.bfloat16, "transposed"),
+    ((1, 256, 135, 240), "sample", torch.float32, "transposed"),
 ])
-def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, rng_seed, warm_cuda_kernels):
-    q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
-    _check_rel_l2(q, k, v, sigma_scope, 1e-5 if dtype == torch.float32 else 3e-2)
-
-
-@cuda
-@needs_gpu
-@pytest.mark.parametrize("shape, sigma_scope, dtype", [
-    ((3, 256, 7, 13), "batch", torch.float32),
-    ((2, 256, 33, 47), "sample", torch.bfloat16),
-    ((1, 256, 135, 240), "sample", torch.float32),
-])
-def test_cuda_fused_column_pass_on_transposed_copies(shape, sigma_scope, dtype, rng_seed, monkeypatch):
+def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, col_layout, rng_seed, warm_cuda_kernels, monkeypatch):
     from epban.kernels import axial_attention as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed")
+    monkeypatch.setitem(kernels.CONFIG, "col_layout", col_layout)
     q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
     _check_rel_l2(q, k, v, sigma_scope, 1e-5 if dtype == torch.float32 else 3e-2)
 

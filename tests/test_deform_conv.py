@@ -45,9 +45,9 @@ def _inputs(b, c, h, w, ob, kernel_sizes, offset_scale, device=DEVICE, dtype=tor
     return leaves[0], leaves[1:1 + n], leaves[1 + n:1 + 2 * n], leaves[1 + 2 * n:]
 
 
-def _check_against_reference(x, offsets, weights, biases, atol=2e-5, rtol=2e-5):
+def _check_against_reference(x, offsets, weights, biases, atol=2e-5, rtol=2e-5, backend="fused"):
     ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
-    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+    out = multi_branch_deform_conv(x, offsets, weights, biases, backend=backend)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     grad = torch.randn_like(ref)
@@ -187,17 +187,6 @@ def test_auto_is_the_gather_path_on_cpu():
 
 
 # ------------------------------------------------------------------ the gather (grid_sample) path
-def _gather_vs_reference(x, offsets, weights, biases, atol, rtol):
-    leaves = [x, *offsets, *weights, *biases]
-    ref = multi_branch_deform_conv_reference(x, offsets, weights, biases)
-    out = multi_branch_deform_conv(x, offsets, weights, biases, backend="gather")
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype).to(ref.device)
-    for i, (e, g) in enumerate(zip(torch.autograd.grad(ref, leaves, grad), torch.autograd.grad(out, leaves, grad))):
-        torch.testing.assert_close(g, e, atol=atol * max(1.0, e.abs().max().item()), rtol=rtol, msg=lambda m: f"leaf {i}: {m}")
-
-
 @pytest.mark.parametrize("b,c,h,w,ob,kernel_sizes,offset_scale", [
     (2, 5, 7, 13, 3, (3, 5), 3.0),        # odd sizes, H != W, many samples outside the image
     (3, 4, 1, 9, 2, (3,), 1.5),           # H = 1
@@ -207,12 +196,12 @@ def _gather_vs_reference(x, offsets, weights, biases, atol, rtol):
 def test_gather_matches_torchvision_float64(b, c, h, w, ob, kernel_sizes, offset_scale):
     x, offsets, weights, biases = _inputs(b, c, h, w, ob, kernel_sizes, offset_scale, device="cpu",
                                           dtype=torch.float64, seed=h * 31 + w)
-    _gather_vs_reference(x, offsets, weights, biases, atol=1e-10, rtol=1e-10)
+    _check_against_reference(x, offsets, weights, biases, atol=1e-10, rtol=1e-10, backend="gather")
 
 
 def test_gather_matches_torchvision_float32():
     x, offsets, weights, biases = _inputs(2, 6, 9, 8, 3, (3, 5, 7), 2.0, device="cpu", seed=21)
-    _gather_vs_reference(x, offsets, weights, biases, atol=2e-5, rtol=2e-5)
+    _check_against_reference(x, offsets, weights, biases, backend="gather")
 
 
 def test_gather_gradcheck_float64():
@@ -294,7 +283,7 @@ def test_bad_arguments_are_value_errors(change, match):
 def test_cuda_gather_matches_torchvision():
     """The gather path is plain PyTorch ops: on CUDA too (backend="gather"), float32, the model's branches."""
     x, offsets, weights, biases = _inputs(2, 64, 11, 9, 16, (3, 5, 7, 9), offset_scale=2.0, device="cuda", seed=31)
-    _gather_vs_reference(x, offsets, weights, biases, atol=1e-4, rtol=1e-4)
+    _check_against_reference(x, offsets, weights, biases, atol=1e-4, rtol=1e-4, backend="gather")
 
 
 @pytest.mark.cuda

@@ -39,10 +39,10 @@ from torchvision.models.resnet import BasicBlock
 from epban.models.pban import GMDC, EfficientPBAN
 from epban.ops.deform_conv import (
     check_fp32_precision,
+    deform_path,
     fused_deform_conv_packed,
     multi_branch_deform_conv,
     pack_weights,
-    use_fused,
 )
 
 LOSS_DTYPES = (torch.float32, torch.bfloat16)
@@ -99,7 +99,7 @@ class PackedGMDC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offsets = self.offset_conv(x)
-        if use_fused(x, self.backend):
+        if deform_path(x, self.backend) == "fused":
             out = fused_deform_conv_packed(x, offsets, self.weight, self.bias, self.kernel_sizes,
                                            fp32_precision=self.fp32_precision)
         else:

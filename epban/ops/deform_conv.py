@@ -9,8 +9,8 @@ with torchvision's semantics: stride 1, dilation 1, one offset group, no mask, b
 sampling reading 0 outside the image, offset channels 2 (i k + j) = dy and 2 (i k + j) + 1 = dx.
 The reference is that loop. ``multi_branch_deform_conv_gather`` computes the same function
 with ``grid_sample`` (bilinear, zeros outside) and one matmul per branch: the CPU default,
-~8x faster than torchvision's CPU kernels forward + backward. The fused op (``kernels/deform_conv.py``) computes all branches in
-one launch as an implicit GEMM. It is registered as ``torch.ops.epban.multi_branch_deform_conv``
+~8x faster than torchvision's CPU kernels forward + backward. The fused op
+(``kernels/deform_conv.py``) computes all branches in one launch as an implicit GEMM. It is registered as ``torch.ops.epban.multi_branch_deform_conv``
 (a ``torch.library`` custom op with autograd and a fake implementation), so it works under
 ``torch.compile`` and CUDA-graph capture.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from epban._extension import check_backend, triton_available, triton_interpret
+from epban._extension import BACKENDS, triton_available, triton_interpret
 from epban.ops._checks import fused_requested
 
 try:
@@ -160,16 +160,15 @@ def multi_branch_deform_conv(x, offsets, weights, biases, *, backend="auto", fp3
     ``fp32_precision``: the fused kernels' float32 dots, "ieee", "tf32x3" or "tf32" (None: the
     default, ``FP32_PRECISION``).
     """
-    if backend != "gather":
-        check_backend(backend)
-    check_fp32_precision(fp32_precision)
     check_deform_args(x, offsets, weights, biases)
+    path = deform_path(x, backend)
+    check_fp32_precision(fp32_precision)
     if biases is None or any(b is None for b in biases):
         biases = [torch.zeros(w.shape[0], device=x.device, dtype=w.dtype) if b is None else b
                   for w, b in zip(weights, biases or [None] * len(weights))]
-    if backend == "gather" or (backend == "auto" and x.device.type == "cpu"):
+    if path == "gather":
         return multi_branch_deform_conv_gather(x, offsets, weights, biases)
-    if not use_fused(x, backend):
+    if path == "reference":
         return multi_branch_deform_conv_reference(x, offsets, weights, biases)
     kernel_sizes = [w.shape[-1] for w in weights]
     return fused_deform_conv_packed(
@@ -192,11 +191,22 @@ def fused_deform_conv_packed(x, offsets, weight, bias, kernel_sizes, *, fp32_pre
     )
 
 
-def use_fused(x, backend) -> bool:
-    """Whether ``backend`` serves ``x`` with the fused kernels; ValueError for an impossible "fused"."""
-    if backend == "gather" or (backend == "auto" and x.device.type != "cuda"):
-        return False
-    return fused_requested(backend, _fused_unavailable_reason(x.device, x.dtype))
+DEFORM_BACKENDS = BACKENDS + ("gather",)
+
+
+def deform_path(x, backend) -> str:
+    """Which computation serves ``x`` for ``backend``: "fused", "gather" or "reference".
+
+    "auto": the fused kernels on CUDA with Triton, the gather path on the CPU, else the
+    reference. ValueError for an unknown backend or an impossible "fused".
+    """
+    if backend not in DEFORM_BACKENDS:
+        raise ValueError(f"backend must be one of {DEFORM_BACKENDS}, got {backend!r}")
+    if backend == "gather" or (backend == "auto" and x.device.type == "cpu"):
+        return "gather"
+    if backend == "auto" and x.device.type != "cuda":
+        return "reference"
+    return "fused" if fused_requested(backend, _fused_unavailable_reason(x.device, x.dtype)) else "reference"
 
 
 # ---------------------------------------------------------------------------------- launch helpers
