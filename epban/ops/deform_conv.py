@@ -10,9 +10,9 @@ sampling reading 0 outside the image, offset channels 2 (i k + j) = dy and 2 (i 
 The reference is that loop. ``multi_branch_deform_conv_gather`` computes the same function
 with ``grid_sample`` (bilinear, zeros outside) and one matmul per branch: the CPU default,
 ~8x faster than torchvision's CPU kernels forward + backward. The fused op
-(``kernels/deform_conv.py``) computes all branches in one launch as an implicit GEMM. It is registered as ``torch.ops.epban.multi_branch_deform_conv``
-(a ``torch.library`` custom op with autograd and a fake implementation), so it works under
-``torch.compile`` and CUDA-graph capture.
+(``kernels/deform_conv.py``) computes all branches in one launch as an implicit GEMM. It is
+registered as ``torch.ops.epban.multi_branch_deform_conv`` (a ``torch.library`` custom op with
+autograd and a fake implementation), so it works under ``torch.compile`` and CUDA-graph capture.
 """
 
 import functools
