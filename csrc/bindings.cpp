@@ -19,12 +19,23 @@ TORCH_LIBRARY(epban, m) {
   m.def(
       "ssim_backward(Tensor grad, Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
       "bool grad_y) -> (Tensor, Tensor)");
+  // One pass for training with reduction mean/none: the per-image SSIM and, from the same
+  // moments, its gradients for an upstream gradient of 1 per image (d value[b] / d x[b]);
+  // an input whose grad_* is false gets an empty (0,) tensor.
+  m.def(
+      "ssim_per_image_and_grad(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
+      "bool grad_y) -> (Tensor, Tensor, Tensor)");
+  // ssim_per_image whose autograd computes the gradients in the forward, with
+  // ssim_per_image_and_grad, and only scales them by the upstream gradient in the backward.
+  m.def("ssim_per_image_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cpu);
   m.impl("ssim_map", &epban::ssim::ssim_map_cpu);
   m.impl("ssim_backward", &epban::ssim::ssim_backward_cpu);
+  m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad_cpu);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cpu);
 }
 
 #ifdef EPBAN_WITH_CUDA
@@ -32,6 +43,8 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
   m.impl("ssim_map", &epban::ssim::ssim_map_cuda);
   m.impl("ssim_backward", &epban::ssim::ssim_backward_cuda);
+  m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad_cuda);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cuda);
 }
 constexpr bool kWithCuda = true;
 #else

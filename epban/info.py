@@ -16,10 +16,11 @@ def _op_backends() -> dict:
     fused_axial_available = getattr(axial_attention, "fused_axial_available", never)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     table = {}
-    ops = (("ssim", fused_ssim_available), ("axial_attention", fused_axial_available),
-           ("deform_conv", deform_conv.fused_deform_conv_available))
+    ops = (("ssim", fused_ssim_available), ("axial_attention", fused_axial_available))
     for op, available in ops:
         table[op] = {d: ("fused" if available(d) else "reference") for d in devices}
+    # The deformable conv has three paths; deform_path is the rule the op itself follows.
+    table["deform_conv"] = {d: deform_conv.deform_path(torch.empty(0, device=d), "auto") for d in devices}
     return table
 
 

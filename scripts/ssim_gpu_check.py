@@ -4,11 +4,13 @@
 
 1. Correctness on CUDA, fresh random odd shapes (the seed is printed; --seed repeats a
    run): forward and both gradients for float32/bfloat16/float16, every reduction, both
-   paddings, from NaN-poisoned allocations; one-input gradients; non-contiguous inputs.
-2. epban fused's breakdown: the bare forward and backward ops, the host time to issue a
-   fwd+bwd, the device time of each kernel it launches.
-3. Median times (triton.testing.do_bench, else CUDA events) of epban fused, epban
-   reference, pytorch-msssim, torchmetrics and kornia (those importable) at 16x3x256x256,
+   paddings, from NaN-poisoned allocations; float32 training through both the two-pass ops
+   and the one-pass op (ssim_per_image_one_pass); one-input gradients; non-contiguous inputs.
+2. epban fused's breakdown: the bare forward, backward and one-pass ops, the host time to
+   issue a fwd+bwd, the device time of each kernel it launches.
+3. Median times (triton.testing.do_bench, else CUDA events) of epban fused (its default
+   policy, and forced to the one-pass op), epban reference, pytorch-msssim, torchmetrics
+   and kornia (those importable) at 16x3x256x256,
    1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
    the peak extra memory of each at 4K forward+backward; a markdown table with the
    memory-traffic floor (read two images, + write one gradient for fwd+bwd, at 3.0 TB/s).
@@ -26,6 +28,7 @@ import time
 import torch
 
 import epban
+from epban.ops import ssim as ssim_module
 from epban.ops.ssim import fused_ssim_available, ssim_reference
 from epban.testing import ssim_implementations
 
@@ -46,6 +49,22 @@ def poisoned_allocations():
 
 
 DEVICE = "cuda"
+
+
+@contextlib.contextmanager
+def one_pass_policy(enabled: bool):
+    """Training calls take the one-pass op on DEVICE (enabled) or the two-pass ops."""
+    previous = ssim_module.ONE_PASS_DEVICES
+    ssim_module.ONE_PASS_DEVICES = previous | {DEVICE} if enabled else previous - {DEVICE}
+    try:
+        yield
+    finally:
+        ssim_module.ONE_PASS_DEVICES = previous
+
+
+def one_pass_ssim(x, y):
+    with one_pass_policy(True):
+        return epban.ssim(x, y, backend="fused")
 
 
 def image_pair(shape, dtype, gen):
@@ -94,9 +113,13 @@ def check_correctness(seed: int) -> list[str]:
                 rx, ry = x.double(), y.double()
                 grad_tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
                 for padding in ("valid", "same"):
-                    for reduction in ("mean", "none", "map"):
+                    for reduction, one_pass in (("mean", False), ("mean", True), ("none", False), ("none", True),
+                                                ("map", False)):
+                        if one_pass and dtype != torch.float32:
+                            continue
                         kw = dict(padding=padding, reduction=reduction)
-                        out, gx, gy = run_with_grads(lambda a, b: epban.ssim(a, b, backend="fused", **kw), x, y, 7)
+                        with one_pass_policy(one_pass):
+                            out, gx, gy = run_with_grads(lambda a, b: epban.ssim(a, b, backend="fused", **kw), x, y, 7)
                         ref = run_with_grads(lambda a, b: ssim_reference(a, b, **kw), rx, ry, 7)
                         errs = [abs_err(out, ref[0]), rel_err(gx, ref[1]), rel_err(gy, ref[2])]
                         # Gradients: relative to their largest value, with a floor of a few float16
@@ -112,7 +135,7 @@ def check_correctness(seed: int) -> list[str]:
                         n_checks += 1
                         if not all(e <= t for e, t in zip(errs, tols)):
                             failures.append(
-                                f"{shape} {dtype} {padding} {reduction}: fwd {errs[0]:.2e} ({tols[0]:.1e}), "
+                                f"{shape} {dtype} {padding} {reduction}{' one-pass' if one_pass else ''}: fwd {errs[0]:.2e} ({tols[0]:.1e}), "
                                 f"grad x {errs[1]:.2e}, grad y {errs[2]:.2e} ({tols[1]:.1e})"
                             )
         # One input requiring grad; non-contiguous inputs; identical images.
@@ -171,6 +194,7 @@ def breakdown() -> None:
         grad = torch.full((shape[0],), 1.0 / shape[0], device=DEVICE)
         fwd_op = median_ms(lambda: torch.ops.epban.ssim_per_image(x, y, c1, c2, False))
         bwd_op = median_ms(lambda: torch.ops.epban.ssim_backward(grad, x, y, c1, c2, False, True, False))
+        one_op = median_ms(lambda: torch.ops.epban.ssim_per_image_and_grad(x, y, c1, c2, False, True, False))
         xg = x.clone().requires_grad_(True)
 
         def run():
@@ -195,13 +219,15 @@ def breakdown() -> None:
             key=lambda k: -k[1],
         )
         name = "x".join(map(str, shape))
-        print(f"  {name}: forward op {fwd_op:.3f} ms, backward op {bwd_op:.3f} ms, host issue {host_ms:.3f} ms per fwd+bwd")
+        print(f"  {name}: forward op {fwd_op:.3f} ms, backward op {bwd_op:.3f} ms, one-pass op {one_op:.3f} ms, "
+              f"host issue {host_ms:.3f} ms per fwd+bwd")
         for key, ms, count in kernels[:8]:
             print(f"    {ms:8.4f} ms  x{count}  {key[:100]}")
 
 
 def timings() -> None:
     impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
+    impls = {"epban fused": impls.pop("epban fused"), "epban one-pass": one_pass_ssim, **impls}
     rows = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -235,7 +261,7 @@ def timings() -> None:
                     extra = torch.cuda.max_memory_allocated() - base
                     mem = f"{extra / 2**20:.0f} MiB ({extra / (4 * numel):.2f} images)"
                     xg.grad = None
-                target = f"{TARGETS_MS[shape]:.2f}" if mode == "fwd+bwd" and name == "epban fused" else ""
+                target = f"{TARGETS_MS[shape]:.2f}" if mode == "fwd+bwd" and name.startswith("epban") and "ref" not in name else ""
                 rows.append(("x".join(map(str, shape)), mode, name, ms, floor_ms, target, mem))
                 print(f"  {rows[-1][0]} {mode:8s} {name:16s} {ms:8.3f} ms", flush=True)
             del run

@@ -34,12 +34,18 @@ at::Tensor ssim_per_image_cpu(const at::Tensor& x, const at::Tensor& y, double c
 at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 std::tuple<at::Tensor, at::Tensor> ssim_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                                      double c1, double c2, bool same_padding, bool grad_x, bool grad_y);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                                           double c1, double c2, bool same_padding,
+                                                                           bool grad_x, bool grad_y);
 
 #ifdef EPBAN_WITH_CUDA
 at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                                       double c1, double c2, bool same_padding, bool grad_x, bool grad_y);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                                            double c1, double c2, bool same_padding,
+                                                                            bool grad_x, bool grad_y);
 #endif
 
 }  // namespace ssim

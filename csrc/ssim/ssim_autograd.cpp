@@ -7,6 +7,13 @@
 // Both forward ops save the inputs only (the backward recomputes the moments) and share
 // one backward op, which takes the upstream gradient as given: (B,) or the map's shape,
 // with any strides. The backward op itself has no derivative (no double backward).
+//
+// ssim_per_image_one_pass is the training path for reductions mean/none: its forward runs
+// ssim_per_image_and_grad, one pass that gives the value and d value[b] / d input (the
+// moments are computed once instead of in a forward and again in the backward), and its
+// backward only scales those gradients by the upstream gradient, in place, so no second
+// image-sized buffer is made. A second backward through the same graph (retain_graph)
+// finds them consumed and runs the same pass again (bit-identical gradients).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -39,6 +46,16 @@ std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const a
   return op.call(grad, x, y, c1, c2, same_padding, grad_x, grad_y);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_per_image_and_grad(const at::Tensor& x, const at::Tensor& y,
+                                                                       double c1, double c2, bool same_padding,
+                                                                       bool grad_x, bool grad_y) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epban::ssim_per_image_and_grad", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, double, double, bool, bool, bool)>();
+  return op.call(x, y, c1, c2, same_padding, grad_x, grad_y);
+}
+
 class SsimFunction : public torch::autograd::Function<SsimFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, double c1, double c2,
@@ -63,6 +80,57 @@ class SsimFunction : public torch::autograd::Function<SsimFunction> {
   }
 };
 
+class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                            bool same_padding) {
+    ctx->save_for_backward({x, y});
+    ctx->saved_data["c1"] = c1;
+    ctx->saved_data["c2"] = c2;
+    ctx->saved_data["same_padding"] = same_padding;
+    const bool grad_x = x.requires_grad();
+    const bool grad_y = y.requires_grad();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y);
+    ctx->saved_data["gx"] = grad_x ? c10::IValue(gx) : c10::IValue();
+    ctx->saved_data["gy"] = grad_y ? c10::IValue(gy) : c10::IValue();
+    return value;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_y = ctx->needs_input_grad(1);
+    const c10::IValue kept_x = ctx->saved_data["gx"];
+    const c10::IValue kept_y = ctx->saved_data["gy"];
+    ctx->saved_data["gx"] = c10::IValue();  // consumed: scaled in place and handed over below
+    ctx->saved_data["gy"] = c10::IValue();
+    c10::IValue kept_gx = kept_x, kept_gy = kept_y;
+    if ((need_x && !kept_x.isTensor()) || (need_y && !kept_y.isTensor())) {
+      // Consumed by an earlier backward (retain_graph): the same one pass again, so that
+      // every backward gives bit-identical gradients.
+      const auto saved = ctx->get_saved_variables();
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [value, gx, gy] = call_per_image_and_grad(saved[0], saved[1], ctx->saved_data["c1"].toDouble(),
+                                                     ctx->saved_data["c2"].toDouble(),
+                                                     ctx->saved_data["same_padding"].toBool(), need_x, need_y);
+      kept_gx = gx;
+      kept_gy = gy;
+    }
+    const auto scale = [&](const c10::IValue& kept) {
+      at::Tensor g = kept.toTensor();
+      return g.mul_(grads[0].reshape({-1, 1, 1, 1}).to(g.scalar_type()));
+    };
+    at::Tensor gx = need_x ? scale(kept_gx) : at::Tensor();
+    at::Tensor gy = need_y ? scale(kept_gy) : at::Tensor();
+    return {need_x ? gx : at::Tensor(), need_y ? gy : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor ssim_per_image_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                                            bool same_padding) {
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding);
+}
+
 at::Tensor ssim_per_image_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
   return SsimFunction::apply(x, y, c1, c2, same_padding, false);
 }
@@ -78,4 +146,5 @@ at::Tensor ssim_map_autograd(const at::Tensor& x, const at::Tensor& y, double c1
 TORCH_LIBRARY_IMPL(epban, Autograd, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_autograd);
   m.impl("ssim_map", &epban::ssim::ssim_map_autograd);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_one_pass_autograd);
 }

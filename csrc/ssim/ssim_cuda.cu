@@ -14,6 +14,10 @@
 // output), filters those horizontally then vertically, and combines them with x, y at
 // each pixel. Nothing but the inputs is kept from the forward; the gradients are the only
 // full-size buffers.
+// One pass (ssim_per_image_and_grad, training with reduction mean/none): the backward
+// kernel with an upstream gradient of 1 per image also sums the SSIM values of the
+// centres inside its own tile (tiles partition the image) into one partial per block, and
+// ssim_finish_kernel makes the per-image means: the forward kernel is not run at all.
 // Every pass is register-blocked along its filter direction (a thread makes 4-7 adjacent
 // outputs from inputs held in registers, each product formed once), and the shared-memory
 // pitches are odd where lanes walk down rows, so the passes are free of bank conflicts.
@@ -279,8 +283,13 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                          GradView grad, bool map_grad, float inv_count, int64_t channels,
-                         scalar_t* __restrict__ gx, scalar_t* __restrict__ gy) {
+                         scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
+  // partial != nullptr: the one-pass mode of ssim_per_image_and_grad. The upstream gradient
+  // is 1 per image (grad is not read) and the block also sums the SSIM values of the centres
+  // inside its own tile (tiles partition the image, so each centre is summed once) into
+  // partial[blockIdx.x], which ssim_finish_kernel turns into the per-image mean.
   extern __shared__ float smem[];
+  __shared__ float s_warp[kThreads / 32];
   float* s_a = smem;                // inputs, then partials
   float* s_b = smem + kBwdRegionA;  // horizontal moment sums, then filtered partials
 
@@ -308,7 +317,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   //    centres, 7 rows per thread (252 items); zero at centres that give no output.
   //    Per-image mode: every active centre gets grad[b] / (map pixels per image).
   const int64_t image = plane / channels;
-  const float g_scale = map_grad ? 0.f : grad.data[image * grad.stride[0]] * inv_count;
+  const float g_scale = partial ? inv_count : (map_grad ? 0.f : grad.data[image * grad.stride[0]] * inv_count);
+  float value_sum = 0.f;
   const float* g_plane =
       map_grad ? grad.data + image * grad.stride[0] + (plane - image * channels) * grad.stride[1] : nullptr;
   constexpr int kCtrRows = 7;
@@ -322,10 +332,11 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
     for (int o = 0; o < kCtrRows; ++o) {
       const int cr = cr0 + o;
       const int64_t ir = row0 - kHalo + cr;
-      SsimPartials<float> d{0.f, 0.f, 0.f, 0.f};
+      SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
       if (ir >= a.first && ir < a.last_row && ic >= a.first && ic < a.last_col) {
         const float g = map_grad ? g_plane[(ir - a.first) * grad.stride[2] + (ic - a.first) * grad.stride[3]] : g_scale;
         d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], acc[o][4], a.c1, a.c2, g);
+        if (partial && ir >= row0 && ir < row0 + kTile && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;
       p[0] = d.d_mx;
@@ -334,9 +345,20 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
       p[3 * kBwdPStride] = d.d_exy;
     }
   }
+  if (partial) {  // block-uniform; every lane is here (the loop above has no early exit)
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) value_sum += __shfl_down_sync(0xffffffffu, value_sum, off);
+    if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = value_sum;
+  }
   __syncthreads();
   // 4. Horizontal sums of the partials at the tile's 32 columns, all 42 centre rows.
   horizontal_sums<4, 4>(s_a, kBwdCtrPitch, kBwdPStride, kBwdCtr, kTile, s_b, kTile + 1, kBwdFStride);
+  if (partial && threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total += s_warp[w];
+    partial[blockIdx.x] = total;
+  }
   __syncthreads();
   // 5. Vertical sums and the gradients of the tile's pixels.
   const int tx = threadIdx.x % kTile;
@@ -458,25 +480,44 @@ at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, do
   return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                      const at::Tensor& y_in, double c1, double c2, bool same_padding,
-                                                      bool grad_x, bool grad_y) {
+namespace {
+
+// The backward kernel over every 32x32 tile of gradient pixels. grad_in undefined: the
+// one-pass mode (upstream gradient 1 per image, the per-image SSIM summed as well).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                                  const at::Tensor& y_in, double c1, double c2,
+                                                                  bool same_padding, bool grad_x, bool grad_y) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
-  const bool map_grad = check_grad_shape(grad_in, g);
-  TORCH_CHECK(grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
+  const bool with_value = !grad_in.defined();
+  const bool map_grad = !with_value && check_grad_shape(grad_in, g);
+  TORCH_CHECK(with_value || grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
+  if (with_value && !(grad_x || grad_y)) {
+    return {forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false), at::empty({0}, x_in.options()),
+            at::empty({0}, y_in.options())};
+  }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   at::Tensor gx = at::empty(grad_x ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor gy = at::empty(grad_y ? y.sizes() : at::IntArrayRef{0}, y.options());
-  if (!(grad_x || grad_y)) return {gx, gy};
-  const at::Tensor grad = grad_in.to(at::kFloat);  // float32 already for the op's own outputs: no copy
-  GradView gv{grad.data_ptr<float>(), {0, 0, 0, 0}};
-  for (int64_t d = 0; d < grad.dim(); ++d) gv.stride[d] = grad.stride(d);
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor value = with_value ? at::empty({g.batch}, fopts) : at::Tensor();
+  if (!(grad_x || grad_y)) return {value, gx, gy};
+  GradView gv{nullptr, {0, 0, 0, 0}};
+  at::Tensor grad;
+  if (!with_value) {
+    grad = grad_in.to(at::kFloat);  // float32 already for the op's own outputs: no copy
+    gv.data = grad.data_ptr<float>();
+    for (int64_t d = 0; d < grad.dim(); ++d) gv.stride[d] = grad.stride(d);
+  }
   const Args a = make_args(g, c1, c2, /*centre_tiles=*/false);
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
-  if (blocks == 0) return {gx, gy};
+  if (blocks == 0) {  // no planes: the forward's answer for the value
+    if (with_value) value = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
+    return {value, gx, gy};
+  }
+  at::Tensor partial = with_value ? at::empty({blocks}, fopts) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -484,10 +525,32 @@ std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad_in,
     ssim_backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream>>>(
         x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
         static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
-        grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr);
+        grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr,
+        with_value ? partial.data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (with_value && g.batch > 0) {
+    ssim_finish_kernel<<<static_cast<unsigned>(g.batch), kThreads, 0, stream>>>(
+        partial.data_ptr<float>(), blocks / g.batch, 1.0 / static_cast<double>(g.count()), value.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {value, gx, gy};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                      const at::Tensor& y_in, double c1, double c2, bool same_padding,
+                                                      bool grad_x, bool grad_y) {
+  TORCH_CHECK(grad_in.defined(), "ssim_backward: grad must be a tensor");
+  auto [value, gx, gy] = gradient_pass_cuda(grad_in, x_in, y_in, c1, c2, same_padding, grad_x, grad_y);
   return {gx, gy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                                            double c1, double c2, bool same_padding,
+                                                                            bool grad_x, bool grad_y) {
+  return gradient_pass_cuda(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y);
 }
 
 }  // namespace ssim

@@ -63,13 +63,16 @@ C10_HOST_DEVICE inline T ssim_value(T mx, T my, T exx, T eyy, T exy, T c1, T c2)
   return (t.a1 * t.a2) / (t.b1 * t.b2);
 }
 
-// The partial derivatives of S, each multiplied by the upstream gradient g.
+// The partial derivatives of S, each multiplied by the upstream gradient g, and S itself
+// (for the kernels that compute the value and the gradient in one pass; where it is not
+// used the compiler drops it).
 template <typename T>
 struct SsimPartials {
   T d_mx;   // g dS/dmx
   T d_my;   // g dS/dmy
   T d_e2;   // g dS/dexx (= g dS/deyy)
   T d_exy;  // g dS/dexy
+  T s;      // S
 };
 
 template <typename T>
@@ -91,6 +94,7 @@ C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mx, T my, T exx, T eyy, T
   p.d_my = mx * da + my * db;
   p.d_e2 = d_b2;
   p.d_exy = T(2) * d_a2;
+  p.s = a1 * a2 * inv_b1 * inv_b2;
   return p;
 }
 

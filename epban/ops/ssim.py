@@ -13,8 +13,13 @@ pytorch-msssim and scikit-image); ``"same"`` zero-pads the image (as fused-ssim)
 The fused path (``torch.ops.epban.ssim_*``, csrc/ssim/) serves window 11 / sigma 1.5 on
 the CPU (float32/64, float16, bfloat16) and on CUDA (float32, float16, bfloat16). Its
 forward reduces inside the kernel (no map is written for "mean"/"none"); its backward
-recomputes the moments and saves nothing but the inputs. The gradient, with g the
-upstream gradient per window centre and the partials of csrc/ssim/ssim_math.h:
+recomputes the moments and saves nothing but the inputs. When a float32/float64 input
+requires grad, reductions "mean"/"none" take the one-pass op instead
+(``ssim_per_image_one_pass``, on the devices in ``ONE_PASS_DEVICES``): one kernel pass
+gives the value and the gradient of each image's SSIM, the moments computed once, and the
+backward only scales that gradient by the upstream one (in place: still one image-sized
+buffer per input). The gradient, with g the upstream gradient per window centre and the
+partials of csrc/ssim/ssim_math.h:
 
     dL/dx = G*(g dS/dmu_x) + 2 x G*(g dS/dE[x^2]) + y G*(g dS/dE[xy])
     dL/dy = G*(g dS/dmu_y) + 2 y G*(g dS/dE[y^2]) + x G*(g dS/dE[xy])
@@ -22,6 +27,7 @@ upstream gradient per window centre and the partials of csrc/ssim/ssim_math.h:
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,13 @@ _FUSED_DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+
+# Devices where training (an input that requires grad, reduction mean/none, float32/64)
+# takes the one-pass op. CUDA joins once its one-pass kernel has passed scripts/gpu_check.sh
+# on a GPU (its tests there call the op directly); EPBAN_SSIM_ONE_PASS="cpu,cuda" opts in,
+# "" opts out everywhere.
+ONE_PASS_DEVICES = frozenset(d for d in os.environ.get("EPBAN_SSIM_ONE_PASS", "cpu").split(",") if d)
+_ONE_PASS_DTYPES = (torch.float32, torch.float64)  # half types: the unscaled gradient could underflow
 
 
 @functools.lru_cache(maxsize=32)
@@ -145,8 +158,17 @@ def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
     x, y = x.contiguous(), y.contiguous()
     if reduction == "map":
         return torch.ops.epban.ssim_map(x, y, c1, c2, same)
-    per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
+    if _one_pass(x, y):
+        per_image = torch.ops.epban.ssim_per_image_one_pass(x, y, c1, c2, same)
+    else:
+        per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
     return per_image if reduction == "none" else per_image.mean()
+
+
+def _one_pass(x, y) -> bool:
+    """Whether a gradient will be wanted and the one-pass op serves these inputs."""
+    return (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+            and x.device.type in ONE_PASS_DEVICES and x.dtype in _ONE_PASS_DTYPES)
 
 
 def _fused_out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -159,6 +181,15 @@ def _register_fused() -> None:
     @torch.library.register_fake("epban::ssim_per_image")
     def _(x, y, c1, c2, same_padding):
         return x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
+
+    @torch.library.register_fake("epban::ssim_per_image_one_pass")
+    def _(x, y, c1, c2, same_padding):
+        return x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
+
+    @torch.library.register_fake("epban::ssim_per_image_and_grad")
+    def _(x, y, c1, c2, same_padding, grad_x, grad_y):
+        value = x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
+        return value, x.new_empty(x.shape if grad_x else (0,)), y.new_empty(y.shape if grad_y else (0,))
 
     @torch.library.register_fake("epban::ssim_map")
     def _(x, y, c1, c2, same_padding):
