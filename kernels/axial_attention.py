@@ -25,10 +25,15 @@ Backward, with g = 0.5 * dL/d(axial) seen by each pass:
 
 Nothing of size L x L reaches global memory: every kernel recomputes its S tiles from q
 and k. Saved for the backward: lse (one number per row, B*H*W per pass) and the group
-statistics (mu, sigma, N). q, k, v are read in NCHW as they are: a pass is a choice of
-two strides (row: sequence stride W, position stride 1; column: 1 and W), compile-time
-constants of each kernel body (``PASS``), so that row tiles load contiguous positions.
-A program owns one tile of positions of ``SEQS`` neighbouring sequences. In the column
+statistics (mu, sigma, N). q, k, v (and g) are read as they are, all contiguous NCHW or
+all channels_last, through the strides (sB, sC, sH, sW) of that layout; outputs and
+gradients are written in it. A pass is a choice of two of them (row: sequence stride sH,
+position stride sW; column: sW and sH), picked by each kernel body's ``PASS``. In
+channels_last every (position x channel) tile loads rows of contiguous channels in both
+passes (coalesced; Triton specialises sC = 1, and on sm90 the kernels hold fewer registers
+and spill less than in NCHW: scripts/kernel_resources.py), and the loss mode's features
+need no layout copy. In NCHW, row tiles load contiguous positions.
+A program owns one tile of positions of ``SEQS`` neighbouring sequences. In the NCHW column
 pass the only contiguous direction is across sequences: with one sequence per program
 its loads are strided (served from L2: program ids put sequences fastest, so neighbours
 run side by side); ``CONFIG["seqs_col"]`` > 1 coalesces them with 3-D tiles and batched
@@ -106,11 +111,14 @@ def _sized_jit(fn):
 
 
 @triton.jit
-def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
+def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+              COL_T: tl.constexpr):
     """Program ``local`` of a pass -> (image b, first sequence, tile of positions) and the
     pass's sequence count NS, length L, the inputs' sequence and position strides, and the
-    outputs' (elements). COL_T: the column pass reads (B, C, W, H) copies of its inputs, so
-    its tiles load contiguous positions as the row pass's do; it writes NCHW all the same.
+    outputs' (elements). sH, sW: the row and column strides of every tensor of the call
+    (W and 1 in NCHW, W C and C in channels_last). COL_T: the column pass reads (B, C, W, H)
+    copies of NCHW inputs, so its tiles load contiguous positions as the row pass's do; it
+    writes NCHW all the same.
 
     Sequences vary fastest, then tiles, then images: an image's programs are contiguous
     (its partial sums too), and neighbouring column sequences run side by side.
@@ -118,8 +126,10 @@ def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.con
     if PASS == 0:
         NS = H
         L = W
-        s_seq = W
-        s_pos = 1
+        s_seq = sH
+        s_pos = sW
+        o_seq = sH
+        o_pos = sW
     else:
         NS = W
         L = H
@@ -127,19 +137,15 @@ def _geometry(local, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.con
             s_seq = H
             s_pos = 1
         else:
-            s_seq = 1
-            s_pos = W
+            s_seq = sW
+            s_pos = sH
+        o_seq = sW
+        o_pos = sH
     n_groups = (NS + SEQS - 1) // SEQS
     n_tiles = (L + BLOCK - 1) // BLOCK
     s0 = (local % n_groups) * SEQS
     tile = (local // n_groups) % n_tiles
     b = local // (n_groups * n_tiles)
-    if PASS == 0:
-        o_seq = W
-        o_pos = 1
-    else:
-        o_seq = 1
-        o_pos = W
     return b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos
 
 
@@ -166,7 +172,7 @@ def _bdot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _channel_dot(a_ptr, b_ptr, seq_off, offs_m, offs_n, mask_sm, mask_sn, C, HW, s_pos,
+def _channel_dot(a_ptr, b_ptr, seq_off, offs_m, offs_n, mask_sm, mask_sn, C, sC, s_pos,
                  SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
                  PRECISION: tl.constexpr, ACC: tl.constexpr):
     """sum_c a[s, c, m] b[s, c, n] as a (SEQS, BLOCK, BLOCK) tile; mask_sm / mask_sn: (SEQS, BLOCK)."""
@@ -174,40 +180,40 @@ def _channel_dot(a_ptr, b_ptr, seq_off, offs_m, offs_n, mask_sm, mask_sn, C, HW,
     for c0 in range(0, C, BLOCK_CK):
         offs_c = c0 + tl.arange(0, BLOCK_CK)
         mask_c = offs_c < C
-        at = tl.load(a_ptr + seq_off[:, None, None] + offs_m[None, :, None] * s_pos + offs_c[None, None, :] * HW,
+        at = tl.load(a_ptr + seq_off[:, None, None] + offs_m[None, :, None] * s_pos + offs_c[None, None, :] * sC,
                      mask=mask_sm[:, :, None] & mask_c[None, None, :], other=0.0)
-        bt = tl.load(b_ptr + seq_off[:, None, None] + offs_c[None, :, None] * HW + offs_n[None, None, :] * s_pos,
+        bt = tl.load(b_ptr + seq_off[:, None, None] + offs_c[None, :, None] * sC + offs_n[None, None, :] * s_pos,
                      mask=mask_c[None, :, None] & mask_sn[:, None, :], other=0.0)
         acc = _bdot(at, bt, acc, PRECISION)
     return acc
 
 
 @triton.jit
-def _channel_ptrs(ptr, seq_off, offs_c, offs_n, HW, s_pos):
+def _channel_ptrs(ptr, seq_off, offs_c, offs_n, sC, s_pos):
     """Pointers to the (SEQS, BLOCK_C, BLOCK) tile x[s, c, n]."""
-    return ptr + seq_off[:, None, None] + offs_c[None, :, None] * HW + offs_n[None, None, :] * s_pos
+    return ptr + seq_off[:, None, None] + offs_c[None, :, None] * sC + offs_n[None, None, :] * s_pos
 
 
 @triton.jit
-def _store_channels(ptr, seq_off, offs_c, offs_n, mask_c, mask_sn, HW, s_pos, res, accumulate,
+def _store_channels(ptr, seq_off, offs_c, offs_n, mask_c, mask_sn, sC, s_pos, res, accumulate,
                     ACC: tl.constexpr):
     """x[s, c, n] = res, or x += res when ``accumulate`` (the column pass after the row pass)."""
-    ptrs = _channel_ptrs(ptr, seq_off, offs_c, offs_n, HW, s_pos)
+    ptrs = _channel_ptrs(ptr, seq_off, offs_c, offs_n, sC, s_pos)
     mask = mask_c[None, :, None] & mask_sn[:, None, :]
     res += tl.load(ptrs, mask=mask & (accumulate != 0), other=0.0).to(ACC)
     tl.store(ptrs, res.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _tile_setup(local, H, W, C, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+def _tile_setup(local, H, W, sB, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
                 COL_T: tl.constexpr):
     """Offsets shared by every kernel body: image base, sequences, the owned tile of positions;
     seq_off / s_pos address the inputs, out_off / o_pos the outputs (they differ under COL_T)."""
-    b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos = _geometry(local, H, W, PASS, SEQS, BLOCK, COL_T)
+    b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos = _geometry(local, H, W, sH, sW, PASS, SEQS, BLOCK, COL_T)
     offs_s = s0 + tl.arange(0, SEQS)
     mask_s = offs_s < NS
-    seq_off = b.to(tl.int64) * C * H * W + offs_s * s_seq
-    out_off = b.to(tl.int64) * C * H * W + offs_s * o_seq
+    seq_off = b.to(tl.int64) * sB + offs_s * s_seq
+    out_off = b.to(tl.int64) * sB + offs_s * o_seq
     offs_t = tile * BLOCK + tl.arange(0, BLOCK)
     mask_st = mask_s[:, None] & (offs_t < L)[None, :]
     rows = (b * NS + offs_s) * L
@@ -218,10 +224,10 @@ def _tile_setup(local, H, W, C, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _stats_body(qp, kp, part, local, C, H, W, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
+def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
                 BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, _, _ = _tile_setup(
-        local, H, W, C, PASS, SEQS, BLOCK, COL_T)
+        local, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
     n_i = tl.sum(tl.sum(mask_si.to(ACC), axis=1), axis=0)
     n = tl.full([], 0.0, ACC)
     mean = tl.full([], 0.0, ACC)
@@ -229,7 +235,7 @@ def _stats_body(qp, kp, part, local, C, H, W, PASS: tl.constexpr, SEQS: tl.const
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
         mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                          SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
         valid = mask_si[:, :, None] & (offs_j < L)[None, None, :]
         t_n = n_i * tl.sum((offs_j < L).to(ACC), axis=0)
@@ -247,7 +253,7 @@ def _stats_body(qp, kp, part, local, C, H, W, PASS: tl.constexpr, SEQS: tl.const
 
 
 @_sized_jit
-def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, W, n_row_progs, n_progs,
+def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, W, sB, sC, sH, sW, n_row_progs, n_progs,
                             SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
                             BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                             COL_T: tl.constexpr):
@@ -264,9 +270,9 @@ def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, 
     ktp = _pick(d, kt0, kt1)
     part = part_ptr + (d * n_progs + pid) * 3
     if pid < n_row_progs:
-        _stats_body(qp, kp, part, pid, C, H, W, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
+        _stats_body(qp, kp, part, pid, C, H, W, sB, sC, sH, sW, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
     else:
-        _stats_body(qtp, ktp, part, pid - n_row_progs, C, H, W, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC,
+        _stats_body(qtp, ktp, part, pid - n_row_progs, C, H, W, sB, sC, sH, sW, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC,
                     COL_T)
 
 
@@ -315,18 +321,18 @@ def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, pe
 
 
 @triton.jit
-def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sample, NG,
+def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sB, sC, sH, sW, sample, NG,
               PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
               BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, _, _ = _tile_setup(
-        local, H, W, C, PASS, SEQS, BLOCK, COL_T)
+        local, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats + (b * sample) * 3 + 1)
     m_i = tl.full([SEQS, BLOCK], float("-inf"), ACC)
     l_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
         mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                          SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
         z = tl.where((offs_j < L)[None, None, :], S * inv_sigma, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=2))
@@ -336,7 +342,8 @@ def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sample, NG,
 
 
 @_sized_jit
-def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr, B, C, H, W, NG, n_row_progs,
+def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG,
+                          n_row_progs,
                           sample, SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
                           BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """lse[i] = logsumexp_j S[i, j] / sigma for one strip of rows (online over j tiles)."""
@@ -348,14 +355,15 @@ def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr
     ktp = _pick(d, kt0, kt1)
     if pid < n_row_progs:
         _lse_body(qp, kp, stats_ptr + (d * 2) * NG * 3, lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid,
-                  C, H, W, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
+                  C, H, W, sB, sC, sH, sW, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
     else:
         _lse_body(qtp, ktp, stats_ptr + (d * 2 + 1) * NG * 3, lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W,
-                  pid - n_row_progs, C, H, W, sample, NG, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC, COL_T)
+                  pid - n_row_progs, C, H, W, sB, sC, sH, sW, sample, NG, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC, COL_T)
 
 
 @_sized_jit
-def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B, C, H, W, NG, sample, accumulate,
+def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG, sample,
+                          accumulate,
                           PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                           COL_T: tl.constexpr):
@@ -366,7 +374,7 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
     vp = _pick(d, v0, v1)
     op = _pick(d, o0, o1)
     b, L, s_pos, offs_s, mask_s, seq_off, offs_j, mask_sj, rows, out_off, o_pos = _tile_setup(
-        tl.program_id(0), H, W, C, PASS, SEQS, BLOCK, COL_T)
+        tl.program_id(0), H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3 + 1)
     lse_base = lse_ptr + (d * 2 + PASS).to(tl.int64) * B * H * W + rows
     offs_c = tl.arange(0, BLOCK_C)
@@ -375,14 +383,14 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
     for i0 in range(0, L, BLOCK):
         offs_i = i0 + tl.arange(0, BLOCK)
         mask_si = mask_s[:, None] & (offs_i < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                          SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
         lse = tl.load(lse_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
         a = tl.where(mask_si[:, :, None], tl.exp(S * inv_sigma - lse[:, :, None]), 0.0)
-        vt = tl.load(_channel_ptrs(vp, seq_off, offs_c, offs_i, H * W, s_pos),
+        vt = tl.load(_channel_ptrs(vp, seq_off, offs_c, offs_i, sC, s_pos),
                      mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
         acc = _bdot(vt, a.to(vt.dtype), acc, PRECISION)
-    _store_channels(op, out_off, offs_c, offs_j, mask_c, mask_sj, H * W, o_pos, 0.5 * acc, accumulate, ACC)
+    _store_channels(op, out_off, offs_c, offs_j, mask_c, mask_sj, sC, o_pos, 0.5 * acc, accumulate, ACC)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -390,7 +398,7 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
 
 @_sized_jit
 def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, lse_ptr, drow_ptr, dpart_ptr,
-                         pid_offset, B, C, H, W, NG, n_progs, sample, accumulate, need_v,
+                         pid_offset, B, C, H, W, sB, sC, sH, sW, NG, n_progs, sample, accumulate, need_v,
                          PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """For one strip of rows i: dv[c, i] (+)= sum_j A g[c, j], D[i], and sum_i (E[i] - D[i] F[i])."""
@@ -402,7 +410,7 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
     dvp = _pick(d, dv0, dv1)
     local = tl.program_id(0)
     b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, out_off, o_pos = _tile_setup(
-        local, H, W, C, PASS, SEQS, BLOCK, COL_T)
+        local, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
     st = stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3
     mu = tl.load(st)
     inv_sigma = 1.0 / tl.load(st + 1)
@@ -417,23 +425,23 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
         mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                          SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
         valid = mask_si[:, :, None] & (offs_j < L)[None, None, :]
         a = tl.where(valid, tl.exp(S * inv_sigma - lse[:, :, None]), 0.0)
-        da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, H * W, s_pos,
+        da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                                 SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
         ada = a * da
         sc = S - mu
         d_i += tl.sum(ada, axis=2)
         e_i += tl.sum(ada * sc, axis=2)
         f_i += tl.sum(a * sc, axis=2)
-        gt = tl.load(_channel_ptrs(gp, seq_off, offs_c, offs_j, H * W, s_pos),
+        gt = tl.load(_channel_ptrs(gp, seq_off, offs_c, offs_j, sC, s_pos),
                      mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
         acc = _bdot(gt, tl.permute(a, (0, 2, 1)).to(gt.dtype), acc, PRECISION)
     tl.store(drow_ptr + row_ptrs, d_i, mask=mask_si)
     tl.store(dpart_ptr + d * n_progs + pid_offset + local, tl.sum(tl.sum(e_i - d_i * f_i, axis=1), axis=0))
-    _store_channels(dvp, out_off, offs_c, offs_i, mask_c & (((need_v >> d) & 1) != 0), mask_si, H * W, o_pos,
+    _store_channels(dvp, out_off, offs_c, offs_i, mask_c & (((need_v >> d) & 1) != 0), mask_si, sC, o_pos,
                     0.5 * acc, accumulate, ACC)
 
 
@@ -456,13 +464,13 @@ def _axial_bwd_omega_kernel(dpart_ptr, stats_ptr, omega_ptr, NG, B, n_row_progs,
 
 @triton.jit
 def _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, lse, d_i, mu, inv_sigma, omega,
-                     C, HW, s_pos, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
+                     C, sC, s_pos, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
                      PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dS[s, i, j] = A (dA - D[i]) / sigma + omega (S - mu), zero outside the sequences."""
-    S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, HW, s_pos,
+    S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                      SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
     a = tl.exp(S * inv_sigma - lse[:, :, None])
-    da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, HW, s_pos,
+    da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
                             SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
     ds = a * (da - d_i[:, :, None]) * inv_sigma + omega * (S - mu)
     return tl.where(mask_si[:, :, None] & mask_sj[:, None, :], ds, 0.0)
@@ -470,7 +478,8 @@ def _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, 
 
 @_sized_jit
 def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
-                          stats_ptr, omega_ptr, lse_ptr, drow_ptr, n_pass_progs, B, C, H, W, NG, sample, accumulate,
+                          stats_ptr, omega_ptr, lse_ptr, drow_ptr, n_pass_progs, B, C, H, W, sB, sC, sH, sW, NG, sample,
+                          accumulate,
                           need_q, need_k, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr,
                           ACC: tl.constexpr, COL_T: tl.constexpr):
@@ -492,7 +501,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     role = is_dk.to(tl.int32)
     need = ((need_q + role * (need_k - need_q)) >> d) & 1
     b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows, out_off, o_pos = _tile_setup(
-        pid - role * n_pass_progs, H, W, C, PASS, SEQS, BLOCK, COL_T)
+        pid - role * n_pass_progs, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
     st = (d * 2 + PASS) * NG + b * sample
     mu = tl.load(stats_ptr + st * 3)
     inv_sigma = 1.0 / tl.load(stats_ptr + st * 3 + 1)
@@ -508,8 +517,8 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
             lse = tl.load(lse_ptr + row_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
             d_i = tl.load(drow_ptr + row_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
             ds = _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_t, mask_si, mask_st, lse, d_i, mu,
-                                  inv_sigma, omega, C, H * W, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-            qt = tl.load(_channel_ptrs(qp, seq_off, offs_c, offs_i, H * W, s_pos),
+                                  inv_sigma, omega, C, sC, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+            qt = tl.load(_channel_ptrs(qp, seq_off, offs_c, offs_i, sC, s_pos),
                          mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
             acc = _bdot(qt, ds.to(qt.dtype), acc, PRECISION)
         outp = dkp
@@ -520,12 +529,12 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
             offs_j = j0 + tl.arange(0, BLOCK)
             mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
             ds = _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_t, offs_j, mask_st, mask_sj, lse, d_i, mu,
-                                  inv_sigma, omega, C, H * W, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-            kt = tl.load(_channel_ptrs(kp, seq_off, offs_c, offs_j, H * W, s_pos),
+                                  inv_sigma, omega, C, sC, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+            kt = tl.load(_channel_ptrs(kp, seq_off, offs_c, offs_j, sC, s_pos),
                          mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
             acc = _bdot(kt, tl.permute(ds, (0, 2, 1)).to(kt.dtype), acc, PRECISION)
         outp = dqp
-    _store_channels(outp, out_off, offs_c, offs_t, mask_c & (need != 0), mask_st, H * W, o_pos, acc, accumulate,
+    _store_channels(outp, out_off, offs_c, offs_t, mask_c & (need != 0), mask_st, sC, o_pos, acc, accumulate,
                     ACC)
 
 
@@ -535,7 +544,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
 class _Plan:
     """Grid geometry and tile configuration shared by the forward and backward launches."""
 
-    def __init__(self, shape, dtype, sigma_scope, precision, config=None):
+    def __init__(self, shape, dtype, sigma_scope, precision, config=None, channels_last=False):
         cfg = {**CONFIG, **(config or {})}
         B, C, H, W = shape
         self.B, self.C, self.H, self.W = B, C, H, W
@@ -545,7 +554,8 @@ class _Plan:
         self.block_col = max(16, min(cfg["block_col"], triton.next_power_of_2(H)))
         if cfg["col_layout"] not in ("strided", "transposed"):
             raise ValueError(f"col_layout must be 'strided' or 'transposed', got {cfg['col_layout']!r}")
-        self.col_t = cfg["col_layout"] == "transposed"
+        # channels_last tiles load contiguous channels in both passes: no transposed copies
+        self.col_t = cfg["col_layout"] == "transposed" and not channels_last
         # several column sequences per program only coalesce strided loads
         self.seqs_col = 1 if self.col_t else max(1, min(cfg["seqs_col"], triton.next_power_of_2(W)))
         self.block_c = max(16, triton.next_power_of_2(C))
@@ -581,15 +591,34 @@ class _Plan:
 _PLANS: dict = {}
 
 
-def _plan(shape, dtype, sigma_scope, precision, config=None) -> _Plan:
+def _plan(shape, dtype, sigma_scope, precision, config=None, channels_last=False) -> _Plan:
     """The _Plan of these arguments, built once (it is host time on every call otherwise)."""
-    key = (tuple(shape), dtype, sigma_scope, precision, tuple(sorted({**CONFIG, **(config or {})}.items())))
+    key = (tuple(shape), dtype, sigma_scope, precision, tuple(sorted({**CONFIG, **(config or {})}.items())),
+           channels_last)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 256:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(shape, dtype, sigma_scope, precision, config)
+        plan = _PLANS[key] = _Plan(shape, dtype, sigma_scope, precision, config, channels_last)
     return plan
+
+
+def layout_strides(tensors, channels_last: bool) -> tuple:
+    """(sB, sC, sH, sW) of every tensor of a call: all contiguous NCHW, or all channels_last.
+    ValueError otherwise (epban.ops.axial_attention converts before calling)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = tensors[0].shape
+    for t in tensors:
+        if t.shape != shape or not t.is_contiguous(memory_format=fmt):
+            raise ValueError("the fused axial kernels need tensors of one shape, all contiguous NCHW or all "
+                             f"channels_last; got {tuple(t.shape)} with strides {t.stride()}")
+    B, C, H, W = shape
+    return (H * W * C, 1, W * C, C) if channels_last else (C * H * W, H * W, W, 1)
+
+
+def is_channels_last(t) -> bool:
+    """Whether t is laid out channels_last (and not also plain contiguous: then NCHW serves)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _pair(ts):
@@ -599,14 +628,17 @@ def _pair(ts):
 def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, config=None):
     """Run axial(qs[d], ks[d], vs[d]) for one or two directions d (same shape, dtype, device).
 
-    Inputs must be contiguous NCHW. ``outs`` (optional) are overwritten entirely. ``config``
+    Inputs must all be contiguous NCHW or all channels_last (the outputs are made in the
+    same layout). ``outs`` (optional, in that layout) are overwritten entirely. ``config``
     overrides entries of ``CONFIG``. Returns (outs, lse, stats): the state the backward needs.
     """
-    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
+    channels_last = is_channels_last(qs[0])
+    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config, channels_last)
     ndir = len(qs)
     dev = qs[0].device
     if outs is None:
         outs = tuple(torch.empty_like(q) for q in qs)
+    strides = layout_strides(list(qs) + list(ks) + list(vs) + list(outs), channels_last)
     part = torch.empty((ndir, plan.n_progs, 3), dtype=plan.acc_torch, device=dev)
     stats = torch.empty((ndir, 2, plan.NG, 3), dtype=plan.acc_torch, device=dev)
     lse = torch.empty((ndir, 2, plan.B * plan.H * plan.W), dtype=plan.acc_torch, device=dev)
@@ -618,29 +650,32 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
     kt0, kt1 = _pair(kts)
     o0, o1 = _pair(outs)
     _axial_fwd_stats_kernel[(plan.n_progs, ndir)](
-        q0, k0, q1, k1, qt0, kt0, qt1, kt1, part, C, H, W, plan.n_row, plan.n_progs, **plan.both())
+        q0, k0, q1, k1, qt0, kt0, qt1, kt1, part, C, H, W, *strides, plan.n_row, plan.n_progs, **plan.both())
     _axial_fwd_sigma_kernel[(ndir * 2 * plan.NG,)](
         part, stats, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample,
         BLOCK_P=1024, ACC=plan.acc, num_warps=4)
     _axial_fwd_lse_kernel[(plan.n_progs, ndir)](
-        q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats, lse, B, C, H, W, plan.NG, plan.n_row, plan.sample,
+        q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats, lse, B, C, H, W, *strides, plan.NG, plan.n_row, plan.sample,
         **plan.both())
     for pass_, seqs, block, n, _, accumulate in plan.passes():
         q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
         _axial_fwd_out_kernel[(n, ndir)](
-            q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, stats, lse, B, C, H, W, plan.NG, plan.sample,
+            q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, stats, lse, B, C, H, W, *strides, plan.NG, plan.sample,
             accumulate, PASS=pass_, SEQS=seqs, BLOCK=block, BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck,
             PRECISION=plan.precision, ACC=plan.acc, COL_T=plan.col_t, **plan.launch)
     return outs, lse, stats
 
 
 def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="ieee", config=None, needs=None):
-    """Gradients (dqs, dks, dvs) of axial_forward for the upstream gradients ``grads`` (contiguous).
+    """Gradients (dqs, dks, dvs) of axial_forward for the upstream gradients ``grads`` (in the
+    inputs' layout; the gradients are made in it too).
 
     needs[d] = (dq wanted, dk wanted, dv wanted) for direction d (default: all); an unwanted
     gradient is returned as None and costs no work beyond what the others need.
     """
-    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config)
+    channels_last = is_channels_last(qs[0])
+    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config, channels_last)
+    strides = layout_strides(list(qs) + list(ks) + list(vs) + list(grads), channels_last)
     ndir = len(qs)
     dev = qs[0].device
     needs = needs or [(True, True, True)] * ndir
@@ -664,7 +699,8 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
         q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
         _axial_bwd_dv_kernel[(n, ndir)](
             q_[0], k_[0], v_[0], g_[0], dv0, q_[-1], k_[-1], v_[-1], g_[-1], dv1, stats, lse, drow, dpart, first,
-            B, C, H, W, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_, SEQS=seqs, BLOCK=block,
+            B, C, H, W, *strides, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_, SEQS=seqs,
+            BLOCK=block,
             **common)
     _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
         dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
@@ -673,6 +709,7 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
         q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
         _axial_bwd_dqk_kernel[(2 * n, ndir)](
             q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, omega, lse, drow,
-            n, B, C, H, W, plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_, SEQS=seqs, BLOCK=block,
+            n, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_, SEQS=seqs,
+            BLOCK=block,
             **common)
     return dqs, dks, dvs

@@ -36,8 +36,10 @@ TARGETS_MS = {(1, 256, 64, 64): 0.15, (1, 256, 128, 128): 0.30, (16, 256, 16, 16
 REFERENCE_ISSUE_MS = {(1, 256, 64, 64): 3.31, (1, 256, 128, 128): 3.22, (16, 256, 16, 16): 3.15,
                       (1, 256, 135, 240): 6.22}
 # Shapes chosen to share compiled variants (tiles of 16 or 32 positions, C=256) with the timings.
-CHECK_CASES = [  # shape, scope, dtype, input scale
+CHECK_CASES = [  # shape, scope, dtype, input scale[, channels_last inputs]
     ((3, 256, 7, 13), "sample", torch.float32, 0.1),
+    ((3, 256, 13, 7), "batch", torch.float32, 0.1, True),
+    ((2, 256, 33, 47), "sample", torch.bfloat16, 0.1, True),
     ((3, 256, 13, 7), "batch", torch.float32, 0.1),
     ((2, 256, 40, 1), "sample", torch.float32, 0.1),
     ((2, 256, 33, 47), "batch", torch.bfloat16, 0.1),
@@ -66,9 +68,11 @@ SWEEP_SHAPES = [(16, 256, 16, 16), (1, 256, 64, 64), (1, 256, 128, 128), (1, 256
 DEVICE = "cuda"
 
 
-def _inputs(shape, dtype, scale, seed=0):
+def _inputs(shape, dtype, scale, seed=0, channels_last=False):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [(scale * torch.randn(shape, generator=g, device=DEVICE)).to(dtype).requires_grad_() for _ in range(6)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [(scale * torch.randn(shape, generator=g, device=DEVICE)).to(dtype).contiguous(memory_format=fmt)
+            .requires_grad_() for _ in range(6)]
 
 
 class _Poisoned:
@@ -88,8 +92,8 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item(), (a - b).abs().max().item()
 
 
-def check_case(shape, scope, dtype, scale):
-    x = _inputs(shape, dtype, scale)
+def check_case(shape, scope, dtype, scale, channels_last=False):
+    x = _inputs(shape, dtype, scale, channels_last=channels_last)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     grads = [torch.randn(shape, generator=g, device=DEVICE) for _ in range(2)]
     with _Poisoned():
@@ -106,7 +110,8 @@ def check_case(shape, scope, dtype, scale):
         worst = max(worst, rel if finite else float("inf"))
         report.append(f"{name} {rel:.1e}")
     ok = worst <= tol
-    print(f"{'ok  ' if ok else 'FAIL'} {str(shape):20s} {scope:6s} {str(dtype)[6:]:8s} worst rel-L2 {worst:.2e}"
+    print(f"{'ok  ' if ok else 'FAIL'} {str(shape):20s} {scope:6s} {str(dtype)[6:]:8s}"
+          f"{' channels_last' if channels_last else ''} worst rel-L2 {worst:.2e}"
           f" (tol {tol:.0e}): " + ", ".join(report), flush=True)
     return ok
 
@@ -140,10 +145,13 @@ def _impls(extra):
     impls = [
         ("reference fp32", torch.float32, lambda *t: ops.bi_axial_attention(*t, backend="reference")),
         ("fused fp32 (ieee dots)", torch.float32, _fused("ieee")),
+        ("fused fp32 (tf32x3 dots)", torch.float32, _fused("tf32x3")),
+        # inputs (and upstream gradients) in channels_last, read through their strides: the loss mode's case
+        ("fused fp32 channels_last (tf32x3 dots)", torch.float32, _fused("tf32x3")),
     ]
+    half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     if extra:
-        impls += [("fused fp32 (tf32x3 dots)", torch.float32, _fused("tf32x3")),
-                  ("fused bf16", torch.bfloat16 if DEVICE == "cuda" else torch.float16, _fused("ieee"))]
+        impls += [("fused bf16", half, _fused("ieee")), ("fused bf16 channels_last", half, _fused("ieee"))]
     impls.append(("SDPA fp32 (different function)", torch.float32,
                   lambda q1, k1, v1, q2, k2, v2: (_sdpa_axial(q1, k2, v1), _sdpa_axial(q2, k1, v2))))
     return impls
@@ -154,8 +162,10 @@ def time_case(shape, name, dtype, fn):
     over the inputs and upstream gradients, so they include the outputs and the input gradients."""
     import triton.testing
 
-    x = _inputs(shape, dtype, 0.1)
-    grads = [torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(2)]
+    channels_last = "channels_last" in name
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _inputs(shape, dtype, 0.1, channels_last=channels_last)
+    grads = [torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
 
     def step():
         torch.autograd.backward(fn(*x), grads)
@@ -351,7 +361,8 @@ def _dry_run(args):
     global DEVICE, SWEEP
     DEVICE = "cpu"
     SWEEP = SWEEP[-1:]
-    cases = [((2, 5, 7, 13), "sample", torch.float32, 1.0), ((2, 5, 13, 1), "batch", torch.float32, 1.0)]
+    cases = [((2, 5, 7, 13), "sample", torch.float32, 1.0), ((2, 5, 13, 1), "batch", torch.float32, 1.0),
+             ((2, 5, 6, 9), "batch", torch.float32, 1.0, True)]
     return _run(args, cases, {(1, 256, 64, 64): (1, 8, 6, 5)}, "CPU (dry run under the Triton interpreter)")
 
 

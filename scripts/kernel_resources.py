@@ -74,11 +74,15 @@ def axial_rows(dtype: str, precision: str):
     cx = dict(PASS=0, SEQS=1, BLOCK=block, SEQS_COL=1, BLOCK_ROW=block, BLOCK_COL=cfg["block_col"], BLOCK_C=256,
               BLOCK_CK=cfg["block_ck"], BLOCK_P=1024, PRECISION=precision if dtype == "fp32" else "ieee",
               ACC=tl.float32, COL_T=cfg["col_layout"] == "transposed")
-    for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel", "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel",
-                 "_axial_bwd_dqk_kernel"):
-        fn = getattr(K, name)
-        yield name, f"C=256 block {block} ck {cfg['block_ck']} {cx['PRECISION']}", cfg["num_warps"], \
-            resources(fn, _signature(fn, cx, pointers), cx, cfg["num_warps"], cfg.get("num_stages"))
+    # Triton specialises an int argument equal to 1: the unit stride of each layout (sW in
+    # NCHW, sC in channels_last) is a compile-time constant at launch, so here too.
+    for layout, unit in (("NCHW", "sW"), ("channels_last", "sC")):
+        for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel", "_axial_fwd_out_kernel",
+                     "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel"):
+            fn = getattr(K, name)
+            c = dict(cx, **{unit: 1})
+            yield name, f"{layout}, C=256 block {block} ck {cfg['block_ck']} {cx['PRECISION']}", cfg["num_warps"], \
+                resources(fn, _signature(fn, c, pointers), c, cfg["num_warps"], cfg.get("num_stages"))
 
 
 def deform_rows(dtype: str, precision: str):

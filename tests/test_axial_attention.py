@@ -233,6 +233,74 @@ def test_fused_bi_axial_matches_reference(rng_seed, sigma_scope="batch"):
         torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
 
 
+def _in_layout(ts, layout):
+    """The same values as leaves in ``layout`` ("nchw" or "channels_last")."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return tuple(t.detach().contiguous(memory_format=fmt).requires_grad_() for t in ts)
+
+
+@interpreted
+@pytest.mark.parametrize("shape, sigma_scope, dtype", [
+    ((3, 5, 7, 13), "sample", torch.float32),
+    ((2, 6, 13, 7), "batch", torch.float32),
+    ((2, 5, 1, 13), "sample", torch.float32),
+    ((2, 5, 9, 1), "batch", torch.float64),
+])
+def test_fused_reads_channels_last_as_it_is(shape, sigma_scope, dtype, rng_seed, monkeypatch):
+    """channels_last inputs (the loss mode's layout) go through the kernels' strides with no
+    copy, in both passes, and give channels_last outputs and gradients."""
+    from epban.kernels import axial_attention as kernels
+
+    q, k, v = _in_layout(_qkv(shape, dtype, seed=rng_seed), "channels_last")
+    assert kernels.is_channels_last(q)
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def counting_contiguous(t, *args, **kwargs):
+        out = real_contiguous(t, *args, **kwargs)
+        copies.append(out.data_ptr() != t.data_ptr())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+    fused = lambda *t: axial_attention(*t, sigma_scope=sigma_scope, backend="fused")  # noqa: E731
+    out = fused(q, k, v)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not any(copies)
+    (dq,) = torch.autograd.grad(out, (q,), torch.ones_like(out))
+    assert dq.is_contiguous(memory_format=torch.channels_last)
+    _check_against_reference(q, k, v, sigma_scope, fused, TOL[dtype])
+
+
+@interpreted
+def test_fused_bi_axial_channels_last_and_mixed_layouts(rng_seed):
+    """Both directions in channels_last; and a call mixing layouts (served in NCHW)."""
+    for layouts in (("channels_last",) * 2, ("channels_last", "nchw")):
+        q1, k1, v1 = _in_layout(_qkv((2, 5, 6, 9), seed=rng_seed), layouts[0])
+        q2, k2, v2 = _in_layout(_qkv((2, 5, 6, 9), seed=rng_seed + 1, scale=0.5), layouts[1])
+        out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="fused")
+        inputs = tuple(t.double() for t in (q1, k1, v1, q2, k2, v2))
+        ref1, ref2 = bi_axial_attention(*inputs, backend="reference")
+        torch.testing.assert_close(out1.double(), ref1, **TOL[torch.float32])
+        torch.testing.assert_close(out2.double(), ref2, **TOL[torch.float32])
+        g1, g2 = torch.randn_like(ref1), torch.randn_like(ref2)
+        got = torch.autograd.grad((out1, out2), (q1, k1, v1, q2, k2, v2), (g1.float(), g2.float()))
+        want = torch.autograd.grad((ref1, ref2), inputs, (g1, g2))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
+
+
+def test_kernels_refuse_mixed_layouts():
+    pytest.importorskip("triton")
+    from epban.kernels import axial_attention as kernels
+
+    a = torch.zeros(1, 3, 4, 5)
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.layout_strides([a, a.contiguous(memory_format=torch.channels_last)], False)
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.layout_strides([a.contiguous(memory_format=torch.channels_last), a], True)
+    assert kernels.layout_strides([a], False) == (60, 20, 5, 1)
+    assert kernels.layout_strides([a.contiguous(memory_format=torch.channels_last)], True) == (60, 1, 15, 3)
+
+
 @interpreted
 @pytest.mark.parametrize("shape, sigma_scope", [((2, 5, 7, 13), "sample"), ((3, 4, 13, 6), "batch"),
                                                 ((1, 18, 19, 3), "sample"), ((2, 3, 9, 1), "batch")])
@@ -259,13 +327,14 @@ SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, seqs_col=2)
 
 
 @interpreted
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 18, 3, 20), (1, 18, 19, 3)])
-def test_fused_tiles_long_sequences_and_many_channels(shape, rng_seed):
+def test_fused_tiles_long_sequences_and_many_channels(shape, layout, rng_seed):
     """Sequences and channels longer than one tile (every loop runs several times, with
     tails) and several column sequences per program, some of them past the image's edge."""
     from epban.kernels import axial_attention as kernels
 
-    q, k, v = _qkv(shape, seed=rng_seed)
+    q, k, v = _in_layout(_qkv(shape, seed=rng_seed), layout)
 
     def fused(q, k, v):
         class F(torch.autograd.Function):
@@ -278,8 +347,9 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, rng_seed):
             @staticmethod
             def backward(ctx, g):
                 q, k, v, lse, stats = ctx.saved_tensors
-                dq, dk, dv = kernels.axial_backward((q,), (k,), (v,), (g.contiguous(),), lse, stats, "sample",
-                                                    config=SMALL_TILES)
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                dq, dk, dv = kernels.axial_backward((q,), (k,), (v,), (g.contiguous(memory_format=fmt),), lse, stats,
+                                                    "sample", config=SMALL_TILES)
                 return dq[0], dk[0], dv[0]
 
         return F.apply(q, k, v)
@@ -311,12 +381,12 @@ def _value_and_grads(fn, inputs, grad):
 
 
 @interpreted
-@pytest.mark.parametrize("col_layout", ["strided", "transposed"])
+@pytest.mark.parametrize("col_layout", ["strided", "transposed", "channels_last inputs"])
 def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, col_layout):
     """Every buffer the op allocates starts as NaN: the results must still be exact."""
     from epban.kernels import axial_attention as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "col_layout", col_layout)
+    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed" if col_layout == "transposed" else "strided")
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poisoned_empty(*args, **kwargs):
@@ -325,7 +395,7 @@ def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, col_layout):
     def poisoned_empty_like(*args, **kwargs):
         return real_empty_like(*args, **kwargs).fill_(float("nan"))
 
-    q, k, v = _qkv((2, 3, 5, 6), seed=rng_seed)
+    q, k, v = _in_layout(_qkv((2, 3, 5, 6), seed=rng_seed), "channels_last" if "channels_last" in col_layout else "nchw")
     fused = lambda *t: axial_attention(*t, backend="fused")  # noqa: E731
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
@@ -431,12 +501,19 @@ def _check_rel_l2(q, k, v, sigma_scope, tol):
     ((3, 256, 7, 13), "batch", torch.float32, "transposed"),
     ((2, 256, 33, 47), "sample", torch.bfloat16, "transposed"),
     ((1, 256, 135, 240), "sample", torch.float32, "transposed"),
+    # channels_last inputs, read through their strides (the loss mode's layout).
+    ((3, 256, 7, 13), "sample", torch.float32, "channels_last"),
+    ((2, 256, 33, 47), "batch", torch.bfloat16, "channels_last"),
+    ((4, 256, 64, 64), "sample", torch.float32, "channels_last"),
+    ((1, 256, 135, 240), "batch", torch.float32, "channels_last"),
 ])
 def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, col_layout, rng_seed, warm_cuda_kernels, monkeypatch):
     from epban.kernels import axial_attention as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "col_layout", col_layout)
+    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed" if col_layout == "transposed" else "strided")
     q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
+    if col_layout == "channels_last":
+        q, k, v = _in_layout((q, k, v), "channels_last")
     _check_rel_l2(q, k, v, sigma_scope, 1e-5 if dtype == torch.float32 else 3e-2)
 
 

@@ -129,6 +129,42 @@ def test_fused_gmdc_in_the_loss_mode_matches_the_model(tiny_two_branches):
 
 
 @pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_fused_attention_reads_the_loss_modes_channels_last(tiny_two_branches, monkeypatch):
+    """The GPU path of the loss mode, interpreted: fused GMDC and fused attention on channels_last
+    features. The attention reads q, k, v as they are (no layout copy, forward or backward:
+    the channel gate's mean keeps the gradient channels_last) and the scores and gradients are
+    the model's."""
+    from epban.kernels import axial_attention as kernels
+
+    sr, hr = _pair(b=1, h=48, w=64)
+    expected, expected_grad = _score_and_grad(tiny_two_branches, sr, hr)
+    scorer = _fused_gmdc(pban_for_loss(tiny_two_branches))
+    scorer.model.block2.attention_backend = "fused"
+    layouts = []
+    real_forward, real_backward = kernels.axial_forward, kernels.axial_backward
+
+    def forward(qs, *args, **kwargs):
+        layouts.append(("forward", kernels.is_channels_last(qs[0])))
+        return real_forward(qs, *args, **kwargs)
+
+    def backward(qs, ks, vs, grads, *args, **kwargs):
+        layouts.append(("backward", all(kernels.is_channels_last(g) for g in grads)))
+        return real_backward(qs, ks, vs, grads, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "axial_forward", forward)
+    monkeypatch.setattr(kernels, "axial_backward", backward)
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **k: copies.append(not t.is_contiguous(*a, **k)) or real_contiguous(t, *a, **k))
+    scores, grad = _score_and_grad(scorer, sr, hr)
+    monkeypatch.undo()
+    assert layouts == [("forward", True), ("backward", True)] and not any(copies)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+
+
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
 def test_compiles_without_breaking_on_our_ops(tiny_two_branches):
     # aot_eager traces through the fused op's fake implementation and autograd formula.
     sr, hr = _pair(b=1, h=32, w=32)

@@ -78,6 +78,28 @@ def _fold_resnet_layer(layer: nn.Sequential) -> None:
             block.downsample = nn.Sequential(fold_batchnorm(block.downsample[0], block.downsample[1]))
 
 
+class _SpatialMean(torch.autograd.Function):
+    """x.mean((2, 3), keepdim=True), whose backward returns dL/dmean / (H W) as an expanded
+    view. The default backward materialises that broadcast as a contiguous NCHW tensor; added
+    to the channels_last gradients of the gate's other inputs it made the attention's output
+    gradient NCHW (mixed-layout, non-vectorised elementwise kernels, then a layout copy). The
+    view costs no buffer and lets the sum take the channels_last layout of the other terms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.mean((2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad / (ctx.shape[2] * ctx.shape[3])).expand(ctx.shape)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """The channel gate's global average pool for the loss mode (same values as adaptive_avg_pool2d(x, 1))."""
+    return _SpatialMean.apply(x)
+
+
 class PackedGMDC(nn.Module):
     """GMDC with one offset conv for all branches and pre-packed branch weights (frozen)."""
 
@@ -137,6 +159,7 @@ class PBANLossScorer(nn.Module):
             setattr(blk, name, nn.Sequential(fold_batchnorm(seq[0], seq[1]), nn.ReLU(inplace=True)))
         blk.after_block3 = blk.after_block4 = None  # unused when upchannel=True
         blk.br1, blk.br2 = PackedGMDC(blk.br1), PackedGMDC(blk.br2)
+        blk.SE.spatial_mean = spatial_mean
         blk.br1.fp32_precision = blk.br2.fp32_precision = check_fp32_precision(fp32_precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for trunk in (m.stem, m.layer2_1, m.block2):

@@ -188,8 +188,12 @@ class SE(nn.Module):
             nn.Sigmoid(),
         )
 
+    # The spatial mean of the channel gate; the loss mode swaps in one whose backward keeps
+    # channels_last (epban.models.loss_mode.spatial_mean).
+    spatial_mean = staticmethod(lambda x: F.adaptive_avg_pool2d(x, 1))
+
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.adaptive_avg_pool2d(x, 1)
+        y = self.spatial_mean(x)
         return self.subchannel_after(self.shuffle(self.subchannel_before(y)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

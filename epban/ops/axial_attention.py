@@ -148,11 +148,15 @@ class _AxialFunction(torch.autograd.Function):
         from epban.kernels import axial_attention as kernels
 
         ndir = len(qkv) // 3
-        qkv = tuple(t.contiguous() for t in qkv)
+        # The kernels read either layout through its strides: channels_last inputs (the loss
+        # mode's) are read as they are and give channels_last outputs; anything else is made
+        # contiguous NCHW.
+        fmt = torch.channels_last if all(kernels.is_channels_last(t) for t in qkv) else torch.contiguous_format
+        qkv = tuple(t.contiguous(memory_format=fmt) for t in qkv)
         qs, ks, vs = qkv[0::3], qkv[1::3], qkv[2::3]
         outs, lse, stats = kernels.axial_forward(qs, ks, vs, sigma_scope, precision=precision)
         ctx.save_for_backward(*qkv, lse, stats)
-        ctx.sigma_scope, ctx.precision, ctx.ndir = sigma_scope, precision, ndir
+        ctx.sigma_scope, ctx.precision, ctx.ndir, ctx.fmt = sigma_scope, precision, ndir, fmt
         return outs
 
     @staticmethod
@@ -161,7 +165,8 @@ class _AxialFunction(torch.autograd.Function):
 
         *qkv, lse, stats = ctx.saved_tensors
         qs, ks, vs = qkv[0::3], qkv[1::3], qkv[2::3]
-        grads = tuple(torch.zeros_like(q) if g is None else g.contiguous() for g, q in zip(grad_outs, qs))
+        grads = tuple(torch.zeros_like(q) if g is None else g.contiguous(memory_format=ctx.fmt)
+                      for g, q in zip(grad_outs, qs))
         wanted = ctx.needs_input_grad[2:]
         needs = [tuple(wanted[3 * d:3 * d + 3]) for d in range(ctx.ndir)]
         dqs, dks, dvs = kernels.axial_backward(qs, ks, vs, grads, lse, stats, ctx.sigma_scope,
