@@ -217,10 +217,20 @@ def test_fused_matches_reference(shape, sigma_scope, dtype, rng_seed):
     _check_against_reference(q, k, v, sigma_scope, fused, TOL[dtype])
 
 
+def _in_layout(ts, layout):
+    """The same values as leaves in ``layout`` ("nchw" or "channels_last")."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return tuple(t.detach().contiguous(memory_format=fmt).requires_grad_() for t in ts)
+
+
 @interpreted
-def test_fused_bi_axial_matches_reference(rng_seed, sigma_scope="batch"):
-    q1, k1, v1 = _qkv((2, 5, 5, 7), seed=rng_seed)
-    q2, k2, v2 = _qkv((2, 5, 5, 7), seed=rng_seed + 1, scale=0.5)
+@pytest.mark.parametrize("layouts, sigma_scope", [(("nchw", "nchw"), "batch"),
+                                                  (("channels_last", "channels_last"), "sample"),
+                                                  (("channels_last", "nchw"), "batch")])
+def test_fused_bi_axial_matches_reference(rng_seed, layouts, sigma_scope):
+    """Both directions in one call, in either layout; a call mixing layouts is served in NCHW."""
+    q1, k1, v1 = _in_layout(_qkv((2, 5, 5, 7), seed=rng_seed), layouts[0])
+    q2, k2, v2 = _in_layout(_qkv((2, 5, 5, 7), seed=rng_seed + 1, scale=0.5), layouts[1])
     out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, sigma_scope=sigma_scope, backend="fused")
     inputs = tuple(t.double() for t in (q1, k1, v1, q2, k2, v2))
     ref1, ref2 = bi_axial_attention(*inputs, sigma_scope=sigma_scope, backend="reference")
@@ -231,12 +241,6 @@ def test_fused_bi_axial_matches_reference(rng_seed, sigma_scope="batch"):
     want = torch.autograd.grad((ref1, ref2), inputs, (g1, g2))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
-
-
-def _in_layout(ts, layout):
-    """The same values as leaves in ``layout`` ("nchw" or "channels_last")."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    return tuple(t.detach().contiguous(memory_format=fmt).requires_grad_() for t in ts)
 
 
 @interpreted
@@ -268,24 +272,6 @@ def test_fused_reads_channels_last_as_it_is(shape, sigma_scope, dtype, rng_seed,
     (dq,) = torch.autograd.grad(out, (q,), torch.ones_like(out))
     assert dq.is_contiguous(memory_format=torch.channels_last)
     _check_against_reference(q, k, v, sigma_scope, fused, TOL[dtype])
-
-
-@interpreted
-def test_fused_bi_axial_channels_last_and_mixed_layouts(rng_seed):
-    """Both directions in channels_last; and a call mixing layouts (served in NCHW)."""
-    for layouts in (("channels_last",) * 2, ("channels_last", "nchw")):
-        q1, k1, v1 = _in_layout(_qkv((2, 5, 6, 9), seed=rng_seed), layouts[0])
-        q2, k2, v2 = _in_layout(_qkv((2, 5, 6, 9), seed=rng_seed + 1, scale=0.5), layouts[1])
-        out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="fused")
-        inputs = tuple(t.double() for t in (q1, k1, v1, q2, k2, v2))
-        ref1, ref2 = bi_axial_attention(*inputs, backend="reference")
-        torch.testing.assert_close(out1.double(), ref1, **TOL[torch.float32])
-        torch.testing.assert_close(out2.double(), ref2, **TOL[torch.float32])
-        g1, g2 = torch.randn_like(ref1), torch.randn_like(ref2)
-        got = torch.autograd.grad((out1, out2), (q1, k1, v1, q2, k2, v2), (g1.float(), g2.float()))
-        want = torch.autograd.grad((ref1, ref2), inputs, (g1, g2))
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
 
 
 def test_kernels_refuse_mixed_layouts():
