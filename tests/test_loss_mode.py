@@ -278,3 +278,22 @@ def test_graph_scorer_keeps_the_faster_attention_backend(tiny, monkeypatch):
     block.attention_backend = "reference"  # a user's explicit choice is not second-guessed
     graphed.attention_choice.clear()
     assert graphed._capture_fastest(sr, hr, key="k") == "reference" and not graphed.attention_choice
+
+
+def test_gather_path_unpacks_the_frozen_weights_once(tiny):
+    """The CPU (gather) path reads per-branch weights: made once from the packed ones, equal
+    to the model's, and remade when the scorer moves to another dtype."""
+    scorer = pban_for_loss(tiny)
+    gmdc = scorer.model.block2.br1
+    sr, hr = _pair(b=1, h=32, w=32)
+    scorer(sr, hr)
+    weights, biases = gmdc._unpacked_weights()
+    scorer(sr, hr)
+    again, _ = gmdc._unpacked_weights()
+    assert all(a is b for a, b in zip(weights, again))
+    for w, ref in zip(weights, tiny.block2.br1.weights):
+        assert w.is_contiguous() and torch.equal(w, ref)
+    for b, ref in zip(biases, tiny.block2.br1.biases):
+        assert torch.equal(b, ref)
+    gmdc.double()
+    assert all(w.dtype == torch.float64 for w in gmdc._unpacked_weights()[0])
