@@ -338,3 +338,39 @@ def test_demo_runs_end_to_end_with_a_stub_metric_trainer(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit, match="not written by the demo"):
         demo.main(["--out", str(other), "--sr-steps", "2", "--device", "cpu"])
     assert (other / "notes.txt").read_text() == "keep"
+
+
+def test_pban_modes_train_alike(data_dirs, tiny_pban, tmp_path):
+    """The loss mode (the default) is the model's function: the same loss and gradient for a
+    batch, and one training step from the same start moves the network alike (Adam's first
+    step is ~lr * sign(gradient): 1% of lr separates agreement from a wrong gradient)."""
+    from epban.sr.trainer import pban_loss_mode
+
+    cfg = _config(data_dirs, tiny_pban, tmp_path)
+    ds = SRFolderDataset(cfg.train, cfg.scale, patch_size=cfg.patch_size)
+    batch = collate([ds[key] for key in StepSampler(len(ds), 2, 1, seed=5)])
+    torch.manual_seed(0)
+    sr = build_network("tiny", 2)(batch["lr"]).detach()
+    losses, grads = [], []
+    for mode in (False, True):
+        x = sr.clone().requires_grad_()
+        loss, _ = SRLoss(cfg.l1, cfg.ssim, cfg.pban, pban_model=cfg.pban_weights, pban_loss_mode=mode)(x, batch["hr"])
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, x)[0])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert (grads[1] - grads[0]).abs().max() <= 1e-4 * grads[0].abs().max()
+
+    nets = {}
+    for mode in ("fast", "reference"):
+        train_sr(_config(data_dirs, tiny_pban, tmp_path / mode, steps=1, pban_mode=mode))
+        nets[mode] = _load(tmp_path / mode / "net.pt")
+    for k in nets["fast"]:
+        torch.testing.assert_close(nets["fast"][k], nets["reference"][k], rtol=0, atol=0.01 * cfg.lr)
+    assert cfg.pban_mode == "fast"
+    assert pban_loss_mode(_config(data_dirs, tiny_pban, tmp_path, pban_mode="reference"), torch.device("cpu")) is False
+    assert pban_loss_mode(_config(data_dirs, tiny_pban, tmp_path, pban_mode="fast-bf16"),
+                          torch.device("cuda")) == {"dtype": torch.bfloat16, "cuda_graph": True}
+    assert pban_loss_mode(_config(data_dirs, tiny_pban, tmp_path, full_res=True),
+                          torch.device("cuda"))["cuda_graph"] is False
+    with pytest.raises(ValueError, match="pban_mode"):
+        _config(data_dirs, tiny_pban, tmp_path, pban_mode="fastest").validate()

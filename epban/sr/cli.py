@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssim", type=float, default=None, help=f"weight of 1 - SSIM (default 0; with --ablation: {ABLATION_WEIGHTS['ssim']:g})")
     g.add_argument("--pban", type=float, default=None, help=f"weight of the PBAN loss (default 0; with --ablation: {ABLATION_WEIGHTS['pban']:g})")
     g.add_argument("--pban-weights", help="trained metric: an epban checkpoint directory or the authors' .pth")
+    g.add_argument("--pban-mode", default=defaults.pban_mode, choices=("fast", "fast-bf16", "reference"),
+                   help="the metric as a loss: fast = loss mode in float32 (BatchNorm folded, channels_last, fused "
+                        "kernels, CUDA graphs for crops on CUDA; scores within 1e-5), fast-bf16 = the same in "
+                        "bfloat16 (~1e-2), reference = the model's own forward (default: %(default)s)")
     g.add_argument("--ablation", action="store_true",
                    help="run L1, L1+SSIM, L1+PBAN, L1+SSIM+PBAN with the same seed, data and budget")
 

@@ -37,6 +37,9 @@ ABLATION_WEIGHTS = {"ssim": 1.0, "pban": 0.1}  # the term weights of --ablation 
 ABLATION_SETTINGS = (("L1", False, False), ("L1+SSIM", True, False), ("L1+PBAN", False, True), ("L1+SSIM+PBAN", True, True))
 
 
+PBAN_MODES = ("fast", "fast-bf16", "reference")
+
+
 @dataclass
 class SRTrainConfig:
     """Everything a run depends on; saved as ``out/config.json``."""
@@ -57,6 +60,11 @@ class SRTrainConfig:
     ssim: float = 0.0
     pban: float = 0.0
     pban_weights: str | None = None  # an epban checkpoint (directory) or the authors' .pth
+    # How the frozen metric runs as a loss: "fast" (the loss mode: BatchNorm folded,
+    # channels_last, fused kernels; float32, scores within 1e-5 of the model; on CUDA with fixed
+    # crops also CUDA graphs), "fast-bf16" (the same in bfloat16, ~1e-2) or "reference" (the
+    # model's own forward).
+    pban_mode: str = "fast"
     eval_every: int = 1000
     save_every: int = 1000
     log_every: int = 10
@@ -80,6 +88,8 @@ class SRTrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if min(self.l1, self.ssim, self.pban) < 0 or self.l1 + self.ssim + self.pban == 0:
             raise ValueError(f"loss weights must be non-negative and not all zero, got l1={self.l1}, ssim={self.ssim}, pban={self.pban}")
+        if self.pban_mode not in PBAN_MODES:
+            raise ValueError(f"pban_mode must be one of {PBAN_MODES}, got {self.pban_mode!r}")
         if self.pban > 0 and not self.pban_weights:
             raise ValueError("a PBAN loss weight needs --pban-weights (a trained metric checkpoint)")
         if self.pban > 0 and not self.full_res and self.patch_size < MIN_INPUT_SIZE:
@@ -195,6 +205,15 @@ def _load_pban(config: SRTrainConfig, device):
 
 
 # ---------------------------------------------------------------------------- training
+def pban_loss_mode(config: "SRTrainConfig", device: torch.device) -> bool | dict:
+    """The ``loss_mode`` argument of the PBAN loss for ``config.pban_mode`` on ``device``:
+    CUDA graphs need fixed input shapes, so only crops (not ``full_res``) on CUDA get them."""
+    if config.pban_mode == "reference":
+        return False
+    return {"dtype": torch.bfloat16 if config.pban_mode == "fast-bf16" else torch.float32,
+            "cuda_graph": device.type == "cuda" and not config.full_res}
+
+
 def train_sr(config: SRTrainConfig) -> dict:
     """Train (or resume) one SR run; returns the summary also written to ``out/metrics.json``."""
     config.validate()
@@ -223,7 +242,8 @@ def train_sr(config: SRTrainConfig) -> dict:
     net = build_network(config.net, config.scale).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    criterion = SRLoss(config.l1, config.ssim, config.pban, pban_model=pban_model).to(device)
+    criterion = SRLoss(config.l1, config.ssim, config.pban, pban_model=pban_model,
+                       pban_loss_mode=pban_loss_mode(config, device)).to(device)
     scorer = PBANLoss(pban_model).to(device) if pban_model is not None else None
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=config.lr * 0.01)
