@@ -374,3 +374,17 @@ def test_pban_modes_train_alike(data_dirs, tiny_pban, tmp_path):
                           torch.device("cuda"))["cuda_graph"] is False
     with pytest.raises(ValueError, match="pban_mode"):
         _config(data_dirs, tiny_pban, tmp_path, pban_mode="fastest").validate()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_training_with_the_graphed_loss_mode(data_dirs, tiny_pban, tmp_path):
+    """On CUDA the default PBAN loss is the loss mode under CUDA graphs (fixed crops): a few
+    steps train (finite weights) and the first step moves the network as the reference does."""
+    nets = {}
+    for mode in ("fast", "reference"):
+        train_sr(_config(data_dirs, tiny_pban, tmp_path / mode, steps=3, device="cuda", amp=False, pban_mode=mode))
+        nets[mode] = _load(tmp_path / mode / "net.pt")
+    for k in nets["fast"]:
+        assert torch.isfinite(nets["fast"][k]).all()
+        torch.testing.assert_close(nets["fast"][k], nets["reference"][k], rtol=0, atol=0.03 * 5e-4)
