@@ -378,13 +378,18 @@ def test_pban_modes_train_alike(data_dirs, tiny_pban, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_training_with_the_graphed_loss_mode(data_dirs, tiny_pban, tmp_path):
+def test_cuda_training_with_the_graphed_loss_mode(data_dirs, tiny_pban, tmp_path, monkeypatch):
     """On CUDA the default PBAN loss is the loss mode under CUDA graphs (fixed crops): a few
-    steps train (finite weights) and the first step moves the network as the reference does."""
-    nets = {}
-    for mode in ("fast", "reference"):
-        train_sr(_config(data_dirs, tiny_pban, tmp_path / mode, steps=3, device="cuda", amp=False, pban_mode=mode))
-        nets[mode] = _load(tmp_path / mode / "net.pt")
+    steps train (finite weights), and the first step moves the network as the reference does
+    (TF32 off, so that both sides compute in float32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for steps in (3, 1):
+        nets = {}
+        for mode in ("fast", "reference"):
+            out = tmp_path / f"{mode}{steps}"
+            train_sr(_config(data_dirs, tiny_pban, out, steps=steps, device="cuda", amp=False, pban_mode=mode))
+            nets[mode] = _load(out / "net.pt")
+        assert all(torch.isfinite(w).all() for w in nets["fast"].values())
     for k in nets["fast"]:
-        assert torch.isfinite(nets["fast"][k]).all()
-        torch.testing.assert_close(nets["fast"][k], nets["reference"][k], rtol=0, atol=0.03 * 5e-4)
+        torch.testing.assert_close(nets["fast"][k], nets["reference"][k], rtol=0, atol=0.05 * 5e-4)
