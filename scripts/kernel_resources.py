@@ -9,6 +9,10 @@ registers and spill bytes. ``blocks/SM`` is how many programs fit on one SM by r
 (65,536 per SM) and by shared memory (227 KB): below 2, one program's latency has nothing to
 hide behind. Use it before spending GPU time: a configuration that spills or runs one program
 per SM will not be fast.
+
+The figures depend on the Triton version: read them with the GPU machine's (3.6), e.g.
+``pip install --no-deps --target /tmp/triton36 triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36``
+(3.6 and 3.8 differ by hundreds of spill bytes on the same kernel).
 """
 from __future__ import annotations
 
