@@ -287,8 +287,14 @@ def test_cuda_gather_matches_torchvision():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("bwd_data_block_c", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_official_width_matches_torchvision(dtype):
+def test_cuda_official_width_matches_torchvision(dtype, bwd_data_block_c, monkeypatch):
+    """The official width, both dtypes, and both channel blocks of the input-gradient kernel
+    (16 is the open candidate of BWD_DATA_BLOCK_C)."""
+    from epban.ops import deform_conv as ops
+
+    monkeypatch.setattr(ops, "BWD_DATA_BLOCK_C", bwd_data_block_c)
     x, offsets, weights, biases = _inputs(2, 256, 13, 17, 64, (3, 5, 7, 9), offset_scale=2.0, device="cuda")
     # The reference sees the same (rounded) values as the kernel: rounding offsets to bf16
     # moves the samples, which alone changes the offset gradient by ~10%.

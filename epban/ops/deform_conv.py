@@ -216,6 +216,11 @@ FP32_PRECISION = os.environ.get("EPBAN_DEFORM_FP32_PRECISION", "ieee")
 _FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _BLOCK_P = 64
 _BLOCK_C = 32
+# Channel block of the input-gradient kernel. 32 by default; 16 is an open question for a GPU
+# session: in bf16 under Triton 3.6 it takes the kernel from 195 to 118 registers (2 programs
+# per SM instead of 1, no spills either way; scripts/kernel_resources.py), for twice the loop
+# steps. benches/bench_deform_conv.py times both ("fused bf16" and "fused bf16 bwd-c16").
+BWD_DATA_BLOCK_C = int(os.environ.get("EPBAN_DEFORM_BWD_DATA_BLOCK_C", _BLOCK_C))
 
 
 def check_fp32_precision(fp32_precision) -> str:
@@ -244,9 +249,9 @@ def _pixel_tile(pixels: int) -> tuple[int, int]:
     return (_BLOCK_P, 8) if pixels >= 256 * _BLOCK_P else (32, 4)
 
 
-def _block_c(c: int) -> int:
+def _block_c(c: int, compiled: int = _BLOCK_C) -> int:
     # The interpreter runs each tile op as one numpy call: fewer, wider tiles are faster there.
-    return max(16, min(128, triton.next_power_of_2(c))) if triton_interpret() else _BLOCK_C
+    return max(16, min(128, triton.next_power_of_2(c))) if triton_interpret() else compiled
 
 
 def _block_o(ob: int) -> int:
@@ -324,7 +329,8 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
         c, h, w, ob, n_pblocks,
         *_strides(x), *_strides(offsets), *_strides(grad), *_strides(grad_off),
         PRECISION=_precision(x.dtype, precision), UPCAST=triton_interpret(),
-        BLOCK_P=block_p, BLOCK_C=_block_c(c), BLOCK_O=block_o, ONE_OBLOCK=ob <= block_o, num_warps=warps,
+        BLOCK_P=block_p, BLOCK_C=_block_c(c, BWD_DATA_BLOCK_C), BLOCK_O=block_o, ONE_OBLOCK=ob <= block_o,
+        num_warps=warps,
     )
     return grad_x.to(x.dtype), grad_off
 
