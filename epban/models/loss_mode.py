@@ -137,14 +137,13 @@ class PackedGMDC(nn.Module):
         """The per-branch (OB, C, k, k) weights and biases for the non-fused paths, made once:
         the weights are frozen, and unpacking them per call was a 21 MB copy per GMDC call at
         C = 256 (the gather path's matmul needs them contiguous). Remade if the module moves."""
-        key = (self.weight.data_ptr(), self.weight.device, self.weight.dtype)
         cached = getattr(self, "_unpacked_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not self.weight:  # .to() and friends replace the buffer
             ob, c = self.weight.shape[-1], self.weight.shape[1]
             weights = [w.reshape(k, k, c, ob).permute(3, 2, 0, 1).contiguous()
                        for w, k in zip(torch.split(self.weight, [k * k for k in self.kernel_sizes]),
                                        self.kernel_sizes)]
-            cached = self._unpacked_cache = (key, weights, list(torch.split(self.bias, ob)))
+            cached = self._unpacked_cache = (self.weight, weights, list(torch.split(self.bias, ob)))
         return cached[1], cached[2]
 
 
