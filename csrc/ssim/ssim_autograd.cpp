@@ -100,11 +100,10 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_y = ctx->needs_input_grad(1);
-    const c10::IValue kept_x = ctx->saved_data["gx"];
-    const c10::IValue kept_y = ctx->saved_data["gy"];
+    c10::IValue kept_x = ctx->saved_data["gx"];
+    c10::IValue kept_y = ctx->saved_data["gy"];
     ctx->saved_data["gx"] = c10::IValue();  // consumed: scaled in place and handed over below
     ctx->saved_data["gy"] = c10::IValue();
-    c10::IValue kept_gx = kept_x, kept_gy = kept_y;
     if ((need_x && !kept_x.isTensor()) || (need_y && !kept_y.isTensor())) {
       // Consumed by an earlier backward (retain_graph): the same one pass again, so that
       // every backward gives bit-identical gradients.
@@ -113,16 +112,16 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
       auto [value, gx, gy] = call_per_image_and_grad(saved[0], saved[1], ctx->saved_data["c1"].toDouble(),
                                                      ctx->saved_data["c2"].toDouble(),
                                                      ctx->saved_data["same_padding"].toBool(), need_x, need_y);
-      kept_gx = gx;
-      kept_gy = gy;
+      kept_x = gx;
+      kept_y = gy;
     }
     const auto scale = [&](const c10::IValue& kept) {
       at::Tensor g = kept.toTensor();
       return g.mul_(grads[0].reshape({-1, 1, 1, 1}).to(g.scalar_type()));
     };
-    at::Tensor gx = need_x ? scale(kept_gx) : at::Tensor();
-    at::Tensor gy = need_y ? scale(kept_gy) : at::Tensor();
-    return {need_x ? gx : at::Tensor(), need_y ? gy : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    at::Tensor gx = need_x ? scale(kept_x) : at::Tensor();
+    at::Tensor gy = need_y ? scale(kept_y) : at::Tensor();
+    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
