@@ -50,8 +50,14 @@ CHECK_CASES = [  # shape, scope, dtype, input scale[, channels_last inputs]
 # Triton JIT (single-threaded per kernel) fills its on-disk cache on several cores.
 WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32),
               ((1, 256, 33, 47), torch.float32), ((1, 256, 33, 47), torch.bfloat16)]
-# Tile configurations timed by --sweep (tf32x3 dots, the CUDA default; "precision" picks another).
+# Tile configurations timed by --sweep (tf32x3 dots, the CUDA default; "precision" picks another;
+# "layout": "channels_last" makes the inputs channels_last, which the kernels read as they are).
+# Under Triton 3.6 on sm90, channels_last with 4 warps is the first layout/warp combination
+# where no kernel spills at 2-3 programs per SM (scripts/kernel_resources.py).
 SWEEP = [
+    dict(layout="channels_last"),
+    dict(layout="channels_last", num_warps=4),
+    dict(layout="channels_last", num_warps=4, num_stages=2),
     dict(block_ck=256),
     dict(block_ck=64),
     dict(block_ck=256, num_warps=4),
@@ -66,6 +72,14 @@ SWEEP_SHAPES = [(16, 256, 16, 16), (1, 256, 64, 64), (1, 256, 128, 128), (1, 256
 
 
 DEVICE = "cuda"
+
+
+def _split_config(cfg):
+    """A sweep entry -> (precision, channels_last inputs, the kernels' CONFIG overrides)."""
+    cfg = dict(cfg)
+    precision = cfg.pop("precision", "tf32x3")
+    layout = cfg.pop("layout", "nchw")
+    return precision, layout == "channels_last", cfg
 
 
 def _inputs(shape, dtype, scale, seed=0, channels_last=False):
@@ -203,10 +217,10 @@ def _warm_config(cfg_json):
     """Compile one sweep configuration's kernels (a subprocess of --profile)."""
     import json
 
-    cfg = json.loads(cfg_json)
-    fn = _fused(cfg.pop("precision", "tf32x3"), cfg)
+    precision, channels_last, cfg = _split_config(json.loads(cfg_json))
+    fn = _fused(precision, cfg)
     for shape in ((1, 256, 64, 64), (2, 256, 16, 16)):
-        x = _inputs(shape, torch.float32, 0.1)
+        x = _inputs(shape, torch.float32, 0.1, channels_last=channels_last)
         torch.autograd.backward(fn(*x), [torch.ones_like(x[0])] * 2)
     torch.cuda.synchronize()
     return 0
@@ -274,17 +288,19 @@ def _profile(args):
         for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:14]:
             print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
     print("\n## sweep (fwd+bwd both directions, fp32 inputs, median ms of do_bench)", flush=True)
-    runs = [("reference", lambda *t: ops.bi_axial_attention(*t, backend="reference")), ("default tf32x3", default)]
-    runs += [(",".join(f"{k}={v}" for k, v in cfg.items()),
-              _fused(cfg.get("precision", "tf32x3"), {k: v for k, v in cfg.items() if k != "precision"}))
-             for cfg in SWEEP]
+    runs = [("reference", False, lambda *t: ops.bi_axial_attention(*t, backend="reference")),
+            ("default tf32x3", False, default)]
+    for cfg in SWEEP:
+        precision, channels_last, kernel_cfg = _split_config(cfg)
+        runs.append((",".join(f"{k}={v}" for k, v in cfg.items()), channels_last, _fused(precision, kernel_cfg)))
     print("| config | " + " | ".join(",".join(map(str, s)) for s in SWEEP_SHAPES) + " |")
     print("|---|" + "---|" * len(SWEEP_SHAPES))
-    for name, fn in runs:
+    for name, channels_last, fn in runs:
         cells = []
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         for shape in SWEEP_SHAPES:
-            x = _inputs(shape, torch.float32, 0.1)
-            grads = [torch.randn(shape, device=DEVICE) for _ in range(2)]
+            x = _inputs(shape, torch.float32, 0.1, channels_last=channels_last)
+            grads = [torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt) for _ in range(2)]
             try:
                 ms = triton.testing.do_bench(lambda: torch.autograd.backward(fn(*x), grads), warmup=5, rep=25,
                                              grad_to_none=x, return_mode="median")
@@ -384,9 +400,9 @@ def _run(args, check_cases, timing_shapes, device):
 
     runs = [(name, dtype, fn) for name, dtype, fn in _impls(args.extra)]
     if args.sweep:
+        # (a "layout=channels_last" entry's name makes time_case give it channels_last inputs)
         runs += [("fused " + ",".join(f"{k}={v}" for k, v in cfg.items()), torch.float32,
-                  _fused(cfg.get("precision", "tf32x3"), {k: v for k, v in cfg.items() if k != "precision"}))
-                 for cfg in SWEEP]
+                  _fused(_split_config(cfg)[0], _split_config(cfg)[2])) for cfg in SWEEP]
     rows = []
     for shape, run_shape in timing_shapes.items():
         for name, dtype, fn in runs:
