@@ -22,12 +22,8 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def _two_pass_ssim(x, y):
-    previous = ssim_module.ONE_PASS_DEVICES
-    ssim_module.ONE_PASS_DEVICES = frozenset()
-    try:
+    with ssim_module.one_pass_devices(()):
         return ssim_module.ssim(x, y, backend="fused")
-    finally:
-        ssim_module.ONE_PASS_DEVICES = previous
 
 
 IMPLS = ssim_implementations()

@@ -33,8 +33,8 @@ TORCH_LIBRARY(epban, m) {
 TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cpu);
   m.impl("ssim_map", &epban::ssim::ssim_map_cpu);
-  m.impl("ssim_backward", &epban::ssim::ssim_backward_cpu);
-  m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad_cpu);
+  m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cpu>);
+  m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cpu>);
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cpu);
 }
 
@@ -42,8 +42,8 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
 TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
   m.impl("ssim_map", &epban::ssim::ssim_map_cuda);
-  m.impl("ssim_backward", &epban::ssim::ssim_backward_cuda);
-  m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad_cuda);
+  m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cuda>);
+  m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cuda>);
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cuda);
 }
 constexpr bool kWithCuda = true;

@@ -401,8 +401,10 @@ def _run(args, check_cases, timing_shapes, device):
     runs = [(name, dtype, fn) for name, dtype, fn in _impls(args.extra)]
     if args.sweep:
         # (a "layout=channels_last" entry's name makes time_case give it channels_last inputs)
-        runs += [("fused " + ",".join(f"{k}={v}" for k, v in cfg.items()), torch.float32,
-                  _fused(_split_config(cfg)[0], _split_config(cfg)[2])) for cfg in SWEEP]
+        for cfg in SWEEP:
+            precision, _, kernel_cfg = _split_config(cfg)
+            runs.append(("fused " + ",".join(f"{k}={v}" for k, v in cfg.items()), torch.float32,
+                         _fused(precision, kernel_cfg)))
     rows = []
     for shape, run_shape in timing_shapes.items():
         for name, dtype, fn in runs:

@@ -51,15 +51,9 @@ def poisoned_allocations():
 DEVICE = "cuda"
 
 
-@contextlib.contextmanager
 def one_pass_policy(enabled: bool):
     """Training calls take the one-pass op on DEVICE (enabled) or the two-pass ops."""
-    previous = ssim_module.ONE_PASS_DEVICES
-    ssim_module.ONE_PASS_DEVICES = previous | {DEVICE} if enabled else previous - {DEVICE}
-    try:
-        yield
-    finally:
-        ssim_module.ONE_PASS_DEVICES = previous
+    return ssim_module.one_pass_devices({DEVICE} if enabled else ())
 
 
 def one_pass_ssim(x, y):

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <tuple>
@@ -32,21 +33,40 @@ bool check_grad_shape(const at::Tensor& grad, const Geometry& g);
 
 at::Tensor ssim_per_image_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
-std::tuple<at::Tensor, at::Tensor> ssim_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
-                                                     double c1, double c2, bool same_padding, bool grad_x, bool grad_y);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                                           double c1, double c2, bool same_padding,
-                                                                           bool grad_x, bool grad_y);
+// The backward pass over every gradient pixel (ssim_cpu.cpp, ssim_cuda.cu). grad: the upstream
+// gradient, (B,) or the map's; undefined means an upstream gradient of 1 per image, and the
+// per-image SSIM, summed from the same moments, is returned first (else an undefined tensor).
+// An input whose grad_* is false gets an empty (0,) tensor.
+using GradientPass = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& grad, const at::Tensor& x,
+                                                                         const at::Tensor& y, double c1, double c2,
+                                                                         bool same_padding, bool grad_x, bool grad_y);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                 const at::Tensor& y, double c1, double c2,
+                                                                 bool same_padding, bool grad_x, bool grad_y);
 
 #ifdef EPBAN_WITH_CUDA
 at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
-std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
-                                                      double c1, double c2, bool same_padding, bool grad_x, bool grad_y);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                                            double c1, double c2, bool same_padding,
-                                                                            bool grad_x, bool grad_y);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                  const at::Tensor& y, double c1, double c2,
+                                                                  bool same_padding, bool grad_x, bool grad_y);
 #endif
+
+// The ops ssim_backward and ssim_per_image_and_grad of one device, from its gradient pass.
+template <GradientPass Pass>
+std::tuple<at::Tensor, at::Tensor> ssim_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                                 double c1, double c2, bool same_padding, bool grad_x, bool grad_y) {
+  TORCH_CHECK(grad.defined(), "ssim_backward: grad must be a tensor");
+  auto [value, gx, gy] = Pass(grad, x, y, c1, c2, same_padding, grad_x, grad_y);
+  return {gx, gy};
+}
+
+template <GradientPass Pass>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at::Tensor& x, const at::Tensor& y,
+                                                                       double c1, double c2, bool same_padding,
+                                                                       bool grad_x, bool grad_y) {
+  return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y);
+}
 
 }  // namespace ssim
 }  // namespace epban

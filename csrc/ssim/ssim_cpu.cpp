@@ -452,12 +452,7 @@ at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, dou
   return forward_cpu(x, y, c1, c2, same_padding, /*want_map=*/true);
 }
 
-namespace {
-
-// The backward pass (see the top of this file) over every (plane, row band). grad_in: the
-// upstream gradient, (B,) or the map's; undefined means d(per-image value)/d(input), i.e. an
-// upstream gradient of 1 for every image, and then the per-image SSIM is returned as well,
-// summed from the same moments (one pass instead of a forward and a backward).
+// The backward pass (see the top of this file and ssim.h) over every (plane, row band).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                  const at::Tensor& y_in, double c1, double c2,
                                                                  bool same_padding, bool grad_x, bool grad_y) {
@@ -519,22 +514,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
   gx = grad_x ? gx.to(x_in.scalar_type()) : placeholder(x_in);
   gy = grad_y ? gy.to(y_in.scalar_type()) : placeholder(y_in);
   return {value, gx, gy};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> ssim_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                     const at::Tensor& y_in, double c1, double c2, bool same_padding,
-                                                     bool grad_x, bool grad_y) {
-  TORCH_CHECK(grad_in.defined(), "ssim_backward: grad must be a tensor");
-  auto [value, gx, gy] = gradient_pass_cpu(grad_in, x_in, y_in, c1, c2, same_padding, grad_x, grad_y);
-  return {gx, gy};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                                           double c1, double c2, bool same_padding,
-                                                                           bool grad_x, bool grad_y) {
-  return gradient_pass_cpu(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y);
 }
 
 }  // namespace ssim

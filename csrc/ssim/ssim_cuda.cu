@@ -480,10 +480,8 @@ at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, do
   return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true);
 }
 
-namespace {
-
-// The backward kernel over every 32x32 tile of gradient pixels. grad_in undefined: the
-// one-pass mode (upstream gradient 1 per image, the per-image SSIM summed as well).
+// The backward kernel over every 32x32 tile of gradient pixels (ssim.h: grad_in undefined is
+// the one-pass mode).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                   const at::Tensor& y_in, double c1, double c2,
                                                                   bool same_padding, bool grad_x, bool grad_y) {
@@ -535,22 +533,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {value, gx, gy};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> ssim_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                      const at::Tensor& y_in, double c1, double c2, bool same_padding,
-                                                      bool grad_x, bool grad_y) {
-  TORCH_CHECK(grad_in.defined(), "ssim_backward: grad must be a tensor");
-  auto [value, gx, gy] = gradient_pass_cuda(grad_in, x_in, y_in, c1, c2, same_padding, grad_x, grad_y);
-  return {gx, gy};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                                            double c1, double c2, bool same_padding,
-                                                                            bool grad_x, bool grad_y) {
-  return gradient_pass_cuda(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y);
 }
 
 }  // namespace ssim

@@ -26,6 +26,7 @@ partials of csrc/ssim/ssim_math.h:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -163,6 +164,18 @@ def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
     else:
         per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
     return per_image if reduction == "none" else per_image.mean()
+
+
+@contextlib.contextmanager
+def one_pass_devices(devices):
+    """Within the block, training takes the one-pass op on ``devices`` (an iterable of device
+    types) and the two-pass ops elsewhere; for comparisons and checks."""
+    global ONE_PASS_DEVICES
+    previous, ONE_PASS_DEVICES = ONE_PASS_DEVICES, frozenset(devices)
+    try:
+        yield
+    finally:
+        ONE_PASS_DEVICES = previous
 
 
 def _one_pass(x, y) -> bool:
