@@ -30,37 +30,6 @@
 namespace epban {
 namespace ssim {
 
-Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, bool same_padding) {
-  TORCH_CHECK(x.dim() == 4, "ssim: x must be 4-D (B, C, H, W), got ", x.sizes());
-  TORCH_CHECK(x.sizes() == y.sizes(), "ssim: x and y must have the same shape, got ", x.sizes(), " and ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "ssim: x and y must have the same dtype");
-  TORCH_CHECK(x.device() == y.device(), "ssim: x and y must be on the same device");
-  Geometry g;
-  g.batch = x.size(0);
-  g.channels = x.size(1);
-  g.height = x.size(2);
-  g.width = x.size(3);
-  TORCH_CHECK(g.height >= kWin && g.width >= kWin, "ssim: images must be at least ", kWin, "x", kWin,
-              " (the SSIM window), got ", g.height, "x", g.width);
-  g.offset = same_padding ? 0 : kHalo;
-  g.out_h = g.height - 2 * g.offset;
-  g.out_w = g.width - 2 * g.offset;
-  return g;
-}
-
-bool check_grad_shape(const at::Tensor& grad, const Geometry& g) {
-  if (grad.dim() == 1) {
-    TORCH_CHECK(grad.size(0) == g.batch, "ssim_backward: per-image gradient must have shape (", g.batch, ",), got ",
-                grad.sizes());
-    return false;
-  }
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == g.batch && grad.size(1) == g.channels && grad.size(2) == g.out_h &&
-                  grad.size(3) == g.out_w,
-              "ssim_backward: map gradient must have shape (", g.batch, ", ", g.channels, ", ", g.out_h, ", ", g.out_w,
-              "), got ", grad.sizes());
-  return true;
-}
-
 namespace {
 
 #if defined(__GNUC__)

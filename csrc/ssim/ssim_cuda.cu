@@ -44,10 +44,28 @@
 // gradient (B,) is read directly too. The shared-memory opt-in is set once per device.
 #include "ssim/ssim.h"
 
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
+
+#ifdef EPBAN_CUDA_EMULATION
+// tests/cuda_emu builds this file with g++ and runs its kernels on the CPU (a fiber per CUDA
+// thread), so that CI checks the CUDA code itself. cuda_emu.h defines the CUDA built-ins and
+// the few c10::cuda calls used below, and the two macros that follow.
+#include "cuda_emu.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+// kernel<<<grid, block, smem, stream>>>(args), written EPBAN_LAUNCH(grid, block, smem, stream, kernel)(args)
+// so that the emulator can run the same line (a template kernel's name may hold commas).
+#define EPBAN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define EPBAN_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+#ifdef EPBAN_CUDA_EMULATION
+constexpr bool kEmulated = true;  // the kernels take CPU tensors
+#else
+constexpr bool kEmulated = false;
+#endif
 
 #include <atomic>
 
@@ -288,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   // is 1 per image (grad is not read) and the block also sums the SSIM values of the centres
   // inside its own tile (tiles partition the image, so each centre is summed once) into
   // partial[blockIdx.x], which ssim_finish_kernel turns into the per-image mean.
-  extern __shared__ float smem[];
+  EPBAN_DYNAMIC_SHARED(float, smem);
   __shared__ float s_warp[kThreads / 32];
   float* s_a = smem;                // inputs, then partials
   float* s_b = smem + kBwdRegionA;  // horizontal moment sums, then filtered partials
@@ -392,7 +410,8 @@ void allow_backward_smem(int device) {
 }
 
 void check_cuda_inputs(const at::Tensor& x, const at::Tensor& y) {
-  TORCH_CHECK(x.is_cuda() && y.is_cuda(), "ssim (CUDA kernel): inputs must be CUDA tensors");
+  TORCH_CHECK((x.is_cuda() && y.is_cuda()) || (kEmulated && x.is_cpu() && y.is_cpu()),
+              "ssim (CUDA kernel): inputs must be CUDA tensors");
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
               "ssim (CUDA kernel): dtype must be float32, float16 or bfloat16, got ", t);
@@ -451,10 +470,10 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c
     dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
       if (want_map) {
-        ssim_forward_kernel<scalar_t, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        EPBAN_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, ssim_forward_kernel<scalar_t, true>)(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, map.data_ptr<float>(), nullptr);
       } else {
-        ssim_forward_kernel<scalar_t, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        EPBAN_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, ssim_forward_kernel<scalar_t, false>)(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, nullptr, partial.data_ptr<float>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -463,7 +482,7 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c
   if (want_map) return map;
   at::Tensor out = at::empty({g.batch}, fopts);
   if (g.batch > 0) {
-    ssim_finish_kernel<<<static_cast<unsigned>(g.batch), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    EPBAN_LAUNCH(static_cast<unsigned>(g.batch), kThreads, 0, c10::cuda::getCurrentCUDAStream(), ssim_finish_kernel)(
         partial.data_ptr<float>(), blocks / g.batch, 1.0 / static_cast<double>(g.count()), out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -520,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     allow_backward_smem<scalar_t>(x.get_device());
-    ssim_backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream>>>(
+    EPBAN_LAUNCH(static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream, ssim_backward_kernel<scalar_t>)(
         x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
         static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
         grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr,
@@ -528,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (with_value && g.batch > 0) {
-    ssim_finish_kernel<<<static_cast<unsigned>(g.batch), kThreads, 0, stream>>>(
+    EPBAN_LAUNCH(static_cast<unsigned>(g.batch), kThreads, 0, stream, ssim_finish_kernel)(
         partial.data_ptr<float>(), blocks / g.batch, 1.0 / static_cast<double>(g.count()), value.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -1,0 +1,33 @@
+// epban's CUDA SSIM kernels (csrc/ssim/ssim_cuda.cu, the file itself) built for the CPU with
+// cuda_emu.h, registered as torch.ops.epban_cuda_emu.* on CPU tensors. tests/test_ssim_cuda_emu.py
+// builds this with torch.utils.cpp_extension.load and checks it against the reference.
+#include <torch/library.h>
+
+#include "ssim/ssim_cuda.cu"
+
+namespace {
+
+void set_schedule(int64_t order, int64_t seed) {
+  TORCH_CHECK(order >= 0 && order <= 2, "set_schedule: order must be 0 (lane order), 1 (reverse) or 2 (shuffle)");
+  epban_emu::settings().schedule = static_cast<epban_emu::Schedule>(order);
+  epban_emu::settings().seed = static_cast<uint64_t>(seed);
+}
+
+// grad None: the one-pass mode (upstream gradient 1 per image; the per-image SSIM comes first).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass(const std::optional<at::Tensor>& grad, const at::Tensor& x,
+                                                             const at::Tensor& y, double c1, double c2,
+                                                             bool same_padding, bool grad_x, bool grad_y) {
+  return epban::ssim::gradient_pass_cuda(grad.value_or(at::Tensor()), x, y, c1, c2, same_padding, grad_x, grad_y);
+}
+
+int64_t launches() { return epban_emu::settings().launches; }
+
+}  // namespace
+
+TORCH_LIBRARY(epban_cuda_emu, m) {
+  m.def("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
+  m.def("ssim_map", &epban::ssim::ssim_map_cuda);
+  m.def("gradient_pass", &gradient_pass);
+  m.def("set_schedule", &set_schedule);
+  m.def("launches", &launches);
+}

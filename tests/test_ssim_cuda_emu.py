@@ -1,0 +1,224 @@
+"""The CUDA SSIM kernels (csrc/ssim/ssim_cuda.cu) run on the CPU by tests/cuda_emu.
+
+CI has no GPU, so the CUDA tests of test_ssim.py skip there; these build the same .cu file
+with g++ against a CPU emulation of the CUDA built-ins (a fiber per CUDA thread, barriers,
+warp shuffles, NaN-filled dynamic shared memory) and check every entry point against the
+PyTorch reference: forward (per image, map), the backward with every kind of upstream
+gradient, the one-pass training op, half types, and under three thread schedules, so that
+a missing __syncthreads shows. What they cannot check is speed, and hardware behaviour
+the emulator does not model (see cuda_emu.h).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+import epban
+from test_ssim import assert_close_rel, image_pair, poisoned_allocations
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMU_DIR = ROOT / "tests" / "cuda_emu"
+C1, C2 = 0.01**2, 0.03**2
+SHAPES = [(3, 1, 13, 29), (2, 4, 57, 31), (1, 3, 257, 131)]
+PADDINGS = ("valid", "same")
+LANE_ORDER, REVERSE, SHUFFLE = 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """torch.ops.epban_cuda_emu, built once into build/cuda_emu (about 10 s with g++)."""
+    from torch.utils.cpp_extension import load
+
+    build = ROOT / "build" / "cuda_emu"
+    build.mkdir(parents=True, exist_ok=True)
+    load(
+        name="epban_cuda_emu",
+        sources=[str(EMU_DIR / "ssim_cuda_emu.cpp"), str(EMU_DIR / "emu_selftest.cpp"),
+                 str(ROOT / "csrc" / "ssim" / "ssim_geometry.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(EMU_DIR)],
+        extra_cflags=["-O2", "-DEPBAN_WITH_CUDA", "-DEPBAN_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+        build_directory=str(build),
+        is_python_module=False,
+        with_cuda=False,
+    )
+    ops = torch.ops.epban_cuda_emu
+    ops.set_schedule(LANE_ORDER, 0)
+    yield ops
+    ops.set_schedule(LANE_ORDER, 0)
+
+
+@pytest.fixture(params=[LANE_ORDER, REVERSE, SHUFFLE], ids=["lane-order", "reverse", "shuffle"])
+def schedule(request, emu, rng_seed):
+    emu.set_schedule(request.param, rng_seed)
+    yield request.param
+    emu.set_schedule(LANE_ORDER, 0)
+
+
+def reference(x, y, padding, reduction):
+    return epban.ssim(x, y, data_range=1.0, padding=padding, reduction=reduction, backend="reference")
+
+
+def assert_map_close(ours, x, y, padding):
+    """The float32 map within 1e-5 of the float64 truth, or, where float32 cannot reach that
+    (nearly flat windows: E[x^2] - mu^2 cancels), no less accurate than the reference run in
+    float32 (test_ssim.check_fused's rule)."""
+    exact = reference(x.double(), y.double(), padding, "map")
+    assert ours.shape == exact.shape and torch.isfinite(ours).all()
+    err = (ours.double() - exact).abs().max().item()
+    ref_err = (reference(x.float(), y.float(), padding, "map").double() - exact).abs().max().item()
+    assert err <= max(1e-5, 2 * ref_err), f"map: error {err:.3g} (float32 reference: {ref_err:.3g})"
+
+
+def reference_grads(x, y, padding, reduction, upstream):
+    x = x.detach().double().requires_grad_(True)
+    y = y.detach().double().requires_grad_(True)
+    out = reference(x, y, padding, reduction)
+    return torch.autograd.grad(out, (x, y), upstream.double())
+
+
+def ran_kernels(emu, fn):
+    """fn() and a check that it launched emulated kernels (not a fallback)."""
+    before = emu.launches()
+    out = fn()
+    assert emu.launches() > before, "no emulated kernel ran"
+    return out
+
+
+# ----------------------------------------------------------------------------- the emulator itself
+
+
+def test_emulator_catches_a_missing_syncthreads(emu):
+    """A block reduction with a barrier left out reads neighbours' slots before they are
+    written: right in one schedule at most, so some schedule gives a wrong sum. The same
+    kernel with the barrier is right under all three."""
+    values = torch.arange(1, 257, dtype=torch.float32)
+    results = {}
+    for order in (LANE_ORDER, REVERSE, SHUFFLE):
+        emu.set_schedule(order, 1)
+        results[order] = (emu.selftest_block_sum(values, True).item(), emu.selftest_block_sum(values, False).item())
+    emu.set_schedule(LANE_ORDER, 0)
+    assert all(with_barrier == 256 * 257 / 2 for with_barrier, _ in results.values()), results
+    assert any(without != 256 * 257 / 2 for _, without in results.values()), results
+
+
+def test_emulator_reports_a_barrier_that_cannot_open(emu):
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.selftest_divergent_barrier()
+
+
+def test_emulator_warp_shuffle_and_dynamic_shared_poison(emu):
+    """__shfl_down_sync and __shfl_xor_sync move lanes' values as on the GPU (own value past
+    the warp's end); dynamic shared memory no thread wrote reads as NaN."""
+    lanes = torch.arange(64, dtype=torch.float32)
+    down, xor, unwritten = emu.selftest_shuffles(lanes, 3)
+    lane = torch.arange(64) % 32
+    expected_down = torch.where(lane + 3 < 32, lanes + 3, lanes)
+    torch.testing.assert_close(down, expected_down, rtol=0, atol=0)
+    torch.testing.assert_close(xor, lanes[(torch.arange(64) ^ 3)], rtol=0, atol=0)
+    assert torch.isnan(unwritten).all()
+
+
+# ----------------------------------------------------------------------------- the SSIM kernels
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_forward_matches_reference(emu, schedule, shape, padding):
+    x, y = image_pair(shape, seed=sum(shape))
+    same = padding == "same"
+    per_image = ran_kernels(emu, lambda: emu.ssim_per_image(x, y, C1, C2, same))
+    assert_close_rel(per_image, reference(x.double(), y.double(), padding, "none"), 1e-5, "per image")
+    with poisoned_allocations():
+        ssim_map = emu.ssim_map(x, y, C1, C2, same)
+    assert_map_close(ssim_map, x, y, padding)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("upstream", ["per_image", "map", "map_expanded", "map_transposed"])
+def test_backward_matches_reference(emu, schedule, shape, padding, upstream):
+    """Every kind of upstream gradient the backward reads through its strides: (B,), a
+    contiguous map gradient, the stride-0 one of a .sum(), a non-contiguous view."""
+    x, y = image_pair(shape, seed=sum(shape) + 1)
+    same = padding == "same"
+    gen = torch.Generator().manual_seed(7)
+    b, c, h, w = shape
+    out_h, out_w = (h, w) if same else (h - 10, w - 10)
+    if upstream == "per_image":
+        grad, reduction = torch.randn(b, generator=gen), "none"
+    elif upstream == "map":
+        grad, reduction = torch.randn(b, c, out_h, out_w, generator=gen), "map"
+    elif upstream == "map_expanded":
+        grad, reduction = torch.tensor(0.75).expand(b, c, out_h, out_w), "map"
+    else:
+        grad, reduction = torch.randn(b, c, out_w, out_h, generator=gen).transpose(2, 3), "map"
+    with poisoned_allocations():  # every gradient element must be written
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, True, True))
+    ex, ey = reference_grads(x, y, padding, reduction, grad)
+    assert_close_rel(gx, ex, 1e-4, "dL/dx")
+    assert_close_rel(gy, ey, 1e-4, "dL/dy")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("wanted", [(True, True), (True, False), (False, True)])
+def test_one_pass_matches_reference(emu, schedule, padding, wanted):
+    """grad None: the per-image SSIM and the gradients of its sum from one kernel pass."""
+    shape = (2, 3, 45, 70)
+    x, y = image_pair(shape, seed=5)
+    same = padding == "same"
+    with poisoned_allocations():
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted))
+    assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
+    ex, ey = reference_grads(x, y, padding, "none", torch.ones(shape[0]))
+    for got, expected, want, name in ((gx, ex, wanted[0], "dL/dx"), (gy, ey, wanted[1], "dL/dy")):
+        if want:
+            assert_close_rel(got, expected, 1e-4, name)
+        else:
+            assert got.numel() == 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_half_inputs(emu, dtype, padding):
+    """Half inputs, float32 accumulation: against the reference on the rounded inputs;
+    the gradients are stored in the input dtype."""
+    x, y = image_pair((2, 3, 41, 53), dtype=dtype, seed=11)
+    same = padding == "same"
+    per_image = emu.ssim_per_image(x, y, C1, C2, same)
+    assert per_image.dtype == torch.float32
+    assert_close_rel(per_image, reference(x.double(), y.double(), padding, "none"), 1e-5, "per image")
+    value, gx, gy = emu.gradient_pass(None, x, y, C1, C2, same, True, True)
+    assert gx.dtype == dtype and gy.dtype == dtype
+    ex, ey = reference_grads(x, y, padding, "none", torch.ones(2))
+    bound = 1e-2 if dtype == torch.float16 else 2e-2
+    assert_close_rel(gx, ex, bound, "dL/dx")
+    assert_close_rel(gy, ey, bound, "dL/dy")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_constant_images_are_finite(emu, padding):
+    x = torch.full((1, 2, 23, 19), 0.5)
+    y = torch.full((1, 2, 23, 19), 0.25)
+    value, gx, gy = emu.gradient_pass(None, x, y, C1, C2, padding == "same", True, True)
+    assert torch.isfinite(value).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
+
+
+def test_non_contiguous_inputs(emu):
+    x, y = image_pair((2, 3, 40, 33), seed=13)
+    xt, yt = x.transpose(2, 3).contiguous().transpose(2, 3), y.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(emu.ssim_per_image(xt, yt, C1, C2, False), emu.ssim_per_image(x, y, C1, C2, False),
+                               rtol=0, atol=0)
+
+
+def test_bad_inputs(emu):
+    x, y = image_pair((1, 1, 16, 16))
+    with pytest.raises(RuntimeError, match="dtype"):
+        emu.ssim_per_image(x.double(), y.double(), C1, C2, False)
+    with pytest.raises(RuntimeError, match="at least 11x11"):
+        emu.ssim_per_image(x[..., :10], y[..., :10], C1, C2, False)
+    with pytest.raises(RuntimeError, match="per-image gradient"):
+        emu.gradient_pass(torch.ones(3), x, y, C1, C2, False, True, True)
