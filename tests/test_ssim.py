@@ -334,7 +334,15 @@ def test_fused_constant_images_are_finite(device, x_value, y_value, padding, ssi
         # The exact gradients are 0 or tiny here: the float32 rounding of the partials sets the
         # bar. For x = 1, y = 0.25 the three terms of dL/dx are ~4.5 (S / B2 with B2 ~ C2) and
         # cancel to ~3e-3: 2e-6 is 4 ulps of the terms.
-        check_fused(x, y, padding, reduction, grad_atol=2e-6)
+        # The forward is ill-conditioned where the variance is zero: B2 = (E[u^2] - E[u]^2) / 2
+        # + ... + C2 with B2 ~ C2 = 9e-4, so one ulp of E[u^2] (u = x + y ~ 1.25: 1.2e-7) moves
+        # S by ~1e-4. The reference's five-moment form happens to be exact for these
+        # power-of-two-friendly constants, so "no worse than the float32 reference" does not
+        # apply; on photos the kernels' form is the more accurate (test_fused_map_accuracy_on_photos).
+        # The gradients are as ill-conditioned: over constant pairs such as (0.8, 0.3), (0.37,
+        # 0.81), (0.6, 0.55) both float32 forms are 1e-4 to 5e-3 off relative to the largest
+        # gradient, the kernels' no worse than the reference's except on these constants.
+        check_fused(x, y, padding, reduction, tols=(2e-4, 5e-4, 5e-4), grad_atol=2e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -445,6 +453,44 @@ def test_fused_photos(device):
     for _, x, y in photo_pairs():
         x32, y32 = x.float().to(device), y.float().to(device)
         assert abs(epban.ssim(x32, y32, backend="fused").item() - ssim_reference(x, y).item()) <= 1e-5
+
+
+def natural_pairs():
+    """128x128 crops of scikit-image photos (green channel) and SR-like partners: noisy,
+    blurred, near-equal, and a flat image against the textured one."""
+    skdata = pytest.importorskip("skimage.data")
+    gen = torch.Generator().manual_seed(2)
+    for name in ("astronaut", "camera", "coffee"):
+        img = torch.from_numpy(getattr(skdata, name)()).to(torch.float64).div(255)
+        img = (img[..., 1] if img.dim() == 3 else img)[100:228, 100:228][None, None].contiguous()
+        noise = torch.randn(img.shape, generator=gen, dtype=torch.float64)
+        blurred = F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        yield name, img, {
+            "noisy": (img + 0.01 * noise).clamp(0, 1),
+            "blurred": blurred,
+            "near-equal": (img + 1e-3 * noise).clamp(0, 1),
+            "flat": torch.full_like(img, 0.5),
+        }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_fused_map_accuracy_on_photos(device, padding):
+    """Per-pixel SSIM of photo pairs in float32: the kernels filter u = x + y and v = x - y
+    (ssim_math.h), whose local variances cancel less than those of x and y where the images
+    are close. Their map must stay within 2.5e-4 of float64 everywhere and, on the pairs
+    where x ~ y, beat the reference run in float32 (five moments of x, y) by 3x or more."""
+    for name, x, partners in natural_pairs():
+        for kind, y in partners.items():
+            exact = ssim_reference(x, y, padding=padding, reduction="map")
+            x32, y32 = x.float().to(device), y.float().to(device)
+            ours = epban.ssim(x32, y32, padding=padding, reduction="map", backend="fused").cpu().double()
+            theirs = ssim_reference(x32, y32, padding=padding, reduction="map").cpu().double()
+            err = (ours - exact).abs().max().item()
+            ref_err = (theirs - exact).abs().max().item()
+            assert err <= 2.5e-4, f"{name} {kind}: max error {err:.2e}"
+            if kind in ("noisy", "near-equal"):
+                assert 3 * err <= ref_err, f"{name} {kind}: max error {err:.2e}, float32 reference {ref_err:.2e}"
 
 
 # ---------------------------------------------------------------- the one-pass training op

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import epban
-from test_ssim import assert_close_rel, image_pair, poisoned_allocations
+from test_ssim import assert_close_rel, image_pair, natural_pairs, poisoned_allocations
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -177,6 +177,19 @@ def test_one_pass_matches_reference(emu, schedule, padding, wanted):
             assert_close_rel(got, expected, 1e-4, name)
         else:
             assert got.numel() == 0, name
+
+
+def test_map_accuracy_on_photos(emu):
+    """The CUDA kernels' moments of u = x + y and v = x - y (ssim_math.h): within 2.5e-4 of
+    float64 on photo pairs, and 3x or more closer than the float32 reference where x ~ y."""
+    for name, x, partners in natural_pairs():
+        for kind, y in partners.items():
+            exact = reference(x, y, "same", "map")
+            err = (emu.ssim_map(x.float(), y.float(), C1, C2, True).double() - exact).abs().max().item()
+            ref_err = (reference(x.float(), y.float(), "same", "map").double() - exact).abs().max().item()
+            assert err <= 2.5e-4, f"{name} {kind}: max error {err:.2e}"
+            if kind in ("noisy", "near-equal"):
+                assert 3 * err <= ref_err, f"{name} {kind}: max error {err:.2e}, float32 reference {ref_err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

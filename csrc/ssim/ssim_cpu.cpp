@@ -5,10 +5,11 @@
 // vectorised (`omp simd`), and each row kernel is built for the baseline x86-64 ISA, for
 // AVX2+FMA and for AVX-512, picked at run time: the default build stays portable.
 //
-// Forward, per centre row: the vertical 11-tap sums of x, y, x^2, y^2, xy over all
-// columns into five row buffers, then the horizontal 11-tap sums and the SSIM formula
-// per centre. 5 x 11 x 2 multiply-adds + 3 x 11 products + ~20 for the formula, about
-// 160 FLOPs per pixel; the rows it reads stay in L2. No full-size buffer.
+// Forward, per centre row: the vertical 11-tap sums of u, v, u^2, v^2 (u = x + y,
+// v = x - y: ssim_math.h) over all columns into four row buffers, then the horizontal
+// 11-tap sums and the SSIM formula per centre. (4 + 4) x 11 multiply-adds + 4 x 11 for
+// forming u, v and their weighted values + ~20 for the formula, about 150 FLOPs per pixel;
+// the rows it reads stay in L2. No full-size buffer.
 // Backward, per gradient row p: the partials of the centre rows p-5..p+5 (a ring of 11
 // rows, each computed once per band: its moments as in the forward, then ssim_partials),
 // their vertical then horizontal 11-tap sums, and the combination of ssim_math.h.
@@ -64,11 +65,10 @@ struct Plane {
   T c1, c2;
 };
 
-// Vertical 11-tap sums of x, y, x^2, y^2, xy for centre row r, all columns.
+// Vertical 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y) for centre row r, all columns.
 template <typename T>
 EPBAN_ALWAYS_INLINE void vertical_moments(const Plane<T>& p, int64_t r, const T* zero_row, const Taps<T>& taps,
-                                          T* __restrict vx, T* __restrict vy, T* __restrict vxx, T* __restrict vyy,
-                                          T* __restrict vxy) {
+                                          T* __restrict vu, T* __restrict vv, T* __restrict vuu, T* __restrict vvv) {
   const T* xr[kWin];
   const T* yr[kWin];
   for (int k = 0; k < kWin; ++k) {
@@ -80,24 +80,22 @@ EPBAN_ALWAYS_INLINE void vertical_moments(const Plane<T>& p, int64_t r, const T*
   const int64_t w = p.width;
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) {
-    T sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
+    T su = 0, sv = 0, suu = 0, svv = 0;
 #pragma GCC unroll 11
     for (int k = 0; k < kWin; ++k) {
-      const T a = xr[k][j];
-      const T b = yr[k][j];
-      const T ga = taps.w[k] * a;
-      const T gb = taps.w[k] * b;
-      sx += ga;
-      sy += gb;
-      sxx += ga * a;
-      syy += gb * b;
-      sxy += ga * b;
+      const T u = xr[k][j] + yr[k][j];
+      const T v = xr[k][j] - yr[k][j];
+      const T gu = taps.w[k] * u;
+      const T gv = taps.w[k] * v;
+      su += gu;
+      sv += gv;
+      suu += gu * u;
+      svv += gv * v;
     }
-    vx[kHalo + j] = sx;
-    vy[kHalo + j] = sy;
-    vxx[kHalo + j] = sxx;
-    vyy[kHalo + j] = syy;
-    vxy[kHalo + j] = sxy;
+    vu[kHalo + j] = su;
+    vv[kHalo + j] = sv;
+    vuu[kHalo + j] = suu;
+    vvv[kHalo + j] = svv;
   }
 }
 
@@ -113,7 +111,7 @@ EPBAN_ALWAYS_INLINE T horizontal_tap(const T* v, int64_t c, const Taps<T>& taps)
 template <typename T>
 struct ForwardBuffers {
   std::vector<T> v, zero;
-  explicit ForwardBuffers(int64_t pitch, int64_t width) : v(5 * pitch, T(0)), zero(width, T(0)) {}
+  explicit ForwardBuffers(int64_t pitch, int64_t width) : v(4 * pitch, T(0)), zero(width, T(0)) {}
 };
 
 // Centre rows [r0, r1) of one plane. Writes the map rows (map != nullptr) or returns the sum.
@@ -121,28 +119,27 @@ template <typename T>
 EPBAN_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
                                              ForwardBuffers<T>& buf) {
   const Taps<T> taps;
-  T* vx = buf.v.data();
-  T* vy = vx + p.pitch;
-  T* vxx = vy + p.pitch;
-  T* vyy = vxx + p.pitch;
-  T* vxy = vyy + p.pitch;
+  T* vu = buf.v.data();
+  T* vv = vu + p.pitch;
+  T* vuu = vv + p.pitch;
+  T* vvv = vuu + p.pitch;
   const int64_t c0 = p.first, c1 = p.last_col;
   double total = 0;
   for (int64_t r = r0; r < r1; ++r) {
-    vertical_moments(p, r, buf.zero.data(), taps, vx, vy, vxx, vyy, vxy);
+    vertical_moments(p, r, buf.zero.data(), taps, vu, vv, vuu, vvv);
     T row_sum = 0;
     T* out = map ? map + (r - p.first) * map_w - p.first : nullptr;
     if (out) {
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) {
-        out[c] = ssim_value(horizontal_tap(vx, c, taps), horizontal_tap(vy, c, taps), horizontal_tap(vxx, c, taps),
-                            horizontal_tap(vyy, c, taps), horizontal_tap(vxy, c, taps), p.c1, p.c2);
+        out[c] = ssim_value(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
+                            horizontal_tap(vvv, c, taps), p.c1, p.c2);
       }
     } else {
 #pragma omp simd reduction(+ : row_sum)
       for (int64_t c = c0; c < c1; ++c) {
-        row_sum += ssim_value(horizontal_tap(vx, c, taps), horizontal_tap(vy, c, taps), horizontal_tap(vxx, c, taps),
-                              horizontal_tap(vyy, c, taps), horizontal_tap(vxy, c, taps), p.c1, p.c2);
+        row_sum += ssim_value(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
+                              horizontal_tap(vvv, c, taps), p.c1, p.c2);
       }
     }
     total += static_cast<double>(row_sum);
@@ -152,13 +149,13 @@ EPBAN_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int6
 
 template <typename T>
 struct BackwardBuffers {
-  std::vector<T> v;     // five moment rows
+  std::vector<T> v;     // four moment rows
   std::vector<T> ring;  // 11 slots x 4 partial rows (d_mx, d_my, d_e2, d_exy)
   std::vector<T> acc;   // four vertically filtered partial rows
   std::vector<T> zero;  // a zero partial row, pitch long
   std::vector<T> gconst;  // the per-image upstream gradient, one row
   BackwardBuffers(int64_t pitch, int64_t width)
-      : v(5 * pitch, T(0)), ring(kWin * 4 * pitch, T(0)), acc(4 * pitch, T(0)), zero(pitch, T(0)), gconst(width) {}
+      : v(4 * pitch, T(0)), ring(kWin * 4 * pitch, T(0)), acc(4 * pitch, T(0)), zero(pitch, T(0)), gconst(width) {}
 };
 
 // The partials (times the upstream gradient) of centre row r into its ring slot; inactive
@@ -169,12 +166,11 @@ template <bool kValue, typename T>
 EPBAN_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
                                    BackwardBuffers<T>& buf) {
   const int64_t pitch = p.pitch;
-  T* vx = buf.v.data();
-  T* vy = vx + pitch;
-  T* vxx = vy + pitch;
-  T* vyy = vxx + pitch;
-  T* vxy = vyy + pitch;
-  vertical_moments(p, r, buf.zero.data(), taps, vx, vy, vxx, vyy, vxy);
+  T* vu = buf.v.data();
+  T* vv = vu + pitch;
+  T* vuu = vv + pitch;
+  T* vvv = vuu + pitch;
+  vertical_moments(p, r, buf.zero.data(), taps, vu, vv, vuu, vvv);
   T* slot = buf.ring.data() + (r % kWin) * 4 * pitch;
   T* __restrict pmx = slot;
   T* __restrict pmy = slot + pitch;
@@ -185,8 +181,8 @@ EPBAN_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, 
 #pragma omp simd reduction(+ : row_sum)
   for (int64_t c = c0; c < c1; ++c) {
     const SsimPartials<T> d =
-        ssim_partials(horizontal_tap(vx, c, taps), horizontal_tap(vy, c, taps), horizontal_tap(vxx, c, taps),
-                      horizontal_tap(vyy, c, taps), horizontal_tap(vxy, c, taps), p.c1, p.c2, grow[c]);
+        ssim_partials(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
+                      horizontal_tap(vvv, c, taps), p.c1, p.c2, grow[c]);
     pmx[kHalo + c] = d.d_mx;
     pmy[kHalo + c] = d.d_my;
     pe2[kHalo + c] = d.d_e2;

@@ -4,7 +4,7 @@
 //
 // Forward: one block (256 threads) per 32x32 tile of window centres. The tile's inputs
 // plus a 5-pixel halo go to shared memory as float; a horizontal 11-tap pass writes the
-// five moment sums (x, y, x^2, y^2, xy) of every halo row; a vertical pass finishes them
+// four moment sums (u, v, u^2, v^2 of u = x + y, v = x - y: ssim_math.h) of every halo row; a vertical pass finishes them
 // and applies ssim_value. The map is written only for reduction "map"; otherwise each
 // block writes one partial sum and ssim_finish_kernel sums them per image in a fixed
 // order (deterministic). No full-size buffer.
@@ -25,17 +25,19 @@
 // Floor, per pixel of one plane, float32: forward reads 8 B; backward reads 8 B (+4 B of a
 // map gradient) and writes 4 B per gradient: 20 B for forward+backward of one gradient
 // (12 B if the inputs were read once, the issue's floor). Arithmetic, counted from the
-// passes above: forward ~200 FP32 instructions (2 x 55 multiply-adds for the separable
-// moments, 1.3x rows for the halo, ~20 for the formula), backward ~490 (the moments again
-// on 1.7x the centres, partials ~35, 2 x 44 multiply-adds to filter them), and ~90 shared
-// loads in all. At 1x3x1080x1920 that is ~4.3 G instructions: ~0.13 ms at an H100's
-// 33.5 T FP32 instructions/s, against 0.025-0.041 ms of memory traffic. Compute-bound.
+// passes above: forward ~180 FP32 instructions (2 x 44 multiply-adds for the separable
+// four moments, 4 to form u, v, u^2, v^2, 1.3x rows for the halo, ~20 for the formula),
+// backward ~440 (the moments again on 1.7x the centres, partials ~35, 2 x 44 multiply-adds
+// to filter them), and ~80 shared loads in all. At 1x3x1080x1920 that is ~3.9 G
+// instructions: ~0.12 ms at an H100's 33.5 T FP32 instructions/s, against 0.025-0.041 ms of
+// memory traffic. Compute-bound.
 // Per backward block, counted per thread from the passes (256 threads): loads ~330,
-// horizontal moments 2 rounds x ~400 (364 runs of 6), moments + partials ~810, filtered
-// partials 2 rounds x ~250 (336 runs of 4), vertical + combine ~260: ~2,700, i.e. ~22 K
+// horizontal moments 2 rounds x ~340 (364 runs of 6), moments + partials ~700, filtered
+// partials 2 rounds x ~250 (336 runs of 4), vertical + combine ~260: ~2,470, i.e. ~20 K
 // warp instructions a block. Blocks are 48 x 64 = 3,072 at 16x3x256x256 and 3 x 34 x 60 =
-// 6,120 at 1x3x1080x1920: ~0.07 and ~0.14 ms at one warp instruction per scheduler cycle
-// (132 SMs x 4 x 1.75 GHz); measured on an H100: 0.099 and 0.186 ms (ssim_gpu_check.py
+// 6,120 at 1x3x1080x1920: ~0.065 and ~0.13 ms at one warp instruction per scheduler cycle
+// (132 SMs x 4 x 1.75 GHz). Measured on an H100 with the five moments of x, y (~22 K warp
+// instructions a block, 73.6 KB of shared memory): 0.099 and 0.186 ms (ssim_gpu_check.py
 // prints the breakdown). The halo costs every shape the same 2.6x on inputs; larger tiles
 // with less shared memory per block are the next step.
 // The upstream gradient is read through its strides (GradView): the gradient of a .sum()
@@ -79,13 +81,13 @@ constexpr int kThreads = 256;
 constexpr int kTile = 32;  // tile side (centres in the forward, gradient pixels in the backward)
 
 // Shared-memory pitches are odd where a warp's lanes walk down rows: no bank conflicts.
-// Forward: inputs 42x42 (pitch 43), horizontal moment sums 5 x 42 rows x 32 (pitch 33).
+// Forward: inputs 42x42 (pitch 43), horizontal moment sums 4 x 42 rows x 32 (pitch 33).
 constexpr int kFwdIn = kTile + 2 * kHalo;  // 42
 constexpr int kFwdInPitch = kFwdIn + 1;
 constexpr int kFwdHPitch = kTile + 1;
 constexpr int kFwdHStride = kFwdIn * kFwdHPitch;
 // Backward, region A: inputs 2 x 52x52 (pitch 53), then partials 4 x 42x42 (pitch 43).
-// Region B: horizontal moment sums 5 x 52 rows x 42 (pitch 43), then horizontally
+// Region B: horizontal moment sums 4 x 52 rows x 42 (pitch 43), then horizontally
 // filtered partials 4 x 42 rows x 32 (pitch 33).
 constexpr int kBwdIn = kTile + 4 * kHalo;   // 52
 constexpr int kBwdCtr = kTile + 2 * kHalo;  // 42 centres reach the tile
@@ -96,8 +98,8 @@ constexpr int kBwdPStride = kBwdCtr * kBwdCtrPitch;
 constexpr int kBwdHStride = kBwdIn * kBwdCtrPitch;
 constexpr int kBwdFStride = kBwdCtr * (kTile + 1);
 constexpr int kBwdRegionA = 4 * kBwdPStride;
-constexpr int kBwdRegionB = 5 * kBwdHStride;
-constexpr size_t kBwdSmemBytes = sizeof(float) * (kBwdRegionA + kBwdRegionB);  // 73.6 KB: 3 blocks per SM
+constexpr int kBwdRegionB = 4 * kBwdHStride;
+constexpr size_t kBwdSmemBytes = sizeof(float) * (kBwdRegionA + kBwdRegionB);  // 64.7 KB: 3 blocks per SM
 static_assert(2 * kBwdInStride <= kBwdRegionA, "inputs must fit region A");
 static_assert(4 * kBwdFStride <= kBwdRegionB, "filtered partials must fit region B");
 
@@ -121,7 +123,7 @@ __device__ __forceinline__ float load_or_zero(const scalar_t* plane, const Args&
   return (r >= 0 && r < a.height && c >= 0 && c < a.width) ? static_cast<float>(plane[r * a.width + c]) : 0.f;
 }
 
-// Horizontal 11-tap sums of x, y, x^2, y^2, xy: rows x cols outputs into five planes
+// Horizontal 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y): rows x cols outputs into four planes
 // (out_pitch, out_stride). Each thread makes R adjacent outputs of one row from R + 10
 // inputs held in registers (each product formed once); lanes take consecutive rows.
 template <int R>
@@ -133,29 +135,29 @@ __device__ __forceinline__ void horizontal_moments(const float* sx, const float*
     const int c0 = (i / rows) * R;
     const float* px = sx + r * in_pitch + c0;
     const float* py = sy + r * in_pitch + c0;
-    float acc[R][5];
+    float acc[R][4];
 #pragma unroll
     for (int o = 0; o < R; ++o)
 #pragma unroll
-      for (int q = 0; q < 5; ++q) acc[o][q] = 0.f;
+      for (int q = 0; q < 4; ++q) acc[o][q] = 0.f;
 #pragma unroll
     for (int t = 0; t < R + 2 * kHalo; ++t) {
-      const float a = px[t];
-      const float b = py[t];
-      const float v[5] = {a, b, a * a, b * b, a * b};
+      const float u = px[t] + py[t];
+      const float d = px[t] - py[t];
+      const float v[4] = {u, d, u * u, d * d};
 #pragma unroll
       for (int o = 0; o < R; ++o) {
         const int k = t - o;
         if (k >= 0 && k < kWin) {
 #pragma unroll
-          for (int q = 0; q < 5; ++q) acc[o][q] = fmaf(c_gauss[k], v[q], acc[o][q]);
+          for (int q = 0; q < 4; ++q) acc[o][q] = fmaf(c_gauss[k], v[q], acc[o][q]);
         }
       }
     }
 #pragma unroll
     for (int o = 0; o < R; ++o)
 #pragma unroll
-      for (int q = 0; q < 5; ++q) out[q * out_stride + r * out_pitch + c0 + o] = acc[o][q];
+      for (int q = 0; q < 4; ++q) out[q * out_stride + r * out_pitch + c0 + o] = acc[o][q];
   }
 }
 
@@ -223,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
     ssim_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                         float* __restrict__ map, float* __restrict__ partial) {
   __shared__ float s_in[2][kFwdIn * kFwdInPitch];
-  __shared__ float s_h[5 * kFwdHStride];
+  __shared__ float s_h[4 * kFwdHStride];
   __shared__ float s_warp[kThreads / 32];
 
   const int tiles = a.tiles_x * a.tiles_y;
@@ -247,15 +249,15 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tx = threadIdx.x % kTile;
   const int ty = threadIdx.x / kTile;  // 8 groups of 4 rows
-  float acc[4][5];
-  vertical_window<5, 4>(s_h, kFwdHPitch, kFwdHStride, ty * 4, tx, acc);
+  float acc[4][4];
+  vertical_window<4, 4>(s_h, kFwdHPitch, kFwdHStride, ty * 4, tx, acc);
   const int64_t c = col0 + tx;
   float sum = 0.f;
 #pragma unroll
   for (int o = 0; o < 4; ++o) {
     const int64_t r = row0 + ty * 4 + o;
     if (r < a.last_row && c < a.last_col) {
-      const float s = ssim_value(acc[o][0], acc[o][1], acc[o][2], acc[o][3], acc[o][4], a.c1, a.c2);
+      const float s = ssim_value(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2);
       if (kMap) {
         map[plane * a.out_h * a.out_w + (r - a.first) * a.out_w + (c - a.first)] = s;
       } else {
@@ -343,8 +345,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   for (int i = threadIdx.x; i < kBwdCtr * (kBwdCtr / kCtrRows); i += kThreads) {
     const int cc = i % kBwdCtr;
     const int cr0 = (i / kBwdCtr) * kCtrRows;
-    float acc[kCtrRows][5];
-    vertical_window<5, kCtrRows>(s_b, kBwdCtrPitch, kBwdHStride, cr0, cc, acc);
+    float acc[kCtrRows][4];
+    vertical_window<4, kCtrRows>(s_b, kBwdCtrPitch, kBwdHStride, cr0, cc, acc);
     const int64_t ic = col0 - kHalo + cc;  // the centre's image column
 #pragma unroll
     for (int o = 0; o < kCtrRows; ++o) {
@@ -353,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
       SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
       if (ir >= a.first && ir < a.last_row && ic >= a.first && ic < a.last_col) {
         const float g = map_grad ? g_plane[(ir - a.first) * grad.stride[2] + (ic - a.first) * grad.stride[3]] : g_scale;
-        d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], acc[o][4], a.c1, a.c2, g);
+        d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g);
         if (partial && ir >= row0 && ir < row0 + kTile && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;
