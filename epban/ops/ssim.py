@@ -45,11 +45,12 @@ _FUSED_DTYPES = {
 }
 
 # Devices where training (an input that requires grad, reduction mean/none, float32/64)
-# takes the one-pass op. CUDA joins once its one-pass kernel has been timed and passed
-# scripts/gpu_check.sh on a GPU (its tests there call the op directly; CI checks its logic
-# on the CPU, tests/test_ssim_cuda_emu.py); EPBAN_SSIM_ONE_PASS="cpu,cuda" opts in,
-# "" opts out everywhere.
-ONE_PASS_DEVICES = frozenset(d for d in os.environ.get("EPBAN_SSIM_ONE_PASS", "cpu").split(",") if d)
+# takes the one-pass op. On CUDA it is the backward kernel plus a per-block sum of values,
+# run instead of the forward and backward kernels: less work by construction. Its logic is
+# checked in CI on the CPU (tests/test_ssim_cuda_emu.py) and on a GPU by
+# scripts/gpu_check.sh, whose "epban two-pass" row times the alternative.
+# EPBAN_SSIM_ONE_PASS="cpu" keeps CUDA on the two-pass ops, "" opts out everywhere.
+ONE_PASS_DEVICES = frozenset(d for d in os.environ.get("EPBAN_SSIM_ONE_PASS", "cpu,cuda").split(",") if d)
 _ONE_PASS_DTYPES = (torch.float32, torch.float64)  # half types: the unscaled gradient could underflow
 
 
