@@ -162,6 +162,26 @@ def test_backward_matches_reference(emu, schedule, shape, padding, upstream):
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("wanted", [(True, False), (False, True)])
+def test_backward_of_one_input(emu, padding, wanted):
+    """One input's gradient (the SR loss: only the network's output requires grad): the
+    kernel filters three partial planes instead of four; the other gradient is empty."""
+    shape = (2, 3, 45, 70)
+    x, y = image_pair(shape, seed=9)
+    same = padding == "same"
+    out_h, out_w = (45, 70) if same else (35, 60)
+    grad = torch.randn(2, 3, out_h, out_w, generator=torch.Generator().manual_seed(4))
+    with poisoned_allocations():
+        _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted))
+    ex, ey = reference_grads(x, y, padding, "map", grad)
+    for got, expected, want, name in ((gx, ex, wanted[0], "dL/dx"), (gy, ey, wanted[1], "dL/dy")):
+        if want:
+            assert_close_rel(got, expected, 1e-4, name)
+        else:
+            assert got.numel() == 0, name
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("wanted", [(True, True), (True, False), (False, True)])
 def test_one_pass_matches_reference(emu, schedule, padding, wanted):
     """grad None: the per-image SSIM and the gradients of its sum from one kernel pass."""

@@ -11,8 +11,8 @@
 // Backward: one block per 32x32 tile of gradient pixels. It recomputes the moments of the
 // 42x42 centres that reach the tile (inputs with a 10-pixel halo), turns them into the
 // four partials of ssim_math.h times the upstream gradient (zero at centres that give no
-// output), filters those horizontally then vertically, and combines them with x, y at
-// each pixel. Nothing but the inputs is kept from the forward; the gradients are the only
+// output; three when only one input's gradient is wanted, as in SR training), filters those
+// horizontally then vertically, and combines them with x, y at each pixel. Nothing but the inputs is kept from the forward; the gradients are the only
 // full-size buffers.
 // One pass (ssim_per_image_and_grad, training with reduction mean/none): the backward
 // kernel with an upstream gradient of 1 per image also sums the SSIM values of the
@@ -70,6 +70,7 @@ constexpr bool kEmulated = false;
 #endif
 
 #include <atomic>
+#include <type_traits>
 
 namespace epban {
 namespace ssim {
@@ -299,8 +300,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
+// Which input gradients the backward kernel writes. With one of them (the SR loss: only the
+// network's output requires grad) three partial planes are filtered instead of four.
+enum Wanted : int { kWantX = 1, kWantY = 2, kWantBoth = 3 };
+
+template <typename scalar_t, int kWanted>
+__global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 64.7 KB per SM
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                          GradView grad, bool map_grad, float inv_count, int64_t channels,
                          scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
@@ -308,6 +313,9 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   // is 1 per image (grad is not read) and the block also sums the SSIM values of the centres
   // inside its own tile (tiles partition the image, so each centre is summed once) into
   // partial[blockIdx.x], which ssim_finish_kernel turns into the per-image mean.
+  // kWanted: the gradients written (gx, gy or both; the others' pointers are not read).
+  // Partial planes: both: d_mx, d_my, d_e2, d_exy; one: d_mx or d_my, then d_e2, d_exy.
+  constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
   EPBAN_DYNAMIC_SHARED(float, smem);
   __shared__ float s_warp[kThreads / 32];
   float* s_a = smem;                // inputs, then partials
@@ -359,10 +367,16 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
         if (partial && ir >= row0 && ir < row0 + kTile && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;
-      p[0] = d.d_mx;
-      p[kBwdPStride] = d.d_my;
-      p[2 * kBwdPStride] = d.d_e2;
-      p[3 * kBwdPStride] = d.d_exy;
+      if (kWanted == kWantBoth) {
+        p[0] = d.d_mx;
+        p[kBwdPStride] = d.d_my;
+        p[2 * kBwdPStride] = d.d_e2;
+        p[3 * kBwdPStride] = d.d_exy;
+      } else {
+        p[0] = kWanted == kWantX ? d.d_mx : d.d_my;
+        p[kBwdPStride] = d.d_e2;
+        p[2 * kBwdPStride] = d.d_exy;
+      }
     }
   }
   if (partial) {  // block-uniform; every lane is here (the loop above has no early exit)
@@ -372,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   }
   __syncthreads();
   // 4. Horizontal sums of the partials at the tile's 32 columns, all 42 centre rows.
-  horizontal_sums<4, 4>(s_a, kBwdCtrPitch, kBwdPStride, kBwdCtr, kTile, s_b, kTile + 1, kBwdFStride);
+  horizontal_sums<kPlanes, 4>(s_a, kBwdCtrPitch, kBwdPStride, kBwdCtr, kTile, s_b, kTile + 1, kBwdFStride);
   if (partial && threadIdx.x == 0) {
     float total = 0.f;
 #pragma unroll
@@ -383,8 +397,8 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
   // 5. Vertical sums and the gradients of the tile's pixels.
   const int tx = threadIdx.x % kTile;
   const int ty = threadIdx.x / kTile;  // 8 groups of 4 rows
-  float acc[4][4];
-  vertical_window<4, 4>(s_b, kTile + 1, kBwdFStride, ty * 4, tx, acc);
+  float acc[4][kPlanes];
+  vertical_window<kPlanes, 4>(s_b, kTile + 1, kBwdFStride, ty * 4, tx, acc);
   const int64_t c = col0 + tx;
   if (c >= a.width) return;
 #pragma unroll
@@ -394,19 +408,25 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 73.6 KB per SM
     const int64_t idx = plane * n + r * a.width + c;
     const float xv = static_cast<float>(x[idx]);
     const float yv = static_cast<float>(y[idx]);
-    if (gx) gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][2] + yv * acc[o][3]);
-    if (gy) gy[idx] = static_cast<scalar_t>(acc[o][1] + 2.f * yv * acc[o][2] + xv * acc[o][3]);
+    if (kWanted == kWantBoth) {
+      gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][2] + yv * acc[o][3]);
+      gy[idx] = static_cast<scalar_t>(acc[o][1] + 2.f * yv * acc[o][2] + xv * acc[o][3]);
+    } else if (kWanted == kWantX) {
+      gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][1] + yv * acc[o][kPlanes - 1]);
+    } else {
+      gy[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * yv * acc[o][1] + xv * acc[o][kPlanes - 1]);
+    }
   }
 }
 
 // Lifts the backward kernel's dynamic shared-memory limit to kBwdSmemBytes, once per
 // device and kernel instance (a driver call per launch costs microseconds of host time).
-template <typename scalar_t>
+template <typename scalar_t, int kWanted>
 void allow_backward_smem(int device) {
   static std::atomic<uint64_t> done{0};  // one bit per device index < 64
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
   if (bit && (done.load(std::memory_order_acquire) & bit)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<scalar_t, kWanted>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(kBwdSmemBytes)));
   done.fetch_or(bit, std::memory_order_release);
 }
@@ -540,13 +560,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    allow_backward_smem<scalar_t>(x.get_device());
-    EPBAN_LAUNCH(static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream, ssim_backward_kernel<scalar_t>)(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
-        static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
-        grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr,
-        with_value ? partial.data_ptr<float>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto launch = [&](auto wanted) {
+      constexpr int kWanted = decltype(wanted)::value;
+      allow_backward_smem<scalar_t, kWanted>(x.get_device());
+      EPBAN_LAUNCH(static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream,
+                   ssim_backward_kernel<scalar_t, kWanted>)(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
+          static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
+          grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr,
+          with_value ? partial.data_ptr<float>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (grad_x && grad_y) {
+      launch(std::integral_constant<int, kWantBoth>{});
+    } else if (grad_x) {
+      launch(std::integral_constant<int, kWantX>{});
+    } else {
+      launch(std::integral_constant<int, kWantY>{});
+    }
   });
   if (with_value && g.batch > 0) {
     EPBAN_LAUNCH(static_cast<unsigned>(g.batch), kThreads, 0, stream, ssim_finish_kernel)(
