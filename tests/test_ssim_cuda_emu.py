@@ -10,7 +10,9 @@ the emulator does not model (see cuda_emu.h).
 """
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,10 @@ def emu():
     """torch.ops.epban_cuda_emu, built once into build/cuda_emu (about 10 s with g++)."""
     from torch.utils.cpp_extension import load
 
+    # ninja from this Python's environment (make setup installs it there) when it is not on PATH
+    bindir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bindir, "ninja")) and bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     build = ROOT / "build" / "cuda_emu"
     build.mkdir(parents=True, exist_ok=True)
     load(

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -168,9 +169,22 @@ inline void run_block(Block& b, int threads, std::vector<int>& order, std::mt199
   }
 }
 
+// One launch at a time (the __shared__ statics and the active block are process-wide).
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 template <typename Body>
 void run_grid(Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, Body& body) {
-  if (active_block() != nullptr) throw std::runtime_error("cuda_emu: a launch inside a kernel is not supported");
+  thread_local bool in_launch = false;  // a kernel's fibers run on the launching thread
+  if (in_launch) throw std::runtime_error("cuda_emu: a launch inside a kernel is not supported");
+  const std::lock_guard<std::mutex> lock(launch_mutex());
+  in_launch = true;
+  struct Reset {
+    bool& flag;
+    ~Reset() { flag = false; }
+  } reset{in_launch};
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads <= 0 || threads > 1024) throw std::runtime_error("cuda_emu: block size must be 1..1024 threads");
   Block b;
