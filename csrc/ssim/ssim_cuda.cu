@@ -4,16 +4,16 @@
 //
 // Forward: one block (256 threads) per 32x32 tile of window centres. The tile's inputs
 // plus a 5-pixel halo go to shared memory as float; a horizontal 11-tap pass writes the
-// four moment sums (u, v, u^2, v^2 of u = x + y, v = x - y: ssim_math.h) of every halo row; a vertical pass finishes them
-// and applies ssim_value. The map is written only for reduction "map"; otherwise each
-// block writes one partial sum and ssim_finish_kernel sums them per image in a fixed
-// order (deterministic). No full-size buffer.
+// four moment sums (u, v, u^2, v^2 of u = x + y, v = x - y: ssim_math.h) of every halo
+// row; a vertical pass finishes them and applies ssim_value. The map is written only for
+// reduction "map"; otherwise each block writes one partial sum and ssim_finish_kernel sums
+// them per image in a fixed order (deterministic). No full-size buffer.
 // Backward: one block per 32x32 tile of gradient pixels. It recomputes the moments of the
 // 42x42 centres that reach the tile (inputs with a 10-pixel halo), turns them into the
 // four partials of ssim_math.h times the upstream gradient (zero at centres that give no
-// output; three when only one input's gradient is wanted, as in SR training), filters those
-// horizontally then vertically, and combines them with x, y at each pixel. Nothing but the inputs is kept from the forward; the gradients are the only
-// full-size buffers.
+// output; three when only one input's gradient is wanted, as in SR training), filters
+// those horizontally then vertically, and combines them with x, y at each pixel. Nothing
+// but the inputs is kept from the forward; the gradients are the only full-size buffers.
 // One pass (ssim_per_image_and_grad, training with reduction mean/none): the backward
 // kernel with an upstream gradient of 1 per image also sums the SSIM values of the
 // centres inside its own tile (tiles partition the image) into one partial per block, and
@@ -124,8 +124,8 @@ __device__ __forceinline__ float load_or_zero(const scalar_t* plane, const Args&
   return (r >= 0 && r < a.height && c >= 0 && c < a.width) ? static_cast<float>(plane[r * a.width + c]) : 0.f;
 }
 
-// Horizontal 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y): rows x cols outputs into four planes
-// (out_pitch, out_stride). Each thread makes R adjacent outputs of one row from R + 10
+// Horizontal 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y): rows x cols outputs into
+// four planes (out_pitch, out_stride). Each thread makes R adjacent outputs of one row from R + 10
 // inputs held in registers (each product formed once); lanes take consecutive rows.
 template <int R>
 __device__ __forceinline__ void horizontal_moments(const float* sx, const float* sy, int in_pitch, int rows, int cols,
@@ -426,7 +426,8 @@ void allow_backward_smem(int device) {
   static std::atomic<uint64_t> done{0};  // one bit per device index < 64
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
   if (bit && (done.load(std::memory_order_acquire) & bit)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<scalar_t, kWanted>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<scalar_t, kWanted>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(kBwdSmemBytes)));
   done.fetch_or(bit, std::memory_order_release);
 }

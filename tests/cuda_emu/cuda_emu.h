@@ -164,7 +164,8 @@ inline void run_block(Block& b, int threads, std::vector<int>& order, std::mt199
     if (!opened) {
       throw std::runtime_error("cuda_emu: deadlock in block (" + std::to_string(b.block_idx.x) + ", " +
                                std::to_string(b.block_idx.y) + ", " + std::to_string(b.block_idx.z) +
-                               "): threads wait at barriers that cannot open (a barrier or shuffle under divergent control flow)");
+                               "): threads wait at barriers that cannot open "
+                               "(a barrier or shuffle under divergent control flow)");
     }
   }
 }
