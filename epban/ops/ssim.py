@@ -18,8 +18,9 @@ requires grad, reductions "mean"/"none" take the one-pass op instead
 (``ssim_per_image_one_pass``, on the devices in ``ONE_PASS_DEVICES``): one kernel pass
 gives the value and the gradient of each image's SSIM, the moments computed once, and the
 backward only scales that gradient by the upstream one (in place: still one image-sized
-buffer per input). The gradient, with g the upstream gradient per window centre and the
-partials of csrc/ssim/ssim_math.h:
+buffer per input). The kernels filter u = x + y and v = x - y (four moments, not five;
+more accurate in float32 where x ~ y: csrc/ssim/ssim_math.h) and return the partials in
+x, y terms. The gradient, with g the upstream gradient per window centre:
 
     dL/dx = G*(g dS/dmu_x) + 2 x G*(g dS/dE[x^2]) + y G*(g dS/dE[xy])
     dL/dy = G*(g dS/dmu_y) + 2 y G*(g dS/dE[y^2]) + x G*(g dS/dE[xy])
