@@ -170,6 +170,12 @@ inline void run_block(Block& b, int threads, std::vector<int>& order, std::mt199
   }
 }
 
+// Whether this OS thread is running a launch (a kernel's fibers run on the launching thread).
+inline bool& launching() {
+  thread_local bool flag = false;
+  return flag;
+}
+
 // One launch at a time (the __shared__ statics and the active block are process-wide).
 inline std::mutex& launch_mutex() {
   static std::mutex m;
@@ -178,7 +184,7 @@ inline std::mutex& launch_mutex() {
 
 template <typename Body>
 void run_grid(Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, Body& body) {
-  thread_local bool in_launch = false;  // a kernel's fibers run on the launching thread
+  bool& in_launch = launching();
   if (in_launch) throw std::runtime_error("cuda_emu: a launch inside a kernel is not supported");
   const std::lock_guard<std::mutex> lock(launch_mutex());
   in_launch = true;
