@@ -114,6 +114,12 @@ def test_emulator_reports_a_barrier_that_cannot_open(emu):
         emu.selftest_divergent_barrier()
 
 
+def test_emulator_refuses_a_launch_from_a_kernel(emu):
+    with pytest.raises(RuntimeError, match="launch inside a kernel"):
+        emu.selftest_nested_launch()
+    emu.selftest_block_sum(torch.ones(256), True)  # and launches again afterwards
+
+
 def test_emulator_warp_shuffle_and_dynamic_shared_poison(emu):
     """__shfl_down_sync and __shfl_xor_sync move lanes' values as on the GPU (own value past
     the warp's end); dynamic shared memory no thread wrote reads as NaN."""

@@ -1,6 +1,7 @@
 // Kernels that check the emulator itself (tests/test_ssim_cuda_emu.py): that a missing
 // __syncthreads gives a wrong result under some schedule, that a barrier which cannot open
-// is reported, and that warp shuffles and the dynamic shared-memory poison behave as stated.
+// and a launch from a kernel are reported, and that warp shuffles and the dynamic
+// shared-memory poison behave as stated.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -44,6 +45,15 @@ __global__ void shuffles_kernel(const float* values, int delta, float* down, flo
   unwritten[threadIdx.x] = never_written[threadIdx.x];
 }
 
+__global__ void empty_kernel() {}
+
+// A kernel that launches a kernel (dynamic parallelism, not emulated): must be refused.
+__global__ void nested_launch_kernel() {
+  if (threadIdx.x == 0) EPBAN_LAUNCH(1, 32, 0, nullptr, empty_kernel)();
+}
+
+void nested_launch() { EPBAN_LAUNCH(1, 32, 0, nullptr, nested_launch_kernel)(); }
+
 at::Tensor block_sum(const at::Tensor& values, bool barrier) {
   TORCH_CHECK(values.numel() == 256 && values.scalar_type() == at::kFloat && values.is_contiguous());
   at::Tensor out = at::empty({1}, values.options());
@@ -73,4 +83,5 @@ TORCH_LIBRARY_FRAGMENT(epban_cuda_emu, m) {
   m.def("selftest_block_sum", &block_sum);
   m.def("selftest_divergent_barrier", &divergent_barrier);
   m.def("selftest_shuffles", &shuffles);
+  m.def("selftest_nested_launch", &nested_launch);
 }
