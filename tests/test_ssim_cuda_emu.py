@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import epban
-from test_ssim import assert_close_rel, image_pair, natural_pairs, poisoned_allocations
+from test_ssim import (assert_as_accurate, assert_close_rel, check_map_accuracy_on_photos, image_pair,
+                       poisoned_allocations)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -67,14 +68,11 @@ def reference(x, y, padding, reduction):
 
 
 def assert_map_close(ours, x, y, padding):
-    """The float32 map within 1e-5 of the float64 truth, or, where float32 cannot reach that
-    (nearly flat windows: E[x^2] - mu^2 cancels), no less accurate than the reference run in
-    float32 (test_ssim.check_fused's rule)."""
+    """The float32 map within 1e-5 of the float64 truth, or no less accurate than the
+    reference run in float32 (test_ssim.check_fused's rule)."""
     exact = reference(x.double(), y.double(), padding, "map")
-    assert ours.shape == exact.shape and torch.isfinite(ours).all()
-    err = (ours.double() - exact).abs().max().item()
-    ref_err = (reference(x.float(), y.float(), padding, "map").double() - exact).abs().max().item()
-    assert err <= max(1e-5, 2 * ref_err), f"map: error {err:.3g} (float32 reference: {ref_err:.3g})"
+    assert ours.shape == exact.shape
+    assert_as_accurate(ours, exact, reference(x.float(), y.float(), padding, "map"), 1e-5, "map")
 
 
 def reference_grads(x, y, padding, reduction, upstream):
@@ -90,6 +88,15 @@ def ran_kernels(emu, fn):
     out = fn()
     assert emu.launches() > before, "no emulated kernel ran"
     return out
+
+
+def assert_wanted_grads(grads, expected, wanted):
+    """The wanted gradients within 1e-4 of the reference's; the others empty (0,) tensors."""
+    for got, exp, want, name in zip(grads, expected, wanted, ("dL/dx", "dL/dy")):
+        if want:
+            assert_close_rel(got, exp, 1e-4, name)
+        else:
+            assert got.numel() == 0, name
 
 
 # ----------------------------------------------------------------------------- the emulator itself
@@ -185,12 +192,7 @@ def test_backward_of_one_input(emu, padding, wanted):
     grad = torch.randn(2, 3, out_h, out_w, generator=torch.Generator().manual_seed(4))
     with poisoned_allocations():
         _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted))
-    ex, ey = reference_grads(x, y, padding, "map", grad)
-    for got, expected, want, name in ((gx, ex, wanted[0], "dL/dx"), (gy, ey, wanted[1], "dL/dy")):
-        if want:
-            assert_close_rel(got, expected, 1e-4, name)
-        else:
-            assert got.numel() == 0, name
+    assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "map", grad), wanted)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
@@ -203,25 +205,13 @@ def test_one_pass_matches_reference(emu, schedule, padding, wanted):
     with poisoned_allocations():
         value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted))
     assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
-    ex, ey = reference_grads(x, y, padding, "none", torch.ones(shape[0]))
-    for got, expected, want, name in ((gx, ex, wanted[0], "dL/dx"), (gy, ey, wanted[1], "dL/dy")):
-        if want:
-            assert_close_rel(got, expected, 1e-4, name)
-        else:
-            assert got.numel() == 0, name
+    assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(shape[0])), wanted)
 
 
 def test_map_accuracy_on_photos(emu):
     """The CUDA kernels' moments of u = x + y and v = x - y (ssim_math.h): within 2.5e-4 of
     float64 on photo pairs, and 3x or more closer than the float32 reference where x ~ y."""
-    for name, x, partners in natural_pairs():
-        for kind, y in partners.items():
-            exact = reference(x, y, "same", "map")
-            err = (emu.ssim_map(x.float(), y.float(), C1, C2, True).double() - exact).abs().max().item()
-            ref_err = (reference(x.float(), y.float(), "same", "map").double() - exact).abs().max().item()
-            assert err <= 2.5e-4, f"{name} {kind}: max error {err:.2e}"
-            if kind in ("noisy", "near-equal"):
-                assert 3 * err <= ref_err, f"{name} {kind}: max error {err:.2e}, float32 reference {ref_err:.2e}"
+    check_map_accuracy_on_photos(lambda x, y: emu.ssim_map(x, y, C1, C2, True), "same")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -53,6 +53,7 @@
 // thread), so that CI checks the CUDA code itself. cuda_emu.h defines the CUDA built-ins and
 // the few c10::cuda calls used below, and the two macros that follow.
 #include "cuda_emu.h"
+constexpr bool kEmulated = true;  // the kernels take CPU tensors
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -61,11 +62,6 @@
 // so that the emulator can run the same line (a template kernel's name may hold commas).
 #define EPBAN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define EPBAN_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
-#endif
-
-#ifdef EPBAN_CUDA_EMULATION
-constexpr bool kEmulated = true;  // the kernels take CPU tensors
-#else
 constexpr bool kEmulated = false;
 #endif
 
