@@ -23,7 +23,7 @@ KERNEL_SIZES = (3, 5, 7, 9)
 CUDA_SHAPES = [(1, 256, 64, 64), (16, 256, 16, 16), (1, 256, 128, 128), (1, 256, 32, 32)]
 CPU_SHAPES = [(1, 32, 12, 12), (8, 64, 12, 12)]  # (8, 64, 12, 12): a tiny-metric training batch of 96 px crops
 # channels_last x and offsets, as in the loss mode.
-IMPLS = ["reference", "gather", "fused ieee", "fused tf32x3", "fused bf16", "fused bf16 bwd-c16"]
+IMPLS = ["reference", "gather", "fused ieee", "fused tf32x3", "fused bf16"]
 CPU_IMPLS = ["reference", "gather"]
 
 
@@ -53,15 +53,10 @@ def make_step(impl, shape, device):
     x, offsets, weights, biases = make_inputs(shape, device, dtype)
     backend = impl if impl in ("reference", "gather") else "fused"
     precision = impl.split()[-1] if impl in ("fused ieee", "fused tf32x3") else None
-    bwd_data_block_c = 16 if impl.endswith("bwd-c16") else ops.BWD_DATA_BLOCK_C
 
     def step():
-        default, ops.BWD_DATA_BLOCK_C = ops.BWD_DATA_BLOCK_C, bwd_data_block_c
-        try:
-            out = ops.multi_branch_deform_conv(x, offsets, weights, biases, backend=backend, fp32_precision=precision)
-            torch.autograd.grad(out.sum(), [x, *offsets])
-        finally:
-            ops.BWD_DATA_BLOCK_C = default
+        out = ops.multi_branch_deform_conv(x, offsets, weights, biases, backend=backend, fp32_precision=precision)
+        torch.autograd.grad(out.sum(), [x, *offsets])
 
     return step
 

@@ -291,7 +291,7 @@ def test_cuda_gather_matches_torchvision():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_official_width_matches_torchvision(dtype, bwd_data_block_c, monkeypatch):
     """The official width, both dtypes, and both channel blocks of the input-gradient kernel
-    (16 is the open candidate of BWD_DATA_BLOCK_C)."""
+    (BWD_DATA_BLOCK_C: 32 by default, 16 through EPBAN_DEFORM_BWD_DATA_BLOCK_C)."""
     from epban.ops import deform_conv as ops
 
     monkeypatch.setattr(ops, "BWD_DATA_BLOCK_C", bwd_data_block_c)

@@ -216,10 +216,10 @@ FP32_PRECISION = os.environ.get("EPBAN_DEFORM_FP32_PRECISION", "ieee")
 _FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _BLOCK_P = 64
 _BLOCK_C = 32
-# Channel block of the input-gradient kernel. 32 by default; 16 is an open question for a GPU
-# session: in bf16 under Triton 3.6 it takes the kernel from 195 to 118 registers (2 programs
-# per SM instead of 1, no spills either way; scripts/kernel_resources.py), for twice the loop
-# steps. benches/bench_deform_conv.py times both ("fused bf16" and "fused bf16 bwd-c16").
+# Channel block of the input-gradient kernel. 16 takes the bf16 kernel from 195 to 118
+# registers under Triton 3.6 (2 programs per SM instead of 1) for twice the loop steps; timed on
+# an H100 (2026-11-27, fwd+bwd of the four branches, bf16) it is slower: 2.79 vs 2.74 ms at
+# 1x256x64x64, 2.98 vs 2.59 ms at 16x256x16x16. So 32 stays; EPBAN_DEFORM_BWD_DATA_BLOCK_C overrides.
 BWD_DATA_BLOCK_C = int(os.environ.get("EPBAN_DEFORM_BWD_DATA_BLOCK_C", _BLOCK_C))
 
 
