@@ -9,7 +9,9 @@
 2. epban fused's breakdown: the bare forward, backward and one-pass ops, the host time to
    issue a fwd+bwd, the device time of each kernel it launches.
 3. Median times (triton.testing.do_bench, else CUDA events) of epban fused (its default
-   policy: the one-pass op for training), epban fused forced to the two-pass ops, epban reference, pytorch-msssim, torchmetrics
+   policy: the one-pass op for training), epban fused with each backward tile forced
+   (32x32, 32x60), epban fused forced to the two-pass ops, epban fused's fwd+bwd replayed
+   from a CUDA graph (no host time), epban reference, pytorch-msssim, torchmetrics
    and kornia (those importable) at 16x3x256x256,
    1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
    the peak extra memory of each at 4K forward+backward; a markdown table with the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import sys
 import time
@@ -59,6 +62,47 @@ def one_pass_policy(enabled: bool):
 def two_pass_ssim(x, y):
     with one_pass_policy(False):
         return epban.ssim(x, y, backend="fused")
+
+
+TILE_ROWS_ENV = "EPBAN_SSIM_CUDA_TILE_ROWS"
+
+
+def with_tile_rows(rows: str):
+    """epban fused with the CUDA backward's tile forced to 32 or 60 rows (csrc/ssim/ssim_cuda.cu)."""
+
+    def fn(x, y):
+        previous = os.environ.get(TILE_ROWS_ENV)
+        os.environ[TILE_ROWS_ENV] = rows
+        try:
+            return epban.ssim(x, y, backend="fused")
+        finally:
+            if previous is None:
+                del os.environ[TILE_ROWS_ENV]
+            else:
+                os.environ[TILE_ROWS_ENV] = previous
+
+    return fn
+
+
+def graphed_fused_step(x, y):
+    """A CUDA graph of epban fused's forward + backward to x (no host work on replay: the
+    GPU time of one training call), checked once against the eager gradient."""
+    xg = x.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            xg.grad = None
+            epban.ssim(xg, y, backend="fused").backward()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = xg.grad.clone()
+    xg.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        epban.ssim(xg, y, backend="fused").backward()
+    graph.replay()
+    torch.testing.assert_close(xg.grad, eager, rtol=1e-5, atol=1e-9)
+    return graph.replay
 
 
 def image_pair(shape, dtype, gen):
@@ -221,7 +265,8 @@ def breakdown() -> None:
 
 def timings() -> None:
     impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
-    impls = {"epban fused": impls.pop("epban fused"), "epban two-pass": two_pass_ssim, **impls}
+    impls = {"epban fused": impls.pop("epban fused"), "epban fused, tile 32x32": with_tile_rows("32"),
+             "epban fused, tile 32x60": with_tile_rows("60"), "epban two-pass": two_pass_ssim, **impls}
     rows = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -230,6 +275,8 @@ def timings() -> None:
         for mode in ("fwd", "fwd+bwd"):
             floor_ms = (3 if mode == "fwd+bwd" else 2) * 4 * numel / BANDWIDTH * 1e3
             for name, fn in impls.items():
+                if mode == "fwd" and "tile" in name:
+                    continue  # the tile is the backward's
                 if mode == "fwd":
 
                     def run(fn=fn):
@@ -259,6 +306,13 @@ def timings() -> None:
                 rows.append(("x".join(map(str, shape)), mode, name, ms, floor_ms, target, mem))
                 print(f"  {rows[-1][0]} {mode:8s} {name:16s} {ms:8.3f} ms", flush=True)
             del run
+            if mode == "fwd+bwd":
+                replay = graphed_fused_step(x, y)
+                ms = median_ms(replay)
+                target = f"{TARGETS_MS[shape]:.2f}"
+                rows.append(("x".join(map(str, shape)), mode, "epban fused, CUDA graph", ms, floor_ms, target, ""))
+                print(f"  {rows[-1][0]} {mode:8s} {rows[-1][2]:16s} {ms:8.3f} ms", flush=True)
+                del replay
     print()
     print(f"SSIM, float32, reduction mean, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("floor: read x and y (+ write one gradient for fwd+bwd) at 3.0 TB/s; peak extra memory at 4K fwd+bwd")

@@ -63,6 +63,14 @@ def schedule(request, emu, rng_seed):
     emu.set_schedule(LANE_ORDER, 0)
 
 
+@pytest.fixture(params=["32", "60"], ids=["tile-32x32", "tile-32x60"])
+def tile_rows(request, monkeypatch):
+    """Both backward tiles (32 or 60 gradient rows a block; csrc/ssim/ssim_cuda.cu's
+    tile_rows_for picks one per launch from the image height)."""
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", request.param)
+    return int(request.param)
+
+
 def reference(x, y, padding, reduction):
     return epban.ssim(x, y, data_range=1.0, padding=padding, reduction=reduction, backend="reference")
 
@@ -82,11 +90,15 @@ def reference_grads(x, y, padding, reduction, upstream):
     return torch.autograd.grad(out, (x, y), upstream.double())
 
 
-def ran_kernels(emu, fn):
-    """fn() and a check that it launched emulated kernels (not a fallback)."""
+def ran_kernels(emu, fn, tile_rows=None):
+    """fn() and a check that it launched emulated kernels (not a fallback), and when
+    tile_rows is given, that the backward ran with that tile (8 threads per tile row)."""
     before = emu.launches()
+    emu.take_max_block_threads()
     out = fn()
     assert emu.launches() > before, "no emulated kernel ran"
+    if tile_rows is not None:
+        assert emu.take_max_block_threads() == 8 * tile_rows, "the backward ran with another tile"
     return out
 
 
@@ -157,7 +169,7 @@ def test_forward_matches_reference(emu, schedule, shape, padding):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("upstream", ["per_image", "map", "map_expanded", "map_transposed"])
-def test_backward_matches_reference(emu, schedule, shape, padding, upstream):
+def test_backward_matches_reference(emu, tile_rows, schedule, shape, padding, upstream):
     """Every kind of upstream gradient the backward reads through its strides: (B,), a
     contiguous map gradient, the stride-0 one of a .sum(), a non-contiguous view."""
     x, y = image_pair(shape, seed=sum(shape) + 1)
@@ -174,7 +186,7 @@ def test_backward_matches_reference(emu, schedule, shape, padding, upstream):
     else:
         grad, reduction = torch.randn(b, c, out_w, out_h, generator=gen).transpose(2, 3), "map"
     with poisoned_allocations():  # every gradient element must be written
-        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, True, True))
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, True, True), tile_rows)
     ex, ey = reference_grads(x, y, padding, reduction, grad)
     assert_close_rel(gx, ex, 1e-4, "dL/dx")
     assert_close_rel(gy, ey, 1e-4, "dL/dy")
@@ -182,7 +194,7 @@ def test_backward_matches_reference(emu, schedule, shape, padding, upstream):
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("wanted", [(True, False), (False, True)])
-def test_backward_of_one_input(emu, padding, wanted):
+def test_backward_of_one_input(emu, tile_rows, padding, wanted):
     """One input's gradient (the SR loss: only the network's output requires grad): the
     kernel filters three partial planes instead of four; the other gradient is empty."""
     shape = (2, 3, 45, 70)
@@ -191,19 +203,19 @@ def test_backward_of_one_input(emu, padding, wanted):
     out_h, out_w = (45, 70) if same else (35, 60)
     grad = torch.randn(2, 3, out_h, out_w, generator=torch.Generator().manual_seed(4))
     with poisoned_allocations():
-        _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted))
+        _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted), tile_rows)
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "map", grad), wanted)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("wanted", [(True, True), (True, False), (False, True)])
-def test_one_pass_matches_reference(emu, schedule, padding, wanted):
+def test_one_pass_matches_reference(emu, tile_rows, schedule, padding, wanted):
     """grad None: the per-image SSIM and the gradients of its sum from one kernel pass."""
     shape = (2, 3, 45, 70)
     x, y = image_pair(shape, seed=5)
     same = padding == "same"
     with poisoned_allocations():
-        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted))
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted), tile_rows)
     assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(shape[0])), wanted)
 
@@ -216,7 +228,7 @@ def test_map_accuracy_on_photos(emu):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_half_inputs(emu, dtype, padding):
+def test_half_inputs(emu, tile_rows, dtype, padding):
     """Half inputs, float32 accumulation: against the reference on the rounded inputs;
     the gradients are stored in the input dtype."""
     x, y = image_pair((2, 3, 41, 53), dtype=dtype, seed=11)
@@ -233,7 +245,7 @@ def test_half_inputs(emu, dtype, padding):
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_constant_images_are_finite(emu, padding):
+def test_constant_images_are_finite(emu, tile_rows, padding):
     x = torch.full((1, 2, 23, 19), 0.5)
     y = torch.full((1, 2, 23, 19), 0.25)
     value, gx, gy = emu.gradient_pass(None, x, y, C1, C2, padding == "same", True, True)
@@ -257,3 +269,10 @@ def test_bad_inputs(emu):
         emu.ssim_per_image(x[..., :10], y[..., :10], C1, C2, False)
     with pytest.raises(RuntimeError, match="per-image gradient"):
         emu.gradient_pass(torch.ones(3), x, y, C1, C2, False, True, True)
+
+
+def test_bad_tile_rows_setting(emu, monkeypatch):
+    x, y = image_pair((1, 1, 16, 16))
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", "48")
+    with pytest.raises(RuntimeError, match="must be 32 or 60"):
+        emu.gradient_pass(None, x, y, C1, C2, False, True, False)

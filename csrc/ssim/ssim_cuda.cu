@@ -8,8 +8,9 @@
 // row; a vertical pass finishes them and applies ssim_value. The map is written only for
 // reduction "map"; otherwise each block writes one partial sum and ssim_finish_kernel sums
 // them per image in a fixed order (deterministic). No full-size buffer.
-// Backward: one block per 32x32 tile of gradient pixels. It recomputes the moments of the
-// 42x42 centres that reach the tile (inputs with a 10-pixel halo), turns them into the
+// Backward: one block per tile of gradient pixels, 32 columns by 32 or 60 rows (BwdTile;
+// the taller tile for tall images: less halo per pixel). It recomputes the moments of the
+// 42 x (rows + 10) centres that reach the tile (inputs with a 10-pixel halo), turns them into the
 // four partials of ssim_math.h times the upstream gradient (zero at centres that give no
 // output; three when only one input's gradient is wanted, as in SR training), filters
 // those horizontally then vertically, and combines them with x, y at each pixel. Nothing
@@ -38,8 +39,9 @@
 // 6,120 at 1x3x1080x1920: ~0.065 and ~0.13 ms at one warp instruction per scheduler cycle
 // (132 SMs x 4 x 1.75 GHz). Measured on an H100 with the five moments of x, y (~22 K warp
 // instructions a block, 73.6 KB of shared memory): 0.099 and 0.186 ms (ssim_gpu_check.py
-// prints the breakdown). The halo costs every shape the same 2.6x on inputs; larger tiles
-// with less shared memory per block are the next step.
+// prints the breakdown). The halo costs the 32x32 tile 2.6x on inputs and 1.7x on centres;
+// the 32x60 tile (2026-11-27) 2.2x and 1.5x, with the tile's loads in 32-bit index math:
+// ~12.7 K warp instructions per 1,024 pixels against ~15 K, and 30 warps per SM against 24.
 // The upstream gradient is read through its strides (GradView): the gradient of a .sum()
 // of the map is an expanded, stride-0 tensor, and a contiguous copy of it cost a launch
 // plus 8 B per map pixel (4 read, 4 written) and a full-size float buffer; the per-image
@@ -66,6 +68,8 @@ constexpr bool kEmulated = false;
 #endif
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace epban {
@@ -83,22 +87,43 @@ constexpr int kFwdIn = kTile + 2 * kHalo;  // 42
 constexpr int kFwdInPitch = kFwdIn + 1;
 constexpr int kFwdHPitch = kTile + 1;
 constexpr int kFwdHStride = kFwdIn * kFwdHPitch;
-// Backward, region A: inputs 2 x 52x52 (pitch 53), then partials 4 x 42x42 (pitch 43).
-// Region B: horizontal moment sums 4 x 52 rows x 42 (pitch 43), then horizontally
-// filtered partials 4 x 42 rows x 32 (pitch 33).
-constexpr int kBwdIn = kTile + 4 * kHalo;   // 52
-constexpr int kBwdCtr = kTile + 2 * kHalo;  // 42 centres reach the tile
+// Backward: a tile is 32 gradient columns by kRows rows (BwdTile below). Region A: inputs
+// 2 x (kRows + 20) x 52 (pitch 53), then partials 4 x (kRows + 10) x 42 (pitch 43). Region B:
+// horizontal moment sums 4 x (kRows + 20) rows x 42 (pitch 43), then horizontally filtered
+// partials 4 x (kRows + 10) rows x 32 (pitch 33).
+constexpr int kBwdIn = kTile + 4 * kHalo;   // 52 input columns
+constexpr int kBwdCtr = kTile + 2 * kHalo;  // 42 centre columns reach the tile
 constexpr int kBwdInPitch = kBwdIn + 1;
 constexpr int kBwdCtrPitch = kBwdCtr + 1;
-constexpr int kBwdInStride = kBwdIn * kBwdInPitch;
-constexpr int kBwdPStride = kBwdCtr * kBwdCtrPitch;
-constexpr int kBwdHStride = kBwdIn * kBwdCtrPitch;
-constexpr int kBwdFStride = kBwdCtr * (kTile + 1);
-constexpr int kBwdRegionA = 4 * kBwdPStride;
-constexpr int kBwdRegionB = 4 * kBwdHStride;
-constexpr size_t kBwdSmemBytes = sizeof(float) * (kBwdRegionA + kBwdRegionB);  // 64.7 KB: 3 blocks per SM
-static_assert(2 * kBwdInStride <= kBwdRegionA, "inputs must fit region A");
-static_assert(4 * kBwdFStride <= kBwdRegionB, "filtered partials must fit region B");
+
+// The two backward tiles. 32x32 (256 threads, 64.7 KB: 3 blocks per SM) and 32 columns x 60
+// rows (480 threads, 103 KB: 2 blocks per SM). The tall tile recomputes less halo per pixel
+// (moments of 1.52x the pixels' centres instead of 1.72x, horizontal sums of 1.79x rows
+// instead of 2.13x) and holds 30 warps per SM instead of 24; the short one wastes less on
+// image heights just above a multiple of 32. tile_rows_for() picks per launch.
+template <int R>
+struct BwdTile {
+  static constexpr int kRows = R;                // gradient rows of the tile
+  static constexpr int kThreads = 8 * R;         // step 5: 32 columns x R / 4 groups of 4 rows
+  static constexpr int kInRows = R + 4 * kHalo;  // input rows (10-pixel halo)
+  static constexpr int kCtrRows = R + 2 * kHalo; // centre rows that reach the tile
+  static constexpr int kCtrRun = 7;              // centre rows per thread in step 3
+  static constexpr int kHRun = R == 32 ? 6 : 7;  // adjacent centre columns per thread in step 2
+  static constexpr int kMinBlocks = R == 32 ? 3 : 2;
+  static constexpr int kInStride = kInRows * kBwdInPitch;
+  static constexpr int kPStride = kCtrRows * kBwdCtrPitch;
+  static constexpr int kHStride = kInRows * kBwdCtrPitch;
+  static constexpr int kFStride = kCtrRows * (kTile + 1);
+  static constexpr int kRegionA = 4 * kPStride;
+  static constexpr int kRegionB = 4 * kHStride;
+  static constexpr size_t kSmemBytes = sizeof(float) * (kRegionA + kRegionB);
+  static_assert(kCtrRows % kCtrRun == 0 && kBwdCtr % kHRun == 0 && R % 4 == 0, "tile runs must divide");
+  static_assert(2 * kInStride <= kRegionA, "inputs must fit region A");
+  static_assert(4 * kFStride <= kRegionB, "filtered partials must fit region B");
+  static_assert(kMinBlocks * (kSmemBytes + 1024) <= 228 * 1024, "shared memory per SM (H100)");
+};
+using ShortTile = BwdTile<32>;
+using TallTile = BwdTile<60>;
 
 // The upstream gradient as given (no contiguous copy: the gradient of a .sum() is an
 // expanded, stride-0 tensor): the map's (B, C, H', W') or the per-image (B,), with strides.
@@ -123,11 +148,11 @@ __device__ __forceinline__ float load_or_zero(const scalar_t* plane, const Args&
 // Horizontal 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y): rows x cols outputs into
 // four planes (out_pitch, out_stride). Each thread makes R adjacent outputs of one row from R + 10
 // inputs held in registers (each product formed once); lanes take consecutive rows.
-template <int R>
+template <int R, int NT = kThreads>
 __device__ __forceinline__ void horizontal_moments(const float* sx, const float* sy, int in_pitch, int rows, int cols,
                                                    float* out, int out_pitch, int out_stride) {
   const int runs = cols / R;
-  for (int i = threadIdx.x; i < rows * runs; i += kThreads) {
+  for (int i = threadIdx.x; i < rows * runs; i += NT) {
     const int r = i % rows;
     const int c0 = (i / rows) * R;
     const float* px = sx + r * in_pitch + c0;
@@ -159,11 +184,11 @@ __device__ __forceinline__ void horizontal_moments(const float* sx, const float*
 }
 
 // Horizontal 11-tap sums of NQ planes, R adjacent outputs per thread as above.
-template <int NQ, int R>
+template <int NQ, int R, int NT = kThreads>
 __device__ __forceinline__ void horizontal_sums(const float* in, int in_pitch, int in_stride, int rows, int cols,
                                                 float* out, int out_pitch, int out_stride) {
   const int runs = cols / R;
-  for (int i = threadIdx.x; i < rows * runs; i += kThreads) {
+  for (int i = threadIdx.x; i < rows * runs; i += NT) {
     const int r = i % rows;
     const int c0 = (i / rows) * R;
     float acc[R][NQ];
@@ -300,8 +325,8 @@ __global__ void __launch_bounds__(kThreads)
 // network's output requires grad) three partial planes are filtered instead of four.
 enum Wanted : int { kWantX = 1, kWantY = 2, kWantBoth = 3 };
 
-template <typename scalar_t, int kWanted>
-__global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 64.7 KB per SM
+template <typename Tile, typename scalar_t, int kWanted>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                          GradView grad, bool map_grad, float inv_count, int64_t channels,
                          scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
@@ -312,66 +337,81 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 64.7 KB per SM
   // kWanted: the gradients written (gx, gy or both; the others' pointers are not read).
   // Partial planes: both: d_mx, d_my, d_e2, d_exy; one: d_mx or d_my, then d_e2, d_exy.
   constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
+  constexpr int kNT = Tile::kThreads;
+  constexpr int kRows = Tile::kRows;
   EPBAN_DYNAMIC_SHARED(float, smem);
-  __shared__ float s_warp[kThreads / 32];
-  float* s_a = smem;                // inputs, then partials
-  float* s_b = smem + kBwdRegionA;  // horizontal moment sums, then filtered partials
+  __shared__ float s_warp[kNT / 32];
+  float* s_a = smem;                   // inputs, then partials
+  float* s_b = smem + Tile::kRegionA;  // horizontal moment sums, then filtered partials
 
   const int tiles = a.tiles_x * a.tiles_y;
   const int64_t plane = blockIdx.x / tiles;
   const int tile = blockIdx.x % tiles;
-  const int64_t row0 = static_cast<int64_t>(tile / a.tiles_x) * kTile;  // first gradient pixel of the tile
-  const int64_t col0 = static_cast<int64_t>(tile % a.tiles_x) * kTile;
+  // Image coordinates fit in int (make_args checks height * width < 2^31): only the plane
+  // offset needs 64 bits.
+  const int row0 = (tile / a.tiles_x) * kRows;  // first gradient pixel of the tile
+  const int col0 = (tile % a.tiles_x) * kTile;
+  const int height = static_cast<int>(a.height);
+  const int width = static_cast<int>(a.width);
   const int64_t n = a.height * a.width;
   const scalar_t* xp = x + plane * n;
   const scalar_t* yp = y + plane * n;
 
-  // 1. Inputs with a 10-pixel halo.
-  for (int i = threadIdx.x; i < kBwdIn * kBwdIn; i += kThreads) {
+  // 1. Inputs with a 10-pixel halo, zero outside the image.
+  for (int i = threadIdx.x; i < Tile::kInRows * kBwdIn; i += kNT) {
     const int r = i / kBwdIn;
     const int c = i % kBwdIn;
-    s_a[r * kBwdInPitch + c] = load_or_zero(xp, a, row0 - 2 * kHalo + r, col0 - 2 * kHalo + c);
-    s_a[kBwdInStride + r * kBwdInPitch + c] = load_or_zero(yp, a, row0 - 2 * kHalo + r, col0 - 2 * kHalo + c);
+    const int ir = row0 - 2 * kHalo + r;
+    const int ic = col0 - 2 * kHalo + c;
+    const bool inside = static_cast<unsigned>(ir) < static_cast<unsigned>(height) &&
+                        static_cast<unsigned>(ic) < static_cast<unsigned>(width);
+    const int off = inside ? ir * width + ic : 0;
+    s_a[r * kBwdInPitch + c] = inside ? static_cast<float>(xp[off]) : 0.f;
+    s_a[Tile::kInStride + r * kBwdInPitch + c] = inside ? static_cast<float>(yp[off]) : 0.f;
   }
   __syncthreads();
-  // 2. Horizontal moment sums of the 52 input rows at the 42 centre columns.
-  horizontal_moments<6>(s_a, s_a + kBwdInStride, kBwdInPitch, kBwdIn, kBwdCtr, s_b, kBwdCtrPitch, kBwdHStride);
+  // 2. Horizontal moment sums of the input rows at the 42 centre columns.
+  horizontal_moments<Tile::kHRun, kNT>(s_a, s_a + Tile::kInStride, kBwdInPitch, Tile::kInRows, kBwdCtr, s_b,
+                                        kBwdCtrPitch, Tile::kHStride);
   __syncthreads();
-  // 3. Vertical moment sums and the partials (times the upstream gradient) of the 42x42
-  //    centres, 7 rows per thread (252 items); zero at centres that give no output.
+  // 3. Vertical moment sums and the partials (times the upstream gradient) of the centres
+  //    that reach the tile, kCtrRun rows per thread; zero at centres that give no output.
   //    Per-image mode: every active centre gets grad[b] / (map pixels per image).
   const int64_t image = plane / channels;
   const float g_scale = partial ? inv_count : (map_grad ? 0.f : grad.data[image * grad.stride[0]] * inv_count);
   float value_sum = 0.f;
   const float* g_plane =
       map_grad ? grad.data + image * grad.stride[0] + (plane - image * channels) * grad.stride[1] : nullptr;
-  constexpr int kCtrRows = 7;
-  for (int i = threadIdx.x; i < kBwdCtr * (kBwdCtr / kCtrRows); i += kThreads) {
+  const int first = static_cast<int>(a.first);
+  const int last_row = static_cast<int>(a.last_row);
+  const int last_col = static_cast<int>(a.last_col);
+  constexpr int kRun = Tile::kCtrRun;
+  for (int i = threadIdx.x; i < kBwdCtr * (Tile::kCtrRows / kRun); i += kNT) {
     const int cc = i % kBwdCtr;
-    const int cr0 = (i / kBwdCtr) * kCtrRows;
-    float acc[kCtrRows][4];
-    vertical_window<4, kCtrRows>(s_b, kBwdCtrPitch, kBwdHStride, cr0, cc, acc);
-    const int64_t ic = col0 - kHalo + cc;  // the centre's image column
+    const int cr0 = (i / kBwdCtr) * kRun;
+    float acc[kRun][4];
+    vertical_window<4, kRun>(s_b, kBwdCtrPitch, Tile::kHStride, cr0, cc, acc);
+    const int ic = col0 - kHalo + cc;  // the centre's image column
 #pragma unroll
-    for (int o = 0; o < kCtrRows; ++o) {
+    for (int o = 0; o < kRun; ++o) {
       const int cr = cr0 + o;
-      const int64_t ir = row0 - kHalo + cr;
+      const int ir = row0 - kHalo + cr;
       SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
-      if (ir >= a.first && ir < a.last_row && ic >= a.first && ic < a.last_col) {
-        const float g = map_grad ? g_plane[(ir - a.first) * grad.stride[2] + (ic - a.first) * grad.stride[3]] : g_scale;
+      if (ir >= first && ir < last_row && ic >= first && ic < last_col) {
+        const float g = map_grad ? g_plane[(ir - first) * grad.stride[2] + (ic - first) * grad.stride[3]] : g_scale;
         d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g);
-        if (partial && ir >= row0 && ir < row0 + kTile && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
+        if (partial && ir >= row0 && ir < row0 + kRows && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;
       if (kWanted == kWantBoth) {
         p[0] = d.d_mx;
-        p[kBwdPStride] = d.d_my;
-        p[2 * kBwdPStride] = d.d_e2;
-        p[3 * kBwdPStride] = d.d_exy;
+        p[Tile::kPStride] = d.d_my;
+        p[2 * Tile::kPStride] = d.d_e2;
+        p[3 * Tile::kPStride] = d.d_exy;
       } else {
         p[0] = kWanted == kWantX ? d.d_mx : d.d_my;
-        p[kBwdPStride] = d.d_e2;
-        p[2 * kBwdPStride] = d.d_exy;
+        p[Tile::kPStride] = d.d_e2;
+        p[2 * Tile::kPStride] = d.d_exy;
       }
     }
   }
@@ -381,27 +421,28 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 64.7 KB per SM
     if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = value_sum;
   }
   __syncthreads();
-  // 4. Horizontal sums of the partials at the tile's 32 columns, all 42 centre rows.
-  horizontal_sums<kPlanes, 4>(s_a, kBwdCtrPitch, kBwdPStride, kBwdCtr, kTile, s_b, kTile + 1, kBwdFStride);
+  // 4. Horizontal sums of the partials at the tile's 32 columns, all centre rows.
+  horizontal_sums<kPlanes, 4, kNT>(s_a, kBwdCtrPitch, Tile::kPStride, Tile::kCtrRows, kTile, s_b, kTile + 1,
+                                   Tile::kFStride);
   if (partial && threadIdx.x == 0) {
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) total += s_warp[w];
+    for (int w = 0; w < kNT / 32; ++w) total += s_warp[w];
     partial[blockIdx.x] = total;
   }
   __syncthreads();
   // 5. Vertical sums and the gradients of the tile's pixels.
   const int tx = threadIdx.x % kTile;
-  const int ty = threadIdx.x / kTile;  // 8 groups of 4 rows
+  const int ty = threadIdx.x / kTile;  // kRows / 4 groups of 4 rows
   float acc[4][kPlanes];
-  vertical_window<kPlanes, 4>(s_b, kTile + 1, kBwdFStride, ty * 4, tx, acc);
-  const int64_t c = col0 + tx;
-  if (c >= a.width) return;
+  vertical_window<kPlanes, 4>(s_b, kTile + 1, Tile::kFStride, ty * 4, tx, acc);
+  const int c = col0 + tx;
+  if (c >= width) return;
 #pragma unroll
   for (int o = 0; o < 4; ++o) {
-    const int64_t r = row0 + ty * 4 + o;
-    if (r >= a.height) break;
-    const int64_t idx = plane * n + r * a.width + c;
+    const int r = row0 + ty * 4 + o;
+    if (r >= height) break;
+    const int64_t idx = plane * n + r * width + c;
     const float xv = static_cast<float>(x[idx]);
     const float yv = static_cast<float>(y[idx]);
     if (kWanted == kWantBoth) {
@@ -415,16 +456,16 @@ __global__ void __launch_bounds__(kThreads, 3)  // 3 blocks of 64.7 KB per SM
   }
 }
 
-// Lifts the backward kernel's dynamic shared-memory limit to kBwdSmemBytes, once per
+// Lifts the backward kernel's dynamic shared-memory limit to Tile::kSmemBytes, once per
 // device and kernel instance (a driver call per launch costs microseconds of host time).
-template <typename scalar_t, int kWanted>
+template <typename Tile, typename scalar_t, int kWanted>
 void allow_backward_smem(int device) {
   static std::atomic<uint64_t> done{0};  // one bit per device index < 64
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
   if (bit && (done.load(std::memory_order_acquire) & bit)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<scalar_t, kWanted>,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<Tile, scalar_t, kWanted>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(kBwdSmemBytes)));
+                                      static_cast<int>(Tile::kSmemBytes)));
   done.fetch_or(bit, std::memory_order_release);
 }
 
@@ -451,7 +492,9 @@ void dispatch_input_dtype(at::ScalarType t, F&& f) {
   }
 }
 
-Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles) {
+// tile_rows: of the backward's tiles (the forward's are kTile x kTile).
+Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles, int tile_rows = kTile) {
+  TORCH_CHECK(g.height * g.width < (int64_t(1) << 31), "ssim (CUDA kernel): images must have fewer than 2^31 pixels");
   Args a;
   a.height = g.height;
   a.width = g.width;
@@ -462,7 +505,7 @@ Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles) {
   a.out_w = g.out_w;
   const int64_t th = centre_tiles ? g.out_h : g.height;
   const int64_t tw = centre_tiles ? g.out_w : g.width;
-  const int64_t ty = (th + kTile - 1) / kTile;
+  const int64_t ty = (th + tile_rows - 1) / tile_rows;
   const int64_t tx = (tw + kTile - 1) / kTile;
   TORCH_CHECK(g.planes() * tx * ty < (int64_t(1) << 31), "ssim (CUDA kernel): input too large");
   a.tiles_x = static_cast<int>(tx);
@@ -470,6 +513,21 @@ Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles) {
   a.c1 = static_cast<float>(c1);
   a.c2 = static_cast<float>(c2);
   return a;
+}
+
+// The backward tile's rows for an image height: the tile with the fewer warp instructions in
+// all, from the count per tile (~15 K warp instructions for 32x32, ~24 K for 32x60; the
+// header's count). EPBAN_SSIM_CUDA_TILE_ROWS=32 or 60 forces one (for comparisons and tests).
+int tile_rows_for(int64_t height) {
+  if (const char* forced = std::getenv("EPBAN_SSIM_CUDA_TILE_ROWS")) {
+    const std::string rows(forced);
+    if (rows == "32") return ShortTile::kRows;
+    if (rows == "60") return TallTile::kRows;
+    TORCH_CHECK(rows.empty(), "EPBAN_SSIM_CUDA_TILE_ROWS must be 32 or 60, got '", rows, "'");
+  }
+  const int64_t short_cost = 15 * ((height + ShortTile::kRows - 1) / ShortTile::kRows);
+  const int64_t tall_cost = 24 * ((height + TallTile::kRows - 1) / TallTile::kRows);
+  return tall_cost < short_cost ? TallTile::kRows : ShortTile::kRows;
 }
 
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2, bool same_padding,
@@ -547,7 +605,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     gv.data = grad.data_ptr<float>();
     for (int64_t d = 0; d < grad.dim(); ++d) gv.stride[d] = grad.stride(d);
   }
-  const Args a = make_args(g, c1, c2, /*centre_tiles=*/false);
+  const int tile_rows = tile_rows_for(g.height);
+  const Args a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
   if (blocks == 0) {  // no planes: the forward's answer for the value
     if (with_value) value = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
@@ -557,23 +616,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const auto launch = [&](auto wanted) {
+    const auto launch = [&](auto tile, auto wanted) {
+      using Tile = decltype(tile);
       constexpr int kWanted = decltype(wanted)::value;
-      allow_backward_smem<scalar_t, kWanted>(x.get_device());
-      EPBAN_LAUNCH(static_cast<unsigned>(blocks), kThreads, kBwdSmemBytes, stream,
-                   ssim_backward_kernel<scalar_t, kWanted>)(
+      allow_backward_smem<Tile, scalar_t, kWanted>(x.get_device());
+      EPBAN_LAUNCH(static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream,
+                   ssim_backward_kernel<Tile, scalar_t, kWanted>)(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
           static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
           grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr,
           with_value ? partial.data_ptr<float>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (grad_x && grad_y) {
-      launch(std::integral_constant<int, kWantBoth>{});
-    } else if (grad_x) {
-      launch(std::integral_constant<int, kWantX>{});
+    const auto launch_wanted = [&](auto tile) {
+      if (grad_x && grad_y) {
+        launch(tile, std::integral_constant<int, kWantBoth>{});
+      } else if (grad_x) {
+        launch(tile, std::integral_constant<int, kWantX>{});
+      } else {
+        launch(tile, std::integral_constant<int, kWantY>{});
+      }
+    };
+    if (tile_rows == TallTile::kRows) {
+      launch_wanted(TallTile{});
     } else {
-      launch(std::integral_constant<int, kWantY>{});
+      launch_wanted(ShortTile{});
     }
   });
   if (with_value && g.batch > 0) {

@@ -94,9 +94,10 @@ template <typename T>
 C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mu, T mv, T euu, T evv, T c1, T c2, T g) {
   const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2);
   const T a1 = t.a1, b1 = t.b1, a2 = t.a2, b2 = t.b2;
-  const T inv_b1 = T(1) / b1;
-  const T inv_b2 = T(1) / b2;
-  const T g_inv = g * inv_b1 * inv_b2;  // g / (B1 B2)
+  const T inv_b1b2 = T(1) / (b1 * b2);  // one division for both: B1 B2 > 0 and at most ~4 R^4
+  const T inv_b1 = b2 * inv_b1b2;
+  const T inv_b2 = b1 * inv_b1b2;
+  const T g_inv = g * inv_b1b2;  // g / (B1 B2)
   const T g_s = g_inv * a1 * a2;        // g S
   const T d_a1 = g_inv * a2;
   const T d_a2 = g_inv * a1;
@@ -111,7 +112,7 @@ C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mu, T mv, T euu, T evv, T
   p.d_my = alpha * sum + beta * diff;
   p.d_e2 = d_b2;
   p.d_exy = T(2) * d_a2;
-  p.s = a1 * a2 * inv_b1 * inv_b2;
+  p.s = a1 * a2 * inv_b1b2;
   return p;
 }
 

@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -47,6 +48,7 @@ struct Settings {
   Schedule schedule = Schedule::kLaneOrder;
   uint64_t seed = 0;
   int64_t launches = 0;  // launches run so far (tests check that a kernel ran here)
+  int max_block_threads = 0;  // the largest block launched since the last reset (which tile ran)
 };
 
 inline Settings& settings() {
@@ -205,6 +207,7 @@ void run_grid(Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, Body& body) {
   for (int t = 0; t < threads; ++t) order[t] = settings().schedule == Schedule::kReverse ? threads - 1 - t : t;
   std::mt19937_64 rng(settings().seed + static_cast<uint64_t>(settings().launches));
   ++settings().launches;
+  settings().max_block_threads = std::max(settings().max_block_threads, threads);
   active_block() = &b;
   try {
     for (unsigned z = 0; z < grid.z; ++z)
