@@ -2,8 +2,9 @@
 
 Rows (issue 7's table): the model's reference path (torchvision deformable conv, reference
 attention) in eager float32; the model with its fused ops ("auto"); the loss mode
-(``pban_for_loss``) in float32 and bfloat16, eager and CUDA graphs, and float32 with the
-deformable convolution's dots in tf32x3. Columns: median ms,
+(``pban_for_loss``) in float32 and bfloat16, eager and CUDA graphs, float32 with the
+deformable convolution's dots in tf32x3, and bf16 + graph with PyTorch's conv epilogues
+instead of the fused ones (``fused_epilogue=False``). Columns: median ms,
 megapixels per second (B * H * W of the input), peak memory (weights + inputs + step).
 The official architecture with random weights (timings do not depend on the values).
 
@@ -29,7 +30,7 @@ from epban.models.loss_mode import pban_for_loss
 ISSUE_SIZES = [(16, 256, 256), (1, 512, 512), (1, 1024, 1024), (1, 2048, 2048)]
 CPU_SIZES = [(1, 64, 64)]
 VARIANTS = ["reference fp32", "auto fp32", "loss fp32", "loss fp32 graph", "loss tf32x3 graph", "loss bf16",
-            "loss bf16 graph"]
+            "loss bf16 graph", "loss bf16 graph unfused-epilogue"]
 # Issue 7, H100, torch 2.11, eager fp32 reference: ms and MiB.
 ISSUE_REFERENCE = {(16, 256, 256): (23.3, 958), (1, 512, 512): (18.1, None), (1, 1024, 1024): (23.9, 958),
                    (1, 2048, 2048): (76.4, 3832)}
@@ -64,8 +65,15 @@ def make_variant(name: str, model: EfficientPBAN):
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
     set_reference_backends(model, "auto")  # the loss mode inherits the model's backends
     precision = "tf32x3" if "tf32x3" in name else None
-    scorer = pban_for_loss(model, dtype=dtype, cuda_graph=name.endswith("graph"), fp32_precision=precision)
+    # "unfused-epilogue": the ResNet convs with PyTorch's bias add, ReLU and residual add
+    # (pban_for_loss(fused_epilogue=False)), for comparison with the default fused epilogues.
+    scorer = pban_for_loss(model, dtype=dtype, cuda_graph=_graphed(name), fp32_precision=precision,
+                           fused_epilogue="unfused-epilogue" not in name)
     return scorer, scorer
+
+
+def _graphed(variant: str) -> bool:
+    return "graph" in variant.split()
 
 
 def module_bytes(module) -> int:
@@ -207,7 +215,7 @@ def main():
     sizes = args.sizes or (ISSUE_SIZES if device == "cuda" else CPU_SIZES)
     variants = args.variants.split(",")
     if device == "cpu":
-        variants = [v for v in variants if not v.endswith("graph")]
+        variants = [v for v in variants if not _graphed(v)]
     rows = run_rows(sizes, variants, device)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(table(rows, name))

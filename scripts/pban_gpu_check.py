@@ -172,6 +172,7 @@ def check_loss_mode(report: Report, model, compile_check: bool):
 
 # Kernel name fragments -> the part of the model they belong to (first match wins).
 _PARTS = [("mbdc_", "deformable conv (Triton)"), ("_axial_", "axial attention (Triton)"),
+          ("bias_act", "conv epilogues (Triton)"), ("implicit_gemm", "convolutions (cuDNN)"),
           ("bmm", "attention matmuls (reference)"), ("gemm", "GEMMs (cuBLAS)"), ("conv", "convolutions (cuDNN)"),
           ("wgrad", "convolutions (cuDNN)"), ("dgrad", "convolutions (cuDNN)"), ("xmma", "convolutions (cuDNN)"),
           ("sm90", "convolutions / GEMMs (cuDNN, cuBLAS)"), ("softmax", "softmax"), ("reduce", "reductions"),
@@ -220,7 +221,7 @@ def profile_loss(sizes=((16, 256, 256), (1, 1024, 1024)), iters=5):
                 print(f"  {ms:7.3f} ms  {100 * ms / total:5.1f}%  {part}")
             print("  top kernels:")
             for ms, n, name in sorted(kernels, reverse=True)[:12]:
-                print(f"  {ms:7.3f} ms  x{n:<5.1f} {name[:100]}")
+                print(f"  {ms:7.3f} ms  x{n:<5.1f} {name[:160]}")
     return 0
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from epban import EfficientPBAN, PBANConfig
 from epban.testing import randomise_inference_state
-from epban.models.loss_mode import fold_batchnorm, pban_for_loss
+from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, fold_batchnorm, pban_for_loss
+from epban.ops import bias_act as bias_act_ops
 from epban.ops.deform_conv import fused_deform_conv_available
 
 
@@ -117,6 +118,41 @@ def test_bad_arguments_are_value_errors(tiny):
         pban_for_loss(tiny, dtype=torch.float16)
     with pytest.raises(ValueError, match="same shape"):
         pban_for_loss(tiny)(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 48))
+
+
+def _epilogues(scorer):
+    return [m for m in scorer.modules() if isinstance(m, (ConvReLU, EpilogueBasicBlock))]
+
+
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_epilogues_match_the_model(tiny, channels_last, monkeypatch):
+    """The ResNet convs without bias, then bias_act (bias, downsample bias, residual, ReLU in one
+    pass): the scores and input gradients of the model, every epilogue through the kernel."""
+    calls = []
+    launch = bias_act_ops._launch
+    monkeypatch.setattr(bias_act_ops, "_launch", lambda *a: calls.append(1) or launch(*a))
+    sr, hr = _pair(b=2, h=48, w=64)
+    expected, expected_grad = _score_and_grad(tiny, sr, hr)
+    scorer = pban_for_loss(tiny, channels_last=channels_last)
+    modules = _epilogues(scorer)
+    # stem conv, after_block1/2, and every BasicBlock of layer1-3
+    assert len(modules) == 3 + sum(len(layer) for layer in (tiny.stem[4], tiny.stem[5], tiny.layer2_1))
+    for m in modules:
+        m.epilogue_backend = "fused"
+    scores, grad = _score_and_grad(scorer, sr, hr)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+    # per path (sr, hr): stem + after_block 1 each, two per BasicBlock (layer2_1 runs for both)
+    blocks = sum(len(layer) for layer in (tiny.stem[4], tiny.stem[5], tiny.layer2_1))
+    assert len(calls) == 2 * (1 + 1 + 2 * blocks)
+
+
+def test_fused_epilogue_switch(tiny, monkeypatch):
+    assert all(m.fused_epilogue for m in _epilogues(pban_for_loss(tiny)))
+    assert not any(m.fused_epilogue for m in _epilogues(pban_for_loss(tiny, fused_epilogue=False)))
+    monkeypatch.setenv("EPBAN_LOSS_FUSED_EPILOGUE", "0")
+    assert not any(m.fused_epilogue for m in _epilogues(pban_for_loss(tiny)))
 
 
 @pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")

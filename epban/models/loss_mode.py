@@ -16,6 +16,9 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
   moves it — on random weights bf16 gives ~15% relative L2 error (cosine 0.99), a 1e-3
   change of the input moves the float32 gradient by ~4%, and keeping stem and layer3 in
   float32 still leaves ~3%. The same holds for TF32 convolutions (cuDNN's default).
+- The ResNet convolutions' epilogues fused (CUDA): each conv runs without bias, and one pass
+  (``epban.ops.bias_act``) adds the bias (and the residual, and a downsample's bias) and applies
+  the ReLU, instead of PyTorch's strided bias ``add_``, the ReLU and the residual add.
 - No host syncs: inputs are checked by shape only (no finite check).
 - ``cuda_graph=True``: forward and backward are captured once per input shape, dtype and
   device (``torch.cuda.make_graphed_callables``) and replayed; the scores and the gradient
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 
 import torch
 import torch.nn as nn
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 
 from epban.models.pban import GMDC, EfficientPBAN
+from epban.ops.bias_act import bias_act, fused_bias_act_available
 from epban.ops.deform_conv import (
     check_fp32_precision,
     deform_path,
@@ -68,14 +73,61 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-def _fold_resnet_layer(layer: nn.Sequential) -> None:
-    for block in layer:
+def _conv_without_bias(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class ConvReLU(nn.Module):
+    """relu(conv(x)) of a folded conv; where the fused epilogue serves (CUDA), the conv runs
+    without bias and ``epban.ops.bias_act`` adds the bias and applies the ReLU in one pass."""
+
+    def __init__(self, conv: nn.Conv2d, fused_epilogue: bool = True):
+        super().__init__()
+        self.conv = conv
+        self.fused_epilogue = fused_epilogue
+        self.epilogue_backend = "auto"  # of bias_act; "fused" runs it under TRITON_INTERPRET=1 (tests)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
+            return bias_act(_conv_without_bias(x, self.conv), self.conv.bias, backend=self.epilogue_backend)
+        return F.relu(self.conv(x))
+
+
+class EpilogueBasicBlock(nn.Module):
+    """A torchvision BasicBlock with BatchNorm folded:
+    ``relu(conv2(relu(conv1(x))) + downsample(x))``. Where the fused epilogue serves (CUDA),
+    the convs run without bias and each ends in one ``bias_act`` pass: conv1's bias and ReLU;
+    conv2's bias plus the downsample's (both per channel, summed once), the residual and the
+    ReLU. Otherwise the same sum from the folded convs as they are."""
+
+    def __init__(self, block: BasicBlock, fused_epilogue: bool = True):
+        super().__init__()
         if not isinstance(block, BasicBlock):
             raise ValueError(f"expected torchvision BasicBlocks in the ResNet layers, got {type(block).__name__}")
-        block.conv1, block.bn1 = fold_batchnorm(block.conv1, block.bn1), nn.Identity()
-        block.conv2, block.bn2 = fold_batchnorm(block.conv2, block.bn2), nn.Identity()
+        self.conv1 = fold_batchnorm(block.conv1, block.bn1)
+        self.conv2 = fold_batchnorm(block.conv2, block.bn2)
+        self.downsample = None
+        bias2 = self.conv2.bias.detach().clone()
         if block.downsample is not None:
-            block.downsample = nn.Sequential(fold_batchnorm(block.downsample[0], block.downsample[1]))
+            self.downsample = fold_batchnorm(block.downsample[0], block.downsample[1])
+            bias2 += self.downsample.bias.detach()
+        self.register_buffer("bias2", bias2)  # conv2's and the downsample's biases together
+        self.fused_epilogue = fused_epilogue
+        self.epilogue_backend = "auto"  # as ConvReLU's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
+            backend = self.epilogue_backend
+            out = bias_act(_conv_without_bias(x, self.conv1), self.conv1.bias, backend=backend)
+            identity = x if self.downsample is None else _conv_without_bias(x, self.downsample)
+            return bias_act(_conv_without_bias(out, self.conv2), self.bias2, identity, backend=backend)
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + identity)
+
+
+def _fold_resnet_layer(layer: nn.Sequential, fused_epilogue: bool) -> None:
+    for i, block in enumerate(layer):
+        layer[i] = EpilogueBasicBlock(block, fused_epilogue)
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -150,7 +202,8 @@ class PackedGMDC(nn.Module):
 class PBANLossScorer(nn.Module):
     """A frozen Efficient-PBAN prepared for use as a loss: ``scorer(sr, hr) -> scores (B,)``, float32."""
 
-    def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None):
+    def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None,
+                 fused_epilogue=None):
         super().__init__()
         if not isinstance(model, EfficientPBAN):
             raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
@@ -159,14 +212,18 @@ class PBANLossScorer(nn.Module):
         m = copy.deepcopy(model).eval()
         for p in m.parameters():
             p.requires_grad_(False)
-        m.stem[0], m.stem[1] = fold_batchnorm(m.stem[0], m.stem[1]), nn.Identity()
-        _fold_resnet_layer(m.stem[4])
-        _fold_resnet_layer(m.stem[5])
-        _fold_resnet_layer(m.layer2_1)  # layer2_2 is the same module
+        if fused_epilogue is None:
+            fused_epilogue = os.environ.get("EPBAN_LOSS_FUSED_EPILOGUE", "1") != "0"
+        self.fused_epilogue = bool(fused_epilogue)
+        m.stem[0], m.stem[1], m.stem[2] = (ConvReLU(fold_batchnorm(m.stem[0], m.stem[1]), self.fused_epilogue),
+                                           nn.Identity(), nn.Identity())
+        _fold_resnet_layer(m.stem[4], self.fused_epilogue)
+        _fold_resnet_layer(m.stem[5], self.fused_epilogue)
+        _fold_resnet_layer(m.layer2_1, self.fused_epilogue)  # layer2_2 is the same module
         blk = m.block2
         for name in ("after_block1", "after_block2"):
             seq = getattr(blk, name)
-            setattr(blk, name, nn.Sequential(fold_batchnorm(seq[0], seq[1]), nn.ReLU(inplace=True)))
+            setattr(blk, name, ConvReLU(fold_batchnorm(seq[0], seq[1]), self.fused_epilogue))
         blk.after_block3 = blk.after_block4 = None  # unused when upchannel=True
         blk.br1, blk.br2 = PackedGMDC(blk.br1), PackedGMDC(blk.br2)
         blk.SE.spatial_mean = spatial_mean
@@ -280,14 +337,18 @@ class CUDAGraphScorer(nn.Module):
 
 
 def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
-                  compile=False, fp32_precision=None) -> nn.Module:
+                  compile=False, fp32_precision=None, fused_epilogue=None) -> nn.Module:
     """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
 
     The model is copied (it stays usable as it is); move it to its device first.
     ``fp32_precision``: the fused deformable convolution's float32 dots ("ieee", the default,
     or "tf32x3" / "tf32": faster, no longer bit-for-bit float32).
+    ``fused_epilogue``: on CUDA, the ResNet convs run without bias and ``epban.ops.bias_act``
+    adds bias, residual and ReLU in one pass (default on; ``EPBAN_LOSS_FUSED_EPILOGUE=0`` or
+    ``False`` keeps PyTorch's separate kernels).
     """
-    scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision)
+    scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
+                            fused_epilogue=fused_epilogue)
     if compile:
         kwargs = dict(compile) if isinstance(compile, dict) else {}
         if cuda_graph:
