@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from epban import EfficientPBAN, PBANConfig
 from epban.testing import randomise_inference_state
-from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, fold_batchnorm, pban_for_loss
+from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, StemConvReLU, fold_batchnorm, pban_for_loss
 from epban.ops import bias_act as bias_act_ops
 from epban.ops.deform_conv import fused_deform_conv_available
 
@@ -148,11 +148,35 @@ def test_fused_epilogues_match_the_model(tiny, channels_last, monkeypatch):
     assert len(calls) == 2 * (1 + 1 + 2 * blocks)
 
 
+@pytest.mark.parametrize("dtype, channels", [(torch.float32, 4), (torch.bfloat16, 8)])
+def test_padded_stem_input_gives_the_same_scores(tiny, dtype, channels, monkeypatch):
+    """The stem conv on a zero-padded input (16 bytes per pixel, as on CUDA) with zero input
+    channels in its weight: the same scores and input gradients as with 3 channels."""
+    seen = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a: seen.append(tuple(w.shape)) or conv2d(x, w, *a))
+    sr, hr = _pair(b=2, h=48, w=64)
+    plain = pban_for_loss(tiny, dtype=dtype, stem_pad=False)
+    padded = pban_for_loss(tiny, dtype=dtype)
+    stem = padded.model.stem[0]
+    assert isinstance(stem, StemConvReLU) and stem.pad_devices == {"cuda"}
+    stem.pad_devices = {"cpu"}
+    expected, expected_grad = _score_and_grad(plain, sr, hr)
+    seen.clear()
+    scores, grad = _score_and_grad(padded, sr, hr)
+    assert seen.count((tiny.stem[0].out_channels, channels, 7, 7)) == 2  # sr and hr
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(scores, expected, atol=tol, rtol=tol)
+    assert (grad - expected_grad).abs().max() <= tol * expected_grad.abs().max()
+
+
 def test_fused_epilogue_switch(tiny, monkeypatch):
     assert all(m.fused_epilogue for m in _epilogues(pban_for_loss(tiny)))
     assert not any(m.fused_epilogue for m in _epilogues(pban_for_loss(tiny, fused_epilogue=False)))
     monkeypatch.setenv("EPBAN_LOSS_FUSED_EPILOGUE", "0")
     assert not any(m.fused_epilogue for m in _epilogues(pban_for_loss(tiny)))
+    monkeypatch.setenv("EPBAN_LOSS_STEM_PAD", "0")
+    assert pban_for_loss(tiny).model.stem[0].pad_devices == set()
 
 
 @pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
