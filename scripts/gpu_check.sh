@@ -46,12 +46,15 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
     --variants "loss bf16 graph,loss bf16 graph unfused-epilogue" >"$OUT/loss_nopad.md" 2>&1 || status=1
   step "loss profile"
   timeout 60 $PY scripts/pban_gpu_check.py --profile >"$OUT/pban_profile.md" 2>&1 || status=1
+  step "deformable conv pixel tiles"
+  timeout 60 $PY scripts/deform_tile_sweep.py --budget 35 >"$OUT/deform_tiles.md" 2>&1 || status=1
   step "tables"
   grep -E "^\| [0-9]" "$OUT/ssim_gpu_check.md" | grep "fwd+bwd"
   tail -3 "$OUT/ssim_gpu_check.md"
   echo "--- stem padded (default)"; grep -E "^\| [0-9]" "$OUT/loss_pad.md"
   echo "--- stem not padded"; grep -E "^\| [0-9]" "$OUT/loss_nopad.md"
   grep -A12 "^## loss mode bfloat16, 16x3x256x256" "$OUT/pban_profile.md"
+  grep -E "^\| [0-9]" "$OUT/deform_tiles.md"
   exit $status
 fi
 
