@@ -25,6 +25,7 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real compilation
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -93,8 +94,8 @@ def deform_rows(dtype: str, precision: str):
     from epban.kernels import deform_conv as K
     from epban.ops import deform_conv as ops
 
-    block_p, warps = ops._pixel_tile(1 << 20)
     low = dtype != "fp32"
+    block_p, warps = ops._pixel_tile(1 << 20, torch.bfloat16 if low else torch.float32)
     cx = dict(HAS_BIAS=True, PRECISION="low" if low else precision, UPCAST=False, BLOCK_P=block_p,
               BLOCK_C=ops._BLOCK_C, BLOCK_O=64, ONE_OBLOCK=True)
     data = "*" + dtype

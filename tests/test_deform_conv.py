@@ -350,3 +350,17 @@ def test_cuda_torch_compile_fullgraph():
     f, xs, expected = _packed_loss_cuda()
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(torch.autograd.grad(compiled(xs), [xs])[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_tile_policy(monkeypatch):
+    """32-pixel tiles below 16,384 pixels; above, 64 pixels with 8 warps in float32, and with 4
+    warps in bf16 under the Triton the GPU timings were taken with (3.6; 3.8 spills there)."""
+    from epban.ops import deform_conv as ops
+
+    assert ops._pixel_tile(16 * 16 * 16, torch.bfloat16) == (32, 4)
+    assert ops._pixel_tile(128 * 128, torch.float32) == (64, 8)
+    monkeypatch.setattr(ops, "_TRITON_BEFORE_3_7", True)
+    assert ops._pixel_tile(128 * 128, torch.bfloat16) == (64, 4)
+    assert ops._pixel_tile(128 * 128, torch.float32) == (64, 8)
+    monkeypatch.setattr(ops, "_TRITON_BEFORE_3_7", False)
+    assert ops._pixel_tile(128 * 128, torch.bfloat16) == (64, 8)

@@ -149,12 +149,13 @@ def test_fused_epilogues_match_the_model(tiny, channels_last, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, channels", [(torch.float32, 4), (torch.bfloat16, 8)])
-def test_padded_stem_input_gives_the_same_scores(tiny, dtype, channels, monkeypatch):
-    """The stem conv on a zero-padded input (16 bytes per pixel, as on CUDA) with zero input
-    channels in its weight: the same scores and input gradients as with 3 channels."""
+def test_padded_stem_input_gradient_is_the_same(tiny, dtype, channels, monkeypatch):
+    """The stem conv's input gradient from its weight zero-padded to 16 bytes of input channels
+    (as on CUDA), cut back to 3: the same scores and input gradients as without."""
     seen = []
-    conv2d = F.conv2d
-    monkeypatch.setattr(F, "conv2d", lambda x, w, *a: seen.append(tuple(w.shape)) or conv2d(x, w, *a))
+    conv2d_input = torch.nn.grad.conv2d_input
+    monkeypatch.setattr(torch.nn.grad, "conv2d_input",
+                        lambda size, w, *a: seen.append(tuple(w.shape)) or conv2d_input(size, w, *a))
     sr, hr = _pair(b=2, h=48, w=64)
     plain = pban_for_loss(tiny, dtype=dtype, stem_pad=False)
     padded = pban_for_loss(tiny, dtype=dtype)
@@ -162,12 +163,14 @@ def test_padded_stem_input_gives_the_same_scores(tiny, dtype, channels, monkeypa
     assert isinstance(stem, StemConvReLU) and stem.pad_devices == {"cuda"}
     stem.pad_devices = {"cpu"}
     expected, expected_grad = _score_and_grad(plain, sr, hr)
-    seen.clear()
     scores, grad = _score_and_grad(padded, sr, hr)
-    assert seen.count((tiny.stem[0].out_channels, channels, 7, 7)) == 2  # sr and hr
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(scores, expected, atol=tol, rtol=tol)
-    assert (grad - expected_grad).abs().max() <= tol * expected_grad.abs().max()
+    assert seen == [(tiny.stem[0].out_channels, channels, 7, 7)]  # once: sr's path (hr needs no gradient)
+    if dtype == torch.float32:
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+        assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+    else:  # the bias is added after the bf16 rounding of the conv: ReLU masks move (see loss_mode.py)
+        assert (scores - expected).abs().max() <= 1e-2 * expected.abs().max()
+        assert F.cosine_similarity(grad.flatten(), expected_grad.flatten(), dim=0) > 0.95
 
 
 def test_fused_epilogue_switch(tiny, monkeypatch):

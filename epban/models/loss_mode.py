@@ -19,8 +19,8 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
 - The ResNet convolutions' epilogues fused (CUDA): each conv runs without bias, and one pass
   (``epban.ops.bias_act``) adds the bias (and the residual, and a downsample's bias) and applies
   the ReLU, instead of PyTorch's strided bias ``add_``, the ReLU and the residual add.
-- The stem conv's input (3 channels) zero-padded to 16 bytes per pixel on CUDA, with zero
-  input channels in its weight: the same sums through cuDNN's aligned kernels.
+- The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
+  16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
 - No host syncs: inputs are checked by shape only (no finite check).
 - ``cuda_graph=True``: forward and backward are captured once per input shape, dtype and
   device (``torch.cuda.make_graphed_callables``) and replayed; the scores and the gradient
@@ -95,13 +95,33 @@ class ConvReLU(nn.Module):
         return F.relu(self.conv(x))
 
 
+class _ConvWithPaddedInputGrad(torch.autograd.Function):
+    """conv2d(x, weight) without bias, whose input gradient is computed with ``padded_weight``
+    (the weight with zero input channels added) and cut back to x's channels: the same values."""
+
+    @staticmethod
+    def forward(ctx, x, weight, padded_weight, stride, padding, dilation, groups):
+        ctx.save_for_backward(padded_weight)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (padded_weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        padded_shape = (shape[0], padded_weight.shape[1], shape[2], shape[3])
+        grad_x = torch.nn.grad.conv2d_input(padded_shape, padded_weight, grad, stride, padding, dilation, groups)
+        return grad_x[:, :shape[1]], None, None, None, None, None, None
+
+
 class StemConvReLU(ConvReLU):
     """The stem's relu(conv(x)) (7x7, stride 2, 3 input channels). On the devices in
-    ``pad_devices`` (CUDA by default) its input is zero-padded to 16 bytes per pixel (8 bf16 or
-    4 float32 channels) and its weight with as many zero input channels, the same sums: with
-    3 channels (6 or 12 bytes per channels_last pixel) cuDNN falls back to unaligned kernels,
-    whose forward and input gradient took ~0.55 ms of a bf16 loss step at 16x3x256x256 on an
-    H100 (~0.77 ms at 1x3x1024x1024)."""
+    ``pad_devices`` (CUDA by default), when x requires grad, the input gradient is computed with
+    the weight zero-padded to 16 bytes of input channels per pixel (8 bf16 or 4 float32
+    channels) and cut back to 3 channels: the same values. Measured on an H100 (bf16, 16x3x256x256
+    and 1x3x1024x1024): with 3 channels cuDNN's input gradient runs an unaligned kernel (0.29 and
+    0.51 ms); padded, it is under 0.12 ms. The forward stays on 3 channels: padded, it took
+    0.32 ms a call instead of 0.13 (the padding's zeros are multiplied too)."""
 
     def __init__(self, conv: nn.Conv2d, fused_epilogue: bool = True, pad: bool = True):
         super().__init__(conv, fused_epilogue)
@@ -111,23 +131,26 @@ class StemConvReLU(ConvReLU):
     def _padded_weight(self, channels: int) -> torch.Tensor:
         weight = self.conv.weight
         if self._padded is None or self._padded[0] is not weight or self._padded[1] != channels:
-            self._padded = (weight, channels, F.pad(weight.detach(), (0, 0, 0, 0, 0, channels - weight.shape[1])))
+            padded = F.pad(weight.detach(), (0, 0, 0, 0, 0, channels - weight.shape[1]))
+            if weight.is_contiguous(memory_format=torch.channels_last):
+                padded = padded.contiguous(memory_format=torch.channels_last)
+            self._padded = (weight, channels, padded)
         return self._padded[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.conv.weight
-        if x.device.type in self.pad_devices and x.shape[1] * x.element_size() < 16:
-            channels = 16 // x.element_size()
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            x = F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1]))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            weight = self._padded_weight(channels)
         c = self.conv
-        if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
-            y = F.conv2d(x, weight, None, c.stride, c.padding, c.dilation, c.groups)
-            return bias_act(y, c.bias, backend=self.epilogue_backend)
-        return F.relu(F.conv2d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups))
+        fused = self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
+        if (x.device.type in self.pad_devices and x.requires_grad and torch.is_grad_enabled()
+                and x.shape[1] * x.element_size() < 16):
+            padded_weight = self._padded_weight(16 // x.element_size())
+            y = _ConvWithPaddedInputGrad.apply(x, c.weight, padded_weight, c.stride, c.padding, c.dilation,
+                                               c.groups)
+            if fused:
+                return bias_act(y, c.bias, backend=self.epilogue_backend)
+            return F.relu(y + c.bias.view(1, -1, 1, 1))
+        if fused:
+            return bias_act(_conv_without_bias(x, c), c.bias, backend=self.epilogue_backend)
+        return F.relu(c(x))
 
 
 class EpilogueBasicBlock(nn.Module):
@@ -386,9 +409,9 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``fused_epilogue``: on CUDA, the ResNet convs run without bias and ``epban.ops.bias_act``
     adds bias, residual and ReLU in one pass (default on; ``EPBAN_LOSS_FUSED_EPILOGUE=0`` or
     ``False`` keeps PyTorch's separate kernels).
-    ``stem_pad``: on CUDA, the 3-channel input and the stem conv's weight are zero-padded to
-    16 bytes per pixel, for cuDNN's aligned kernels (default on; ``EPBAN_LOSS_STEM_PAD=0`` or
-    ``False`` keeps 3 channels).
+    ``stem_pad``: on CUDA, the stem conv's input gradient is computed with its weight
+    zero-padded to 16 bytes of input channels, for cuDNN's aligned kernels (default on;
+    ``EPBAN_LOSS_STEM_PAD=0`` or ``False`` keeps 3 channels).
     """
     scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
                             fused_epilogue=fused_epilogue, stem_pad=stem_pad)

@@ -216,6 +216,8 @@ FP32_PRECISION = os.environ.get("EPBAN_DEFORM_FP32_PRECISION", "ieee")
 _FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _BLOCK_P = 64
 _BLOCK_C = 32
+# The Triton the tiles were timed with (see _pixel_tile).
+_TRITON_BEFORE_3_7 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
 # Channel block of the input-gradient kernel. 16 takes the bf16 kernel from 195 to 118
 # registers under Triton 3.6 (2 programs per SM instead of 1) for twice the loop steps; timed on
 # an H100 (2026-11-27, fwd+bwd of the four branches, bf16) it is slower: 2.79 vs 2.74 ms at
@@ -239,14 +241,22 @@ def _precision(dtype, fp32_precision: str) -> str:
     return "ieee" if triton_interpret() else fp32_precision
 
 
-def _pixel_tile(pixels: int) -> tuple[int, int]:
+def _pixel_tile(pixels: int, dtype=torch.float32) -> tuple[int, int]:
     """(BLOCK_P, num_warps) of the forward and input-gradient kernels.
 
     A program runs all k^2 taps of one branch, so the k = 9 programs set the critical path:
     below ~1000 programs, 32-pixel tiles cut it and fill the SMs; above, 64-pixel tiles halve
-    the weight traffic. 64-pixel tiles need 8 warps to stay within registers (ptxas, sm_90).
+    the weight traffic. float32 64-pixel tiles need 8 warps to stay within registers (ptxas,
+    sm_90). bf16/fp16 ones with 4 warps ran faster on an H100 under Triton 3.6 (2026-11-27,
+    scripts/deform_tile_sweep.py, bf16 fwd + bwd at 1x256x128x128: 5.40 ms against 6.22 ms with
+    8 warps); Triton 3.8 compiles them with spills (700 and 1,308 bytes, scripts/kernel_resources.py)
+    and is untimed there, so it keeps 8 warps.
     """
-    return (_BLOCK_P, 8) if pixels >= 256 * _BLOCK_P else (32, 4)
+    if pixels < 256 * _BLOCK_P:
+        return 32, 4
+    if dtype != torch.float32 and _TRITON_BEFORE_3_7:
+        return _BLOCK_P, 4
+    return _BLOCK_P, 8
 
 
 def _block_c(c: int, compiled: int = _BLOCK_C) -> int:
@@ -300,7 +310,7 @@ def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
     nb, ob = len(kernel_sizes), weight.shape[-1]
     out = _out_like(x, nb * ob, x.dtype)
     ks, tap0, order, _ = _tables(kernel_sizes, x.device)
-    (block_p, warps), block_o = _pixel_tile(b * h * w), _block_o(ob)
+    (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
     n_pblocks = triton.cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b, triton.cdiv(ob, block_o))
     mbdc_fwd_kernel[grid](
@@ -321,7 +331,7 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
     grad_x = torch.zeros_like(x, dtype=torch.float32)  # keeps x's (dense) strides: the kernel indexes both alike
     grad_off = torch.empty_like(offsets)
     ks, tap0, order, _ = _tables(kernel_sizes, x.device)
-    (block_p, warps), block_o = _pixel_tile(b * h * w), _block_o(ob)
+    (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
     n_pblocks = triton.cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b)
     mbdc_bwd_data_kernel[grid](
