@@ -173,6 +173,7 @@ def check_loss_mode(report: Report, model, compile_check: bool):
 # Kernel name fragments -> the part of the model they belong to (first match wins).
 _PARTS = [("mbdc_", "deformable conv (Triton)"), ("_axial_", "axial attention (Triton)"),
           ("bias_act", "conv epilogues (Triton)"), ("implicit_gemm", "convolutions (cuDNN)"),
+          ("fprop", "convolutions (cuDNN)"),  # cutlass kernels: their names also hold "nhwc"
           ("bmm", "attention matmuls (reference)"), ("gemm", "GEMMs (cuBLAS)"), ("conv", "convolutions (cuDNN)"),
           ("wgrad", "convolutions (cuDNN)"), ("dgrad", "convolutions (cuDNN)"), ("xmma", "convolutions (cuDNN)"),
           ("sm90", "convolutions / GEMMs (cuDNN, cuBLAS)"), ("softmax", "softmax"), ("reduce", "reductions"),
