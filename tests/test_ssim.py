@@ -276,6 +276,20 @@ def test_fused_matches_reference(device, shape, padding, reduction, ssim_path):
     check_fused(x, y, padding, reduction)
 
 
+@needs_cuda_kernel[0]
+@needs_cuda_kernel[1]
+@pytest.mark.parametrize("tile_rows", ["32", "60"])
+@pytest.mark.parametrize("shape", [(1, 3, 257, 131), (2, 2, 61, 95)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_backward_tiles(tile_rows, shape, ssim_path, monkeypatch):
+    """Both tiles of the CUDA backward (EPBAN_SSIM_CUDA_TILE_ROWS forces one), on heights that
+    leave partial tiles, both training paths, from NaN-poisoned allocations."""
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", tile_rows)
+    x, y = image_pair(shape, device="cuda", seed=sum(shape))
+    with poisoned_allocations():
+        check_fused(x, y, "valid", "mean")
+        check_fused(x, y, "same", "none")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_data_range_and_constants(device, ssim_path):
     x, y = image_pair((2, 3, 19, 23), device=device)
