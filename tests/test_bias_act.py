@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from epban.ops import bias_act as ops
+from epban.ops._checks import triton_unavailable_reason
 from epban.ops.bias_act import bias_act, bias_act_reference, fused_bias_act_serves
 from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_fused = pytest.mark.skipif(
-    not (torch.cuda.is_available() or ops._fused_unavailable_reason(torch.device("cpu"), torch.float32) is None),
+    not (torch.cuda.is_available() or triton_unavailable_reason("bias_act", "cpu", torch.float32) is None),
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 before triton is imported",
 )
 SHAPES = [(1, 3, 5, 7), (2, 13, 9, 11), (3, 64, 17, 6)]
@@ -66,7 +67,7 @@ def test_relu_masks_negatives_and_keeps_nan(launches):
 
 
 @needs_fused
-@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_types_round_once(dtype, launches):
     """Half inputs: the sum in float32, rounded once (the reference rounds after each op): on a
     GPU to nearest, as torch; the interpreter's conversion may truncate, so there one ulp."""

@@ -89,10 +89,14 @@ class ConvReLU(nn.Module):
         self.fused_epilogue = fused_epilogue
         self.epilogue_backend = "auto"  # of bias_act; "fused" runs it under TRITON_INTERPRET=1 (tests)
 
+    def _conv(self, x: torch.Tensor, bias) -> torch.Tensor:
+        return F.conv2d(x, self.conv.weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation,
+                        self.conv.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
-            return bias_act(_conv_without_bias(x, self.conv), self.conv.bias, backend=self.epilogue_backend)
-        return F.relu(self.conv(x))
+            return bias_act(self._conv(x, None), self.conv.bias, backend=self.epilogue_backend)
+        return F.relu(self._conv(x, self.conv.bias))
 
 
 class _ConvWithPaddedInputGrad(torch.autograd.Function):
@@ -137,20 +141,14 @@ class StemConvReLU(ConvReLU):
             self._padded = (weight, channels, padded)
         return self._padded[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        fused = self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
-        if (x.device.type in self.pad_devices and x.requires_grad and torch.is_grad_enabled()
+    def _conv(self, x: torch.Tensor, bias) -> torch.Tensor:
+        if not (x.device.type in self.pad_devices and x.requires_grad and torch.is_grad_enabled()
                 and x.shape[1] * x.element_size() < 16):
-            padded_weight = self._padded_weight(16 // x.element_size())
-            y = _ConvWithPaddedInputGrad.apply(x, c.weight, padded_weight, c.stride, c.padding, c.dilation,
-                                               c.groups)
-            if fused:
-                return bias_act(y, c.bias, backend=self.epilogue_backend)
-            return F.relu(y + c.bias.view(1, -1, 1, 1))
-        if fused:
-            return bias_act(_conv_without_bias(x, c), c.bias, backend=self.epilogue_backend)
-        return F.relu(c(x))
+            return super()._conv(x, bias)
+        c = self.conv
+        padded_weight = self._padded_weight(16 // x.element_size())
+        y = _ConvWithPaddedInputGrad.apply(x, c.weight, padded_weight, c.stride, c.padding, c.dilation, c.groups)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
 class EpilogueBasicBlock(nn.Module):

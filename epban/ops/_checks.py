@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from epban._extension import triton_available, triton_interpret
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def check_nchw_float(name: str, t) -> None:
     """``t`` must be a 4-D (B, C, H, W) floating-point tensor."""
@@ -37,3 +41,21 @@ def check_image_pair(x: torch.Tensor, y: torch.Tensor, *, name_x: str = "x", nam
         raise ValueError(f"{name_x} and {name_y} must be on the same device, got {x.device} and {y.device}")
     if same_dtype and x.dtype != y.dtype:
         raise ValueError(f"{name_x} and {name_y} must have the same dtype, got {x.dtype} and {y.dtype}")
+
+
+def triton_unavailable_reason(what: str, device, dtype=None, *, interpreter_refuses=None) -> str | None:
+    """Why the Triton kernels of ``what`` cannot serve ``dtype`` tensors on ``device`` (None when
+    they can): CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests' way), float32,
+    bfloat16 or float16. ``interpreter_refuses``: {dtype: reason} the interpreter gets wrong."""
+    device = torch.device(device)
+    if not triton_available():
+        return "Triton is not installed"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return f"{what} takes float32, bfloat16 or float16, got {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not triton_interpret():
+            return f"{what} runs on CPU tensors only under TRITON_INTERPRET=1"
+        return (interpreter_refuses or {}).get(dtype)
+    return f"no {what} for device type {device.type!r}"

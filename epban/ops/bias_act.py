@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from epban._extension import check_backend, triton_available, triton_interpret
-from epban.ops._checks import check_nchw_float, fused_requested
+from epban._extension import check_backend
+from epban.ops._checks import check_nchw_float, fused_requested, triton_unavailable_reason
 
 _BLOCK = 2048
 
@@ -31,18 +31,6 @@ def bias_act_reference(y, bias, residual=None, *, relu=True):
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
-
-
-def _fused_unavailable_reason(device, dtype) -> str | None:
-    if not triton_available():
-        return "Triton is not installed"
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"the fused epilogue takes float32, bfloat16 or float16, got {dtype}"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and triton_interpret():
-        return None
-    return f"the fused epilogue runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
 
 
 def _layout(t):
@@ -58,7 +46,7 @@ def fused_bias_act_available(device, dtype, backend="auto") -> bool:
     check_backend(backend)
     if backend == "auto" and torch.device(device).type != "cuda":
         return False
-    return fused_requested(backend, _fused_unavailable_reason(torch.device(device), dtype))
+    return fused_requested(backend, triton_unavailable_reason("the fused epilogue", device, dtype))
 
 
 def fused_bias_act_serves(y, residual=None, backend="auto") -> bool:

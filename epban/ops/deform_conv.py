@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from epban._extension import BACKENDS, triton_available, triton_interpret
-from epban.ops._checks import fused_requested
+from epban._extension import BACKENDS, triton_interpret
+from epban.ops._checks import fused_requested, triton_unavailable_reason
 
 try:
     import triton
@@ -93,20 +93,9 @@ def multi_branch_deform_conv_gather(x, offsets, weights, biases):
 
 def _fused_unavailable_reason(device, dtype=None) -> str | None:
     """Why the fused kernels cannot serve tensors on ``device`` (None when they can)."""
-    device = torch.device(device)
-    if not triton_available():
-        return "Triton is not installed"
-    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"the fused kernels take float32, bfloat16 or float16, got {dtype}"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if not triton_interpret():
-            return "the fused deformable convolution runs on CPU tensors only under TRITON_INTERPRET=1"
-        if dtype == torch.float16:
-            return "the Triton interpreter does not take float16 on CPU; use float32 or bfloat16"
-        return None
-    return f"no fused deformable convolution for device type {device.type!r}"
+    return triton_unavailable_reason(
+        "the fused deformable convolution", device, dtype,
+        interpreter_refuses={torch.float16: "the Triton interpreter does not take float16 on CPU; use float32 or bfloat16"})
 
 
 def fused_deform_conv_available(device) -> bool:
