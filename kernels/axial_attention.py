@@ -33,14 +33,13 @@ channels_last every (position x channel) tile loads rows of contiguous channels 
 passes (coalesced; Triton specialises sC = 1, and on sm90 the kernels hold fewer registers
 and spill less than in NCHW: scripts/kernel_resources.py), and the loss mode's features
 need no layout copy. In NCHW, row tiles load contiguous positions.
-A program owns one tile of positions of ``SEQS`` neighbouring sequences. In the NCHW column
-pass the only contiguous direction is across sequences: with one sequence per program
-its loads are strided (served from L2: program ids put sequences fastest, so neighbours
-run side by side); ``CONFIG["seqs_col"]`` > 1 coalesces them with 3-D tiles and batched
-dots, which hold more registers (they spill at C=256 on sm90), so it is off by default
-(measured: no gain). ``CONFIG["col_layout"] = "transposed"`` instead gives the column pass
-(B, C, W, H) copies of its inputs, made per call: its tiles then load contiguous positions
-like the row pass's (``COL_T``), and it still writes NCHW (strided stores, once per element).
+A program owns one tile of positions of one sequence, with all C channels (C up to a few
+hundred: the tile stays in registers for the program's whole loop), and loops over the
+tiles of the other side. In NCHW, the column pass's only contiguous direction is across
+sequences: its loads are strided (served from L2: program ids put sequences fastest, so
+neighbours run side by side). ``CONFIG["col_layout"] = "transposed"`` instead gives the
+column pass (B, C, W, H) copies of its inputs, made per call: its tiles then load
+contiguous positions like the row pass's (``COL_T``), and it still writes NCHW.
 scripts/axial_gpu_check.py --profile times the configurations side by side.
 
 Launches (both directions of the block share every launch; program_id(1) = direction):
@@ -85,15 +84,17 @@ import triton.language as tl
 SIGMA_EPS = 1e-6
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
-# Tile configuration (the GPU check sweeps it): positions per tile in the row and column
-# passes, neighbouring column sequences per program, channels per step of the logits'
-# contraction, warps per program.
-# num_stages: software-pipelining depth of the loops (None: Triton's default).
+# Tile configuration (the GPU check sweeps it). block_row, block_col: positions per tile in
+# the row and column passes (None: 64 for resident half-precision tiles, else 32); block_ck: channels per
+# step of a chunked logits contraction; resident: hold whole-C tiles in registers (None:
+# for bfloat16/float16 and "tf32" dots, with C <= 512; see the forward section); warps per
+# program. num_stages: software-pipelining depth of the loops (None: 1 for resident float32
+# tiles, else Triton's default).
 # col_layout: "strided" (the column pass reads q, k, v, g in NCHW: each position of a tile in
 # its own 32-byte sector) or "transposed" (it reads (B, C, W, H) copies made per call:
 # coalesced tiles for 2 x 3 + 2 x 4 extra tensors of the inputs' size, made and freed per call).
 # EPBAN_AXIAL_COL_LAYOUT overrides the default col_layout.
-CONFIG = dict(block_row=32, block_col=32, seqs_col=1, block_ck=32, num_warps=8, num_stages=None,
+CONFIG = dict(block_row=None, block_col=None, block_ck=32, resident=None, num_warps=8, num_stages=None,
               col_layout=os.environ.get("EPBAN_AXIAL_COL_LAYOUT", "strided"))
 
 
@@ -111,17 +112,17 @@ def _sized_jit(fn):
 
 
 @triton.jit
-def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-              COL_T: tl.constexpr):
-    """Program ``local`` of a pass -> (image b, first sequence, tile of positions) and the
-    pass's sequence count NS, length L, the inputs' sequence and position strides, and the
+def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
+    """Program ``local`` of a pass -> (image b, sequence s, tile of positions) and the pass's
+    sequence count NS, length L, the inputs' sequence and position strides, and the
     outputs' (elements). sH, sW: the row and column strides of every tensor of the call
     (W and 1 in NCHW, W C and C in channels_last). COL_T: the column pass reads (B, C, W, H)
     copies of NCHW inputs, so its tiles load contiguous positions as the row pass's do; it
     writes NCHW all the same.
 
     Sequences vary fastest, then tiles, then images: an image's programs are contiguous
-    (its partial sums too), and neighbouring column sequences run side by side.
+    (its partial sums too), and neighbouring sequences (which share cache lines in the NCHW
+    column pass) run side by side.
     """
     if PASS == 0:
         NS = H
@@ -141,12 +142,11 @@ def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK
             s_pos = sH
         o_seq = sW
         o_pos = sH
-    n_groups = (NS + SEQS - 1) // SEQS
     n_tiles = (L + BLOCK - 1) // BLOCK
-    s0 = (local % n_groups) * SEQS
-    tile = (local // n_groups) % n_tiles
-    b = local // (n_groups * n_tiles)
-    return b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos
+    s = local % NS
+    tile = (local // NS) % n_tiles
+    b = local // (NS * n_tiles)
+    return b, s, tile, NS, L, s_seq, s_pos, o_seq, o_pos
 
 
 @triton.jit
@@ -160,88 +160,122 @@ def _pick(d, first, second):
 
 
 @triton.jit
-def _bdot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b for (SEQS, M, K) x (SEQS, K, N) tiles; one sequence goes through a 2-D dot
-    (batched dots keep operands in registers and spill at these tile sizes)."""
-    if a.shape[0] == 1:
-        acc2 = tl.dot(tl.reshape(a, [a.shape[1], a.shape[2]]), tl.reshape(b, [b.shape[1], b.shape[2]]),
-                      tl.reshape(acc, [acc.shape[1], acc.shape[2]]), input_precision=PRECISION)
-        return tl.reshape(acc2, [1, acc.shape[1], acc.shape[2]])
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+def _tile_setup(local, H, W, sB, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
+    """Offsets shared by every kernel body: seq_off / s_pos address the program's sequence in
+    the inputs, out_off / o_pos in the outputs (they differ under COL_T); offs_t / mask_t:
+    the program's tile of positions; rows: the sequence's first entry in the per-row state."""
+    b, s, tile, NS, L, s_seq, s_pos, o_seq, o_pos = _geometry(local, H, W, sH, sW, PASS, BLOCK, COL_T)
+    seq_off = b.to(tl.int64) * sB + s * s_seq
+    out_off = b.to(tl.int64) * sB + s * o_seq
+    offs_t = tile * BLOCK + tl.arange(0, BLOCK)
+    mask_t = offs_t < L
+    rows = (b * NS + s).to(tl.int64) * L
+    return b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos
 
 
 @triton.jit
-def _channel_dot(a_ptr, b_ptr, seq_off, offs_m, offs_n, mask_sm, mask_sn, C, sC, s_pos,
-                 SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
-                 PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """sum_c a[s, c, m] b[s, c, n] as a (SEQS, BLOCK, BLOCK) tile; mask_sm / mask_sn: (SEQS, BLOCK)."""
-    acc = tl.zeros([SEQS, BLOCK, BLOCK], dtype=ACC)
-    for c0 in range(0, C, BLOCK_CK):
-        offs_c = c0 + tl.arange(0, BLOCK_CK)
-        mask_c = offs_c < C
-        at = tl.load(a_ptr + seq_off[:, None, None] + offs_m[None, :, None] * s_pos + offs_c[None, None, :] * sC,
-                     mask=mask_sm[:, :, None] & mask_c[None, None, :], other=0.0)
-        bt = tl.load(b_ptr + seq_off[:, None, None] + offs_c[None, :, None] * sC + offs_n[None, None, :] * s_pos,
-                     mask=mask_c[None, :, None] & mask_sn[:, None, :], other=0.0)
-        acc = _bdot(at, bt, acc, PRECISION)
+def _by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC):
+    """x[c, p] of one sequence as a (positions, channels) tile: a dot's left operand."""
+    return tl.load(ptr + seq_off + offs_p[:, None] * s_pos + offs_c[None, :] * sC,
+                   mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+
+
+@triton.jit
+def _by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC):
+    """x[c, p] of one sequence as a (channels, positions) tile."""
+    return tl.load(ptr + seq_off + offs_c[:, None] * sC + offs_p[None, :] * s_pos,
+                   mask=mask_c[:, None] & mask_p[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _resident_by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC, RESIDENT: tl.constexpr):
+    """_by_position when the logits are contracted from resident tiles, else nothing (0.0)."""
+    if RESIDENT:
+        tile = _by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC)
+    else:
+        tile = 0.0
+    return tile
+
+
+@triton.jit
+def _resident_by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC, RESIDENT: tl.constexpr):
+    """_by_channel when the logits are contracted from resident tiles, else nothing (0.0)."""
+    if RESIDENT:
+        tile = _by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC)
+    else:
+        tile = 0.0
+    return tile
+
+
+@triton.jit
+def _logits(a_tile, b_tile, a_ptr, b_ptr, seq_off, offs_m, mask_m, offs_n, mask_n, C, sC, s_pos,
+            BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+            ACC: tl.constexpr):
+    """sum_c a[c, m] b[c, n] as a (BLOCK, BLOCK) tile. RESIDENT: one dot of the (m x all C) and
+    (all C x n) tiles a_tile, b_tile already in registers. Otherwise a loop over chunks of
+    BLOCK_CK channels loaded from a_ptr, b_ptr (a_tile, b_tile are unused): fewer registers,
+    which the float32-exact precisions need ("tf32x3" splits every operand in two)."""
+    acc = tl.zeros([BLOCK, BLOCK], dtype=ACC)
+    if RESIDENT:
+        acc = _dot(a_tile, b_tile, acc, PRECISION)
+    else:
+        for c0 in range(0, C, BLOCK_CK):
+            offs_k = c0 + tl.arange(0, BLOCK_CK)
+            mask_k = offs_k < C
+            at = _by_position(a_ptr, seq_off, offs_m, mask_m, offs_k, mask_k, s_pos, sC)
+            bt = _by_channel(b_ptr, seq_off, offs_k, mask_k, offs_n, mask_n, s_pos, sC)
+            acc = _dot(at, bt, acc, PRECISION)
     return acc
 
 
 @triton.jit
-def _channel_ptrs(ptr, seq_off, offs_c, offs_n, sC, s_pos):
-    """Pointers to the (SEQS, BLOCK_C, BLOCK) tile x[s, c, n]."""
-    return ptr + seq_off[:, None, None] + offs_c[None, :, None] * sC + offs_n[None, None, :] * s_pos
-
-
-@triton.jit
-def _store_channels(ptr, seq_off, offs_c, offs_n, mask_c, mask_sn, sC, s_pos, res, accumulate,
-                    ACC: tl.constexpr):
-    """x[s, c, n] = res, or x += res when ``accumulate`` (the column pass after the row pass)."""
-    ptrs = _channel_ptrs(ptr, seq_off, offs_c, offs_n, sC, s_pos)
-    mask = mask_c[None, :, None] & mask_sn[:, None, :]
+def _store_channels(ptr, out_off, offs_c, mask_c, offs_p, mask_p, sC, o_pos, res, accumulate, ACC: tl.constexpr):
+    """x[c, p] = res (a (channels, positions) tile), or x += res when ``accumulate`` (the
+    column pass after the row pass)."""
+    ptrs = ptr + out_off + offs_c[:, None] * sC + offs_p[None, :] * o_pos
+    mask = mask_c[:, None] & mask_p[None, :]
     res += tl.load(ptrs, mask=mask & (accumulate != 0), other=0.0).to(ACC)
     tl.store(ptrs, res.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _tile_setup(local, H, W, sB, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-                COL_T: tl.constexpr):
-    """Offsets shared by every kernel body: image base, sequences, the owned tile of positions;
-    seq_off / s_pos address the inputs, out_off / o_pos the outputs (they differ under COL_T)."""
-    b, s0, tile, NS, L, s_seq, s_pos, o_seq, o_pos = _geometry(local, H, W, sH, sW, PASS, SEQS, BLOCK, COL_T)
-    offs_s = s0 + tl.arange(0, SEQS)
-    mask_s = offs_s < NS
-    seq_off = b.to(tl.int64) * sB + offs_s * s_seq
-    out_off = b.to(tl.int64) * sB + offs_s * o_seq
-    offs_t = tile * BLOCK + tl.arange(0, BLOCK)
-    mask_st = mask_s[:, None] & (offs_t < L)[None, :]
-    rows = (b * NS + offs_s) * L
-    return b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows, out_off, o_pos
-
-
 # ----------------------------------------------------------------------------- forward
+# RESIDENT (bfloat16/float16 and "tf32" dots): every kernel body holds its program's own
+# tile of positions of one sequence, all C channels (BLOCK_C = next power of two >= C), in
+# registers for the whole loop, so the logits' contraction over channels is one dot per
+# step, and each step loads only the other side's tile (k or q, and v or g): half the loads
+# of a channel-chunked contraction, and plain "load, dot" steps that Triton pipelines.
+# Otherwise ("ieee" and "tf32x3", whose split operands would not fit) the logits are
+# contracted over chunks of BLOCK_CK channels, both sides loaded per chunk.
 
 
 @triton.jit
-def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-                BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, _, _ = _tile_setup(
-        local, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
-    n_i = tl.sum(tl.sum(mask_si.to(ACC), axis=1), axis=0)
+def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                ACC: tl.constexpr, COL_T: tl.constexpr):
+    b, L, s_pos, seq_off, offs_i, mask_i, rows, _, _ = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    n_i = tl.sum(mask_i.to(ACC), axis=0)
     n = tl.full([], 0.0, ACC)
     mean = tl.full([], 0.0, ACC)
     m2 = tl.full([], 0.0, ACC)
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
-        mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-        valid = mask_si[:, :, None] & (offs_j < L)[None, None, :]
-        t_n = n_i * tl.sum((offs_j < L).to(ACC), axis=0)
-        t_mean = tl.sum(tl.sum(tl.sum(tl.where(valid, S, 0.0), axis=2), axis=1), axis=0) / t_n
+        mask_j = offs_j < L
+        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+        S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
+                    RESIDENT, PRECISION, ACC)
+        valid = mask_i[:, None] & mask_j[None, :]
+        t_n = n_i * tl.sum(mask_j.to(ACC), axis=0)
+        t_mean = tl.sum(tl.sum(tl.where(valid, S, 0.0), axis=1), axis=0) / t_n
         dev = tl.where(valid, S - t_mean, 0.0)
-        t_m2 = tl.sum(tl.sum(tl.sum(dev * dev, axis=2), axis=1), axis=0)
+        t_m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
         tot = n + t_n
         delta = t_mean - mean
         mean = mean + delta * (t_n / tot)
@@ -254,9 +288,9 @@ def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr
 
 @_sized_jit
 def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, W, sB, sC, sH, sW, n_row_progs, n_progs,
-                            SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
-                            BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                            COL_T: tl.constexpr):
+                            BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                            ACC: tl.constexpr, COL_T: tl.constexpr):
     """Moments of the logits of one strip of rows: part = (n, mean, M2), row programs first.
 
     Tiles are merged with Chan's formula (mean and M2 about the mean, never the sum of
@@ -264,16 +298,13 @@ def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, 
     """
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    qp = _pick(d, q0, q1)
-    kp = _pick(d, k0, k1)
-    qtp = _pick(d, qt0, qt1)
-    ktp = _pick(d, kt0, kt1)
     part = part_ptr + (d * n_progs + pid) * 3
     if pid < n_row_progs:
-        _stats_body(qp, kp, part, pid, C, H, W, sB, sC, sH, sW, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
+        _stats_body(_pick(d, q0, q1), _pick(d, k0, k1), part, pid, C, H, W, sB, sC, sH, sW, 0, BLOCK_ROW, BLOCK_C,
+                    BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
     else:
-        _stats_body(qtp, ktp, part, pid - n_row_progs, C, H, W, sB, sC, sH, sW, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC,
-                    COL_T)
+        _stats_body(_pick(d, qt0, qt1), _pick(d, kt0, kt1), part, pid - n_row_progs, C, H, W, sB, sC, sH, sW, 1,
+                    BLOCK_COL, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
 
 
 @triton.jit
@@ -321,76 +352,76 @@ def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, pe
 
 
 @triton.jit
-def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sB, sC, sH, sW, sample, NG,
-              PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-              BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, _, _ = _tile_setup(
-        local, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
+def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sB, sC, sH, sW, sample,
+              PASS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr,
+              RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+    b, L, s_pos, seq_off, offs_i, mask_i, rows, _, _ = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats + (b * sample) * 3 + 1)
-    m_i = tl.full([SEQS, BLOCK], float("-inf"), ACC)
-    l_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    m_i = tl.full([BLOCK], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK], dtype=ACC)
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
-        mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-        z = tl.where((offs_j < L)[None, None, :], S * inv_sigma, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=2))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, :, None]), axis=2)
+        mask_j = offs_j < L
+        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+        S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
+                    RESIDENT, PRECISION, ACC)
+        z = tl.where(mask_j[None, :], S * inv_sigma, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(lse_ptr + rows[:, None] + offs_i[None, :], m_i + tl.log(l_i), mask=mask_si)
+    tl.store(lse_ptr + rows + offs_i, m_i + tl.log(l_i), mask=mask_i)
 
 
 @_sized_jit
 def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG,
-                          n_row_progs,
-                          sample, SEQS_COL: tl.constexpr, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
-                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+                          n_row_progs, sample, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
+                          PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """lse[i] = logsumexp_j S[i, j] / sigma for one strip of rows (online over j tiles)."""
     pid = tl.program_id(0)
     d = tl.program_id(1)
-    qp = _pick(d, q0, q1)
-    kp = _pick(d, k0, k1)
-    qtp = _pick(d, qt0, qt1)
-    ktp = _pick(d, kt0, kt1)
     if pid < n_row_progs:
-        _lse_body(qp, kp, stats_ptr + (d * 2) * NG * 3, lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid,
-                  C, H, W, sB, sC, sH, sW, sample, NG, 0, 1, BLOCK_ROW, BLOCK_CK, PRECISION, ACC, COL_T)
+        _lse_body(_pick(d, q0, q1), _pick(d, k0, k1), stats_ptr + (d * 2) * NG * 3,
+                  lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid, C, H, W, sB, sC, sH, sW, sample, 0, BLOCK_ROW,
+                  BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
     else:
-        _lse_body(qtp, ktp, stats_ptr + (d * 2 + 1) * NG * 3, lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W,
-                  pid - n_row_progs, C, H, W, sB, sC, sH, sW, sample, NG, 1, SEQS_COL, BLOCK_COL, BLOCK_CK, PRECISION, ACC, COL_T)
+        _lse_body(_pick(d, qt0, qt1), _pick(d, kt0, kt1), stats_ptr + (d * 2 + 1) * NG * 3,
+                  lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W, pid - n_row_progs, C, H, W, sB, sC, sH, sW,
+                  sample, 1, BLOCK_COL, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
 
 
 @_sized_jit
 def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                          accumulate,
-                          PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                          COL_T: tl.constexpr):
+                          accumulate, PASS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                          ACC: tl.constexpr, COL_T: tl.constexpr):
     """out[c, j] (+)= 0.5 sum_i v[c, i] exp(S[i, j] / sigma - lse[i]) for one strip of columns j."""
     d = tl.program_id(1)
-    qp = _pick(d, q0, q1)
     kp = _pick(d, k0, k1)
-    vp = _pick(d, v0, v1)
-    op = _pick(d, o0, o1)
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_j, mask_sj, rows, out_off, o_pos = _tile_setup(
-        tl.program_id(0), H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
+    b, L, s_pos, seq_off, offs_j, mask_j, rows, out_off, o_pos = _tile_setup(
+        tl.program_id(0), H, W, sB, sH, sW, PASS, BLOCK, COL_T)
     inv_sigma = 1.0 / tl.load(stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3 + 1)
     lse_base = lse_ptr + (d * 2 + PASS).to(tl.int64) * B * H * W + rows
+    qp = _pick(d, q0, q1)
+    vp = _pick(d, v0, v1)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    acc = tl.zeros([SEQS, BLOCK_C, BLOCK], dtype=ACC)
+    k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+    acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     for i0 in range(0, L, BLOCK):
         offs_i = i0 + tl.arange(0, BLOCK)
-        mask_si = mask_s[:, None] & (offs_i < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-        lse = tl.load(lse_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
-        a = tl.where(mask_si[:, :, None], tl.exp(S * inv_sigma - lse[:, :, None]), 0.0)
-        vt = tl.load(_channel_ptrs(vp, seq_off, offs_c, offs_i, sC, s_pos),
-                     mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
-        acc = _bdot(vt, a.to(vt.dtype), acc, PRECISION)
-    _store_channels(op, out_off, offs_c, offs_j, mask_c, mask_sj, sC, o_pos, 0.5 * acc, accumulate, ACC)
+        mask_i = offs_i < L
+        q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+        S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
+                    RESIDENT, PRECISION, ACC)
+        lse = tl.load(lse_base + offs_i, mask=mask_i, other=0.0)
+        a = tl.where(mask_i[:, None], tl.exp(S * inv_sigma - lse[:, None]), 0.0)
+        v_blk = _by_channel(vp, seq_off, offs_c, mask_c, offs_i, mask_i, s_pos, sC)
+        acc = _dot(v_blk, a.to(v_blk.dtype), acc, PRECISION)
+    _store_channels(_pick(d, o0, o1), out_off, offs_c, mask_c, offs_j, mask_j, sC, o_pos, 0.5 * acc, accumulate, ACC)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -399,50 +430,52 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
 @_sized_jit
 def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, lse_ptr, drow_ptr, dpart_ptr,
                          pid_offset, B, C, H, W, sB, sC, sH, sW, NG, n_progs, sample, accumulate, need_v,
-                         PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+                         PASS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                         ACC: tl.constexpr, COL_T: tl.constexpr):
     """For one strip of rows i: dv[c, i] (+)= sum_j A g[c, j], D[i], and sum_i (E[i] - D[i] F[i])."""
     d = tl.program_id(1)
+    local = tl.program_id(0)
+    b, L, s_pos, seq_off, offs_i, mask_i, rows, out_off, o_pos = _tile_setup(
+        local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+    st = stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3
+    mu = tl.load(st)
+    inv_sigma = 1.0 / tl.load(st + 1)
+    row_ptrs = (d * 2 + PASS).to(tl.int64) * B * H * W + rows + offs_i
+    lse = tl.load(lse_ptr + row_ptrs, mask=mask_i, other=0.0)
     qp = _pick(d, q0, q1)
     kp = _pick(d, k0, k1)
     vp = _pick(d, v0, v1)
     gp = _pick(d, g0, g1)
-    dvp = _pick(d, dv0, dv1)
-    local = tl.program_id(0)
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_i, mask_si, rows, out_off, o_pos = _tile_setup(
-        local, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
-    st = stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3
-    mu = tl.load(st)
-    inv_sigma = 1.0 / tl.load(st + 1)
-    row_ptrs = (d * 2 + PASS).to(tl.int64) * B * H * W + rows[:, None] + offs_i[None, :]
-    lse = tl.load(lse_ptr + row_ptrs, mask=mask_si, other=0.0)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    acc = tl.zeros([SEQS, BLOCK_C, BLOCK], dtype=ACC)
-    d_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
-    e_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
-    f_i = tl.zeros([SEQS, BLOCK], dtype=ACC)
+    q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    vt_blk = _resident_by_position(vp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
+    d_i = tl.zeros([BLOCK], dtype=ACC)
+    e_i = tl.zeros([BLOCK], dtype=ACC)
+    f_i = tl.zeros([BLOCK], dtype=ACC)
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
-        mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-        S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                         SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-        valid = mask_si[:, :, None] & (offs_j < L)[None, None, :]
-        a = tl.where(valid, tl.exp(S * inv_sigma - lse[:, :, None]), 0.0)
-        da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                                SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
+        mask_j = offs_j < L
+        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+        g_blk = _by_channel(gp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC)
+        S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
+                    RESIDENT, PRECISION, ACC)
+        valid = mask_i[:, None] & mask_j[None, :]
+        a = tl.where(valid, tl.exp(S * inv_sigma - lse[:, None]), 0.0)
+        da = 0.5 * _logits(vt_blk, g_blk, vp, gp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK,
+                           BLOCK_CK, RESIDENT, PRECISION, ACC)
         ada = a * da
         sc = S - mu
-        d_i += tl.sum(ada, axis=2)
-        e_i += tl.sum(ada * sc, axis=2)
-        f_i += tl.sum(a * sc, axis=2)
-        gt = tl.load(_channel_ptrs(gp, seq_off, offs_c, offs_j, sC, s_pos),
-                     mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
-        acc = _bdot(gt, tl.permute(a, (0, 2, 1)).to(gt.dtype), acc, PRECISION)
-    tl.store(drow_ptr + row_ptrs, d_i, mask=mask_si)
-    tl.store(dpart_ptr + d * n_progs + pid_offset + local, tl.sum(tl.sum(e_i - d_i * f_i, axis=1), axis=0))
-    _store_channels(dvp, out_off, offs_c, offs_i, mask_c & (((need_v >> d) & 1) != 0), mask_si, sC, o_pos,
-                    0.5 * acc, accumulate, ACC)
+        d_i += tl.sum(ada, axis=1)
+        e_i += tl.sum(ada * sc, axis=1)
+        f_i += tl.sum(a * sc, axis=1)
+        acc = _dot(g_blk, tl.trans(a).to(g_blk.dtype), acc, PRECISION)
+    tl.store(drow_ptr + row_ptrs, d_i, mask=mask_i)
+    tl.store(dpart_ptr + d * n_progs + pid_offset + local, tl.sum(e_i - d_i * f_i, axis=0))
+    _store_channels(_pick(d, dv0, dv1), out_off, offs_c, mask_c & (((need_v >> d) & 1) != 0), offs_i, mask_i, sC,
+                    o_pos, 0.5 * acc, accumulate, ACC)
 
 
 @_sized_jit
@@ -463,26 +496,25 @@ def _axial_bwd_omega_kernel(dpart_ptr, stats_ptr, omega_ptr, NG, B, n_row_progs,
 
 
 @triton.jit
-def _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, lse, d_i, mu, inv_sigma, omega,
-                     C, sC, s_pos, SEQS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
-                     PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """dS[s, i, j] = A (dA - D[i]) / sigma + omega (S - mu), zero outside the sequences."""
-    S = _channel_dot(qp, kp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                     SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-    a = tl.exp(S * inv_sigma - lse[:, :, None])
-    da = 0.5 * _channel_dot(vp, gp, seq_off, offs_i, offs_j, mask_si, mask_sj, C, sC, s_pos,
-                            SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-    ds = a * (da - d_i[:, :, None]) * inv_sigma + omega * (S - mu)
-    return tl.where(mask_si[:, :, None] & mask_sj[:, None, :], ds, 0.0)
+def _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos,
+                     lse, d_i, mu, inv_sigma, omega, BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr,
+                     RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dS[i, j] = A (dA - D[i]) / sigma + omega (S - mu), zero outside the sequence."""
+    S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
+                RESIDENT, PRECISION, ACC)
+    a = tl.exp(S * inv_sigma - lse[:, None])
+    da = 0.5 * _logits(vt_blk, g_blk, vp, gp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK,
+                       BLOCK_CK, RESIDENT, PRECISION, ACC)
+    ds = a * (da - d_i[:, None]) * inv_sigma + omega * (S - mu)
+    return tl.where(mask_i[:, None] & mask_j[None, :], ds, 0.0)
 
 
 @_sized_jit
 def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
                           stats_ptr, omega_ptr, lse_ptr, drow_ptr, n_pass_progs, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                          accumulate,
-                          need_q, need_k, PASS: tl.constexpr, SEQS: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, PRECISION: tl.constexpr,
-                          ACC: tl.constexpr, COL_T: tl.constexpr):
+                          accumulate, need_q, need_k, PASS: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
+                          PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
     """The first n_pass_progs programs: dq[c, i] (+)= sum_j dS[i, j] k[c, j] for a strip of rows i;
     the others: dk[c, j] (+)= sum_i dS[i, j] q[c, i] for a strip of columns j.
 
@@ -495,13 +527,11 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     kp = _pick(d, k0, k1)
     vp = _pick(d, v0, v1)
     gp = _pick(d, g0, g1)
-    dqp = _pick(d, dq0, dq1)
-    dkp = _pick(d, dk0, dk1)
     is_dk = pid >= n_pass_progs
     role = is_dk.to(tl.int32)
     need = ((need_q + role * (need_k - need_q)) >> d) & 1
-    b, L, s_pos, offs_s, mask_s, seq_off, offs_t, mask_st, rows, out_off, o_pos = _tile_setup(
-        pid - role * n_pass_progs, H, W, sB, sH, sW, PASS, SEQS, BLOCK, COL_T)
+    b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(
+        pid - role * n_pass_progs, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
     st = (d * 2 + PASS) * NG + b * sample
     mu = tl.load(stats_ptr + st * 3)
     inv_sigma = 1.0 / tl.load(stats_ptr + st * 3 + 1)
@@ -509,33 +539,38 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     row_base = (d * 2 + PASS).to(tl.int64) * B * H * W + rows
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    acc = tl.zeros([SEQS, BLOCK_C, BLOCK], dtype=ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     if is_dk:
+        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_t, mask_t, s_pos, sC, RESIDENT)
+        g_blk = _resident_by_channel(gp, seq_off, offs_c, mask_c, offs_t, mask_t, s_pos, sC, RESIDENT)
         for i0 in range(0, L * need, BLOCK):
             offs_i = i0 + tl.arange(0, BLOCK)
-            mask_si = mask_s[:, None] & (offs_i < L)[None, :]
-            lse = tl.load(lse_ptr + row_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
-            d_i = tl.load(drow_ptr + row_base[:, None] + offs_i[None, :], mask=mask_si, other=0.0)
-            ds = _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_i, offs_t, mask_si, mask_st, lse, d_i, mu,
-                                  inv_sigma, omega, C, sC, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-            qt = tl.load(_channel_ptrs(qp, seq_off, offs_c, offs_i, sC, s_pos),
-                         mask=mask_c[None, :, None] & mask_si[:, None, :], other=0.0)
-            acc = _bdot(qt, ds.to(qt.dtype), acc, PRECISION)
-        outp = dkp
+            mask_i = offs_i < L
+            lse = tl.load(lse_ptr + row_base + offs_i, mask=mask_i, other=0.0)
+            d_i = tl.load(drow_ptr + row_base + offs_i, mask=mask_i, other=0.0)
+            q_blk = _by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC)
+            vt_blk = _resident_by_position(vp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+            ds = _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_i, mask_i, offs_t, mask_t,
+                                  C, sC, s_pos, lse, d_i, mu, inv_sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
+                                  ACC)
+            acc = _dot(tl.trans(q_blk), ds.to(q_blk.dtype), acc, PRECISION)
+        outp = _pick(d, dk0, dk1)
     else:
-        lse = tl.load(lse_ptr + row_base[:, None] + offs_t[None, :], mask=mask_st, other=0.0)
-        d_i = tl.load(drow_ptr + row_base[:, None] + offs_t[None, :], mask=mask_st, other=0.0)
+        lse = tl.load(lse_ptr + row_base + offs_t, mask=mask_t, other=0.0)
+        d_i = tl.load(drow_ptr + row_base + offs_t, mask=mask_t, other=0.0)
+        q_blk = _resident_by_position(qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, RESIDENT)
+        vt_blk = _resident_by_position(vp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, RESIDENT)
         for j0 in range(0, L * need, BLOCK):
             offs_j = j0 + tl.arange(0, BLOCK)
-            mask_sj = mask_s[:, None] & (offs_j < L)[None, :]
-            ds = _logit_grad_tile(qp, kp, vp, gp, seq_off, offs_t, offs_j, mask_st, mask_sj, lse, d_i, mu,
-                                  inv_sigma, omega, C, sC, s_pos, SEQS, BLOCK, BLOCK_CK, PRECISION, ACC)
-            kt = tl.load(_channel_ptrs(kp, seq_off, offs_c, offs_j, sC, s_pos),
-                         mask=mask_c[None, :, None] & mask_sj[:, None, :], other=0.0)
-            acc = _bdot(kt, tl.permute(ds, (0, 2, 1)).to(kt.dtype), acc, PRECISION)
-        outp = dqp
-    _store_channels(outp, out_off, offs_c, offs_t, mask_c & (need != 0), mask_st, sC, o_pos, acc, accumulate,
-                    ACC)
+            mask_j = offs_j < L
+            k_blk = _by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC)
+            g_blk = _resident_by_channel(gp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+            ds = _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_t, mask_t, offs_j, mask_j,
+                                  C, sC, s_pos, lse, d_i, mu, inv_sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
+                                  ACC)
+            acc = _dot(k_blk, tl.trans(ds).to(k_blk.dtype), acc, PRECISION)
+        outp = _pick(d, dq0, dq1)
+    _store_channels(outp, out_off, offs_c, mask_c & (need != 0), offs_t, mask_t, sC, o_pos, acc, accumulate, ACC)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -550,38 +585,49 @@ class _Plan:
         self.B, self.C, self.H, self.W = B, C, H, W
         self.sample = int(sigma_scope == "sample")
         self.NG = B if self.sample else 1
-        self.block_row = max(16, min(cfg["block_row"], triton.next_power_of_2(W)))
-        self.block_col = max(16, min(cfg["block_col"], triton.next_power_of_2(H)))
+        self.block_c = max(16, triton.next_power_of_2(C))
+        if precision not in FP32_PRECISIONS:
+            raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+        self.precision = precision if dtype == torch.float32 else "ieee"
+        half = dtype in (torch.float16, torch.bfloat16)
+        self.resident = cfg["resident"]
+        if self.resident is None:
+            self.resident = (half or self.precision == "tf32") and self.block_c <= 512
+        # resident float32 tiles of 64 positions need more shared memory than an SM has on
+        # some strides (scripts/kernel_resources.py)
+        block = 64 if self.resident and half else 32
+        self.block_row = max(16, min(cfg["block_row"] or block, triton.next_power_of_2(W)))
+        self.block_col = max(16, min(cfg["block_col"] or block, triton.next_power_of_2(H)))
+        self.block_ck = max(16, min(cfg["block_ck"], self.block_c))
         if cfg["col_layout"] not in ("strided", "transposed"):
             raise ValueError(f"col_layout must be 'strided' or 'transposed', got {cfg['col_layout']!r}")
         # channels_last tiles load contiguous channels in both passes: no transposed copies
         self.col_t = cfg["col_layout"] == "transposed" and not channels_last
-        # several column sequences per program only coalesce strided loads
-        self.seqs_col = 1 if self.col_t else max(1, min(cfg["seqs_col"], triton.next_power_of_2(W)))
-        self.block_c = max(16, triton.next_power_of_2(C))
-        self.block_ck = max(16, min(cfg["block_ck"], triton.next_power_of_2(C)))
         self.per_row = H * triton.cdiv(W, self.block_row)
-        self.per_col = triton.cdiv(W, self.seqs_col) * triton.cdiv(H, self.block_col)
+        self.per_col = W * triton.cdiv(H, self.block_col)
         self.n_row = B * self.per_row
         self.n_col = B * self.per_col
         self.n_progs = self.n_row + self.n_col
         self.acc = tl.float64 if dtype == torch.float64 else tl.float32
         self.acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
-        if precision not in FP32_PRECISIONS:
-            raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
-        self.precision = precision if dtype == torch.float32 else "ieee"
         self.num_warps = cfg["num_warps"] if self.block_c >= 128 else 4
         self.launch = dict(num_warps=self.num_warps)
-        if cfg.get("num_stages") is not None:
-            self.launch["num_stages"] = cfg["num_stages"]
+        num_stages = cfg.get("num_stages")
+        if num_stages is None and self.resident and dtype == torch.float32:
+            num_stages = 1  # measured fastest for resident float32 tiles (H100, 2026-11-27)
+        if num_stages is not None:
+            self.launch["num_stages"] = num_stages
 
     def passes(self):
-        """(PASS, SEQS, BLOCK, number of programs, first program id, accumulate) for the row then column pass."""
-        return ((0, 1, self.block_row, self.n_row, 0, 0), (1, self.seqs_col, self.block_col, self.n_col, self.n_row, 1))
+        """(PASS, BLOCK, number of programs, first program id, accumulate) for the row then column pass."""
+        return ((0, self.block_row, self.n_row, 0, 0), (1, self.block_col, self.n_col, self.n_row, 1))
 
     def both(self):
-        return dict(SEQS_COL=self.seqs_col, BLOCK_ROW=self.block_row, BLOCK_COL=self.block_col,
-                    BLOCK_CK=self.block_ck, PRECISION=self.precision, ACC=self.acc, COL_T=self.col_t, **self.launch)
+        return dict(BLOCK_ROW=self.block_row, BLOCK_COL=self.block_col, **self.tiles())
+
+    def tiles(self):
+        return dict(BLOCK_C=self.block_c, BLOCK_CK=self.block_ck, RESIDENT=self.resident, PRECISION=self.precision,
+                    ACC=self.acc, COL_T=self.col_t, **self.launch)
 
     def col_inputs(self, ts):
         """The column pass's copies of ``ts``: (B, C, W, H) contiguous under col_layout "transposed"."""
@@ -657,12 +703,11 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
     _axial_fwd_lse_kernel[(plan.n_progs, ndir)](
         q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats, lse, B, C, H, W, *strides, plan.NG, plan.n_row, plan.sample,
         **plan.both())
-    for pass_, seqs, block, n, _, accumulate in plan.passes():
+    for pass_, block, n, _, accumulate in plan.passes():
         q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
         _axial_fwd_out_kernel[(n, ndir)](
             q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, stats, lse, B, C, H, W, *strides, plan.NG, plan.sample,
-            accumulate, PASS=pass_, SEQS=seqs, BLOCK=block, BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck,
-            PRECISION=plan.precision, ACC=plan.acc, COL_T=plan.col_t, **plan.launch)
+            accumulate, PASS=pass_, BLOCK=block, **plan.tiles())
     return outs, lse, stats
 
 
@@ -691,25 +736,24 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     dq0, dq1 = _pair([t if t is not None else q for t, q in zip(dqs, qs)])
     dk0, dk1 = _pair([t if t is not None else q for t, q in zip(dks, qs)])
     dv0, dv1 = _pair([t if t is not None else q for t, q in zip(dvs, qs)])
-    common = dict(BLOCK_C=plan.block_c, BLOCK_CK=plan.block_ck, PRECISION=plan.precision, ACC=plan.acc,
-                  COL_T=plan.col_t, **plan.launch)
+    common = plan.tiles()
     row_in = (qs, ks, vs, grads)
     col_in = tuple(plan.col_inputs(ts) for ts in row_in)
-    for pass_, seqs, block, n, first, accumulate in plan.passes():
+    for pass_, block, n, first, accumulate in plan.passes():
         q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
         _axial_bwd_dv_kernel[(n, ndir)](
             q_[0], k_[0], v_[0], g_[0], dv0, q_[-1], k_[-1], v_[-1], g_[-1], dv1, stats, lse, drow, dpart, first,
-            B, C, H, W, *strides, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_, SEQS=seqs,
+            B, C, H, W, *strides, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_,
             BLOCK=block,
             **common)
     _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
         dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
         plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)
-    for pass_, seqs, block, n, _, accumulate in plan.passes():
+    for pass_, block, n, _, accumulate in plan.passes():
         q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
         _axial_bwd_dqk_kernel[(2 * n, ndir)](
             q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, omega, lse, drow,
-            n, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_, SEQS=seqs,
+            n, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, PASS=pass_,
             BLOCK=block,
             **common)
     return dqs, dks, dvs

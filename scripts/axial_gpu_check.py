@@ -55,18 +55,16 @@ WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32)
 # Under Triton 3.6 on sm90, channels_last with 4 warps is the first layout/warp combination
 # where no kernel spills at 2-3 programs per SM (scripts/kernel_resources.py).
 SWEEP = [
-    dict(layout="channels_last"),
-    dict(layout="channels_last", num_warps=4),
-    dict(layout="channels_last", num_warps=4, num_stages=2),
-    dict(block_ck=256),
-    dict(block_ck=64),
-    dict(block_ck=256, num_warps=4),
-    dict(block_row=64, block_col=64, block_ck=64),
-    dict(num_stages=1),
-    dict(num_stages=2, block_ck=64),
-    dict(seqs_col=4, block_col=16),
-    dict(precision="tf32"),
-    dict(precision="tf32", block_ck=256),
+    dict(precision="tf32x3", layout="channels_last"),
+    dict(precision="tf32", layout="channels_last"),
+    dict(precision="tf32", layout="channels_last", block_row=64, block_col=64),
+    dict(dtype="bf16"),
+    dict(dtype="bf16", layout="channels_last"),
+    dict(dtype="bf16", layout="channels_last", block_row=32, block_col=32),
+    dict(dtype="bf16", layout="channels_last", block_row=64, block_col=32),
+    dict(dtype="bf16", layout="channels_last", num_warps=4),
+    dict(dtype="bf16", layout="channels_last", num_stages=2),
+    dict(dtype="bf16", layout="channels_last", resident=False),
 ]
 SWEEP_SHAPES = [(16, 256, 16, 16), (1, 256, 64, 64), (1, 256, 128, 128), (1, 256, 135, 240)]
 
@@ -79,7 +77,12 @@ def _split_config(cfg):
     cfg = dict(cfg)
     precision = cfg.pop("precision", "tf32x3")
     layout = cfg.pop("layout", "nchw")
+    cfg.pop("dtype", None)  # read by _sweep_dtype
     return precision, layout == "channels_last", cfg
+
+
+def _sweep_dtype(cfg):
+    return torch.bfloat16 if cfg.get("dtype") == "bf16" else torch.float32
 
 
 def _inputs(shape, dtype, scale, seed=0, channels_last=False):
@@ -220,18 +223,19 @@ def _warm_config(cfg_json):
     precision, channels_last, cfg = _split_config(json.loads(cfg_json))
     fn = _fused(precision, cfg)
     for shape in ((1, 256, 64, 64), (2, 256, 16, 16)):
-        x = _inputs(shape, torch.float32, 0.1, channels_last=channels_last)
+        x = _inputs(shape, _sweep_dtype(json.loads(cfg_json)), 0.1, channels_last=channels_last)
         torch.autograd.backward(fn(*x), [torch.ones_like(x[0])] * 2)
     torch.cuda.synchronize()
     return 0
 
 
-def _kernel_profile(shape, fn, iters=5):
+def _kernel_profile(shape, fn, iters=5, dtype=torch.float32, channels_last=False):
     """{kernel name: device us per fwd+bwd}, host us to issue one fwd+bwd, device us per fwd+bwd."""
     from torch.profiler import ProfilerActivity, profile
 
-    x = _inputs(shape, torch.float32, 0.1)
-    grads = [torch.randn(shape, device=DEVICE) for _ in range(2)]
+    x = _inputs(shape, dtype, 0.1, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grads = [torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
 
     def step():
         torch.autograd.backward(fn(*x), grads)
@@ -281,26 +285,28 @@ def _profile(args):
             print(f"config {cfg} failed to compile/run:\n{out[-1500:]}")
     print(f"compiled {len(procs)} configurations in parallel: {time.time() - t0:.1f} s", flush=True)
     default = _fused("tf32x3")
-    for shape in SWEEP_SHAPES:
-        per, host_us = _kernel_profile(shape, default)
-        print(f"\n## profile {shape} fused tf32x3 default: host issue {host_us:.0f} us/iter; "
+    profiled = _fused("tf32x3")
+    for shape in SWEEP_SHAPES:  # the loss mode's case: bfloat16, channels_last
+        per, host_us = _kernel_profile(shape, profiled, dtype=torch.bfloat16, channels_last=True)
+        print(f"\n## profile {shape} fused bf16, channels_last: host issue {host_us:.0f} us/iter; "
               f"device kernels {sum(us for us, _ in per.values()):.0f} us/iter (sum of rows below, incl. nested)")
         for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[:14]:
             print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
     print("\n## sweep (fwd+bwd both directions, fp32 inputs, median ms of do_bench)", flush=True)
-    runs = [("reference", False, lambda *t: ops.bi_axial_attention(*t, backend="reference")),
-            ("default tf32x3", False, default)]
+    runs = [("reference", False, torch.float32, lambda *t: ops.bi_axial_attention(*t, backend="reference")),
+            ("default tf32x3", False, torch.float32, default)]
     for cfg in SWEEP:
         precision, channels_last, kernel_cfg = _split_config(cfg)
-        runs.append((",".join(f"{k}={v}" for k, v in cfg.items()), channels_last, _fused(precision, kernel_cfg)))
+        runs.append((",".join(f"{k}={v}" for k, v in cfg.items()), channels_last, _sweep_dtype(cfg),
+                     _fused(precision, kernel_cfg)))
     print("| config | " + " | ".join(",".join(map(str, s)) for s in SWEEP_SHAPES) + " |")
     print("|---|" + "---|" * len(SWEEP_SHAPES))
-    for name, channels_last, fn in runs:
+    for name, channels_last, dtype, fn in runs:
         cells = []
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for shape in SWEEP_SHAPES:
-            x = _inputs(shape, torch.float32, 0.1, channels_last=channels_last)
-            grads = [torch.randn(shape, device=DEVICE).contiguous(memory_format=fmt) for _ in range(2)]
+            x = _inputs(shape, dtype, 0.1, channels_last=channels_last)
+            grads = [torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
             try:
                 ms = triton.testing.do_bench(lambda: torch.autograd.backward(fn(*x), grads), warmup=5, rep=25,
                                              grad_to_none=x, return_mode="median")

@@ -5,6 +5,7 @@
 # GPU_CHECK_QUICK=1 fits a 5-minute lease.
 #   bash scripts/gpu_check.sh                   (full logs go to $OUT, or ./gpu_check_out; ~7.5 min on an H100)
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh (~4 min: the latest changes' tests and A/B timings)
+#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4 min: the axial attention's tests, profile, sweep)
 set -uo pipefail
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONUNBUFFERED=1
@@ -18,6 +19,26 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   # Competitors absent from the GPU image (pytorch-msssim, kornia), carried as wheels.
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
+  # The axial attention's kernels alone (they are Triton: no C++ build): its CUDA tests, a
+  # per-kernel profile and tile sweep, then the whole loss in bf16 + graphs, which uses them.
+  step "install without the C++ extension"
+  EPBAN_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+  step "axial CUDA tests"
+  timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "axial profile + tile sweep"
+  timeout 200 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
+  step "loss, bf16 + graph"
+  timeout 90 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
+    --variants "loss bf16 graph,loss fp32 graph" >"$OUT/loss.md" 2>&1 || status=1
+  step "tables"
+  grep -v "^  " "$OUT/axial_profile.md" | tail -30
+  grep -E "^\| [0-9]" "$OUT/loss.md"
+  exit $status
 fi
 
 step "build (sm_90 only)"

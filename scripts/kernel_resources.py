@@ -17,6 +17,7 @@ The figures depend on the Triton version: read them with the GPU machine's (3.6)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -72,22 +73,26 @@ def _signature(fn, constexprs, pointer_types, default_pointer="*fp32"):
 def axial_rows(dtype: str, precision: str):
     from epban.kernels import axial_attention as K
 
-    cfg = K.CONFIG
-    block = cfg["block_row"]
     pointers = {n: "*" + dtype for n in ("q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1", "dv0", "dv1",
                                          "dq0", "dq1", "dk0", "dk1", "qt0", "kt0", "qt1", "kt1")}
-    cx = dict(PASS=0, SEQS=1, BLOCK=block, SEQS_COL=1, BLOCK_ROW=block, BLOCK_COL=cfg["block_col"], BLOCK_C=256,
-              BLOCK_CK=cfg["block_ck"], BLOCK_P=1024, PRECISION=precision if dtype == "fp32" else "ieee",
-              ACC=tl.float32, COL_T=cfg["col_layout"] == "transposed")
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     # Triton specialises an int argument equal to 1: the unit stride of each layout (sW in
     # NCHW, sC in channels_last) is a compile-time constant at launch, so here too.
     for layout, unit in (("NCHW", "sW"), ("channels_last", "sC")):
+        # the tiles the ops pick for the model's largest map (1x256x135x240)
+        plan = K._Plan((1, 256, 135, 240), torch_dtype, "sample", precision, channels_last=layout != "NCHW")
+        tiles = plan.tiles()
+        launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages") if k in tiles}
+        cx = dict(PASS=0, BLOCK=plan.block_row, BLOCK_ROW=plan.block_row, BLOCK_COL=plan.block_col, BLOCK_P=1024,
+                  **tiles)
+        desc = (f"{layout}, C=256 block {plan.block_row} {'resident' if plan.resident else f'ck {plan.block_ck}'}"
+                f" stages {launch.get('num_stages')} {plan.precision}")
         for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel", "_axial_fwd_out_kernel",
                      "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel"):
             fn = getattr(K, name)
             c = dict(cx, **{unit: 1})
-            yield name, f"{layout}, C=256 block {block} ck {cfg['block_ck']} {cx['PRECISION']}", cfg["num_warps"], \
-                resources(fn, _signature(fn, c, pointers), c, cfg["num_warps"], cfg.get("num_stages"))
+            yield name, desc, launch["num_warps"], resources(fn, _signature(fn, c, pointers), c, launch["num_warps"],
+                                                             launch.get("num_stages"))
 
 
 def deform_rows(dtype: str, precision: str):
@@ -112,10 +117,15 @@ def deform_rows(dtype: str, precision: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--precision", choices=["tf32x3", "tf32", "ieee"], default="tf32x3",
-                   help="float32 dots (the axial attention's CUDA default is tf32x3)")
+    p.add_argument("--precision", choices=["tf32x3", "tf32", "ieee"], default="tf32",
+                   help="float32 dots (the axial attention's CUDA default is tf32)")
     p.add_argument("--only", choices=["axial", "deform"], help="one family of kernels")
+    p.add_argument("--axial-config", help='JSON overrides of the axial kernels\' CONFIG, e.g. \'{"num_stages": 2}\'')
     args = p.parse_args(argv)
+    if args.axial_config:
+        from epban.kernels import axial_attention as K
+
+        K.CONFIG.update(json.loads(args.axial_config))
     print(f"Triton {triton.__version__}, sm_90a, dtype {args.dtype}\n")
     print("| kernel | configuration | warps | registers | spill bytes | smem KB | blocks/SM (regs, smem) | MMA |")
     print("|---|---|---|---|---|---|---|---|")

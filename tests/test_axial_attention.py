@@ -309,17 +309,17 @@ def test_unknown_column_layout_is_refused(monkeypatch):
         kernels._Plan((1, 2, 3, 4), torch.float32, "sample", "ieee", {"col_layout": "diagonal"})
 
 
-SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, seqs_col=2)
-
-
 @interpreted
+@pytest.mark.parametrize("resident", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 18, 3, 20), (1, 18, 19, 3)])
-def test_fused_tiles_long_sequences_and_many_channels(shape, layout, rng_seed):
-    """Sequences and channels longer than one tile (every loop runs several times, with
-    tails) and several column sequences per program, some of them past the image's edge."""
+def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, rng_seed):
+    """Sequences longer than one tile (every loop runs several times, with tails) and more
+    channels than one chunk of the logits' contraction; both ways of contracting them (whole-C
+    tiles held in registers, the GPU's bfloat16 and "tf32" path, or chunks of channels)."""
     from epban.kernels import axial_attention as kernels
 
+    SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, resident=resident)
     q, k, v = _in_layout(_qkv(shape, seed=rng_seed), layout)
 
     def fused(q, k, v):
@@ -505,6 +505,18 @@ def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, col_layout, rng
 
 @cuda
 @needs_gpu
+@pytest.mark.parametrize("shape, layout", [((3, 256, 7, 13), "nchw"), ((2, 256, 47, 33), "nchw"),
+                                           ((1, 256, 135, 240), "channels_last")])
+def test_cuda_fused_tf32_dots_with_resident_tiles(shape, layout, rng_seed, warm_cuda_kernels, monkeypatch):
+    """float32 with "tf32" dots takes the resident-tile kernels (as bfloat16 does): TF32's
+    10-bit mantissa bounds the accuracy."""
+    monkeypatch.setattr(ops, "FP32_PRECISION", "tf32")
+    q, k, v = _in_layout(_qkv(shape, torch.float32, "cuda", seed=rng_seed, scale=0.1), layout)
+    _check_rel_l2(q, k, v, "sample", 1e-2)
+
+
+@cuda
+@needs_gpu
 def test_cuda_auto_uses_the_fused_kernels(monkeypatch, warm_cuda_kernels):
     called = []
     real = ops._AxialFunction.apply
@@ -528,20 +540,23 @@ from epban.kernels import axial_attention as K
 pointers = {"q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1",
             "dv0", "dv1", "dq0", "dq1", "dk0", "dk1", "qt0", "kt0", "qt1", "kt1"}
 kernels = sorted(n for n in dir(K) if n.startswith("_axial_") and n.endswith("_kernel"))
-# every kernel, one sequence per program, then the column pass's transposed-input variants
-variants = [("fp32", 0, 1, False, name) for name in kernels]
-variants += [("fp32", 1, 2, False, "_axial_fwd_out_kernel"), ("bf16", 0, 1, False, "_axial_bwd_dqk_kernel")]
-variants += [("fp32", 1, 1, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_out_kernel",
-                                                      "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel")]
-for dtype, pass_, seqs, col_t, name in variants:
-    constexprs = dict(PASS=pass_, SEQS=seqs, BLOCK=16, SEQS_COL=seqs, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32,
-                      BLOCK_CK=16, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
+# every kernel, the column pass of the out kernel, bfloat16, then the column pass's transposed-input variants
+# (chunked contraction: float32 "ieee"/"tf32x3"; resident tiles: bfloat16 and "tf32")
+variants = [("fp32", 0, False, False, name) for name in kernels]
+variants += [("fp32", 1, False, False, "_axial_fwd_out_kernel"), ("bf16", 0, False, True, "_axial_bwd_dqk_kernel")]
+variants += [("fp32", 1, True, False, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_out_kernel",
+                                                          "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel")]
+variants += [("bf16", 1, False, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel",
+                                                          "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel")]
+for dtype, pass_, col_t, resident, name in variants:
+    constexprs = dict(PASS=pass_, BLOCK=16, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32, BLOCK_CK=16, RESIDENT=resident,
+                      BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
     fn = getattr(K, name)
     signature = {a: "constexpr" if a in constexprs else ("*" + dtype) if a in pointers
                  else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
     given = {a: v for a, v in constexprs.items() if a in fn.arg_names}
     compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(name, dtype, pass_, seqs, col_t, "compiled")
+    print(name, dtype, pass_, col_t, resident, "compiled")
 """
 
 
@@ -557,7 +572,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 13, result.stdout
+    assert result.stdout.count("compiled") == 17, result.stdout
 
 
 _RESOURCES_SCRIPT = r"""
