@@ -56,15 +56,13 @@ WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32)
 # where no kernel spills at 2-3 programs per SM (scripts/kernel_resources.py).
 SWEEP = [
     dict(precision="tf32x3", layout="channels_last"),
+    dict(precision="tf32x3", layout="channels_last", split_dqk=False),
     dict(precision="tf32", layout="channels_last"),
-    dict(precision="tf32", layout="channels_last", block_row=64, block_col=64),
     dict(dtype="bf16"),
     dict(dtype="bf16", layout="channels_last"),
-    dict(dtype="bf16", layout="channels_last", block_row=32, block_col=32),
-    dict(dtype="bf16", layout="channels_last", block_row=64, block_col=32),
-    dict(dtype="bf16", layout="channels_last", num_warps=4),
+    dict(dtype="bf16", layout="channels_last", split_dqk=False),
     dict(dtype="bf16", layout="channels_last", num_stages=2),
-    dict(dtype="bf16", layout="channels_last", resident=False),
+    dict(dtype="bf16", layout="channels_last", block_row=32, block_col=32),
 ]
 SWEEP_SHAPES = [(16, 256, 16, 16), (1, 256, 64, 64), (1, 256, 128, 128), (1, 256, 135, 240)]
 

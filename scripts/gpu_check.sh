@@ -28,13 +28,15 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   EPBAN_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
   step "axial CUDA tests"
-  timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 | tail -8
+  # (the 1x256x135x240 cases take a minute of JIT and run in the full check)
+  timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py -k "not 135" 2>&1 \
+    | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
-  timeout 200 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
+  timeout 100 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
   step "loss, bf16 + graph"
-  timeout 90 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
-    --variants "loss bf16 graph,loss fp32 graph" >"$OUT/loss.md" 2>&1 || status=1
+  timeout 50 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
+    --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
   grep -E "^\| [0-9]" "$OUT/loss.md"

@@ -301,6 +301,17 @@ def test_fused_column_pass_on_transposed_copies(shape, sigma_scope, rng_seed, mo
     _check_against_reference(q, k, v, sigma_scope, fused, TOL[torch.float32])
 
 
+def test_auto_takes_the_fused_kernels_where_they_win():
+    """Half-precision channels_last maps: at every size (resident tiles); float32 or NCHW: up to
+    AUTO_FUSED_MAX_WORK (B H W (H + W))."""
+    big = torch.empty(1, 8, 135, 240)
+    assert not ops._fused_pays_off(big)
+    assert not ops._fused_pays_off(big.bfloat16())
+    assert ops._fused_pays_off(big.bfloat16().contiguous(memory_format=torch.channels_last))
+    assert not ops._fused_pays_off(big.contiguous(memory_format=torch.channels_last))
+    assert ops._fused_pays_off(torch.empty(16, 8, 16, 16))
+
+
 def test_unknown_column_layout_is_refused(monkeypatch):
     pytest.importorskip("triton")
     from epban.kernels import axial_attention as kernels
@@ -310,16 +321,17 @@ def test_unknown_column_layout_is_refused(monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("resident", [False, True])
+@pytest.mark.parametrize("resident, split_dqk", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 18, 3, 20), (1, 18, 19, 3)])
-def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, rng_seed):
+def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, split_dqk, rng_seed):
     """Sequences longer than one tile (every loop runs several times, with tails) and more
     channels than one chunk of the logits' contraction; both ways of contracting them (whole-C
-    tiles held in registers, the GPU's bfloat16 and "tf32" path, or chunks of channels)."""
+    tiles held in registers, the GPU's bfloat16 and "tf32" path, or chunks of channels), and
+    dq and dk in one launch or in two."""
     from epban.kernels import axial_attention as kernels
 
-    SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, resident=resident)
+    SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, resident=resident, split_dqk=split_dqk)
     q, k, v = _in_layout(_qkv(shape, seed=rng_seed), layout)
 
     def fused(q, k, v):
@@ -341,6 +353,26 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, r
         return F.apply(q, k, v)
 
     _check_against_reference(q, k, v, "sample", fused, TOL[torch.float32])
+
+
+@interpreted
+@pytest.mark.parametrize("split_dqk", [False, True])
+def test_fused_bi_axial_some_gradients_only(rng_seed, split_dqk, monkeypatch):
+    """Only q1, k1 (one direction's dq, the other's dk) and v2 want gradients: the kernels
+    skip the rest and the wanted ones stay exact."""
+    from epban.kernels import axial_attention as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "split_dqk", split_dqk)
+    tensors = _qkv((2, 5, 5, 7), seed=rng_seed) + _qkv((2, 5, 5, 7), seed=rng_seed + 1)
+    q1, k1, v1, q2, k2, v2 = (t.detach().requires_grad_(i in (0, 1, 5)) for i, t in enumerate(tensors))
+    out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="fused")
+    inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in (q1, k1, v1, q2, k2, v2)]
+    ref1, ref2 = bi_axial_attention(*inputs, backend="reference")
+    g1, g2 = torch.randn_like(ref1), torch.randn_like(ref2)
+    got = torch.autograd.grad((out1, out2), (q1, k1, v2), (g1.float(), g2.float()))
+    want = torch.autograd.grad((ref1, ref2), (inputs[0], inputs[1], inputs[5]), (g1, g2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
 
 
 @interpreted
@@ -548,15 +580,18 @@ variants += [("fp32", 1, True, False, name) for name in ("_axial_fwd_stats_kerne
                                                           "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel")]
 variants += [("bf16", 1, False, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel",
                                                           "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel")]
-for dtype, pass_, col_t, resident, name in variants:
+variants = [v + (0,) for v in variants]
+# dq and dk compiled apart (CONFIG["split_dqk"])
+variants += [("bf16", 0, False, True, "_axial_bwd_dqk_kernel", 1), ("fp32", 1, False, False, "_axial_bwd_dqk_kernel", 2)]
+for dtype, pass_, col_t, resident, name, role in variants:
     constexprs = dict(PASS=pass_, BLOCK=16, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32, BLOCK_CK=16, RESIDENT=resident,
-                      BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
+                      ROLE=role, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
     fn = getattr(K, name)
     signature = {a: "constexpr" if a in constexprs else ("*" + dtype) if a in pointers
                  else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
     given = {a: v for a, v in constexprs.items() if a in fn.arg_names}
     compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(name, dtype, pass_, col_t, resident, "compiled")
+    print(name, dtype, pass_, col_t, resident, role, "compiled")
 """
 
 
@@ -572,7 +607,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 17, result.stdout
+    assert result.stdout.count("compiled") == 19, result.stdout
 
 
 _RESOURCES_SCRIPT = r"""

