@@ -1,6 +1,7 @@
-"""Forward+backward of both directions of the block's axial attention, float32.
+"""Forward+backward of both directions of the block's axial attention, float32 (and bf16).
 
-Rows: the reference, the fused Triton kernels (CUDA), torch.compile of the reference (CUDA,
+Rows: the reference, the fused Triton kernels (CUDA; also in bfloat16 channels_last, the loss
+mode's case, which takes the kernels' resident-tile path), torch.compile of the reference (CUDA,
 only with EPBAN_BENCH_COMPILE=1: it compiles for minutes), and
 torch.nn.functional.scaled_dot_product_attention on the same row and column tokens: a speed
 yardstick that computes a different function (textbook attention, 1/sqrt(C), no std).
@@ -19,7 +20,7 @@ from epban.ops.axial_attention import bi_axial_attention, fused_axial_available
 
 CUDA_SHAPES = [(1, 256, 64, 64), (1, 256, 128, 128), (16, 256, 16, 16), (1, 256, 135, 240)]
 CPU_SHAPES = [(1, 32, 16, 16), (2, 64, 12, 20)]
-IMPLS = ["reference", "fused", "compiled-reference", "sdpa-yardstick-different-function"]
+IMPLS = ["reference", "fused", "fused-bf16-channels_last", "compiled-reference", "sdpa-yardstick-different-function"]
 
 
 def _sdpa_axial(q, k, v):
@@ -42,7 +43,7 @@ def _directions(impl):
         return lambda q1, k1, v1, q2, k2, v2: (_sdpa_axial(q1, k2, v1), _sdpa_axial(q2, k1, v2))
     if impl == "compiled-reference":
         return torch.compile(lambda *t: bi_axial_attention(*t, backend="reference"))
-    return lambda *t: bi_axial_attention(*t, backend=impl)
+    return lambda *t: bi_axial_attention(*t, backend=impl.split("-")[0])
 
 
 def _cases():
@@ -54,7 +55,7 @@ def _cases():
                 marks = [pytest.mark.cuda]
                 if impl == "compiled-reference" and os.environ.get("EPBAN_BENCH_COMPILE") != "1":
                     marks.append(pytest.mark.skip(reason="set EPBAN_BENCH_COMPILE=1 (compiles for minutes)"))
-                if impl == "fused" and not fused_axial_available("cuda"):
+                if impl.startswith("fused") and not fused_axial_available("cuda"):
                     marks.append(pytest.mark.skip(reason="Triton is not available"))
                 cases.append(pytest.param("cuda", s, impl, id=f"{impl}-cuda-{'x'.join(map(str, s))}", marks=marks))
     return cases
@@ -65,8 +66,12 @@ def test_axial_attention_fwd_bwd(benchmark, device, shape, impl):
     benchmark.group = f"axial {device} {shape} fwd+bwd"
     benchmark.extra_info["implementation"] = impl
     g = torch.Generator().manual_seed(0)
-    inputs = [(0.1 * torch.randn(shape, generator=g)).to(device).requires_grad_() for _ in range(6)]
-    grads = [torch.randn(shape, generator=g).to(device) for _ in range(2)]
+    dtype, fmt = torch.float32, torch.contiguous_format
+    if impl == "fused-bf16-channels_last":
+        dtype, fmt = torch.bfloat16, torch.channels_last
+    inputs = [(0.1 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=fmt).requires_grad_()
+              for _ in range(6)]
+    grads = [torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt) for _ in range(2)]
     fn = _directions(impl)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

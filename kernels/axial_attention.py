@@ -47,7 +47,8 @@ forward  1 stats (S tile moments, both passes) -> 2 sigma (Chan merge per group)
          -> 3 lse (online logsumexp, both passes) -> 4 out, row pass (stores 0.5 row)
          -> 5 out, column pass (adds 0.5 col);
 backward 1 dv/D, row -> 2 dv/D, column (adds) -> 3 omega per group
-         -> 4 dq and dk, row -> 5 dq and dk, column (adds).
+         -> 4 dq, row -> 5 dk, row -> 6 dq, column (adds) -> 7 dk, column (adds)
+         (dq and dk share one launch per pass when CONFIG["split_dqk"] is off).
 The row and column passes write the same elements, so they are ordered by launches
 rather than atomics: the result is deterministic and every output element is stored.
 

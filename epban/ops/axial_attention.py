@@ -61,16 +61,19 @@ def check_axial_args(q, k, v, sigma_scope) -> None:
 
 # float32 dots of the fused kernels: "ieee" (plain fp32 FMAs), "tf32x3" (three TF32 tensor-core
 # products, float32 accuracy: 3.4e-7 relative L2 against float64 at 1x256x135x240 on an H100,
-# where "ieee" gave 6.5e-7, at about half the time) or "tf32" (faster, ~1e-3). Default:
+# where "ieee" gave 6.5e-7, at about half the time) or "tf32" (~1e-3, and the kernels' resident
+# whole-C tiles: 9.0 ms against 22.8 for tf32x3 at 1x256x135x240 channels_last). Default:
 # "tf32x3" on CUDA, "ieee" under the CPU interpreter. EPBAN_AXIAL_FP32_PRECISION overrides.
 FP32_PRECISION = os.environ.get("EPBAN_AXIAL_FP32_PRECISION")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # backend="auto" on CUDA takes the fused kernels only where they beat the reference. Their
 # cost grows with B*H*W*(H+W) (every query against every key of its row and column), while
-# the reference's cuBLAS path is launch-bound (~3 ms fwd+bwd) up to large maps. Measured on
-# an H100 (fwd+bwd, both directions, fp32): 16x16 maps x16 images 0.85 ms vs 3.4 ms, 64x64
-# 1.5 ms vs 2.8 ms, but 128x128 10.2 ms vs 2.8 ms and 135x240 31 ms vs 6.2 ms.
+# the reference's cuBLAS path is launch-bound (~4-5 ms fwd+bwd) up to large maps. Measured on
+# an H100 (fwd+bwd, both directions, 2026-11-27): float32 (tf32x3, channel-chunked tiles)
+# 16x16 maps x16 images 1.1 ms vs 5.4 ms, 64x64 1.5 vs 5.5, but 128x128 10.0 vs 4.2 and
+# 135x240 30.6 vs 6.2; bfloat16 channels_last (resident tiles) wins at every size (3.1 ms at
+# 135x240), so half-precision channels_last maps skip the work limit.
 AUTO_FUSED_MAX_WORK = 1 << 20
 
 
