@@ -197,20 +197,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _resident_by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC, RESIDENT: tl.constexpr):
-    """_by_position when the logits are contracted from resident tiles, else nothing (0.0)."""
+def _resident(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC, BY_CHANNEL: tl.constexpr,
+              RESIDENT: tl.constexpr):
+    """x's (positions, channels) tile (_by_position), or its (channels, positions) tile with
+    BY_CHANNEL, when the logits are contracted from resident tiles; else nothing (0.0)."""
     if RESIDENT:
-        tile = _by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC)
-    else:
-        tile = 0.0
-    return tile
-
-
-@triton.jit
-def _resident_by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC, RESIDENT: tl.constexpr):
-    """_by_channel when the logits are contracted from resident tiles, else nothing (0.0)."""
-    if RESIDENT:
-        tile = _by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC)
+        if BY_CHANNEL:
+            tile = _by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC)
+        else:
+            tile = _by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC)
     else:
         tile = 0.0
     return tile
@@ -264,7 +259,7 @@ def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr
     b, L, s_pos, seq_off, offs_i, mask_i, rows, _, _ = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    q_blk = _resident(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
     n_i = tl.sum(mask_i.to(ACC), axis=0)
     n = tl.full([], 0.0, ACC)
     mean = tl.full([], 0.0, ACC)
@@ -272,7 +267,7 @@ def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
         mask_j = offs_j < L
-        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+        k_blk = _resident(kp, seq_off, offs_j, mask_j, offs_c, mask_c, s_pos, sC, True, RESIDENT)
         S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
                     RESIDENT, PRECISION, ACC)
         valid = mask_i[:, None] & mask_j[None, :]
@@ -363,13 +358,13 @@ def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sB, sC, sH, sW, sample,
     inv_sigma = 1.0 / tl.load(stats + (b * sample) * 3 + 1)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    q_blk = _resident(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
     m_i = tl.full([BLOCK], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK], dtype=ACC)
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
         mask_j = offs_j < L
-        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+        k_blk = _resident(kp, seq_off, offs_j, mask_j, offs_c, mask_c, s_pos, sC, True, RESIDENT)
         S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
                     RESIDENT, PRECISION, ACC)
         z = tl.where(mask_j[None, :], S * inv_sigma, float("-inf"))
@@ -413,12 +408,12 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
     vp = _pick(d, v0, v1)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+    k_blk = _resident(kp, seq_off, offs_j, mask_j, offs_c, mask_c, s_pos, sC, True, RESIDENT)
     acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     for i0 in range(0, L, BLOCK):
         offs_i = i0 + tl.arange(0, BLOCK)
         mask_i = offs_i < L
-        q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+        q_blk = _resident(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
         S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
                     RESIDENT, PRECISION, ACC)
         lse = tl.load(lse_base + offs_i, mask=mask_i, other=0.0)
@@ -453,8 +448,8 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
     gp = _pick(d, g0, g1)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    q_blk = _resident_by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
-    vt_blk = _resident_by_position(vp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+    q_blk = _resident(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
+    vt_blk = _resident(vp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
     acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     d_i = tl.zeros([BLOCK], dtype=ACC)
     e_i = tl.zeros([BLOCK], dtype=ACC)
@@ -462,7 +457,7 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
         mask_j = offs_j < L
-        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+        k_blk = _resident(kp, seq_off, offs_j, mask_j, offs_c, mask_c, s_pos, sC, True, RESIDENT)
         g_blk = _by_channel(gp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC)
         S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_i, mask_i, offs_j, mask_j, C, sC, s_pos, BLOCK, BLOCK_CK,
                     RESIDENT, PRECISION, ACC)
@@ -529,15 +524,15 @@ def _dq_or_dk_body(qp, kp, vp, gp, outp, stats_ptr, omega_ptr, lse_ptr, drow_ptr
     mask_c = offs_c < C
     acc = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
     if IS_DK:
-        k_blk = _resident_by_channel(kp, seq_off, offs_c, mask_c, offs_t, mask_t, s_pos, sC, RESIDENT)
-        g_blk = _resident_by_channel(gp, seq_off, offs_c, mask_c, offs_t, mask_t, s_pos, sC, RESIDENT)
+        k_blk = _resident(kp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
+        g_blk = _resident(gp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
         for i0 in range(0, L * need, BLOCK):
             offs_i = i0 + tl.arange(0, BLOCK)
             mask_i = offs_i < L
             lse = tl.load(lse_ptr + row_base + offs_i, mask=mask_i, other=0.0)
             d_i = tl.load(drow_ptr + row_base + offs_i, mask=mask_i, other=0.0)
             q_blk = _by_position(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC)
-            vt_blk = _resident_by_position(vp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, RESIDENT)
+            vt_blk = _resident(vp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
             ds = _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_i, mask_i, offs_t, mask_t,
                                   C, sC, s_pos, lse, d_i, mu, inv_sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
                                   ACC)
@@ -545,13 +540,13 @@ def _dq_or_dk_body(qp, kp, vp, gp, outp, stats_ptr, omega_ptr, lse_ptr, drow_ptr
     else:
         lse = tl.load(lse_ptr + row_base + offs_t, mask=mask_t, other=0.0)
         d_i = tl.load(drow_ptr + row_base + offs_t, mask=mask_t, other=0.0)
-        q_blk = _resident_by_position(qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, RESIDENT)
-        vt_blk = _resident_by_position(vp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, RESIDENT)
+        q_blk = _resident(qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
+        vt_blk = _resident(vp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
         for j0 in range(0, L * need, BLOCK):
             offs_j = j0 + tl.arange(0, BLOCK)
             mask_j = offs_j < L
             k_blk = _by_channel(kp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC)
-            g_blk = _resident_by_channel(gp, seq_off, offs_c, mask_c, offs_j, mask_j, s_pos, sC, RESIDENT)
+            g_blk = _resident(gp, seq_off, offs_j, mask_j, offs_c, mask_c, s_pos, sC, True, RESIDENT)
             ds = _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_t, mask_t, offs_j, mask_j,
                                   C, sC, s_pos, lse, d_i, mu, inv_sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
                                   ACC)
