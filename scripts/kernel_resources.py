@@ -86,7 +86,7 @@ def axial_rows(dtype: str, precision: str):
         cx = dict(PASS=0, BLOCK=plan.block_row, BLOCK_ROW=plan.block_row, BLOCK_COL=plan.block_col, BLOCK_P=1024,
                   **tiles)
         desc = (f"{layout}, C=256 block {plan.block_row} {'resident' if plan.resident else f'ck {plan.block_ck}'}"
-                f" stages {launch.get('num_stages')} {plan.precision}")
+                f" stages {launch.get('num_stages')} {plan.precision if dtype == 'fp32' else dtype + ' dots'}")
         for name, role in (("_axial_fwd_stats_kernel", 0), ("_axial_fwd_lse_kernel", 0),
                            ("_axial_fwd_out_kernel", 0), ("_axial_bwd_dv_kernel", 0), ("_axial_bwd_dqk_kernel", 0),
                            ("_axial_bwd_dqk_kernel", 1), ("_axial_bwd_dqk_kernel", 2)):

@@ -621,6 +621,9 @@ fn = K._axial_fwd_sigma_kernel
 cx = dict(BLOCK_P=1024, ACC=tl.float32)
 r = kr.resources(fn, kr._signature(fn, cx, {}), cx, num_warps=4)
 assert 0 < r["regs"] <= 255 and r["spill"] == 0 and r["blocks_by_regs"] >= 1 and r["mma"] == "fma", r
+# the axial rows take their tiles from the ops' own plan (first row only: one compile)
+name, desc, warps, r = next(kr.axial_rows("bf16", "tf32x3"))
+assert name == "_axial_fwd_stats_kernel" and "block 64 resident" in desc and r["regs"] > 0, (desc, r)
 print("ok", r)
 """
 
