@@ -7,12 +7,13 @@
    kernels (both directions of the block through ``bi_axial_attention``) against the
    float64 reference, both sigma scopes, float32 and bfloat16, odd shapes, C=256 and
    1x256x135x240, with every buffer the op allocates poisoned with NaN.
-2. Timings of forward+backward of both directions, float32: reference, fused, and
+2. Timings of forward+backward of both directions: reference, fused (float32 with ieee and
+   tf32x3 dots, NCHW and channels_last; bfloat16 channels_last, the resident-tile path), and
    scaled_dot_product_attention on the same row and column tokens (a different function:
    a speed yardstick only). Median of triton.testing.do_bench, peak memory over the
-   inputs, and a markdown table. ``--extra`` adds fused rows with tf32x3 dots and in
-   bfloat16 (more JIT compiles); ``--sweep`` times tile configurations of the fused fp32
-   path (about 20 s of compiles per configuration).
+   inputs, and a markdown table. ``--extra`` adds bfloat16 NCHW and "tf32" rows (more JIT
+   compiles); ``--sweep`` times tile configurations (about 20 s of compiles per
+   configuration); ``--profile`` prints each kernel's device time and a sweep.
 
 The default run compiles about 30 kernel variants, first in 4 parallel processes (Triton's
 on-disk cache; the CUDA tests warm the same variants); it is sized to stay under 90 s.
@@ -165,8 +166,11 @@ def _impls(extra):
         ("fused fp32 channels_last (tf32x3 dots)", torch.float32, _fused("tf32x3")),
     ]
     half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    # the loss mode's case, and the kernels' resident-tile path
+    impls.append(("fused bf16 channels_last", half, _fused("ieee")))
     if extra:
-        impls += [("fused bf16", half, _fused("ieee")), ("fused bf16 channels_last", half, _fused("ieee"))]
+        impls += [("fused bf16", half, _fused("ieee")), ("fused fp32 channels_last (tf32 dots)", torch.float32,
+                                                         _fused("tf32"))]
     impls.append(("SDPA fp32 (different function)", torch.float32,
                   lambda q1, k1, v1, q2, k2, v2: (_sdpa_axial(q1, k2, v1), _sdpa_axial(q2, k1, v2))))
     return impls
@@ -337,7 +341,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the first two correctness cases, no timing")
     parser.add_argument("--no-timing", action="store_true")
-    parser.add_argument("--extra", action="store_true", help="also time tf32x3 and bfloat16 fused rows")
+    parser.add_argument("--extra", action="store_true", help="also time bfloat16 NCHW and tf32-dot fused rows")
     parser.add_argument("--sweep", action="store_true", help="also time tile configurations of the fused fp32 path")
     parser.add_argument("--dry-run", action="store_true",
                         help="every step on tiny CPU tensors under TRITON_INTERPRET=1 (tests this script)")
