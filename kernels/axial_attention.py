@@ -48,7 +48,7 @@ forward  1 stats (S tile moments, both passes) -> 2 sigma (Chan merge per group)
          -> 5 out, column pass (adds 0.5 col);
 backward 1 dv/D, row -> 2 dv/D, column (adds) -> 3 omega per group
          -> 4 dq, row -> 5 dk, row -> 6 dq, column (adds) -> 7 dk, column (adds)
-         (dq and dk share one launch per pass when CONFIG["split_dqk"] is off).
+         (a dq or dk launch nobody needs is skipped).
 The row and column passes write the same elements, so they are ordered by launches
 rather than atomics: the result is deterministic and every output element is stored.
 
@@ -89,22 +89,21 @@ FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 # the row and column passes (None: 64 for resident half-precision tiles, else 32); block_ck: channels per
 # step of a chunked logits contraction; resident: hold whole-C tiles in registers (None:
 # for bfloat16/float16 and "tf32" dots, with C <= 512; see the forward section); warps per
-# program; split_dqk: dq and dk of a pass in two launches, each compiled for one of them
-# (half the spills of one kernel holding both bodies on sm90: scripts/kernel_resources.py).
+# program.
 # num_stages: software-pipelining depth of the loops (None: 1 for resident float32
 # tiles, else Triton's default).
 # col_layout: "strided" (the column pass reads q, k, v, g in NCHW: each position of a tile in
 # its own 32-byte sector) or "transposed" (it reads (B, C, W, H) copies made per call:
 # coalesced tiles for 2 x 3 + 2 x 4 extra tensors of the inputs' size, made and freed per call).
 # EPBAN_AXIAL_COL_LAYOUT overrides the default col_layout.
-CONFIG = dict(block_row=None, block_col=None, block_ck=32, resident=None, split_dqk=True, num_warps=8,
+CONFIG = dict(block_row=None, block_col=None, block_ck=32, resident=None, num_warps=8,
               num_stages=None,
               col_layout=os.environ.get("EPBAN_AXIAL_COL_LAYOUT", "strided"))
 
 
 # ----------------------------------------------------------------------------- helpers
 
-_RUNTIME_INTS = ("B", "C", "H", "W", "NG", "n_row_progs", "n_progs", "per_row", "per_col", "n_pass_progs",
+_RUNTIME_INTS = ("B", "C", "H", "W", "NG", "n_row_progs", "n_progs", "per_row", "per_col",
                  "pid_offset", "sample", "accumulate", "need_q", "need_k", "need_v")
 
 
@@ -508,13 +507,34 @@ def _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_
     return tl.where(mask_i[:, None] & mask_j[None, :], ds, 0.0)
 
 
-@triton.jit
-def _dq_or_dk_body(qp, kp, vp, gp, outp, stats_ptr, omega_ptr, lse_ptr, drow_ptr, local, d, need, B, C, H, W,
-                   sB, sC, sH, sW, NG, sample, accumulate, IS_DK: tl.constexpr, PASS: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
-                   PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+@_sized_jit
+def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
+                          stats_ptr, omega_ptr, lse_ptr, drow_ptr, B, C, H, W, sB, sC, sH, sW, NG, sample,
+                          accumulate, need_q, need_k, IS_DK: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
+                          PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+    """dq[c, i] (+)= sum_j dS[i, j] k[c, j] for a strip of rows i, or with IS_DK
+    dk[c, j] (+)= sum_i dS[i, j] q[c, i] for a strip of columns j. dq and dk are separate
+    launches, each compiled for one of them: one kernel holding both bodies spilled twice as
+    much on sm90 and took 6-8% more device time (H100, bf16, 64x64 maps and up).
+
+    need_q, need_k: bit d set when direction d's dq (dk) is wanted; the other direction's
+    programs skip their loop and store nothing (a loss through one input of each direction
+    halves the work).
+    """
+    d = tl.program_id(1)
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    vp = _pick(d, v0, v1)
+    gp = _pick(d, g0, g1)
+    if IS_DK:
+        outp = _pick(d, dk0, dk1)
+        need = (need_k >> d) & 1
+    else:
+        outp = _pick(d, dq0, dq1)
+        need = (need_q >> d) & 1
     b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(
-        local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+        tl.program_id(0), H, W, sB, sH, sW, PASS, BLOCK, COL_T)
     st = (d * 2 + PASS) * NG + b * sample
     mu = tl.load(stats_ptr + st * 3)
     inv_sigma = 1.0 / tl.load(stats_ptr + st * 3 + 1)
@@ -554,45 +574,6 @@ def _dq_or_dk_body(qp, kp, vp, gp, outp, stats_ptr, omega_ptr, lse_ptr, drow_ptr
     _store_channels(outp, out_off, offs_c, mask_c & (need != 0), offs_t, mask_t, sC, o_pos, acc, accumulate, ACC)
 
 
-@_sized_jit
-def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
-                          stats_ptr, omega_ptr, lse_ptr, drow_ptr, n_pass_progs, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                          accumulate, need_q, need_k, ROLE: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
-                          PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
-    """ROLE 1 (dq): dq[c, i] (+)= sum_j dS[i, j] k[c, j] for a strip of rows i; ROLE 2 (dk):
-    dk[c, j] (+)= sum_i dS[i, j] q[c, i] for a strip of columns j; ROLE 0: both in one launch,
-    the first n_pass_progs programs dq, the others dk (one launch fewer, but the compiled
-    kernel holds both bodies' registers).
-
-    need_q, need_k: bit d set when direction d's dq (dk) is wanted; the other programs skip
-    their loop and store nothing (a loss through one input of each direction halves the work).
-    """
-    pid = tl.program_id(0)
-    d = tl.program_id(1)
-    qp = _pick(d, q0, q1)
-    kp = _pick(d, k0, k1)
-    vp = _pick(d, v0, v1)
-    gp = _pick(d, g0, g1)
-    if ROLE == 0:
-        if pid >= n_pass_progs:
-            _dq_or_dk_body(qp, kp, vp, gp, _pick(d, dk0, dk1), stats_ptr, omega_ptr, lse_ptr, drow_ptr,
-                           pid - n_pass_progs, d, (need_k >> d) & 1, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                           accumulate, True, PASS, BLOCK, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
-        else:
-            _dq_or_dk_body(qp, kp, vp, gp, _pick(d, dq0, dq1), stats_ptr, omega_ptr, lse_ptr, drow_ptr,
-                           pid, d, (need_q >> d) & 1, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                           accumulate, False, PASS, BLOCK, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
-    elif ROLE == 1:
-        _dq_or_dk_body(qp, kp, vp, gp, _pick(d, dq0, dq1), stats_ptr, omega_ptr, lse_ptr, drow_ptr,
-                       pid, d, (need_q >> d) & 1, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                       accumulate, False, PASS, BLOCK, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
-    else:
-        _dq_or_dk_body(qp, kp, vp, gp, _pick(d, dk0, dk1), stats_ptr, omega_ptr, lse_ptr, drow_ptr,
-                       pid, d, (need_k >> d) & 1, B, C, H, W, sB, sC, sH, sW, NG, sample,
-                       accumulate, True, PASS, BLOCK, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -619,7 +600,6 @@ class _Plan:
         self.block_row = max(16, min(cfg["block_row"] or block, triton.next_power_of_2(W)))
         self.block_col = max(16, min(cfg["block_col"] or block, triton.next_power_of_2(H)))
         self.block_ck = max(16, min(cfg["block_ck"], self.block_c))
-        self.split_dqk = bool(cfg["split_dqk"])
         if cfg["col_layout"] not in ("strided", "transposed"):
             raise ValueError(f"col_layout must be 'strided' or 'transposed', got {cfg['col_layout']!r}")
         # channels_last tiles load contiguous channels in both passes: no transposed copies
@@ -770,15 +750,13 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
         dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
         plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)
-    # one launch for dq and dk of a pass, or one each (ROLE 1, 2) when CONFIG["split_dqk"]
-    roles = [(1, need_q), (2, need_k)] if plan.split_dqk else [(0, need_q | need_k)]
     for pass_, block, n, _, accumulate in plan.passes():
         q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
-        for role, needed in roles:
+        for is_dk, needed in ((False, need_q), (True, need_k)):
             if not needed:
                 continue
-            _axial_bwd_dqk_kernel[((2 if role == 0 else 1) * n, ndir)](
+            _axial_bwd_dqk_kernel[(n, ndir)](
                 q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, omega, lse,
-                drow, n, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, ROLE=role,
+                drow, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, IS_DK=is_dk,
                 PASS=pass_, BLOCK=block, **common)
     return dqs, dks, dvs

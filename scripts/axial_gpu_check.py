@@ -57,11 +57,9 @@ WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32)
 # where no kernel spills at 2-3 programs per SM (scripts/kernel_resources.py).
 SWEEP = [
     dict(precision="tf32x3", layout="channels_last"),
-    dict(precision="tf32x3", layout="channels_last", split_dqk=False),
     dict(precision="tf32", layout="channels_last"),
     dict(dtype="bf16"),
     dict(dtype="bf16", layout="channels_last"),
-    dict(dtype="bf16", layout="channels_last", split_dqk=False),
     dict(dtype="bf16", layout="channels_last", num_stages=2),
     dict(dtype="bf16", layout="channels_last", block_row=32, block_col=32),
 ]

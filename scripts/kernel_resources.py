@@ -87,12 +87,12 @@ def axial_rows(dtype: str, precision: str):
                   **tiles)
         desc = (f"{layout}, C=256 block {plan.block_row} {'resident' if plan.resident else f'ck {plan.block_ck}'}"
                 f" stages {launch.get('num_stages')} {plan.precision if dtype == 'fp32' else dtype + ' dots'}")
-        for name, role in (("_axial_fwd_stats_kernel", 0), ("_axial_fwd_lse_kernel", 0),
-                           ("_axial_fwd_out_kernel", 0), ("_axial_bwd_dv_kernel", 0), ("_axial_bwd_dqk_kernel", 0),
-                           ("_axial_bwd_dqk_kernel", 1), ("_axial_bwd_dqk_kernel", 2)):
+        for name, is_dk in (("_axial_fwd_stats_kernel", False), ("_axial_fwd_lse_kernel", False),
+                            ("_axial_fwd_out_kernel", False), ("_axial_bwd_dv_kernel", False),
+                            ("_axial_bwd_dqk_kernel", False), ("_axial_bwd_dqk_kernel", True)):
             fn = getattr(K, name)
-            c = dict(cx, ROLE=role, **{unit: 1})
-            label = name + (f" ROLE {role}" if "dqk" in name else "")
+            c = dict(cx, IS_DK=is_dk, **{unit: 1})
+            label = name + ((" dk" if is_dk else " dq") if "dqk" in name else "")
             yield label, desc, launch["num_warps"], resources(fn, _signature(fn, c, pointers), c, launch["num_warps"],
                                                               launch.get("num_stages"))
 

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from epban._extension import triton_available  # noqa: E402
 from epban.ops import axial_attention as ops  # noqa: E402
 from epban.ops.axial_attention import (  # noqa: E402
     axial_attention,
@@ -321,17 +322,16 @@ def test_unknown_column_layout_is_refused(monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("resident, split_dqk", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("resident", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 18, 3, 20), (1, 18, 19, 3)])
-def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, split_dqk, rng_seed):
+def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, rng_seed):
     """Sequences longer than one tile (every loop runs several times, with tails) and more
     channels than one chunk of the logits' contraction; both ways of contracting them (whole-C
-    tiles held in registers, the GPU's bfloat16 and "tf32" path, or chunks of channels), and
-    dq and dk in one launch or in two."""
+    tiles held in registers, the GPU's bfloat16 and "tf32" path, or chunks of channels)."""
     from epban.kernels import axial_attention as kernels
 
-    SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, resident=resident, split_dqk=split_dqk)
+    SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, resident=resident)
     q, k, v = _in_layout(_qkv(shape, seed=rng_seed), layout)
 
     def fused(q, k, v):
@@ -356,13 +356,13 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, s
 
 
 @interpreted
-@pytest.mark.parametrize("split_dqk", [False, True])
-def test_fused_bi_axial_some_gradients_only(rng_seed, split_dqk, monkeypatch):
+@pytest.mark.parametrize("resident", [False, True])
+def test_fused_bi_axial_some_gradients_only(rng_seed, resident, monkeypatch):
     """Only q1, k1 (one direction's dq, the other's dk) and v2 want gradients: the kernels
     skip the rest and the wanted ones stay exact."""
     from epban.kernels import axial_attention as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "split_dqk", split_dqk)
+    monkeypatch.setitem(kernels.CONFIG, "resident", resident)
     tensors = _qkv((2, 5, 5, 7), seed=rng_seed) + _qkv((2, 5, 5, 7), seed=rng_seed + 1)
     q1, k1, v1, q2, k2, v2 = (t.detach().requires_grad_(i in (0, 1, 5)) for i, t in enumerate(tensors))
     out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="fused")
@@ -439,7 +439,7 @@ def test_fused_refuses_bfloat16_in_the_interpreter():
 
 def test_fused_availability_on_cpu_follows_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert fused_axial_available("cpu") == ops.triton_available()
+    assert fused_axial_available("cpu") == triton_available()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not fused_axial_available(torch.device("cpu"))
 
@@ -580,18 +580,18 @@ variants += [("fp32", 1, True, False, name) for name in ("_axial_fwd_stats_kerne
                                                           "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel")]
 variants += [("bf16", 1, False, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel",
                                                           "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel")]
-variants = [v + (0,) for v in variants]
-# dq and dk compiled apart (CONFIG["split_dqk"])
-variants += [("bf16", 0, False, True, "_axial_bwd_dqk_kernel", 1), ("fp32", 1, False, False, "_axial_bwd_dqk_kernel", 2)]
-for dtype, pass_, col_t, resident, name, role in variants:
+# the dqk kernel compiles for dq and (below) for dk
+variants = [v + (False,) for v in variants]
+variants += [("bf16", 0, False, True, "_axial_bwd_dqk_kernel", True), ("fp32", 1, False, False, "_axial_bwd_dqk_kernel", True)]
+for dtype, pass_, col_t, resident, name, is_dk in variants:
     constexprs = dict(PASS=pass_, BLOCK=16, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32, BLOCK_CK=16, RESIDENT=resident,
-                      ROLE=role, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
+                      IS_DK=is_dk, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
     fn = getattr(K, name)
     signature = {a: "constexpr" if a in constexprs else ("*" + dtype) if a in pointers
                  else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
     given = {a: v for a, v in constexprs.items() if a in fn.arg_names}
     compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(name, dtype, pass_, col_t, resident, role, "compiled")
+    print(name, dtype, pass_, col_t, resident, is_dk, "compiled")
 """
 
 

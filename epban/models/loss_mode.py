@@ -75,8 +75,9 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-def _conv_without_bias(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+def _conv2d(x: torch.Tensor, conv: nn.Conv2d, bias=None) -> torch.Tensor:
+    """``conv``'s convolution of x with ``bias`` in place of its own (None: no bias)."""
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class ConvReLU(nn.Module):
@@ -90,8 +91,7 @@ class ConvReLU(nn.Module):
         self.epilogue_backend = "auto"  # of bias_act; "fused" runs it under TRITON_INTERPRET=1 (tests)
 
     def _conv(self, x: torch.Tensor, bias) -> torch.Tensor:
-        return F.conv2d(x, self.conv.weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation,
-                        self.conv.groups)
+        return _conv2d(x, self.conv, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
@@ -176,9 +176,9 @@ class EpilogueBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
             backend = self.epilogue_backend
-            out = bias_act(_conv_without_bias(x, self.conv1), self.conv1.bias, backend=backend)
-            identity = x if self.downsample is None else _conv_without_bias(x, self.downsample)
-            return bias_act(_conv_without_bias(out, self.conv2), self.bias2, identity, backend=backend)
+            out = bias_act(_conv2d(x, self.conv1), self.conv1.bias, backend=backend)
+            identity = x if self.downsample is None else _conv2d(x, self.downsample)
+            return bias_act(_conv2d(out, self.conv2), self.bias2, identity, backend=backend)
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(self.conv2(F.relu(self.conv1(x))) + identity)
 

@@ -43,15 +43,19 @@ def check_image_pair(x: torch.Tensor, y: torch.Tensor, *, name_x: str = "x", nam
         raise ValueError(f"{name_x} and {name_y} must have the same dtype, got {x.dtype} and {y.dtype}")
 
 
-def triton_unavailable_reason(what: str, device, dtype=None, *, interpreter_refuses=None) -> str | None:
+def triton_unavailable_reason(what: str, device, dtype=None, *, interpreter_refuses=None,
+                              interpreter_also=()) -> str | None:
     """Why the Triton kernels of ``what`` cannot serve ``dtype`` tensors on ``device`` (None when
     they can): CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests' way), float32,
-    bfloat16 or float16. ``interpreter_refuses``: {dtype: reason} the interpreter gets wrong."""
+    bfloat16 or float16. ``interpreter_refuses``: {dtype: reason} the interpreter gets wrong;
+    ``interpreter_also``: more dtypes the kernels take under the interpreter (float64)."""
     device = torch.device(device)
     if not triton_available():
         return "Triton is not installed"
-    if dtype is not None and dtype not in TRITON_DTYPES:
-        return f"{what} takes float32, bfloat16 or float16, got {dtype}"
+    dtypes = TRITON_DTYPES + (tuple(interpreter_also) if device.type == "cpu" else ())
+    if dtype is not None and dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"{what} takes {names} on {device.type}, got {dtype}"
     if device.type == "cuda":
         return None
     if device.type == "cpu":

@@ -24,8 +24,8 @@ import warnings
 
 import torch
 
-from epban._extension import check_backend, triton_available, triton_interpret
-from epban.ops._checks import check_nchw_float, fused_requested
+from epban._extension import check_backend
+from epban.ops._checks import check_nchw_float, fused_requested, triton_unavailable_reason
 
 SIGMA_SCOPES = ("sample", "batch")
 SIGMA_EPS = 1e-6
@@ -65,7 +65,6 @@ def check_axial_args(q, k, v, sigma_scope) -> None:
 # whole-C tiles: 9.0 ms against 22.8 for tf32x3 at 1x256x135x240 channels_last). Default:
 # "tf32x3" on CUDA, "ieee" under the CPU interpreter. EPBAN_AXIAL_FP32_PRECISION overrides.
 FP32_PRECISION = os.environ.get("EPBAN_AXIAL_FP32_PRECISION")
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # backend="auto" on CUDA takes the fused kernels only where they beat the reference. Their
 # cost grows with B*H*W*(H+W) (every query against every key of its row and column), while
@@ -85,27 +84,17 @@ def _fp32_precision(device: torch.device) -> str:
 
 def _fused_pays_off(t: torch.Tensor) -> bool:
     if t.dtype in (torch.float16, torch.bfloat16) and t.is_contiguous(memory_format=torch.channels_last):
-        return True  # resident-tile kernels: 3.3 ms vs 6.2 at 1x256x135x240 (H100, bf16)
+        return True  # resident-tile kernels (see above)
     b, _, h, w = t.shape
     return b * h * w * (h + w) <= AUTO_FUSED_MAX_WORK
 
 
 def _fused_unavailable_reason(device, dtype=None) -> str | None:
     """Why the fused kernels cannot serve tensors on ``device`` (None when they can)."""
-    device = torch.device(device)
-    if not triton_available():
-        return "Triton is not installed"
-    if device.type == "cuda":
-        if dtype is not None and dtype not in _CUDA_DTYPES:
-            return f"the fused kernels take float32, float16 or bfloat16 on CUDA, got {dtype}"
-        return None
-    if device.type == "cpu":
-        if not triton_interpret():
-            return "fused axial attention runs on CPU tensors only under TRITON_INTERPRET=1"
-        if dtype is not None and dtype == torch.bfloat16:
-            return "the Triton interpreter computes wrong bfloat16 dots; use float32, float64 or float16 on CPU"
-        return None
-    return f"no fused axial attention for device type {device.type!r}"
+    return triton_unavailable_reason(
+        "fused axial attention", device, dtype, interpreter_also=(torch.float64,),
+        interpreter_refuses={torch.bfloat16: "the Triton interpreter computes wrong bfloat16 dots; "
+                                             "use float32, float64 or float16 on CPU"})
 
 
 def fused_axial_available(device) -> bool:
