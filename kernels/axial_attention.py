@@ -51,12 +51,20 @@ backward 1 dv/D, row -> 2 dv/D, column (adds) -> 3 omega per group
          (a dq or dk launch nobody needs is skipped).
 The row and column passes write the same elements, so they are ordered by launches
 rather than atomics: the result is deterministic and every output element is stored.
+When every sequence of both passes fits one tile (L <= BLOCK: the loss mode's maps up to
+64x64 in bfloat16, 32x32 in float32), the one-tile kernels take over (``single_tile``):
+forward 1 stats -> 2 sigma + lse + out, row -> 3 the same, column; backward 1 dv/D, row
+-> 2 dv/D, column -> 3 omega + dq + dk, row -> 4 the same, column. Each of their programs
+merges its group's partials itself (a few hundred numbers) instead of waiting for a
+merge launch, and contracts S (and dA) once for everything its tile needs.
 
 Floor: a "product" is 2 C L^2 FLOPs per sequence, i.e. 2 C (H W^2 + W H^2) per image and
 direction (6.2 GFLOP for 1x256x135x240). The math needs 6 (S, v A; S, dA, dv, dq, dk
 share S); without stored logits the kernels spend 13: 4 in the forward (S for the
 moments, for lse, for out) and 9 in the backward (S and dA for dv/D, again for dq, again
-for dk; dq or dk programs whose gradient is not wanted skip theirs). Bytes: q, k, v (and
+for dk; dq or dk programs whose gradient is not wanted skip theirs); the one-tile kernels
+spend 10 (3 in the forward: S for the moments, S and v A for lse and out; 7 in the
+backward: S, dA, dv; S, dA, dq, dk). Bytes: q, k, v (and
 g) read a few times each, out / dq / dk / dv written once and re-read once by the
 column pass; no L x L traffic; saved state 2 * 4 bytes per pixel and direction.
 
@@ -96,9 +104,18 @@ FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 # its own 32-byte sector) or "transposed" (it reads (B, C, W, H) copies made per call:
 # coalesced tiles for 2 x 3 + 2 x 4 extra tensors of the inputs' size, made and freed per call).
 # EPBAN_AXIAL_COL_LAYOUT overrides the default col_layout.
+# single_tile: when every sequence of both passes fits one tile (the loss mode's maps up to
+# 64x64 in bfloat16), run the fused one-tile kernels (_axial_fwd_single_kernel,
+# _axial_bwd_single_dqk_kernel: 7 launches and 10 products instead of 12 and 13);
+# EPBAN_AXIAL_SINGLE_TILE=0 turns them off.
 CONFIG = dict(block_row=None, block_col=None, block_ck=32, resident=None, num_warps=8,
               num_stages=None,
-              col_layout=os.environ.get("EPBAN_AXIAL_COL_LAYOUT", "strided"))
+              col_layout=os.environ.get("EPBAN_AXIAL_COL_LAYOUT", "strided"),
+              single_tile=os.environ.get("EPBAN_AXIAL_SINGLE_TILE", "1") != "0")
+
+# The one-tile kernels merge their group's partials in every program: beyond this many per
+# group (large batches under sigma_scope="batch") the separate merge launches are cheaper.
+SINGLE_TILE_MAX_PARTIALS = 4096
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -211,6 +228,19 @@ def _resident(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC, BY_CHANNE
 
 
 @triton.jit
+def _whole(tile, ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC, BY_CHANNEL: tl.constexpr,
+           RESIDENT: tl.constexpr):
+    """The whole-C tile of _resident: ``tile`` itself when resident, else loaded now."""
+    if RESIDENT:
+        whole = tile
+    elif BY_CHANNEL:
+        whole = _by_channel(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, s_pos, sC)
+    else:
+        whole = _by_position(ptr, seq_off, offs_p, mask_p, offs_c, mask_c, s_pos, sC)
+    return whole
+
+
+@triton.jit
 def _logits(a_tile, b_tile, a_ptr, b_ptr, seq_off, offs_m, mask_m, offs_n, mask_n, C, sC, s_pos,
             BLOCK: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
             ACC: tl.constexpr):
@@ -317,13 +347,9 @@ def _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample):
     return d, start, count
 
 
-@_sized_jit
-def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, per_row, per_col, eps, sample,
-                            BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    """Merge the strip moments of one group: stats = (mu, sigma = sqrt(M2 / (N - 1)) + eps, N)."""
-    pid = tl.program_id(0)
-    d, start, count = _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample)
-    base = part_ptr + (d * n_progs + start) * 3
+@triton.jit
+def _merge_moments(base, count, eps, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """(mu, sigma = sqrt(M2 / (N - 1)) + eps, N) of ``count`` strip moments (n, mean, M2) at base."""
     tot_n = tl.zeros([BLOCK_P], dtype=ACC)
     tot_s = tl.zeros([BLOCK_P], dtype=ACC)
     for i0 in range(0, count, BLOCK_P):
@@ -344,8 +370,32 @@ def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, pe
         m2 = tl.load(base + offs * 3 + 2, mask=m, other=0.0)
         acc += m2 + cnt * (mu - mean) * (mu - mean)
     std = tl.sqrt(tl.sum(acc, axis=0) / (n - 1.0))
+    return mean, std + eps, n
+
+
+@triton.jit
+def _own_group(local, b, B, sample, n_row_progs, per_row, per_col, PASS: tl.constexpr):
+    """The group of image b in pass PASS -> (group g, its first partial, their count, whether
+    program ``local`` is the group's first)."""
+    if PASS == 0:
+        per_image = per_row
+    else:
+        per_image = per_col
+    g = b * sample
+    count = per_image * (sample + (1 - sample) * B)
+    start = PASS * n_row_progs + g * per_image
+    return g, start, count, local == g * per_image
+
+
+@_sized_jit
+def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, per_row, per_col, eps, sample,
+                            BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """Merge the strip moments of one group: stats = (mu, sigma, N)."""
+    pid = tl.program_id(0)
+    d, start, count = _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample)
+    mean, sigma, n = _merge_moments(part_ptr + (d * n_progs + start) * 3, count, eps, BLOCK_P, ACC)
     tl.store(stats_ptr + pid * 3, mean)
-    tl.store(stats_ptr + pid * 3 + 1, std + eps)
+    tl.store(stats_ptr + pid * 3 + 1, sigma)
     tl.store(stats_ptr + pid * 3 + 2, n)
 
 
@@ -422,6 +472,50 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
     _store_channels(_pick(d, o0, o1), out_off, offs_c, mask_c, offs_j, mask_j, sC, o_pos, 0.5 * acc, accumulate, ACC)
 
 
+@_sized_jit
+def _axial_fwd_single_kernel(q0, k0, v0, o0, q1, k1, v1, o1, part_ptr, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW,
+                             NG, n_row_progs, n_progs, per_row, per_col, eps, sample, accumulate, PASS: tl.constexpr,
+                             BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr,
+                             BLOCK_P: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                             ACC: tl.constexpr, COL_T: tl.constexpr):
+    """Sequences of one tile (L <= BLOCK), one per program: the sigma, lse and out kernels in one.
+
+    Every program merges its group's strip moments itself (the group's first program stores
+    them for the backward), and with all of j in its tile it needs no online logsumexp: S is
+    contracted once for lse and out (3 products in the forward instead of 4, and 3 launches
+    instead of 5).
+    """
+    d = tl.program_id(1)
+    local = tl.program_id(0)
+    b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK,
+                                                                             COL_T)
+    g, start, count, first = _own_group(local, b, B, sample, n_row_progs, per_row, per_col, PASS)
+    mu, sigma, n = _merge_moments(part_ptr + (d * n_progs + start) * 3, count, eps, BLOCK_P, ACC)
+    if first:
+        st = stats_ptr + ((d * 2 + PASS) * NG + g) * 3
+        tl.store(st, mu)
+        tl.store(st + 1, sigma)
+        tl.store(st + 2, n)
+    qp = _pick(d, q0, q1)
+    kp = _pick(d, k0, k1)
+    vp = _pick(d, v0, v1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    q_blk = _resident(qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
+    k_blk = _resident(kp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
+    S = _logits(q_blk, k_blk, qp, kp, seq_off, offs_t, mask_t, offs_t, mask_t, C, sC, s_pos, BLOCK, BLOCK_CK,
+                RESIDENT, PRECISION, ACC)
+    z = tl.where(mask_t[None, :], S * (1.0 / sigma), float("-inf"))
+    m_i = tl.max(z, axis=1)
+    e = tl.exp(z - m_i[:, None])
+    l_i = tl.sum(e, axis=1)
+    tl.store(lse_ptr + (d * 2 + PASS).to(tl.int64) * B * H * W + rows + offs_t, m_i + tl.log(l_i), mask=mask_t)
+    a = tl.where(mask_t[:, None], e / l_i[:, None], 0.0)
+    v_blk = _by_channel(vp, seq_off, offs_c, mask_c, offs_t, mask_t, s_pos, sC)
+    acc = _dot(v_blk, a.to(v_blk.dtype), tl.zeros([BLOCK_C, BLOCK], dtype=ACC), PRECISION)
+    _store_channels(_pick(d, o0, o1), out_off, offs_c, mask_c, offs_t, mask_t, sC, o_pos, 0.5 * acc, accumulate, ACC)
+
+
 # ----------------------------------------------------------------------------- backward
 
 
@@ -476,21 +570,27 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
                     o_pos, 0.5 * acc, accumulate, ACC)
 
 
-@_sized_jit
-def _axial_bwd_omega_kernel(dpart_ptr, stats_ptr, omega_ptr, NG, B, n_row_progs, n_progs, per_row, per_col, eps,
-                            sample, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    """omega = dsigma / ((N - 1) (sigma - eps)), dsigma = -sum_group (E - D F) / sigma^2."""
-    pid = tl.program_id(0)
-    d, start, count = _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample)
-    base = dpart_ptr + d * n_progs + start
+@triton.jit
+def _omega(base, count, sigma, n, eps, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """omega = dsigma / ((N - 1) (sigma - eps)), dsigma = -sum_group (E - D F) / sigma^2, from the
+    ``count`` per-program sums of (E - D F) at base."""
     acc = tl.zeros([BLOCK_P], dtype=ACC)
     for i0 in range(0, count, BLOCK_P):
         offs = i0 + tl.arange(0, BLOCK_P)
         acc += tl.load(base + offs, mask=offs < count, other=0.0)
+    dsigma = -tl.sum(acc, axis=0) / (sigma * sigma)
+    return dsigma / ((n - 1.0) * (sigma - eps))
+
+
+@_sized_jit
+def _axial_bwd_omega_kernel(dpart_ptr, stats_ptr, omega_ptr, NG, B, n_row_progs, n_progs, per_row, per_col, eps,
+                            sample, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    """omega of one group (see _omega)."""
+    pid = tl.program_id(0)
+    d, start, count = _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample)
     sigma = tl.load(stats_ptr + pid * 3 + 1)
     n = tl.load(stats_ptr + pid * 3 + 2)
-    dsigma = -tl.sum(acc, axis=0) / (sigma * sigma)
-    tl.store(omega_ptr + pid, dsigma / ((n - 1.0) * (sigma - eps)))
+    tl.store(omega_ptr + pid, _omega(dpart_ptr + d * n_progs + start, count, sigma, n, eps, BLOCK_P, ACC))
 
 
 @triton.jit
@@ -574,6 +674,63 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     _store_channels(outp, out_off, offs_c, mask_c & (need != 0), offs_t, mask_t, sC, o_pos, acc, accumulate, ACC)
 
 
+@_sized_jit
+def _axial_bwd_single_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1, stats_ptr, lse_ptr, drow_ptr,
+                                 dpart_ptr, B, C, H, W, sB, sC, sH, sW, NG, n_row_progs, n_progs, per_row, per_col,
+                                 eps, sample, accumulate, need_q, need_k, PASS: tl.constexpr, BLOCK: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_P: tl.constexpr,
+                                 RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                                 COL_T: tl.constexpr):
+    """Sequences of one tile (L <= BLOCK), one per program: the omega, dq and dk kernels in one.
+
+    The program sums its group's (E - D F) partials itself, contracts S and dA once, and
+    takes both dq[c, i] = sum_j dS[i, j] k[c, j] and dk[c, j] = sum_i dS[i, j] q[c, i] from
+    that dS (4 products instead of 6; one launch per pass instead of omega + 2 per pass).
+    A direction that wants neither gradient does nothing; one that wants one skips the other's dot.
+    """
+    d = tl.program_id(1)
+    local = tl.program_id(0)
+    want_q = (need_q >> d) & 1
+    want_k = (need_k >> d) & 1
+    if (want_q | want_k) != 0:
+        b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(local, H, W, sB, sH, sW, PASS,
+                                                                                 BLOCK, COL_T)
+        g, start, count, _ = _own_group(local, b, B, sample, n_row_progs, per_row, per_col, PASS)
+        st = stats_ptr + ((d * 2 + PASS) * NG + g) * 3
+        mu = tl.load(st)
+        sigma = tl.load(st + 1)
+        omega = _omega(dpart_ptr + d * n_progs + start, count, sigma, tl.load(st + 2), eps, BLOCK_P, ACC)
+        row_base = (d * 2 + PASS).to(tl.int64) * B * H * W + rows
+        lse = tl.load(lse_ptr + row_base + offs_t, mask=mask_t, other=0.0)
+        d_i = tl.load(drow_ptr + row_base + offs_t, mask=mask_t, other=0.0)
+        qp = _pick(d, q0, q1)
+        kp = _pick(d, k0, k1)
+        vp = _pick(d, v0, v1)
+        gp = _pick(d, g0, g1)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        q_blk = _resident(qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
+        k_blk = _resident(kp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
+        vt_blk = _resident(vp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
+        g_blk = _resident(gp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
+        ds = _logit_grad_tile(q_blk, k_blk, vt_blk, g_blk, qp, kp, vp, gp, seq_off, offs_t, mask_t, offs_t, mask_t,
+                              C, sC, s_pos, lse, d_i, mu, 1.0 / sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
+                              ACC)
+        zero = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
+        # the chunked contraction loads whole q and k tiles only now, after dS (sm90, float32
+        # tf32x3, 32x32 maps: 772 spill bytes when they were live across it)
+        if want_q != 0:
+            k_all = _whole(k_blk, kp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
+            dq = _dot(k_all, tl.trans(ds).to(k_all.dtype), zero, PRECISION)
+            _store_channels(_pick(d, dq0, dq1), out_off, offs_c, mask_c, offs_t, mask_t, sC, o_pos, dq, accumulate,
+                            ACC)
+        if want_k != 0:
+            q_all = _whole(q_blk, qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
+            dk = _dot(tl.trans(q_all), ds.to(q_all.dtype), zero, PRECISION)
+            _store_channels(_pick(d, dk0, dk1), out_off, offs_c, mask_c, offs_t, mask_t, sC, o_pos, dk, accumulate,
+                            ACC)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -609,6 +766,10 @@ class _Plan:
         self.n_row = B * self.per_row
         self.n_col = B * self.per_col
         self.n_progs = self.n_row + self.n_col
+        group_partials = max(self.per_row, self.per_col) * (1 if self.sample else B)
+        self.single_tile = bool(cfg["single_tile"]) and W <= self.block_row and H <= self.block_col \
+            and group_partials <= SINGLE_TILE_MAX_PARTIALS
+        self.block_p = max(16, min(1024, triton.next_power_of_2(group_partials)))
         self.acc = tl.float64 if dtype == torch.float64 else tl.float32
         self.acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
         self.num_warps = cfg["num_warps"] if self.block_c >= 128 else 4
@@ -698,6 +859,14 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
     o0, o1 = _pair(outs)
     _axial_fwd_stats_kernel[(plan.n_progs, ndir)](
         q0, k0, q1, k1, qt0, kt0, qt1, kt1, part, C, H, W, *strides, plan.n_row, plan.n_progs, **plan.both())
+    if plan.single_tile:
+        for pass_, block, n, _, accumulate in plan.passes():
+            q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
+            _axial_fwd_single_kernel[(n, ndir)](
+                q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, part, stats, lse, B, C, H, W, *strides, plan.NG,
+                plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample, accumulate,
+                PASS=pass_, BLOCK=block, BLOCK_P=plan.block_p, **plan.tiles())
+        return outs, lse, stats
     _axial_fwd_sigma_kernel[(ndir * 2 * plan.NG,)](
         part, stats, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample,
         BLOCK_P=1024, ACC=plan.acc, num_warps=4)
@@ -731,7 +900,6 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     need_q, need_k, need_v = (sum(1 << d for d in range(ndir) if needs[d][r]) for r in range(3))
     drow = torch.empty_like(lse)
     dpart = torch.empty((ndir, plan.n_progs), dtype=plan.acc_torch, device=dev)
-    omega = torch.empty((ndir, 2, plan.NG), dtype=plan.acc_torch, device=dev)
     B, C, H, W = plan.B, plan.C, plan.H, plan.W
     # an unwanted gradient's pointer is never written through: any tensor of the dtype will do
     dq0, dq1 = _pair([t if t is not None else q for t, q in zip(dqs, qs)])
@@ -747,6 +915,18 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
             B, C, H, W, *strides, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_,
             BLOCK=block,
             **common)
+    if plan.single_tile:
+        for pass_, block, n, _, accumulate in plan.passes():
+            if not (need_q or need_k):
+                break
+            q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
+            _axial_bwd_single_dqk_kernel[(n, ndir)](
+                q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, lse, drow,
+                dpart, B, C, H, W, *strides, plan.NG, plan.n_row, plan.n_progs, plan.per_row, plan.per_col,
+                SIGMA_EPS, plan.sample, accumulate, need_q, need_k, PASS=pass_, BLOCK=block, BLOCK_P=plan.block_p,
+                **common)
+        return dqs, dks, dvs
+    omega = torch.empty((ndir, 2, plan.NG), dtype=plan.acc_torch, device=dev)
     _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
         dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
         plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)

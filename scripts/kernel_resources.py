@@ -78,21 +78,29 @@ def axial_rows(dtype: str, precision: str):
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     # Triton specialises an int argument equal to 1: the unit stride of each layout (sW in
     # NCHW, sC in channels_last) is a compile-time constant at launch, so here too.
-    for layout, unit in (("NCHW", "sW"), ("channels_last", "sC")):
-        # the tiles the ops pick for the model's largest map (1x256x135x240)
-        plan = K._Plan((1, 256, 135, 240), torch_dtype, "sample", precision, channels_last=layout != "NCHW")
+    # the tiles the ops pick for the model's largest map (1x256x135x240), and the one-tile
+    # kernels of the loss mode's maps (16x16 up to 64x64 in bfloat16; 32x32 in float32)
+    cases = [(layout, unit, (1, 256, 135, 240), kernels)
+             for layout, unit in (("NCHW", "sW"), ("channels_last", "sC"))
+             for kernels in [(("_axial_fwd_stats_kernel", False), ("_axial_fwd_lse_kernel", False),
+                              ("_axial_fwd_out_kernel", False), ("_axial_bwd_dv_kernel", False),
+                              ("_axial_bwd_dqk_kernel", False), ("_axial_bwd_dqk_kernel", True))]]
+    one_tile = (1, 256, 64, 64) if dtype != "fp32" else (1, 256, 32, 32)
+    cases.append(("channels_last", "sC", one_tile, (("_axial_fwd_single_kernel", False),
+                                                    ("_axial_bwd_single_dqk_kernel", False))))
+    for layout, unit, shape, kernels in cases:
+        plan = K._Plan(shape, torch_dtype, "sample", precision, channels_last=layout != "NCHW")
         tiles = plan.tiles()
         launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages") if k in tiles}
         cx = dict(PASS=0, BLOCK=plan.block_row, BLOCK_ROW=plan.block_row, BLOCK_COL=plan.block_col, BLOCK_P=1024,
                   **tiles)
-        desc = (f"{layout}, C=256 block {plan.block_row} {'resident' if plan.resident else f'ck {plan.block_ck}'}"
+        desc = (f"{layout}, {shape[2]}x{shape[3]} C=256 block {plan.block_row} "
+                f"{'resident' if plan.resident else f'ck {plan.block_ck}'}"
                 f" stages {launch.get('num_stages')} {plan.precision if dtype == 'fp32' else dtype + ' dots'}")
-        for name, is_dk in (("_axial_fwd_stats_kernel", False), ("_axial_fwd_lse_kernel", False),
-                            ("_axial_fwd_out_kernel", False), ("_axial_bwd_dv_kernel", False),
-                            ("_axial_bwd_dqk_kernel", False), ("_axial_bwd_dqk_kernel", True)):
+        for name, is_dk in kernels:
             fn = getattr(K, name)
             c = dict(cx, IS_DK=is_dk, **{unit: 1})
-            label = name + ((" dk" if is_dk else " dq") if "dqk" in name else "")
+            label = name + ((" dk" if is_dk else " dq") if name == "_axial_bwd_dqk_kernel" else "")
             yield label, desc, launch["num_warps"], resources(fn, _signature(fn, c, pointers), c, launch["num_warps"],
                                                               launch.get("num_stages"))
 

@@ -212,7 +212,13 @@ def _check_against_reference(q, k, v, sigma_scope, fused_fn, tol):
     ((2, 5, 9, 1), "batch", torch.float32),
     ((1, 4, 6, 6), "sample", torch.float16),
 ])
-def test_fused_matches_reference(shape, sigma_scope, dtype, rng_seed):
+@pytest.mark.parametrize("tile_mode", ["single", "looped"])
+def test_fused_matches_reference(shape, sigma_scope, dtype, tile_mode, rng_seed, monkeypatch):
+    """Every sequence here fits one tile: the one-tile kernels ("single", the default) and the
+    general tile loops with their separate sigma, lse and omega launches ("looped")."""
+    from epban.kernels import axial_attention as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
     q, k, v = _qkv(shape, dtype, seed=rng_seed)
     fused = lambda *t: axial_attention(*t, sigma_scope=sigma_scope, backend="fused")  # noqa: E731
     _check_against_reference(q, k, v, sigma_scope, fused, TOL[dtype])
@@ -321,6 +327,51 @@ def test_unknown_column_layout_is_refused(monkeypatch):
         kernels._Plan((1, 2, 3, 4), torch.float32, "sample", "ieee", {"col_layout": "diagonal"})
 
 
+def test_one_tile_kernels_serve_maps_that_fit_one_tile(monkeypatch):
+    """The plan takes the one-tile kernels when both passes' sequences fit one tile and the
+    group's partials are few enough for every program to merge them."""
+    pytest.importorskip("triton")
+    from epban.kernels import axial_attention as kernels
+
+    def plan(shape, dtype=torch.bfloat16, scope="sample", **config):
+        return kernels._Plan(shape, dtype, scope, "ieee", config, channels_last=True)
+
+    assert plan((16, 256, 16, 16)).single_tile and plan((1, 256, 64, 64)).single_tile
+    assert plan((1, 256, 64, 33), torch.float32, block_row=64, block_col=64).single_tile
+    assert not plan((1, 256, 64, 33), torch.float32, block_row=64).single_tile  # columns of 64 > 32
+    assert not plan((1, 256, 64, 64), torch.float32).single_tile  # 32-position float32 tiles
+    assert not plan((1, 256, 128, 128)).single_tile and not plan((1, 256, 135, 240)).single_tile
+    assert not plan((1, 256, 64, 64), single_tile=False).single_tile
+    assert plan((64, 256, 64, 64), scope="batch").single_tile  # 64 x 64 partials per group
+    assert not plan((65, 256, 64, 64), scope="batch").single_tile
+
+
+class _Refused:
+    """Stands in for a kernel the plan must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+
+@interpreted
+@pytest.mark.parametrize("tile_mode", ["single", "looped"])
+def test_each_tile_mode_launches_only_its_kernels(tile_mode, rng_seed, monkeypatch):
+    from epban.kernels import axial_attention as kernels
+
+    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
+    refused = (["_axial_fwd_sigma_kernel", "_axial_fwd_lse_kernel", "_axial_fwd_out_kernel",
+                "_axial_bwd_omega_kernel", "_axial_bwd_dqk_kernel"] if tile_mode == "single"
+               else ["_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel"])
+    for name in refused:
+        monkeypatch.setattr(kernels, name, _Refused(name))
+    q, k, v = _qkv((2, 5, 5, 7), seed=rng_seed)
+    out = axial_attention(q, k, v, backend="fused")
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
 @interpreted
 @pytest.mark.parametrize("resident", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -356,21 +407,26 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, r
 
 
 @interpreted
-@pytest.mark.parametrize("resident", [False, True])
-def test_fused_bi_axial_some_gradients_only(rng_seed, resident, monkeypatch):
-    """Only q1, k1 (one direction's dq, the other's dk) and v2 want gradients: the kernels
-    skip the rest and the wanted ones stay exact."""
+@pytest.mark.parametrize("resident, tile_mode, wanted", [
+    (False, "looped", (0, 1, 5)), (True, "looped", (0, 1, 5)), (False, "single", (0, 1, 5)),
+    (True, "single", (0, 1, 5)), (False, "single", (0, 5)), (True, "single", (2, 5)), (False, "looped", (0, 5))])
+def test_fused_bi_axial_some_gradients_only(rng_seed, resident, tile_mode, wanted, monkeypatch):
+    """Only some of q1, k1, v1, q2, k2, v2 (indices ``wanted``) want gradients, e.g. q1, k1, v2
+    (the loss mode's: one direction's dq, the other's dk): the kernels skip the rest (a
+    direction wanting neither dq nor dk, or no dq or dk at all) and the wanted ones stay exact."""
     from epban.kernels import axial_attention as kernels
 
     monkeypatch.setitem(kernels.CONFIG, "resident", resident)
+    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
     tensors = _qkv((2, 5, 5, 7), seed=rng_seed) + _qkv((2, 5, 5, 7), seed=rng_seed + 1)
-    q1, k1, v1, q2, k2, v2 = (t.detach().requires_grad_(i in (0, 1, 5)) for i, t in enumerate(tensors))
+    q1, k1, v1, q2, k2, v2 = (t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors))
     out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="fused")
     inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in (q1, k1, v1, q2, k2, v2)]
     ref1, ref2 = bi_axial_attention(*inputs, backend="reference")
     g1, g2 = torch.randn_like(ref1), torch.randn_like(ref2)
-    got = torch.autograd.grad((out1, out2), (q1, k1, v2), (g1.float(), g2.float()))
-    want = torch.autograd.grad((ref1, ref2), (inputs[0], inputs[1], inputs[5]), (g1, g2))
+    # the inputs in the order bi_axial_attention pairs them (direction 1: q1, k2, v1; 2: q2, k1, v2)
+    got = torch.autograd.grad((out1, out2), [(q1, k1, v1, q2, k2, v2)[i] for i in wanted], (g1.float(), g2.float()))
+    want = torch.autograd.grad((ref1, ref2), [inputs[i] for i in wanted], (g1, g2))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
 
@@ -399,12 +455,16 @@ def _value_and_grads(fn, inputs, grad):
 
 
 @interpreted
-@pytest.mark.parametrize("col_layout", ["strided", "transposed", "channels_last inputs"])
-def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, col_layout):
-    """Every buffer the op allocates starts as NaN: the results must still be exact."""
+@pytest.mark.parametrize("col_layout, tile_mode", [("strided", "single"), ("strided", "looped"),
+                                                   ("transposed", "single"), ("transposed", "looped"),
+                                                   ("channels_last inputs", "single")])
+def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, col_layout, tile_mode):
+    """Every buffer the op allocates starts as NaN (the statistics the one-tile kernels store
+    for the backward too): the results must still be exact."""
     from epban.kernels import axial_attention as kernels
 
     monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed" if col_layout == "transposed" else "strided")
+    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poisoned_empty(*args, **kwargs):
@@ -465,12 +525,15 @@ def test_model_score_fused_equals_reference(rng_seed, sigma_scope="sample"):
 # Triton JIT, warmed in parallel processes first, stays a small part of the run.
 
 _CUDA_WARM = [((1, 256, 7, 13), "float32"), ((1, 256, 40, 1), "float32"), ((1, 256, 33, 47), "float32"),
-              ((1, 256, 33, 47), "bfloat16"), ((1, 256, 7, 13), "float16")]
+              ((1, 256, 33, 47), "bfloat16"), ((1, 256, 7, 13), "float16"),
+              ((1, 256, 33, 47), "bfloat16", "channels_last"), ((1, 256, 135, 240), "bfloat16", "channels_last")]
 _WARM_SCRIPT = r"""
 import sys, torch
 from epban.ops.axial_attention import bi_axial_attention
 shape, dtype = eval(sys.argv[1]), getattr(torch, sys.argv[2])
-x = [(0.1 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_() for _ in range(6)]
+fmt = torch.channels_last if sys.argv[3:] == ["channels_last"] else torch.contiguous_format
+x = [(0.1 * torch.randn(shape, device="cuda")).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+     for _ in range(6)]
 torch.autograd.backward(bi_axial_attention(*x, backend="fused"), [torch.ones_like(x[0])] * 2)
 torch.cuda.synchronize()
 """
@@ -482,8 +545,8 @@ def warm_cuda_kernels():
     import subprocess
     import sys
 
-    procs = [subprocess.Popen([sys.executable, "-c", _WARM_SCRIPT, repr(shape), dtype], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for shape, dtype in _CUDA_WARM]
+    procs = [subprocess.Popen([sys.executable, "-c", _WARM_SCRIPT, repr(shape), *rest], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for shape, *rest in _CUDA_WARM]
     for proc in procs:
         try:
             proc.wait(timeout=120)
@@ -524,11 +587,16 @@ def _check_rel_l2(q, k, v, sigma_scope, tol):
     ((2, 256, 33, 47), "batch", torch.bfloat16, "channels_last"),
     ((4, 256, 64, 64), "sample", torch.float32, "channels_last"),
     ((1, 256, 135, 240), "batch", torch.float32, "channels_last"),
+    # the loss mode's maps up to 64x64 in bfloat16: the one-tile kernels; and the tile loops on one of them
+    ((16, 256, 16, 16), "batch", torch.bfloat16, "channels_last"),
+    ((1, 256, 64, 64), "sample", torch.bfloat16, "channels_last"),
+    ((2, 256, 33, 47), "sample", torch.bfloat16, "looped"),
 ])
 def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, col_layout, rng_seed, warm_cuda_kernels, monkeypatch):
     from epban.kernels import axial_attention as kernels
 
     monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed" if col_layout == "transposed" else "strided")
+    monkeypatch.setitem(kernels.CONFIG, "single_tile", col_layout != "looped")
     q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
     if col_layout == "channels_last":
         q, k, v = _in_layout((q, k, v), "channels_last")
@@ -577,9 +645,11 @@ kernels = sorted(n for n in dir(K) if n.startswith("_axial_") and n.endswith("_k
 variants = [("fp32", 0, False, False, name) for name in kernels]
 variants += [("fp32", 1, False, False, "_axial_fwd_out_kernel"), ("bf16", 0, False, True, "_axial_bwd_dqk_kernel")]
 variants += [("fp32", 1, True, False, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_out_kernel",
-                                                          "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel")]
+                                                          "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel",
+                                                          "_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel")]
 variants += [("bf16", 1, False, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel",
-                                                          "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel")]
+                                                          "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel",
+                                                          "_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel")]
 # the dqk kernel compiles for dq and (below) for dk
 variants = [v + (False,) for v in variants]
 variants += [("bf16", 0, False, True, "_axial_bwd_dqk_kernel", True), ("fp32", 1, False, False, "_axial_bwd_dqk_kernel", True)]
@@ -607,7 +677,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 19, result.stdout
+    assert result.stdout.count("compiled") == 25, result.stdout
 
 
 _RESOURCES_SCRIPT = r"""
