@@ -65,11 +65,35 @@ def make_variant(name: str, model: EfficientPBAN):
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
     set_reference_backends(model, "auto")  # the loss mode inherits the model's backends
     precision = "tf32x3" if "tf32x3" in name else None
+    # Words that switch one loss-mode default off, for A/B rows in one run:
     # "unfused-epilogue": the ResNet convs with PyTorch's bias add, ReLU and residual add
-    # (pban_for_loss(fused_epilogue=False)), for comparison with the default fused epilogues.
+    # (pban_for_loss(fused_epilogue=False)); "separate-gates": one SE call per direction
+    # (batch_gates=False); "looped-attention": the axial attention's general tile loops where
+    # its one-tile kernels would serve (CONFIG single_tile; set around each call, so in a graph
+    # variant around the capture, which runs forward and backward).
     scorer = pban_for_loss(model, dtype=dtype, cuda_graph=_graphed(name), fp32_precision=precision,
-                           fused_epilogue="unfused-epilogue" not in name)
+                           fused_epilogue="unfused-epilogue" not in name,
+                           batch_gates="separate-gates" not in name)
+    if "looped-attention" in name.split():
+        return _with_axial_config(scorer, single_tile=False), scorer
     return scorer, scorer
+
+
+def _with_axial_config(f, **config):
+    """f with the axial kernels' CONFIG overridden during each call."""
+
+    def run(sr, hr):
+        from epban.kernels import axial_attention as kernels
+
+        saved = dict(kernels.CONFIG)
+        kernels.CONFIG.update(config)
+        try:
+            return f(sr, hr)
+        finally:
+            kernels.CONFIG.clear()
+            kernels.CONFIG.update(saved)
+
+    return run
 
 
 def _graphed(variant: str) -> bool:

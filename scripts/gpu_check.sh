@@ -5,7 +5,8 @@
 # GPU_CHECK_QUICK=1 fits a 5-minute lease.
 #   bash scripts/gpu_check.sh                   (full logs go to $OUT, or ./gpu_check_out; ~7.5 min on an H100)
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh (~4 min: the latest changes' tests and A/B timings)
-#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4 min: the axial attention's tests, profile, sweep)
+#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~6 min: the axial attention's tests, profile, sweep,
+#                                                    the loss with the latest loss-mode switches A/B)
 set -uo pipefail
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONUNBUFFERED=1
@@ -33,9 +34,10 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
   timeout 100 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
-  step "loss, bf16 + graph"
-  timeout 50 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
-    --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
+  step "loss, bf16 + graph: defaults, then the one-tile attention and the batched gates each off"
+  timeout 150 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
+    --variants "loss bf16 graph,loss bf16 graph looped-attention,loss bf16 graph separate-gates" \
+    >"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
   grep -E "^\| [0-9]" "$OUT/loss.md"

@@ -182,6 +182,26 @@ def test_fused_epilogue_switch(tiny, monkeypatch):
     assert pban_for_loss(tiny).model.stem[0].pad_devices == set()
 
 
+def test_batched_gates_call_se_once_with_the_same_values(tiny, monkeypatch):
+    """batch_gates: one SE call on both directions' outputs (stacked along the batch); scores
+    and input gradients equal the per-direction calls'. The switch and its variable work."""
+    sr, hr = _pair(b=3)
+    calls = []
+    scorers = {}
+    for batched in (True, False):
+        scorers[batched] = pban_for_loss(tiny, batch_gates=batched)
+        se = scorers[batched].model.block2.SE
+        se.register_forward_hook(lambda module, args, out, batched=batched: calls.append((batched, args[0].shape[0])))
+    batched_scores, batched_grad = _score_and_grad(scorers[True], sr, hr)
+    scores, grad = _score_and_grad(scorers[False], sr, hr)
+    assert calls == [(True, 6), (False, 3), (False, 3)]
+    torch.testing.assert_close(batched_scores, scores, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(batched_grad, grad, atol=1e-6 * grad.abs().max().item(), rtol=1e-5)
+    assert pban_for_loss(tiny).model.block2.batch_gates and not tiny.block2.batch_gates
+    monkeypatch.setenv("EPBAN_LOSS_BATCH_GATES", "0")
+    assert not pban_for_loss(tiny).model.block2.batch_gates
+
+
 @pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
 def test_fused_gmdc_in_the_loss_mode_matches_the_model(tiny_two_branches):
     sr, hr = _pair(b=1, h=48, w=64)

@@ -21,6 +21,12 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
   the ReLU, instead of PyTorch's strided bias ``add_``, the ReLU and the residual add.
 - The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
   16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
+- The pixel and channel gate (SE) runs once on both directions' attention outputs stacked
+  along the batch instead of once per direction (``batch_gates``; SE works image by image,
+  so the values are the same): one SE forward + backward is ~40 small operators (five convs,
+  tanh, sigmoid, pixel shuffle, products, their gradients), launch-bound on the loss mode's
+  maps; batched, a step issues one set instead of two, plus a concatenation forward and one
+  backward. ``EPBAN_LOSS_BATCH_GATES=0`` turns it off.
 - No host syncs: inputs are checked by shape only (no finite check).
 - ``cuda_graph=True``: forward and backward are captured once per input shape, dtype and
   device (``torch.cuda.make_graphed_callables``) and replayed; the scores and the gradient
@@ -261,7 +267,7 @@ class PBANLossScorer(nn.Module):
     """A frozen Efficient-PBAN prepared for use as a loss: ``scorer(sr, hr) -> scores (B,)``, float32."""
 
     def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None,
-                 fused_epilogue=None, stem_pad=None):
+                 fused_epilogue=None, stem_pad=None, batch_gates=None):
         super().__init__()
         if not isinstance(model, EfficientPBAN):
             raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
@@ -288,6 +294,9 @@ class PBANLossScorer(nn.Module):
         blk.after_block3 = blk.after_block4 = None  # unused when upchannel=True
         blk.br1, blk.br2 = PackedGMDC(blk.br1), PackedGMDC(blk.br2)
         blk.SE.spatial_mean = spatial_mean
+        if batch_gates is None:
+            batch_gates = os.environ.get("EPBAN_LOSS_BATCH_GATES", "1") != "0"
+        blk.batch_gates = bool(batch_gates)
         blk.br1.fp32_precision = blk.br2.fp32_precision = check_fp32_precision(fp32_precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for trunk in (m.stem, m.layer2_1, m.block2):
@@ -398,7 +407,8 @@ class CUDAGraphScorer(nn.Module):
 
 
 def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
-                  compile=False, fp32_precision=None, fused_epilogue=None, stem_pad=None) -> nn.Module:
+                  compile=False, fp32_precision=None, fused_epilogue=None, stem_pad=None,
+                  batch_gates=None) -> nn.Module:
     """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
 
     The model is copied (it stays usable as it is); move it to its device first.
@@ -410,9 +420,11 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``stem_pad``: on CUDA, the stem conv's input gradient is computed with its weight
     zero-padded to 16 bytes of input channels, for cuDNN's aligned kernels (default on;
     ``EPBAN_LOSS_STEM_PAD=0`` or ``False`` keeps 3 channels).
+    ``batch_gates``: one SE call on both attention outputs stacked along the batch (default on;
+    ``EPBAN_LOSS_BATCH_GATES=0`` or ``False`` calls it once per direction, as the model does).
     """
     scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
-                            fused_epilogue=fused_epilogue, stem_pad=stem_pad)
+                            fused_epilogue=fused_epilogue, stem_pad=stem_pad, batch_gates=batch_gates)
     if compile:
         kwargs = dict(compile) if isinstance(compile, dict) else {}
         if cuda_graph:

@@ -224,6 +224,9 @@ class BiAttentionBlock(nn.Module):
         self.after_block4 = _conv_bn_relu(channels, channels, 1)
         self.sigma_scope = config.sigma_scope
         self.attention_backend = "auto"
+        # One SE call on both directions' outputs stacked along the batch (SE works image by
+        # image: the same values), for half its launches; the loss mode sets it.
+        self.batch_gates = False
 
     def forward(self, f_sr: torch.Tensor, f_hr: torch.Tensor):
         q1, k1, v1 = self.br1(self.q1(f_sr)), self.k1(f_sr), self.v1(f_sr)
@@ -231,9 +234,12 @@ class BiAttentionBlock(nn.Module):
         out1, out2 = bi_axial_attention(
             q1, k1, v1, q2, k2, v2, sigma_scope=self.sigma_scope, backend=self.attention_backend
         )
-        out1 = self.SE(out1) + f_sr
-        out2 = self.SE(out2) + f_hr
-        return self.after_block1(out1), self.after_block2(out2)
+        if self.batch_gates and out1.shape == out2.shape:
+            # split, not slicing: its backward is one cat of the halves' gradients
+            out1, out2 = self.SE(torch.cat([out1, out2])).split(len(out1))
+        else:
+            out1, out2 = self.SE(out1), self.SE(out2)
+        return self.after_block1(out1 + f_sr), self.after_block2(out2 + f_hr)
 
 
 def _resnet_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
