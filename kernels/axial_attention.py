@@ -180,6 +180,12 @@ def _pick(d, first, second):
 
 
 @triton.jit
+def _operands(d, q0, k0, v0, g0, q1, k1, v1, g1):
+    """Direction d's q, k, v and upstream-gradient pointers (the backward kernels serve both)."""
+    return _pick(d, q0, q1), _pick(d, k0, k1), _pick(d, v0, v1), _pick(d, g0, g1)
+
+
+@triton.jit
 def _tile_setup(local, H, W, sB, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
     """Offsets shared by every kernel body: seq_off / s_pos address the program's sequence in
     the inputs, out_off / o_pos in the outputs (they differ under COL_T); offs_t / mask_t:
@@ -535,10 +541,7 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
     inv_sigma = 1.0 / tl.load(st + 1)
     row_ptrs = (d * 2 + PASS).to(tl.int64) * B * H * W + rows + offs_i
     lse = tl.load(lse_ptr + row_ptrs, mask=mask_i, other=0.0)
-    qp = _pick(d, q0, q1)
-    kp = _pick(d, k0, k1)
-    vp = _pick(d, v0, v1)
-    gp = _pick(d, g0, g1)
+    qp, kp, vp, gp = _operands(d, q0, k0, v0, g0, q1, k1, v1, g1)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     q_blk = _resident(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
@@ -623,10 +626,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     halves the work).
     """
     d = tl.program_id(1)
-    qp = _pick(d, q0, q1)
-    kp = _pick(d, k0, k1)
-    vp = _pick(d, v0, v1)
-    gp = _pick(d, g0, g1)
+    qp, kp, vp, gp = _operands(d, q0, k0, v0, g0, q1, k1, v1, g1)
     if IS_DK:
         outp = _pick(d, dk0, dk1)
         need = (need_k >> d) & 1
@@ -703,10 +703,7 @@ def _axial_bwd_single_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, 
         row_base = (d * 2 + PASS).to(tl.int64) * B * H * W + rows
         lse = tl.load(lse_ptr + row_base + offs_t, mask=mask_t, other=0.0)
         d_i = tl.load(drow_ptr + row_base + offs_t, mask=mask_t, other=0.0)
-        qp = _pick(d, q0, q1)
-        kp = _pick(d, k0, k1)
-        vp = _pick(d, v0, v1)
-        gp = _pick(d, g0, g1)
+        qp, kp, vp, gp = _operands(d, q0, k0, v0, g0, q1, k1, v1, g1)
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         q_blk = _resident(qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
