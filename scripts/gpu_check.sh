@@ -33,11 +33,12 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
     | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
-  timeout 100 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
+  timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
   step "loss, bf16 + graph: defaults, then the one-tile attention and the batched gates each off"
-  timeout 150 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
-    --variants "loss bf16 graph,loss bf16 graph looped-attention,loss bf16 graph separate-gates" \
-    >"$OUT/loss.md" 2>&1 || status=1
+  timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
+    --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
+  timeout 90 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
+    --variants "loss bf16 graph looped-attention,loss bf16 graph separate-gates" >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
   grep -E "^\| [0-9]" "$OUT/loss.md"
