@@ -5,7 +5,7 @@
 # GPU_CHECK_QUICK=1 fits a 5-minute lease.
 #   bash scripts/gpu_check.sh                   (full logs go to $OUT, or ./gpu_check_out; ~7.5 min on an H100)
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh (~4 min: the latest changes' tests and A/B timings)
-#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~6 min: the axial attention's tests, profile, sweep,
+#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~7 min: the axial attention's tests, profile, sweep,
 #                                                    the loss with the latest loss-mode switches A/B)
 set -uo pipefail
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -28,17 +28,20 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   step "install without the C++ extension"
   EPBAN_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
-  step "axial CUDA tests"
+  step "axial CUDA tests (and the loss mode's ops: fused epilogues and residual-gradient sums)"
+  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py 2>&1 | tail -3
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 170 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
     | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
   timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
-  step "loss, bf16 + graph: defaults, then the one-tile attention and the batched gates each off"
+  step "loss, bf16 + graph: defaults, then each of this round's switches off"
   timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
     --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
-  timeout 90 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
-    --variants "loss bf16 graph looped-attention,loss bf16 graph separate-gates" >>"$OUT/loss.md" 2>&1 || status=1
+  timeout 120 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
+    --variants "loss bf16 graph looped-attention,loss bf16 graph separate-gates,loss bf16 graph unfused-residual-grad" \
+    >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
   grep -E "^\| [0-9]" "$OUT/loss.md"

@@ -114,3 +114,81 @@ def test_fused_on_cpu_without_the_interpreter_is_a_value_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         bias_act(torch.randn(1, 2, 3, 3), torch.zeros(2), backend="fused")
+
+
+# ----------------------------------------------------------------------------- relu_grad_sum
+
+
+@pytest.fixture
+def sum_launches(monkeypatch):
+    calls = []
+    launch = ops._launch_relu_grad_sum
+    monkeypatch.setattr(ops, "_launch_relu_grad_sum", lambda *a: calls.append(1) or launch(*a))
+    return calls
+
+
+def _three(shape, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return [torch.randn(shape, generator=g).to(DEVICE, dtype).to(memory_format=fmt) for _ in range(3)]
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_relu_grad_sum_matches_threshold_backward(shape, layout, sum_launches):
+    grad, other, out = _three(shape, layout, torch.float32, seed=sum(shape))
+    out[..., ::3] = 0.0  # exactly at the threshold: masked, as threshold_backward does
+    with poisoned_allocations():  # every element must be written
+        res = ops.relu_grad_sum(grad, other, out, backend="fused")
+    assert sum_launches == [1]
+    expected = torch.ops.aten.threshold_backward(grad + other, out, 0)
+    assert res.stride() == expected.stride()
+    torch.testing.assert_close(res, expected, atol=0, rtol=0)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relu_grad_sum_half_types(dtype, sum_launches):
+    """The sum rounded once to the dtype, as the add rounds it (on a GPU to nearest: equal; the
+    interpreter's conversion may truncate, so there one ulp)."""
+    grad, other, out = _three((2, 8, 7, 5), "channels_last", dtype, seed=4)
+    res = ops.relu_grad_sum(grad, other, out, backend="fused")
+    expected = torch.ops.aten.threshold_backward(grad + other, out, 0)
+    assert res.dtype == dtype and sum_launches == [1]
+    if DEVICE == "cuda":
+        torch.testing.assert_close(res, expected, atol=0, rtol=0)
+    else:
+        ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+        assert ((res.float() - expected.float()).abs() <= ulp * expected.float().abs()).all()
+
+
+@needs_fused
+def test_relu_grad_sum_passes_the_gradient_where_out_is_nan(sum_launches):
+    out = torch.tensor([-1.0, 0.0, 2.0, float("nan")], device=DEVICE).view(1, 4, 1, 1)
+    grad = torch.ones_like(out)
+    res = ops.relu_grad_sum(grad, grad, out, backend="fused")
+    assert res.flatten().tolist() == torch.ops.aten.threshold_backward(grad + grad, out, 0).flatten().tolist()
+    assert res.flatten().tolist() == [0.0, 0.0, 2.0, 2.0]
+
+
+@needs_fused
+def test_relu_grad_sum_opcheck():
+    grad, other, out = _three((2, 5, 4, 3), "channels_last", torch.float32, seed=2)
+    torch.library.opcheck(torch.ops.epban.relu_grad_sum.default, (grad, other, out))
+
+
+def test_relu_grad_sum_mixed_layouts_and_bad_inputs(sum_launches):
+    grad, other, out = _three((1, 4, 5, 6), "contiguous", torch.float32, seed=5)
+    mixed = out.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(ops.relu_grad_sum(grad, other, mixed, backend="reference"),
+                               torch.ops.aten.threshold_backward(grad + other, out, 0))
+    if not (torch.cuda.is_available() or triton_unavailable_reason("bias_act", "cpu", torch.float32)):
+        ops.relu_grad_sum(grad, other, mixed, backend="fused")  # the layouts differ: the reference serves
+        assert sum_launches == []
+    with pytest.raises(ValueError, match="other must match"):
+        ops.relu_grad_sum(grad, other[:, :3], out)
+    with pytest.raises(ValueError, match="out must match"):
+        ops.relu_grad_sum(grad, other, out.double())
+    with pytest.raises(ValueError, match="4-D"):
+        ops.relu_grad_sum(grad[0], other[0], out[0])

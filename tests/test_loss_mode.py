@@ -182,6 +182,48 @@ def test_fused_epilogue_switch(tiny, monkeypatch):
     assert pban_for_loss(tiny).model.stem[0].pad_devices == set()
 
 
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_residual_grad_gives_autograds_gradient(channels_last, monkeypatch):
+    """With the fused epilogues, each ResNet layer runs as one autograd node whose backward
+    fuses a block's branch sum with the previous block's ReLU mask (relu_grad_sum, through the
+    kernel at every block boundary): the same scores and input gradient as block-by-block
+    autograd, and as the model. Layers of 2, 3 and 2 blocks (the tiny preset's have one: no
+    boundary), the first block of layers 2 and 3 with a downsample."""
+    torch.manual_seed(0)
+    tiny = _randomised(EfficientPBAN(PBANConfig.tiny(blocks=(2, 3, 2))))
+    sums = []
+    launch = bias_act_ops._launch_relu_grad_sum
+    monkeypatch.setattr(bias_act_ops, "_launch_relu_grad_sum", lambda *a: sums.append(1) or launch(*a))
+    sr, hr = _pair(b=2, h=48, w=64)
+    results = {}
+    for fused in (True, False):
+        scorer = pban_for_loss(tiny, channels_last=channels_last, fused_residual_grad=fused)
+        for m in _epilogues(scorer):
+            m.epilogue_backend = "fused"
+        results[fused] = _score_and_grad(scorer, sr, hr)
+    assert len(sums) == 1 + 2 + 1  # sr's path only, once per block boundary
+    (scores, grad), (plain_scores, plain_grad) = results[True], results[False]
+    torch.testing.assert_close(scores, plain_scores, atol=0, rtol=0)
+    torch.testing.assert_close(grad, plain_grad, atol=1e-7 * plain_grad.abs().max().item(), rtol=1e-6)
+    expected, expected_grad = _score_and_grad(tiny, sr, hr)
+    assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+
+
+def test_fused_residual_grad_switch(tiny, monkeypatch):
+    from epban.models.loss_mode import EpilogueLayer
+
+    def layers(scorer):
+        return [m for m in scorer.modules() if isinstance(m, EpilogueLayer)]
+
+    scorer = pban_for_loss(tiny)
+    assert len(layers(scorer)) == 3 and all(m.fused_residual_grad for m in layers(scorer))
+    assert scorer.model.layer2_1 is scorer.model.layer2_2
+    assert not any(m.fused_residual_grad for m in layers(pban_for_loss(tiny, fused_residual_grad=False)))
+    monkeypatch.setenv("EPBAN_LOSS_FUSED_RESIDUAL_GRAD", "0")
+    assert not any(m.fused_residual_grad for m in layers(pban_for_loss(tiny)))
+
+
 def test_batched_gates_call_se_once_with_the_same_values(tiny, monkeypatch):
     """batch_gates: one SE call on both directions' outputs (stacked along the batch); scores
     and input gradients equal the per-direction calls'. The switch and its variable work."""

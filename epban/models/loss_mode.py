@@ -19,6 +19,10 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
 - The ResNet convolutions' epilogues fused (CUDA): each conv runs without bias, and one pass
   (``epban.ops.bias_act``) adds the bias (and the residual, and a downsample's bias) and applies
   the ReLU, instead of PyTorch's strided bias ``add_``, the ReLU and the residual add.
+- Each ResNet layer's backward (with the fused epilogues) as one autograd node: a block's two
+  input-gradient branches summed and the previous block's ReLU mask applied in one pass
+  (``epban.ops.bias_act.relu_grad_sum``) instead of an add and a threshold_backward
+  (``fused_residual_grad``; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` turns it off).
 - The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
   16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
 - The pixel and channel gate (SE) runs once on both directions' attention outputs stacked
@@ -49,7 +53,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
 
 from epban.models.pban import GMDC, EfficientPBAN
-from epban.ops.bias_act import bias_act, fused_bias_act_available
+from epban.ops.bias_act import bias_act, fused_bias_act_available, fused_bias_act_serves, relu_grad_sum
 from epban.ops.deform_conv import (
     check_fp32_precision,
     deform_path,
@@ -179,19 +183,81 @@ class EpilogueBasicBlock(nn.Module):
         self.fused_epilogue = fused_epilogue
         self.epilogue_backend = "auto"  # as ConvReLU's
 
+    def fused(self, x: torch.Tensor) -> bool:
+        return self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
+
+    def fused_parts(self, x: torch.Tensor):
+        """(h, out) of the fused-epilogue path: h = relu(conv1(x)), out = the block's output."""
+        backend = self.epilogue_backend
+        h = bias_act(_conv2d(x, self.conv1), self.conv1.bias, backend=backend)
+        identity = x if self.downsample is None else _conv2d(x, self.downsample)
+        return h, bias_act(_conv2d(h, self.conv2), self.bias2, identity, backend=backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
-            backend = self.epilogue_backend
-            out = bias_act(_conv2d(x, self.conv1), self.conv1.bias, backend=backend)
-            identity = x if self.downsample is None else _conv2d(x, self.downsample)
-            return bias_act(_conv2d(out, self.conv2), self.bias2, identity, backend=backend)
+        if self.fused(x):
+            return self.fused_parts(x)[1]
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(self.conv2(F.relu(self.conv1(x))) + identity)
 
 
-def _fold_resnet_layer(layer: nn.Sequential, fused_epilogue: bool) -> None:
-    for i, block in enumerate(layer):
-        layer[i] = EpilogueBasicBlock(block, fused_epilogue)
+def _input_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """dL/dx of a frozen conv(x): the input gradient alone, by the same call (and so the same
+    cuDNN kernels and output layout) as autograd's ConvolutionBackward."""
+    return torch.ops.aten.convolution_backward(grad, x, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                                               False, [0] * len(conv.stride), conv.groups, [True, False, False])[0]
+
+
+class _ResidualChain(torch.autograd.Function):
+    """A layer of EpilogueBasicBlocks (fused epilogues) as one autograd node, with a backward for
+    its input only (the weights are frozen). Per block it runs what autograd would: ReLU
+    masks (threshold_backward), the convolutions' input gradients, the sum of the conv and
+    identity branches at the block's input. But that sum and the previous block's output
+    mask are one pass (``relu_grad_sum``): one launch and two tensor passes fewer per block
+    boundary, and the block outputs it keeps are what autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        saved = [x]
+        for block in layer:
+            h, x = block.fused_parts(x)
+            saved += [h, x]
+        ctx.layer = layer
+        ctx.save_for_backward(*saved)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        layer = ctx.layer
+        grad_pre = torch.ops.aten.threshold_backward(grad, saved[-1], 0)  # at the last block's output
+        for k in range(len(layer) - 1, -1, -1):
+            block = layer[k]
+            x, h = saved[2 * k], saved[2 * k + 1]
+            grad_h = torch.ops.aten.threshold_backward(_input_grad(grad_pre, h, block.conv2), h, 0)
+            grad_conv = _input_grad(grad_h, x, block.conv1)
+            grad_identity = grad_pre if block.downsample is None else _input_grad(grad_pre, x, block.downsample)
+            if k:  # x is the previous block's output: its ReLU mask goes with the sum
+                grad_pre = relu_grad_sum(grad_conv, grad_identity, x, backend=block.epilogue_backend)
+            else:
+                grad_pre = grad_conv + grad_identity
+        return grad_pre, None
+
+
+class EpilogueLayer(nn.Sequential):
+    """A ResNet layer of EpilogueBasicBlocks. When their fused epilogues serve and x wants a
+    gradient, it runs as one _ResidualChain (``fused_residual_grad``); otherwise block by block."""
+
+    def __init__(self, layer: nn.Sequential, fused_epilogue: bool = True, fused_residual_grad: bool = True):
+        super().__init__(*[EpilogueBasicBlock(block, fused_epilogue) for block in layer])
+        self.fused_residual_grad = fused_residual_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self[0]
+        if (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled() and first.fused(x)
+                and fused_bias_act_serves(x, None, first.epilogue_backend)
+                and not torch.compiler.is_compiling()):
+            return _ResidualChain.apply(x, self)
+        return super().forward(x)
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -267,7 +333,7 @@ class PBANLossScorer(nn.Module):
     """A frozen Efficient-PBAN prepared for use as a loss: ``scorer(sr, hr) -> scores (B,)``, float32."""
 
     def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None,
-                 fused_epilogue=None, stem_pad=None, batch_gates=None):
+                 fused_epilogue=None, stem_pad=None, batch_gates=None, fused_residual_grad=None):
         super().__init__()
         if not isinstance(model, EfficientPBAN):
             raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
@@ -284,9 +350,11 @@ class PBANLossScorer(nn.Module):
         m.stem[0], m.stem[1], m.stem[2] = (
             StemConvReLU(fold_batchnorm(m.stem[0], m.stem[1]), self.fused_epilogue, pad=bool(stem_pad)),
             nn.Identity(), nn.Identity())
-        _fold_resnet_layer(m.stem[4], self.fused_epilogue)
-        _fold_resnet_layer(m.stem[5], self.fused_epilogue)
-        _fold_resnet_layer(m.layer2_1, self.fused_epilogue)  # layer2_2 is the same module
+        if fused_residual_grad is None:
+            fused_residual_grad = os.environ.get("EPBAN_LOSS_FUSED_RESIDUAL_GRAD", "1") != "0"
+        layer = lambda seq: EpilogueLayer(seq, self.fused_epilogue, bool(fused_residual_grad))  # noqa: E731
+        m.stem[4], m.stem[5] = layer(m.stem[4]), layer(m.stem[5])
+        m.layer2_1 = m.layer2_2 = layer(m.layer2_1)  # one module, as in the model
         blk = m.block2
         for name in ("after_block1", "after_block2"):
             seq = getattr(blk, name)
@@ -408,7 +476,7 @@ class CUDAGraphScorer(nn.Module):
 
 def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
                   compile=False, fp32_precision=None, fused_epilogue=None, stem_pad=None,
-                  batch_gates=None) -> nn.Module:
+                  batch_gates=None, fused_residual_grad=None) -> nn.Module:
     """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
 
     The model is copied (it stays usable as it is); move it to its device first.
@@ -422,9 +490,13 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``EPBAN_LOSS_STEM_PAD=0`` or ``False`` keeps 3 channels).
     ``batch_gates``: one SE call on both attention outputs stacked along the batch (default on;
     ``EPBAN_LOSS_BATCH_GATES=0`` or ``False`` calls it once per direction, as the model does).
+    ``fused_residual_grad``: with the fused epilogues, each ResNet layer's backward sums a
+    block's two input-gradient branches and applies the previous block's ReLU mask in one
+    pass (default on; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` or ``False`` leaves it to autograd).
     """
     scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
-                            fused_epilogue=fused_epilogue, stem_pad=stem_pad, batch_gates=batch_gates)
+                            fused_epilogue=fused_epilogue, stem_pad=stem_pad, batch_gates=batch_gates,
+                            fused_residual_grad=fused_residual_grad)
     if compile:
         kwargs = dict(compile) if isinstance(compile, dict) else {}
         if cuda_graph:

@@ -123,3 +123,49 @@ def _backward(ctx, grad):
 
 
 _bias_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- ReLU's backward of a sum
+
+
+def relu_grad_sum_reference(grad, other, out):
+    return torch.ops.aten.threshold_backward(grad + other, out, 0)
+
+
+def relu_grad_sum(grad, other, out, *, backend="auto"):
+    """``threshold_backward(grad + other, out, 0)`` in one pass: the gradient reaching a ReLU's
+    output ``out`` in two parts (a residual block's convolution branch and its identity) summed
+    and masked where ``out <= 0``. A backward helper of the loss mode (no gradient of its own).
+    The fused path needs the three tensors in one dense layout; others take the reference."""
+    for name, t in (("grad", grad), ("other", other), ("out", out)):
+        check_nchw_float(name, t)
+        if t.shape != grad.shape or t.dtype != grad.dtype or t.device != grad.device:
+            raise ValueError(f"{name} must match grad (shape {tuple(grad.shape)}, {grad.dtype}, {grad.device}), "
+                             f"got shape {tuple(t.shape)}, {t.dtype}, {t.device}")
+    layout = _layout(grad)
+    if (fused_bias_act_available(grad.device, grad.dtype, backend) and layout is not None
+            and _layout(other) == layout and _layout(out) == layout):
+        return _relu_grad_sum_op(grad, other, out)
+    return relu_grad_sum_reference(grad, other, out)
+
+
+def _launch_relu_grad_sum(grad, other, out):
+    import triton
+
+    from epban.kernels.bias_act import relu_grad_sum_kernel
+
+    res = torch.empty_like(grad)
+    numel = grad.numel()
+    if numel:
+        relu_grad_sum_kernel[(triton.cdiv(numel, _BLOCK),)](grad, other, out, res, numel, BLOCK=_BLOCK, num_warps=4)
+    return res
+
+
+@torch.library.custom_op("epban::relu_grad_sum", mutates_args=())
+def _relu_grad_sum_op(grad: torch.Tensor, other: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _launch_relu_grad_sum(grad, other, out)
+
+
+@_relu_grad_sum_op.register_fake
+def _(grad, other, out):
+    return torch.empty_like(grad)
