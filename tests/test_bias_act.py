@@ -31,13 +31,22 @@ def _inputs(shape, layout, dtype, residual, seed):
     return y, b, r
 
 
+def _count_launches(monkeypatch, name):
+    """Counts the calls of ops.<name>, a fused path's launcher (so that a test cannot pass on the reference)."""
+    calls = []
+    launch = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a: calls.append(1) or launch(*a))
+    return calls
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the fused path's kernel launches (so that a test cannot pass on the reference)."""
-    calls = []
-    launch = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda *a: calls.append(1) or launch(*a))
-    return calls
+    return _count_launches(monkeypatch, "_launch")
+
+
+@pytest.fixture
+def sum_launches(monkeypatch):
+    return _count_launches(monkeypatch, "_launch_relu_grad_sum")
 
 
 @needs_fused
@@ -117,14 +126,6 @@ def test_fused_on_cpu_without_the_interpreter_is_a_value_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- relu_grad_sum
-
-
-@pytest.fixture
-def sum_launches(monkeypatch):
-    calls = []
-    launch = ops._launch_relu_grad_sum
-    monkeypatch.setattr(ops, "_launch_relu_grad_sum", lambda *a: calls.append(1) or launch(*a))
-    return calls
 
 
 def _three(shape, layout, dtype, seed):
