@@ -189,7 +189,8 @@ def test_fused_residual_grad_gives_autograds_gradient(channels_last, monkeypatch
     fuses a block's branch sum with the previous block's ReLU mask (relu_grad_sum, through the
     kernel at every block boundary): the same scores and input gradient as block-by-block
     autograd, and as the model. Layers of 2, 3 and 2 blocks (the tiny preset's have one: no
-    boundary), the first block of layers 2 and 3 with a downsample."""
+    boundary), the first block of layers 2 and 3 with a downsample; the stem's epilogue and
+    max-pool in layer1's chain (masked at the pooled output instead of the stem's output)."""
     torch.manual_seed(0)
     tiny = _randomised(EfficientPBAN(PBANConfig.tiny(blocks=(2, 3, 2))))
     sums = []
@@ -202,7 +203,8 @@ def test_fused_residual_grad_gives_autograds_gradient(channels_last, monkeypatch
         for m in _epilogues(scorer):
             m.epilogue_backend = "fused"
         results[fused] = _score_and_grad(scorer, sr, hr)
-    assert len(sums) == 1 + 2 + 1  # sr's path only, once per block boundary
+    # sr's path only: once per block boundary, and at the pooled stem output (layer1's input)
+    assert len(sums) == (1 + 1) + 2 + 1
     (scores, grad), (plain_scores, plain_grad) = results[True], results[False]
     torch.testing.assert_close(scores, plain_scores, atol=0, rtol=0)
     torch.testing.assert_close(grad, plain_grad, atol=1e-7 * plain_grad.abs().max().item(), rtol=1e-6)

@@ -21,8 +21,10 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
   the ReLU, instead of PyTorch's strided bias ``add_``, the ReLU and the residual add.
 - Each ResNet layer's backward (with the fused epilogues) as one autograd node: a block's two
   input-gradient branches summed and the previous block's ReLU mask applied in one pass
-  (``epban.ops.bias_act.relu_grad_sum``) instead of an add and a threshold_backward
-  (``fused_residual_grad``; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` turns it off).
+  (``epban.ops.bias_act.relu_grad_sum``) instead of an add and a threshold_backward. The
+  stem conv's epilogue and max-pool join layer1's node: its ReLU mask is applied at the
+  pooled output (4x fewer elements) instead of the stem's output (``fused_residual_grad``;
+  ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` turns it off).
 - The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
   16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
 - The pixel and channel gate (SE) runs once on both directions' attention outputs stacked
@@ -103,8 +105,11 @@ class ConvReLU(nn.Module):
     def _conv(self, x: torch.Tensor, bias) -> torch.Tensor:
         return _conv2d(x, self.conv, bias)
 
+    def fused(self, x: torch.Tensor) -> bool:
+        return self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend):
+        if self.fused(x):
             return bias_act(self._conv(x, None), self.conv.bias, backend=self.epilogue_backend)
         return F.relu(self._conv(x, self.conv.bias))
 
@@ -216,19 +221,30 @@ class _ResidualChain(torch.autograd.Function):
     boundary, and the block outputs it keeps are what autograd would keep."""
 
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx, x, layer, stem=None):
+        """``stem``: None, or (bias, pool, backend) when x is the stem conv's output without its
+        bias: then the chain starts with the stem's epilogue (bias, ReLU) and the max-pool."""
+        entry = []
+        if stem is not None:
+            bias, pool, backend = stem
+            relu_out = bias_act(x, bias, backend=backend)
+            x, indices = F.max_pool2d(relu_out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                      pool.ceil_mode, return_indices=True)
+            entry = [relu_out, indices]
         saved = [x]
         for block in layer:
             h, x = block.fused_parts(x)
             saved += [h, x]
-        ctx.layer = layer
-        ctx.save_for_backward(*saved)
+        ctx.layer, ctx.pool = layer, (stem[1] if stem is not None else None)
+        ctx.save_for_backward(*saved, *entry)
         return x
 
     @staticmethod
     def backward(ctx, grad):
+        layer, pool = ctx.layer, ctx.pool
         saved = ctx.saved_tensors
-        layer = ctx.layer
+        n = 2 * len(layer) + 1
+        saved, entry = saved[:n], saved[n:]
         grad_pre = torch.ops.aten.threshold_backward(grad, saved[-1], 0)  # at the last block's output
         for k in range(len(layer) - 1, -1, -1):
             block = layer[k]
@@ -236,11 +252,20 @@ class _ResidualChain(torch.autograd.Function):
             grad_h = torch.ops.aten.threshold_backward(_input_grad(grad_pre, h, block.conv2), h, 0)
             grad_conv = _input_grad(grad_h, x, block.conv1)
             grad_identity = grad_pre if block.downsample is None else _input_grad(grad_pre, x, block.downsample)
-            if k:  # x is the previous block's output: its ReLU mask goes with the sum
+            if k or entry:  # x is a ReLU's output (the previous block's, or the stem's pooled): its mask goes with the sum
                 grad_pre = relu_grad_sum(grad_conv, grad_identity, x, backend=block.epilogue_backend)
             else:
                 grad_pre = grad_conv + grad_identity
-        return grad_pre, None
+        if entry:
+            # The pool's backward writes only the positions it took, whose stem output equals the
+            # pooled value: masked above where that is <= 0, which is the stem ReLU's mask there.
+            # So the stem's own threshold_backward (its largest tensor) is not needed.
+            relu_out, indices = entry
+            pair = torch.nn.modules.utils._pair
+            grad_pre = torch.ops.aten.max_pool2d_with_indices_backward(
+                grad_pre, relu_out, pair(pool.kernel_size), pair(pool.stride), pair(pool.padding), pair(pool.dilation),
+                pool.ceil_mode, indices)
+        return grad_pre, None, None
 
 
 class EpilogueLayer(nn.Sequential):
@@ -251,12 +276,29 @@ class EpilogueLayer(nn.Sequential):
         super().__init__(*[EpilogueBasicBlock(block, fused_epilogue) for block in layer])
         self.fused_residual_grad = fused_residual_grad
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def chains(self, x: torch.Tensor) -> bool:
+        """Whether a call on x (or on an image of x's device, dtype and layout) runs as one _ResidualChain."""
         first = self[0]
-        if (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled() and first.fused(x)
-                and fused_bias_act_serves(x, None, first.epilogue_backend)
-                and not torch.compiler.is_compiling()):
+        return (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled() and first.fused(x)
+                and fused_bias_act_serves(x, None, first.epilogue_backend) and not torch.compiler.is_compiling())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chains(x):
             return _ResidualChain.apply(x, self)
+        return super().forward(x)
+
+
+class LossStem(nn.Sequential):
+    """The model's stem in the loss mode: StemConvReLU, two Identity (the folded BatchNorm and
+    ReLU), max-pool, layer1, layer2 (EpilogueLayers), as the model's indices. When layer1
+    chains, the stem conv's epilogue and the max-pool join its _ResidualChain, whose backward
+    masks the gradient at the pooled output instead of at the stem's 4x larger output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem, pool, layer1 = self[0], self[3], self[4]
+        if isinstance(stem, StemConvReLU) and layer1.chains(x) and stem.fused(x):
+            x = _ResidualChain.apply(stem._conv(x, None), layer1, (stem.conv.bias, pool, stem.epilogue_backend))
+            return self[5](x)
         return super().forward(x)
 
 
@@ -354,6 +396,7 @@ class PBANLossScorer(nn.Module):
             fused_residual_grad = os.environ.get("EPBAN_LOSS_FUSED_RESIDUAL_GRAD", "1") != "0"
         layer = lambda seq: EpilogueLayer(seq, self.fused_epilogue, bool(fused_residual_grad))  # noqa: E731
         m.stem[4], m.stem[5] = layer(m.stem[4]), layer(m.stem[5])
+        m.stem = LossStem(*m.stem)
         m.layer2_1 = m.layer2_2 = layer(m.layer2_1)  # one module, as in the model
         blk = m.block2
         for name in ("after_block1", "after_block2"):
