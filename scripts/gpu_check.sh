@@ -36,11 +36,11 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
   timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
-  step "loss, bf16 + graph: defaults, then each of this round's switches off"
+  step "loss, bf16 + graph: defaults, then each of this round's switches off, then cuDNN benchmark on"
   timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
     --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
-  timeout 120 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
-    --variants "loss bf16 graph looped-attention,loss bf16 graph separate-gates,loss bf16 graph unfused-residual-grad" \
+  timeout 150 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
+    --variants "loss bf16 graph looped-attention,loss bf16 graph separate-gates,loss bf16 graph unfused-residual-grad,loss bf16 graph cudnn-benchmark" \
     >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30

@@ -424,3 +424,26 @@ def test_gather_path_unpacks_the_frozen_weights_once(tiny):
         assert torch.equal(b, ref)
     gmdc.double()
     assert all(w.dtype == torch.float64 for w in gmdc._unpacked_weights()[0])
+
+
+def test_cudnn_benchmark_only_while_capturing(tiny, monkeypatch):
+    """cudnn_benchmark=True: cuDNN's benchmark flag is on while the step is captured (its
+    warm-up runs choose the algorithms the graph keeps) and restored afterwards; it needs
+    cuda_graph without compile. The CUDA capture itself is replaced (no GPU here)."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables",
+                        lambda fn, args: seen.append(torch.backends.cudnn.benchmark) or fn)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    sr, hr = _pair(b=1, h=32, w=32)
+    for flag in (True, False):
+        graphed = pban_for_loss(tiny, cuda_graph=True, cudnn_benchmark=flag)
+        graphed._capture(sr, hr)
+        assert torch.backends.cudnn.benchmark is False
+    assert seen == [True, False]
+    with pytest.raises(ValueError, match="cuda_graph"):
+        pban_for_loss(tiny, cudnn_benchmark=True)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        pban_for_loss(tiny, cuda_graph=True, compile=True, cudnn_benchmark=True)
+    monkeypatch.setenv("EPBAN_LOSS_CUDNN_BENCHMARK", "1")
+    assert pban_for_loss(tiny, cuda_graph=True).cudnn_benchmark
+    assert not isinstance(pban_for_loss(tiny), type(pban_for_loss(tiny, cuda_graph=True)))  # eager: unaffected

@@ -37,7 +37,8 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
 - ``cuda_graph=True``: forward and backward are captured once per input shape, dtype and
   device (``torch.cuda.make_graphed_callables``) and replayed; the scores and the gradient
   handed to autograd live in the graph's static buffers, so consume them before the next
-  call (an SR training step does). Calls without a gradient to ``sr`` run eagerly. With the
+  call (an SR training step does). ``cudnn_benchmark=True`` lets cuDNN time its algorithms
+  for each captured shape. Calls without a gradient to ``sr`` run eagerly. With the
   attention backend "auto", the first call of a shape captures the step with the fused and
   with the reference attention and keeps the faster (``.attention_choice``).
 - ``compile=True`` (or a dict of ``torch.compile`` arguments): the scorer is compiled; the
@@ -446,9 +447,10 @@ class CUDAGraphScorer(nn.Module):
 
     TIMED_REPLAYS = 5
 
-    def __init__(self, scorer: nn.Module):
+    def __init__(self, scorer: nn.Module, cudnn_benchmark: bool = False):
         super().__init__()
         self.scorer = scorer
+        self.cudnn_benchmark = cudnn_benchmark
         self._graphed: dict = {}
         self.attention_choice: dict = {}
 
@@ -456,10 +458,18 @@ class CUDAGraphScorer(nn.Module):
         return super().train(False)
 
     def _capture(self, sr: torch.Tensor, hr: torch.Tensor):
-        self.scorer(sr.detach(), hr)  # validates the inputs and compiles the kernels before capture
-        return torch.cuda.make_graphed_callables(
-            lambda a, b: self.scorer(a, b), (sr.detach().clone().requires_grad_(), hr.clone())
-        )
+        # cudnn_benchmark: cuDNN times its convolution algorithms for these shapes during the
+        # warm-up runs (make_graphed_callables runs forward and backward before capturing) and
+        # the graph keeps the fastest; the process-wide flag is restored afterwards.
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = saved or self.cudnn_benchmark
+        try:
+            self.scorer(sr.detach(), hr)  # validates the inputs and compiles the kernels before capture
+            return torch.cuda.make_graphed_callables(
+                lambda a, b: self.scorer(a, b), (sr.detach().clone().requires_grad_(), hr.clone())
+            )
+        finally:
+            torch.backends.cudnn.benchmark = saved
 
     def _attention_candidates(self, sr: torch.Tensor) -> list:
         from epban.ops.axial_attention import fused_axial_available
@@ -519,7 +529,7 @@ class CUDAGraphScorer(nn.Module):
 
 def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
                   compile=False, fp32_precision=None, fused_epilogue=None, stem_pad=None,
-                  batch_gates=None, fused_residual_grad=None) -> nn.Module:
+                  batch_gates=None, fused_residual_grad=None, cudnn_benchmark=None) -> nn.Module:
     """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
 
     The model is copied (it stays usable as it is); move it to its device first.
@@ -536,7 +546,15 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``fused_residual_grad``: with the fused epilogues, each ResNet layer's backward sums a
     block's two input-gradient branches and applies the previous block's ReLU mask in one
     pass (default on; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` or ``False`` leaves it to autograd).
+    ``cudnn_benchmark``: with ``cuda_graph``, let cuDNN time its convolution algorithms for each
+    captured shape (``torch.backends.cudnn.benchmark`` during the capture only; default off, or
+    ``EPBAN_LOSS_CUDNN_BENCHMARK=1``): a slower first call, possibly more workspace memory.
     """
+    if cudnn_benchmark is None:
+        cudnn_benchmark = os.environ.get("EPBAN_LOSS_CUDNN_BENCHMARK", "0") == "1" and bool(cuda_graph)
+    if cudnn_benchmark and (not cuda_graph or compile):
+        raise ValueError("cudnn_benchmark=True needs cuda_graph=True without compile: the algorithms are chosen "
+                         "once, when the step is captured (otherwise set torch.backends.cudnn.benchmark yourself)")
     scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
                             fused_epilogue=fused_epilogue, stem_pad=stem_pad, batch_gates=batch_gates,
                             fused_residual_grad=fused_residual_grad)
@@ -546,5 +564,5 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
             kwargs.setdefault("mode", "reduce-overhead")
         return torch.compile(scorer, **kwargs)
     if cuda_graph:
-        return CUDAGraphScorer(scorer)
+        return CUDAGraphScorer(scorer, cudnn_benchmark=bool(cudnn_benchmark))
     return scorer
