@@ -19,11 +19,12 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
 - The ResNet convolutions' epilogues fused (CUDA): each conv runs without bias, and one pass
   (``epban.ops.bias_act``) adds the bias (and the residual, and a downsample's bias) and applies
   the ReLU, instead of PyTorch's strided bias ``add_``, the ReLU and the residual add.
-- Each ResNet layer's backward (with the fused epilogues) as one autograd node: a block's two
-  input-gradient branches summed and the previous block's ReLU mask applied in one pass
-  (``epban.ops.bias_act.relu_grad_sum``) instead of an add and a threshold_backward. The
-  stem conv's epilogue and max-pool join layer1's node: its ReLU mask is applied at the
-  pooled output (4x fewer elements) instead of the stem's output (``fused_residual_grad``;
+- The trunk's backward (with the fused epilogues) as one autograd node, from the stem conv's
+  epilogue and max-pool through every block of layers 1-3: a block's two input-gradient
+  branches summed and the previous block's ReLU mask applied in one pass
+  (``epban.ops.bias_act.relu_grad_sum``) instead of an add and a threshold_backward, at
+  every block boundary; the stem's ReLU mask is applied at the pooled output (4x fewer
+  elements) instead of the stem's output (``fused_residual_grad``;
   ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` turns it off).
 - The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
   16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
@@ -214,15 +215,15 @@ def _input_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.T
 
 
 class _ResidualChain(torch.autograd.Function):
-    """A layer of EpilogueBasicBlocks (fused epilogues) as one autograd node, with a backward for
-    its input only (the weights are frozen). Per block it runs what autograd would: ReLU
+    """A run of EpilogueBasicBlocks (fused epilogues: a layer, or layer1 to layer3) as one
+    autograd node, with a backward for its input only (the weights are frozen). Per block it runs what autograd would: ReLU
     masks (threshold_backward), the convolutions' input gradients, the sum of the conv and
     identity branches at the block's input. But that sum and the previous block's output
     mask are one pass (``relu_grad_sum``): one launch and two tensor passes fewer per block
     boundary, and the block outputs it keeps are what autograd would keep."""
 
     @staticmethod
-    def forward(ctx, x, layer, stem=None):
+    def forward(ctx, x, blocks, stem=None):
         """``stem``: None, or (bias, pool, backend) when x is the stem conv's output without its
         bias: then the chain starts with the stem's epilogue (bias, ReLU) and the max-pool."""
         entry = []
@@ -233,22 +234,22 @@ class _ResidualChain(torch.autograd.Function):
                                       pool.ceil_mode, return_indices=True)
             entry = [relu_out, indices]
         saved = [x]
-        for block in layer:
+        for block in blocks:
             h, x = block.fused_parts(x)
             saved += [h, x]
-        ctx.layer, ctx.pool = layer, (stem[1] if stem is not None else None)
+        ctx.blocks, ctx.pool = blocks, (stem[1] if stem is not None else None)
         ctx.save_for_backward(*saved, *entry)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        layer, pool = ctx.layer, ctx.pool
+        blocks, pool = ctx.blocks, ctx.pool
         saved = ctx.saved_tensors
-        n = 2 * len(layer) + 1
+        n = 2 * len(blocks) + 1
         saved, entry = saved[:n], saved[n:]
         grad_pre = torch.ops.aten.threshold_backward(grad, saved[-1], 0)  # at the last block's output
-        for k in range(len(layer) - 1, -1, -1):
-            block = layer[k]
+        for k in range(len(blocks) - 1, -1, -1):
+            block = blocks[k]
             x, h = saved[2 * k], saved[2 * k + 1]
             grad_h = torch.ops.aten.threshold_backward(_input_grad(grad_pre, h, block.conv2), h, 0)
             grad_conv = _input_grad(grad_h, x, block.conv1)
@@ -285,21 +286,7 @@ class EpilogueLayer(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chains(x):
-            return _ResidualChain.apply(x, self)
-        return super().forward(x)
-
-
-class LossStem(nn.Sequential):
-    """The model's stem in the loss mode: StemConvReLU, two Identity (the folded BatchNorm and
-    ReLU), max-pool, layer1, layer2 (EpilogueLayers), as the model's indices. When layer1
-    chains, the stem conv's epilogue and the max-pool join its _ResidualChain, whose backward
-    masks the gradient at the pooled output instead of at the stem's 4x larger output."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stem, pool, layer1 = self[0], self[3], self[4]
-        if isinstance(stem, StemConvReLU) and layer1.chains(x) and stem.fused(x):
-            x = _ResidualChain.apply(stem._conv(x, None), layer1, (stem.conv.bias, pool, stem.epilogue_backend))
-            return self[5](x)
+            return _ResidualChain.apply(x, tuple(self))
         return super().forward(x)
 
 
@@ -397,7 +384,6 @@ class PBANLossScorer(nn.Module):
             fused_residual_grad = os.environ.get("EPBAN_LOSS_FUSED_RESIDUAL_GRAD", "1") != "0"
         layer = lambda seq: EpilogueLayer(seq, self.fused_epilogue, bool(fused_residual_grad))  # noqa: E731
         m.stem[4], m.stem[5] = layer(m.stem[4]), layer(m.stem[5])
-        m.stem = LossStem(*m.stem)
         m.layer2_1 = m.layer2_2 = layer(m.layer2_1)  # one module, as in the model
         blk = m.block2
         for name in ("after_block1", "after_block2"):
@@ -421,13 +407,26 @@ class PBANLossScorer(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: BatchNorm is folded, dropout is off
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """layer3(layer2(layer1(maxpool(stem(x))))): an image's features for block2. When x wants
+        a gradient and the fused epilogues serve, all of it after the stem conv is one
+        _ResidualChain: the stem's epilogue and max-pool, then every block of layers 1-3, so
+        the gradient's sums and ReLU masks meet at every block and layer boundary, and the
+        stem's mask is taken at the pooled output (4x fewer elements than the stem's)."""
+        m = self.model
+        stem, pool, layers = m.stem[0], m.stem[3], (m.stem[4], m.stem[5], m.layer2_1)
+        if all(layer.chains(x) for layer in layers) and stem.fused(x):
+            blocks = tuple(block for layer in layers for block in layer)
+            return _ResidualChain.apply(stem._conv(x, None), blocks, (stem.conv.bias, pool, stem.epilogue_backend))
+        return m.layer2_1(m.stem(x))
+
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         m = self.model
         m.check_inputs(sr, hr, check_finite=False)
         sr, hr = m.normalise(sr.float(), hr.detach().float())
         sr = sr.to(dtype=self.dtype, memory_format=self.memory_format)
         hr = hr.to(dtype=self.dtype, memory_format=self.memory_format)
-        f1, f2 = m.block2(m.layer2_1(m.stem(sr)), m.layer2_2(m.stem(hr)))
+        f1, f2 = m.block2(self.trunk(sr), self.trunk(hr))
         f1 = m.pool1(f1).flatten(1).float()
         f2 = m.pool2(f2).flatten(1).float()
         f1 = F.relu(m.fc21(F.relu(m.fc11(f1))))
@@ -543,9 +542,9 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``EPBAN_LOSS_STEM_PAD=0`` or ``False`` keeps 3 channels).
     ``batch_gates``: one SE call on both attention outputs stacked along the batch (default on;
     ``EPBAN_LOSS_BATCH_GATES=0`` or ``False`` calls it once per direction, as the model does).
-    ``fused_residual_grad``: with the fused epilogues, each ResNet layer's backward sums a
-    block's two input-gradient branches and applies the previous block's ReLU mask in one
-    pass (default on; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` or ``False`` leaves it to autograd).
+    ``fused_residual_grad``: with the fused epilogues, the trunk's backward sums each block's
+    two input-gradient branches and applies the previous block's ReLU mask in one pass
+    (default on; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` or ``False`` leaves it to autograd).
     ``cudnn_benchmark``: with ``cuda_graph``, let cuDNN time its convolution algorithms for each
     captured shape (``torch.backends.cudnn.benchmark`` during the capture only; default off, or
     ``EPBAN_LOSS_CUDNN_BENCHMARK=1``): a slower first call, possibly more workspace memory.
