@@ -216,11 +216,12 @@ def _input_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.T
 
 class _ResidualChain(torch.autograd.Function):
     """A run of EpilogueBasicBlocks (fused epilogues: a layer, or layer1 to layer3) as one
-    autograd node, with a backward for its input only (the weights are frozen). Per block it runs what autograd would: ReLU
-    masks (threshold_backward), the convolutions' input gradients, the sum of the conv and
-    identity branches at the block's input. But that sum and the previous block's output
-    mask are one pass (``relu_grad_sum``): one launch and two tensor passes fewer per block
-    boundary, and the block outputs it keeps are what autograd would keep."""
+    autograd node, with a backward for its input only (the weights are frozen). Per block it
+    runs what autograd would: ReLU masks (threshold_backward), the convolutions' input
+    gradients, the sum of the conv and identity branches at the block's input. But that sum
+    and the previous block's output mask are one pass (``relu_grad_sum``): one launch and two
+    tensor passes fewer per block boundary, and the block outputs it keeps are what autograd
+    would keep."""
 
     @staticmethod
     def forward(ctx, x, blocks, stem=None):
@@ -254,7 +255,7 @@ class _ResidualChain(torch.autograd.Function):
             grad_h = torch.ops.aten.threshold_backward(_input_grad(grad_pre, h, block.conv2), h, 0)
             grad_conv = _input_grad(grad_h, x, block.conv1)
             grad_identity = grad_pre if block.downsample is None else _input_grad(grad_pre, x, block.downsample)
-            if k or entry:  # x is a ReLU's output (the previous block's, or the stem's pooled): its mask goes with the sum
+            if k or entry:  # x is a ReLU's output (the previous block's, or the pooled stem's): mask with the sum
                 grad_pre = relu_grad_sum(grad_conv, grad_identity, x, backend=block.epilogue_backend)
             else:
                 grad_pre = grad_conv + grad_identity
