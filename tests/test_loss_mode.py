@@ -213,6 +213,18 @@ def test_fused_residual_grad_gives_autograds_gradient(channels_last, monkeypatch
     assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
 
 
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_fused_residual_grad_refuses_a_second_derivative(tiny):
+    scorer = pban_for_loss(tiny)
+    for m in _epilogues(scorer):
+        m.epilogue_backend = "fused"
+    sr, hr = _pair(b=1, h=32, w=32)
+    sr.requires_grad_()
+    (grad,) = torch.autograd.grad(scorer(sr, hr).sum(), sr, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_fused_residual_grad_switch(tiny, monkeypatch):
     from epban.models.loss_mode import EpilogueLayer
 

@@ -54,6 +54,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torchvision.models.resnet import BasicBlock
 
 from epban.models.pban import GMDC, EfficientPBAN
@@ -243,6 +244,7 @@ class _ResidualChain(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # a second derivative through it is refused, with PyTorch's message
     def backward(ctx, grad):
         blocks, pool = ctx.blocks, ctx.pool
         saved = ctx.saved_tensors
