@@ -342,15 +342,19 @@ def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, 
 
 
 @triton.jit
-def _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample):
-    """Program pid of a (direction, pass, group) grid -> direction and its partials' range."""
-    g = pid % NG
-    p = (pid // NG) % 2
-    d = pid // (2 * NG)
+def _group_span(p, g, B, n_row_progs, per_row, per_col, sample):
+    """Group g of pass p -> (its first partial, their count, programs per image): the
+    partials of one image's programs are contiguous, row programs first (_geometry)."""
     per_image = per_row + p * (per_col - per_row)
     count = per_image * (sample + (1 - sample) * B)
-    start = p * n_row_progs + g * per_image
-    return d, start, count
+    return p * n_row_progs + g * per_image, count, per_image
+
+
+@triton.jit
+def _group_range(pid, NG, B, n_row_progs, per_row, per_col, sample):
+    """Program pid of a (direction, pass, group) grid -> direction and its partials' range."""
+    start, count, _ = _group_span((pid // NG) % 2, pid % NG, B, n_row_progs, per_row, per_col, sample)
+    return pid // (2 * NG), start, count
 
 
 @triton.jit
@@ -383,13 +387,8 @@ def _merge_moments(base, count, eps, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
 def _own_group(local, b, B, sample, n_row_progs, per_row, per_col, PASS: tl.constexpr):
     """The group of image b in pass PASS -> (group g, its first partial, their count, whether
     program ``local`` is the group's first)."""
-    if PASS == 0:
-        per_image = per_row
-    else:
-        per_image = per_col
     g = b * sample
-    count = per_image * (sample + (1 - sample) * B)
-    start = PASS * n_row_progs + g * per_image
+    start, count, per_image = _group_span(PASS, g, B, n_row_progs, per_row, per_col, sample)
     return g, start, count, local == g * per_image
 
 

@@ -95,7 +95,15 @@ def _conv2d(x: torch.Tensor, conv: nn.Conv2d, bias=None) -> torch.Tensor:
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class ConvReLU(nn.Module):
+class _Epilogue(nn.Module):
+    """A module ending in fused conv epilogues (``fused_epilogue``, ``epilogue_backend``)."""
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the fused epilogue serves x's device and dtype."""
+        return self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
+
+
+class ConvReLU(_Epilogue):
     """relu(conv(x)) of a folded conv; where the fused epilogue serves (CUDA), the conv runs
     without bias and ``epban.ops.bias_act`` adds the bias and applies the ReLU in one pass."""
 
@@ -107,9 +115,6 @@ class ConvReLU(nn.Module):
 
     def _conv(self, x: torch.Tensor, bias) -> torch.Tensor:
         return _conv2d(x, self.conv, bias)
-
-    def fused(self, x: torch.Tensor) -> bool:
-        return self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused(x):
@@ -169,7 +174,7 @@ class StemConvReLU(ConvReLU):
         return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-class EpilogueBasicBlock(nn.Module):
+class EpilogueBasicBlock(_Epilogue):
     """A torchvision BasicBlock with BatchNorm folded:
     ``relu(conv2(relu(conv1(x))) + downsample(x))``. Where the fused epilogue serves (CUDA),
     the convs run without bias and each ends in one ``bias_act`` pass: conv1's bias and ReLU;
@@ -190,9 +195,6 @@ class EpilogueBasicBlock(nn.Module):
         self.register_buffer("bias2", bias2)  # conv2's and the downsample's biases together
         self.fused_epilogue = fused_epilogue
         self.epilogue_backend = "auto"  # as ConvReLU's
-
-    def fused(self, x: torch.Tensor) -> bool:
-        return self.fused_epilogue and fused_bias_act_available(x.device, x.dtype, self.epilogue_backend)
 
     def fused_parts(self, x: torch.Tensor):
         """(h, out) of the fused-epilogue path: h = relu(conv1(x)), out = the block's output."""
@@ -216,7 +218,7 @@ def _input_grad(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.T
 
 
 class _ResidualChain(torch.autograd.Function):
-    """A run of EpilogueBasicBlocks (fused epilogues: a layer, or layer1 to layer3) as one
+    """EpilogueBasicBlocks in sequence (fused epilogues; the loss mode's layers 1-3) as one
     autograd node, with a backward for its input only (the weights are frozen). Per block it
     runs what autograd would: ReLU masks (threshold_backward), the convolutions' input
     gradients, the sum of the conv and identity branches at the block's input. But that sum
@@ -273,24 +275,9 @@ class _ResidualChain(torch.autograd.Function):
         return grad_pre, None, None
 
 
-class EpilogueLayer(nn.Sequential):
-    """A ResNet layer of EpilogueBasicBlocks. When their fused epilogues serve and x wants a
-    gradient, it runs as one _ResidualChain (``fused_residual_grad``); otherwise block by block."""
-
-    def __init__(self, layer: nn.Sequential, fused_epilogue: bool = True, fused_residual_grad: bool = True):
-        super().__init__(*[EpilogueBasicBlock(block, fused_epilogue) for block in layer])
-        self.fused_residual_grad = fused_residual_grad
-
-    def chains(self, x: torch.Tensor) -> bool:
-        """Whether a call on x (or on an image of x's device, dtype and layout) runs as one _ResidualChain."""
-        first = self[0]
-        return (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled() and first.fused(x)
-                and fused_bias_act_serves(x, None, first.epilogue_backend) and not torch.compiler.is_compiling())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.chains(x):
-            return _ResidualChain.apply(x, tuple(self))
-        return super().forward(x)
+def _fold_resnet_layer(layer: nn.Sequential, fused_epilogue: bool) -> None:
+    for i, block in enumerate(layer):
+        layer[i] = EpilogueBasicBlock(block, fused_epilogue)
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -383,11 +370,12 @@ class PBANLossScorer(nn.Module):
         m.stem[0], m.stem[1], m.stem[2] = (
             StemConvReLU(fold_batchnorm(m.stem[0], m.stem[1]), self.fused_epilogue, pad=bool(stem_pad)),
             nn.Identity(), nn.Identity())
+        _fold_resnet_layer(m.stem[4], self.fused_epilogue)
+        _fold_resnet_layer(m.stem[5], self.fused_epilogue)
+        _fold_resnet_layer(m.layer2_1, self.fused_epilogue)  # layer2_2 is the same module
         if fused_residual_grad is None:
             fused_residual_grad = os.environ.get("EPBAN_LOSS_FUSED_RESIDUAL_GRAD", "1") != "0"
-        layer = lambda seq: EpilogueLayer(seq, self.fused_epilogue, bool(fused_residual_grad))  # noqa: E731
-        m.stem[4], m.stem[5] = layer(m.stem[4]), layer(m.stem[5])
-        m.layer2_1 = m.layer2_2 = layer(m.layer2_1)  # one module, as in the model
+        self.fused_residual_grad = bool(fused_residual_grad)
         blk = m.block2
         for name in ("after_block1", "after_block2"):
             seq = getattr(blk, name)
@@ -417,9 +405,11 @@ class PBANLossScorer(nn.Module):
         the gradient's sums and ReLU masks meet at every block and layer boundary, and the
         stem's mask is taken at the pooled output (4x fewer elements than the stem's)."""
         m = self.model
-        stem, pool, layers = m.stem[0], m.stem[3], (m.stem[4], m.stem[5], m.layer2_1)
-        if all(layer.chains(x) for layer in layers) and stem.fused(x):
-            blocks = tuple(block for layer in layers for block in layer)
+        stem, pool = m.stem[0], m.stem[3]
+        blocks = (*m.stem[4], *m.stem[5], *m.layer2_1)
+        if (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and stem.fused(x) and all(b.fused(x) for b in blocks)
+                and fused_bias_act_serves(x, None, stem.epilogue_backend)):
             return _ResidualChain.apply(stem._conv(x, None), blocks, (stem.conv.bias, pool, stem.epilogue_backend))
         return m.layer2_1(m.stem(x))
 
