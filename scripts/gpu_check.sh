@@ -28,8 +28,8 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   step "install without the C++ extension"
   EPBAN_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
-  step "axial CUDA tests (and the loss mode's ops: fused epilogues and residual-gradient sums)"
-  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py 2>&1 | tail -3
+  step "axial CUDA tests (and the loss mode's ops: fused epilogues, residual-gradient sums, stem pool)"
+  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 170 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
     | tee "$OUT/axial_tests.log" | tail -8
@@ -40,8 +40,8 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
     --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
   ab=""
-  for word in looped-attention separate-gates unfused-residual-grad cudnn-benchmark; do ab="$ab,loss bf16 graph $word"; done
-  timeout 150 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 --variants "${ab#,}" \
+  for word in looped-attention separate-gates unfused-residual-grad unfused-stem-pool cudnn-benchmark; do ab="$ab,loss bf16 graph $word"; done
+  timeout 170 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 --variants "${ab#,}" \
     >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
@@ -61,7 +61,7 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   # A short lease: the tests of the ops that changed last, the SSIM check, the loss's bf16
   # rows with each loss-mode switch off and on (A/B in one run), and the loss profile.
   step "CUDA tests (SSIM, bias_act, loss mode)"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py 2>&1 | tail -3
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -90,7 +90,7 @@ fi
 step "CUDA tests"
 timeout 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py 2>&1 | tail -3  # on CUDA there
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py 2>&1 | tail -3  # on CUDA there
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for check in ssim_gpu_check axial_gpu_check pban_gpu_check; do

@@ -10,6 +10,7 @@ from epban import EfficientPBAN, PBANConfig
 from epban.testing import randomise_inference_state
 from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, StemConvReLU, fold_batchnorm, pban_for_loss
 from epban.ops import bias_act as bias_act_ops
+from epban.ops import max_pool as max_pool_ops
 from epban.ops.deform_conv import fused_deform_conv_available
 
 
@@ -120,6 +121,15 @@ def test_bad_arguments_are_value_errors(tiny):
         pban_for_loss(tiny)(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 48))
 
 
+def _count(monkeypatch, module, name):
+    """Counts the calls of module.<name>, a fused path's launcher (so that a test cannot pass on
+    the reference)."""
+    calls = []
+    launch = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or launch(*a))
+    return calls
+
+
 def _epilogues(scorer):
     return [m for m in scorer.modules() if isinstance(m, (ConvReLU, EpilogueBasicBlock))]
 
@@ -129,9 +139,8 @@ def _epilogues(scorer):
 def test_fused_epilogues_match_the_model(tiny, channels_last, monkeypatch):
     """The ResNet convs without bias, then bias_act (bias, downsample bias, residual, ReLU in one
     pass): the scores and input gradients of the model, every epilogue through the kernel."""
-    calls = []
-    launch = bias_act_ops._launch
-    monkeypatch.setattr(bias_act_ops, "_launch", lambda *a: calls.append(1) or launch(*a))
+    calls = _count(monkeypatch, bias_act_ops, "_launch")
+    pools = _count(monkeypatch, max_pool_ops, "_launch_pool")
     sr, hr = _pair(b=2, h=48, w=64)
     expected, expected_grad = _score_and_grad(tiny, sr, hr)
     scorer = pban_for_loss(tiny, channels_last=channels_last)
@@ -143,9 +152,10 @@ def test_fused_epilogues_match_the_model(tiny, channels_last, monkeypatch):
     scores, grad = _score_and_grad(scorer, sr, hr)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
-    # per path (sr, hr): stem + after_block 1 each, two per BasicBlock (layer2_1 runs for both)
+    # per path (sr, hr): after_block 1 each, two per BasicBlock (layer2_1 runs for both); the
+    # stem's epilogue is in its pool's pass (fused_stem_pool)
     blocks = sum(len(layer) for layer in (tiny.stem[4], tiny.stem[5], tiny.layer2_1))
-    assert len(calls) == 2 * (1 + 1 + 2 * blocks)
+    assert len(calls) == 2 * (1 + 2 * blocks) and len(pools) == 2
 
 
 @pytest.mark.parametrize("dtype, channels", [(torch.float32, 4), (torch.bfloat16, 8)])
@@ -184,28 +194,32 @@ def test_fused_epilogue_switch(tiny, monkeypatch):
 
 @pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_fused_residual_grad_gives_autograds_gradient(channels_last, monkeypatch):
+@pytest.mark.parametrize("fused_stem_pool", [True, False])
+def test_fused_residual_grad_gives_autograds_gradient(channels_last, fused_stem_pool, monkeypatch):
     """With the fused epilogues, each ResNet layer runs as one autograd node whose backward
     fuses a block's branch sum with the previous block's ReLU mask (relu_grad_sum, through the
     kernel at every block boundary): the same scores and input gradient as block-by-block
     autograd, and as the model. Layers of 2, 3 and 2 blocks (the tiny preset's have one: no
     boundary), the first block of layers 2 and 3 with a downsample; the stem's epilogue and
-    max-pool in the chain (masked at the pooled output instead of the stem's output)."""
+    max-pool in the chain (masked at the pooled output instead of the stem's output), as one
+    gather with layer1's first sum when ``fused_stem_pool``."""
     torch.manual_seed(0)
     tiny = _randomised(EfficientPBAN(PBANConfig.tiny(blocks=(2, 3, 2))))
-    sums = []
-    launch = bias_act_ops._launch_relu_grad_sum
-    monkeypatch.setattr(bias_act_ops, "_launch_relu_grad_sum", lambda *a: sums.append(1) or launch(*a))
+    sums = _count(monkeypatch, bias_act_ops, "_launch_relu_grad_sum")
+    pool_grads = _count(monkeypatch, max_pool_ops, "_launch_grad")
     sr, hr = _pair(b=2, h=48, w=64)
     results = {}
     for fused in (True, False):
-        scorer = pban_for_loss(tiny, channels_last=channels_last, fused_residual_grad=fused)
+        scorer = pban_for_loss(tiny, channels_last=channels_last, fused_residual_grad=fused,
+                               fused_stem_pool=fused_stem_pool and fused)
         for m in _epilogues(scorer):
             m.epilogue_backend = "fused"
         results[fused] = _score_and_grad(scorer, sr, hr)
     # sr's path only: one node from the stem's epilogue to layer3's last block, one sum at every
-    # block boundary (across layers too) and at the pooled stem output (layer1's input)
-    assert len(sums) == (2 + 3 + 2 - 1) + 1
+    # block boundary (across layers too) and at the pooled stem output (layer1's input), the
+    # last in the pool's backward gather when fused_stem_pool
+    assert len(sums) == (2 + 3 + 2 - 1) + (0 if fused_stem_pool else 1)
+    assert len(pool_grads) == (1 if fused_stem_pool else 0)
     (scores, grad), (plain_scores, plain_grad) = results[True], results[False]
     torch.testing.assert_close(scores, plain_scores, atol=0, rtol=0)
     torch.testing.assert_close(grad, plain_grad, atol=1e-7 * plain_grad.abs().max().item(), rtol=1e-6)
@@ -223,6 +237,33 @@ def test_fused_residual_grad_refuses_a_second_derivative(tiny):
     (grad,) = torch.autograd.grad(scorer(sr, hr).sum(), sr, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_stem_pool_without_the_residual_chain(tiny, channels_last, monkeypatch):
+    """fused_stem_pool alone (autograd block by block): the HR and SR trunks both take the one-pass
+    stem tail, autograd its backward gather; scores and input gradients as the separate kernels'."""
+    pools = _count(monkeypatch, max_pool_ops, "_launch_pool")
+    pool_grads = _count(monkeypatch, max_pool_ops, "_launch_grad")
+    sr, hr = _pair(b=2, h=48, w=64)
+    results = {}
+    for fused in (True, False):
+        scorer = pban_for_loss(tiny, channels_last=channels_last, fused_residual_grad=False, fused_stem_pool=fused)
+        for m in _epilogues(scorer):
+            m.epilogue_backend = "fused"
+        results[fused] = _score_and_grad(scorer, sr, hr)
+    assert len(pools) == 2 and len(pool_grads) == 1
+    (scores, grad), (plain_scores, plain_grad) = results[True], results[False]
+    torch.testing.assert_close(scores, plain_scores, atol=0, rtol=0)
+    torch.testing.assert_close(grad, plain_grad, atol=1e-7 * plain_grad.abs().max().item(), rtol=1e-6)
+
+
+def test_fused_stem_pool_switch(tiny, monkeypatch):
+    assert pban_for_loss(tiny).fused_stem_pool
+    assert not pban_for_loss(tiny, fused_stem_pool=False).fused_stem_pool
+    monkeypatch.setenv("EPBAN_LOSS_FUSED_STEM_POOL", "0")
+    assert not pban_for_loss(tiny).fused_stem_pool
 
 
 def test_fused_residual_grad_switch(tiny, monkeypatch):

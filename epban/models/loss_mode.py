@@ -26,6 +26,12 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
   every block boundary; the stem's ReLU mask is applied at the pooled output (4x fewer
   elements) instead of the stem's output (``fused_residual_grad``;
   ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` turns it off).
+- The stem's tail (the conv's bias, ReLU and the 3x2 max-pool) as one pass that writes the
+  pooled output and an int8 window position per pooled element, and its backward as one
+  gather (``epban.ops.max_pool``), instead of bias + ReLU, max_pool2d with int64 indices,
+  and a zero-fill and scatter backward: the stem's output (the network's largest tensor) is
+  read once forward and written once backward, and no full-size ReLU output or index tensor
+  is kept (``fused_stem_pool``; ``EPBAN_LOSS_FUSED_STEM_POOL=0`` turns it off).
 - The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
   16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
 - The pixel and channel gate (SE) runs once on both directions' attention outputs stacked
@@ -55,10 +61,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
 from torchvision.models.resnet import BasicBlock
 
 from epban.models.pban import GMDC, EfficientPBAN
 from epban.ops.bias_act import bias_act, fused_bias_act_available, fused_bias_act_serves, relu_grad_sum
+from epban.ops.max_pool import (
+    bias_relu_max_pool2d,
+    fused_max_pool_available,
+    max_pool2d_relu_grad,
+    pool_geometry,
+)
 from epban.ops.deform_conv import (
     check_fp32_precision,
     deform_path,
@@ -228,15 +241,23 @@ class _ResidualChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, blocks, stem=None):
-        """``stem``: None, or (bias, pool, backend) when x is the stem conv's output without its
-        bias: then the chain starts with the stem's epilogue (bias, ReLU) and the max-pool."""
+        """``stem``: None, or (bias, pool, backend, fused_pool) when x is the stem conv's output
+        without its bias: then the chain starts with the stem's epilogue (bias, ReLU) and the
+        max-pool, in one pass when ``fused_pool`` (``bias_relu_max_pool2d``)."""
         entry = []
+        ctx.fused_pool = False
         if stem is not None:
-            bias, pool, backend = stem
-            relu_out = bias_act(x, bias, backend=backend)
-            x, indices = F.max_pool2d(relu_out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                      pool.ceil_mode, return_indices=True)
-            entry = [relu_out, indices]
+            bias, pool, backend, fused_pool = stem
+            if fused_pool:
+                ctx.fused_pool, ctx.stem_size = True, tuple(x.shape[2:])
+                x, argmax = bias_relu_max_pool2d(x, bias, pool.kernel_size, pool.stride, pool.padding,
+                                                 backend=backend)
+                entry = [argmax]
+            else:
+                relu_out = bias_act(x, bias, backend=backend)
+                x, indices = F.max_pool2d(relu_out, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                          pool.ceil_mode, return_indices=True)
+                entry = [relu_out, indices]
         saved = [x]
         for block in blocks:
             h, x = block.fused_parts(x)
@@ -259,6 +280,11 @@ class _ResidualChain(torch.autograd.Function):
             grad_h = torch.ops.aten.threshold_backward(_input_grad(grad_pre, h, block.conv2), h, 0)
             grad_conv = _input_grad(grad_h, x, block.conv1)
             grad_identity = grad_pre if block.downsample is None else _input_grad(grad_pre, x, block.downsample)
+            if k == 0 and ctx.fused_pool:  # the sum, the stem's ReLU mask and the pool's backward in one gather
+                grad_pre = max_pool2d_relu_grad(grad_conv, grad_identity, x, entry[0], ctx.stem_size,
+                                                pool.kernel_size, pool.stride, pool.padding,
+                                                backend=block.epilogue_backend)
+                return grad_pre, None, None
             if k or entry:  # x is a ReLU's output (the previous block's, or the pooled stem's): mask with the sum
                 grad_pre = relu_grad_sum(grad_conv, grad_identity, x, backend=block.epilogue_backend)
             else:
@@ -268,11 +294,21 @@ class _ResidualChain(torch.autograd.Function):
             # pooled value: masked above where that is <= 0, which is the stem ReLU's mask there.
             # So the stem's own threshold_backward (its largest tensor) is not needed.
             relu_out, indices = entry
-            pair = torch.nn.modules.utils._pair
             grad_pre = torch.ops.aten.max_pool2d_with_indices_backward(
-                grad_pre, relu_out, pair(pool.kernel_size), pair(pool.stride), pair(pool.padding), pair(pool.dilation),
-                pool.ceil_mode, indices)
+                grad_pre, relu_out, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding),
+                _pair(pool.dilation), pool.ceil_mode, indices)
         return grad_pre, None, None
+
+
+def _fusable_pool(pool: nn.Module) -> bool:
+    """Whether ``bias_relu_max_pool2d`` computes this max-pool (square, dilation 1, floor mode)."""
+    if not isinstance(pool, nn.MaxPool2d) or pool.ceil_mode or _pair(pool.dilation) != (1, 1):
+        return False
+    try:
+        pool_geometry(pool.kernel_size, pool.stride, pool.padding)
+    except ValueError:
+        return False
+    return True
 
 
 def _fold_resnet_layer(layer: nn.Sequential, fused_epilogue: bool) -> None:
@@ -353,7 +389,8 @@ class PBANLossScorer(nn.Module):
     """A frozen Efficient-PBAN prepared for use as a loss: ``scorer(sr, hr) -> scores (B,)``, float32."""
 
     def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None,
-                 fused_epilogue=None, stem_pad=None, batch_gates=None, fused_residual_grad=None):
+                 fused_epilogue=None, stem_pad=None, batch_gates=None, fused_residual_grad=None,
+                 fused_stem_pool=None):
         super().__init__()
         if not isinstance(model, EfficientPBAN):
             raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
@@ -376,6 +413,9 @@ class PBANLossScorer(nn.Module):
         if fused_residual_grad is None:
             fused_residual_grad = os.environ.get("EPBAN_LOSS_FUSED_RESIDUAL_GRAD", "1") != "0"
         self.fused_residual_grad = bool(fused_residual_grad)
+        if fused_stem_pool is None:
+            fused_stem_pool = os.environ.get("EPBAN_LOSS_FUSED_STEM_POOL", "1") != "0"
+        self.fused_stem_pool = bool(fused_stem_pool) and _fusable_pool(m.stem[3])
         blk = m.block2
         for name in ("after_block1", "after_block2"):
             seq = getattr(blk, name)
@@ -407,10 +447,16 @@ class PBANLossScorer(nn.Module):
         m = self.model
         stem, pool = m.stem[0], m.stem[3]
         blocks = (*m.stem[4], *m.stem[5], *m.layer2_1)
+        backend = stem.epilogue_backend
+        fused_pool = self.fused_stem_pool and stem.fused(x) and fused_max_pool_available(x.device, x.dtype, backend)
         if (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and stem.fused(x) and all(b.fused(x) for b in blocks)
-                and fused_bias_act_serves(x, None, stem.epilogue_backend)):
-            return _ResidualChain.apply(stem._conv(x, None), blocks, (stem.conv.bias, pool, stem.epilogue_backend))
+                and fused_bias_act_serves(x, None, backend)):
+            return _ResidualChain.apply(stem._conv(x, None), blocks, (stem.conv.bias, pool, backend, fused_pool))
+        if fused_pool:  # the HR image's trunk (no gradient), or autograd's block-by-block backward
+            h, _ = bias_relu_max_pool2d(stem._conv(x, None), stem.conv.bias, pool.kernel_size, pool.stride,
+                                        pool.padding, backend=backend)
+            return m.layer2_1(m.stem[5](m.stem[4](h)))
         return m.layer2_1(m.stem(x))
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
@@ -521,7 +567,8 @@ class CUDAGraphScorer(nn.Module):
 
 def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
                   compile=False, fp32_precision=None, fused_epilogue=None, stem_pad=None,
-                  batch_gates=None, fused_residual_grad=None, cudnn_benchmark=None) -> nn.Module:
+                  batch_gates=None, fused_residual_grad=None, fused_stem_pool=None,
+                  cudnn_benchmark=None) -> nn.Module:
     """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
 
     The model is copied (it stays usable as it is); move it to its device first.
@@ -538,6 +585,9 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``fused_residual_grad``: with the fused epilogues, the trunk's backward sums each block's
     two input-gradient branches and applies the previous block's ReLU mask in one pass
     (default on; ``EPBAN_LOSS_FUSED_RESIDUAL_GRAD=0`` or ``False`` leaves it to autograd).
+    ``fused_stem_pool``: with the fused epilogues, the stem conv's bias, ReLU and max-pool run as
+    one pass and their backward as one gather (``epban.ops.max_pool``; default on;
+    ``EPBAN_LOSS_FUSED_STEM_POOL=0`` or ``False`` keeps bias_act and PyTorch's max-pool).
     ``cudnn_benchmark``: with ``cuda_graph``, let cuDNN time its convolution algorithms for each
     captured shape (``torch.backends.cudnn.benchmark`` during the capture only; default off, or
     ``EPBAN_LOSS_CUDNN_BENCHMARK=1``): a slower first call, possibly more workspace memory.
@@ -549,7 +599,7 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
                          "once, when the step is captured (otherwise set torch.backends.cudnn.benchmark yourself)")
     scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
                             fused_epilogue=fused_epilogue, stem_pad=stem_pad, batch_gates=batch_gates,
-                            fused_residual_grad=fused_residual_grad)
+                            fused_residual_grad=fused_residual_grad, fused_stem_pool=fused_stem_pool)
     if compile:
         kwargs = dict(compile) if isinstance(compile, dict) else {}
         if cuda_graph:
