@@ -33,6 +33,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _offsets(BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """This program's flat offsets: int32 unless a tensor has 2^31 elements or more (a 64-bit
+    division is emulated in dozens of instructions, and the decoding below takes six)."""
+    if INDEX_64:
+        return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _decode(offs, channels, rows, cols, CHANNELS_LAST: tl.constexpr):
     """(n, c, row, col) of flat offsets into a dense (N, C, rows, cols) tensor of that layout."""
     if CHANNELS_LAST:
@@ -56,10 +65,10 @@ def _decode(offs, channels, rows, cols, CHANNELS_LAST: tl.constexpr):
 def bias_relu_max_pool_kernel(y_ptr, bias_ptr, out_ptr, argmax_ptr, numel, channels, height, width, out_h, out_w,
                               stride_n, stride_c, stride_h, stride_w,
                               CHANNELS_LAST: tl.constexpr, K: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
     """One program per BLOCK pooled elements (out and argmax dense in the layout CHANNELS_LAST
     names); y is read through its strides."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BLOCK, INDEX_64)
     mask = offs < numel
     n, c, oh, ow = _decode(offs, channels, out_h, out_w, CHANNELS_LAST)
     base = n * stride_n + c * stride_c
@@ -86,10 +95,11 @@ def bias_relu_max_pool_kernel(y_ptr, bias_ptr, out_ptr, argmax_ptr, numel, chann
 def max_pool_relu_grad_kernel(grad_ptr, other_ptr, out_ptr, argmax_ptr, res_ptr, numel, channels, height, width,
                               out_h, out_w, stride_n, stride_c, stride_h, stride_w,
                               CHANNELS_LAST: tl.constexpr, HAS_OTHER: tl.constexpr,
-                              K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
+                              K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, INDEX_64: tl.constexpr,
+                              BLOCK: tl.constexpr):
     """One program per BLOCK input elements (res dense in the layout CHANNELS_LAST names); grad,
     other, out and argmax share the strides given."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _offsets(BLOCK, INDEX_64)
     mask = offs < numel
     n, c, ih, iw = _decode(offs, channels, height, width, CHANNELS_LAST)
     base = n * stride_n + c * stride_c

@@ -259,6 +259,27 @@ def test_fused_stem_pool_without_the_residual_chain(tiny, channels_last, monkeyp
     torch.testing.assert_close(grad, plain_grad, atol=1e-7 * plain_grad.abs().max().item(), rtol=1e-6)
 
 
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_fused_stem_pool_keeps_no_stem_sized_tensor(tiny):
+    """What the step keeps for its backward: with the fused stem pool, no tensor of the stem's
+    output size (its ReLU output) and no int64 pool indices, only int8 window positions."""
+    sr, hr = _pair(b=2, h=48, w=64)
+    stem_shape = (2, tiny.stem[0].out_channels, 24, 32)
+    kept = {}
+    for fused in (True, False):
+        scorer = pban_for_loss(tiny, fused_stem_pool=fused)
+        for m in _epilogues(scorer):
+            m.epilogue_backend = "fused"
+        saved = kept[fused] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                      lambda t: t):
+            scorer(sr.clone().requires_grad_(), hr)
+    pooled = (2, tiny.stem[0].out_channels, 12, 16)
+    assert not any(shape == stem_shape for shape, _ in kept[True])
+    assert (pooled, torch.int8) in kept[True] and (pooled, torch.int64) not in kept[True]
+    assert (stem_shape, torch.float32) in kept[False] and (pooled, torch.int64) in kept[False]
+
+
 def test_fused_stem_pool_switch(tiny, monkeypatch):
     assert pban_for_loss(tiny).fused_stem_pool
     assert not pban_for_loss(tiny, fused_stem_pool=False).fused_stem_pool

@@ -104,6 +104,23 @@ def test_grad_with_two_parts_equals_add_then_pytorchs_backward(layout, launches)
 
 
 @needs_fused
+def test_64_bit_offsets_give_the_same_results(monkeypatch, launches):
+    """Tensors of 2^31 elements or more take 64-bit offsets (decided from shapes and strides);
+    forced here on small ones, the same values."""
+    assert ops._index_64(torch.empty(1, 64, 8192, 4096, device="meta"))
+    assert not ops._index_64(torch.empty(16, 64, 128, 128, device="meta"))
+    y, b = _inputs((2, 5, 13, 11), "channels_last", seed=6)
+    results = []
+    for wide in (False, True):
+        monkeypatch.setattr(ops, "_index_64", lambda *t, _w=wide: _w)
+        out, argmax = bias_relu_max_pool2d(y.detach(), b.detach(), 3, 2, 1, backend="fused")
+        grad = max_pool2d_relu_grad(out, out, out, argmax, (13, 11), 3, 2, 1, backend="fused")
+        results.append((out, argmax, grad))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+@needs_fused
 def test_ties_take_the_first_maximum_and_nan_wins(launches):
     """Integer-valued inputs tie often: the first maximum in row-major window order, as
     PyTorch's; a NaN anywhere in a window is that window's output."""
@@ -209,3 +226,37 @@ def test_bad_inputs_are_value_errors():
         max_pool2d_relu_grad(out, None, out, argmax, (9, 12), 3, 2, 1)
     with pytest.raises(ValueError, match="must match out"):
         max_pool2d_relu_grad(out, out.double(), out, argmax, (8, 8), 3, 2, 1)
+
+
+_COMPILE_SCRIPT = r"""
+import sys
+sys.path.insert(0, "scripts")
+import kernel_resources as kr
+from epban.kernels import max_pool as K
+
+for dtype in ("bf16", "fp32"):
+    for cl in (True, False):
+        for fn in (K.bias_relu_max_pool_kernel, K.max_pool_relu_grad_kernel):
+            cx = dict(CHANNELS_LAST=cl, HAS_OTHER=True, K=3, S=2, P=1, INDEX_64=False, BLOCK=512)
+            pointers = {n: "*" + dtype for n in ("y_ptr", "out_ptr", "grad_ptr", "other_ptr", "res_ptr")}
+            pointers["argmax_ptr"] = "*i8"
+            r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
+            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (fn.__name__, dtype, cl, r)
+            print(fn.__name__, dtype, cl, r["regs"], "compiled")
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100, as the
+    ops launch them: no spills, at least 4 programs per SM by registers."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 8, result.stdout

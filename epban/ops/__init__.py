@@ -1,1 +1,1 @@
-"""The two fused ops of epban; each module holds its reference, its dispatch and its autograd."""
+"""The fused ops of epban; each module holds its reference, its dispatch and its autograd."""
