@@ -70,7 +70,9 @@ def make_variant(name: str, model: EfficientPBAN):
     # (pban_for_loss(fused_epilogue=False)); "separate-gates": one SE call per direction
     # (batch_gates=False); "unfused-residual-grad": the ResNet layers' backward left to autograd
     # (fused_residual_grad=False); "unfused-stem-pool": the stem's bias + ReLU, max_pool2d and
-    # their backward as separate kernels (fused_stem_pool=False); "cudnn-benchmark": cuDNN times its algorithms at capture
+    # their backward as separate kernels (fused_stem_pool=False); "unfused-input": the images'
+    # normalisation, cast and layout change as PyTorch's ops (fused_input=False);
+    # "cudnn-benchmark": cuDNN times its algorithms at capture
     # (cudnn_benchmark=True, graph variants); "looped-attention": the axial attention's general tile loops where
     # its one-tile kernels would serve (CONFIG single_tile; set around each call, so in a graph
     # variant around the capture, which runs forward and backward).
@@ -79,6 +81,7 @@ def make_variant(name: str, model: EfficientPBAN):
                            batch_gates="separate-gates" not in name,
                            fused_residual_grad="unfused-residual-grad" not in name,
                            fused_stem_pool="unfused-stem-pool" not in name,
+                           fused_input="unfused-input" not in name,
                            cudnn_benchmark="cudnn-benchmark" in name.split())
     if "looped-attention" in name.split():
         return _with_axial_config(scorer, single_tile=False), scorer

@@ -31,34 +31,7 @@ the indices; here it is 2 bytes read forward and 2 written backward, plus the po
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _offsets(BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
-    """This program's flat offsets: int32 unless a tensor has 2^31 elements or more (a 64-bit
-    division is emulated in dozens of instructions, and the decoding below takes six)."""
-    if INDEX_64:
-        return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-
-
-@triton.jit
-def _decode(offs, channels, rows, cols, CHANNELS_LAST: tl.constexpr):
-    """(n, c, row, col) of flat offsets into a dense (N, C, rows, cols) tensor of that layout."""
-    if CHANNELS_LAST:
-        c = offs % channels
-        rest = offs // channels
-        col = rest % cols
-        rest = rest // cols
-        row = rest % rows
-        n = rest // rows
-    else:
-        col = offs % cols
-        rest = offs // cols
-        row = rest % rows
-        rest = rest // rows
-        c = rest % channels
-        n = rest // channels
-    return n, c, row, col
+from epban.kernels.layout import decode_nchw, flat_offsets
 
 
 @triton.jit
@@ -68,9 +41,9 @@ def bias_relu_max_pool_kernel(y_ptr, bias_ptr, out_ptr, argmax_ptr, numel, chann
                               INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
     """One program per BLOCK pooled elements (out and argmax dense in the layout CHANNELS_LAST
     names); y is read through its strides."""
-    offs = _offsets(BLOCK, INDEX_64)
+    offs = flat_offsets(BLOCK, INDEX_64)
     mask = offs < numel
-    n, c, oh, ow = _decode(offs, channels, out_h, out_w, CHANNELS_LAST)
+    n, c, oh, ow = decode_nchw(offs, channels, out_h, out_w, CHANNELS_LAST)
     base = n * stride_n + c * stride_c
     b = tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -99,9 +72,9 @@ def max_pool_relu_grad_kernel(grad_ptr, other_ptr, out_ptr, argmax_ptr, res_ptr,
                               BLOCK: tl.constexpr):
     """One program per BLOCK input elements (res dense in the layout CHANNELS_LAST names); grad,
     other, out and argmax share the strides given."""
-    offs = _offsets(BLOCK, INDEX_64)
+    offs = flat_offsets(BLOCK, INDEX_64)
     mask = offs < numel
-    n, c, ih, iw = _decode(offs, channels, height, width, CHANNELS_LAST)
+    n, c, ih, iw = decode_nchw(offs, channels, height, width, CHANNELS_LAST)
     base = n * stride_n + c * stride_c
     # The windows holding (ih, iw): oh*S in [ih + P - K + 1, ih + P], clipped to the output.
     # (The lower bound's ceil division is taken on a non-negative numerator only.)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check, run on a lent GPU machine (H100/H200, torch 2.11, Triton 3.6) from the repo root:
 # builds the extension for the card, runs the CUDA tests, then each op's correctness-and-timing
-# script, and prints their tables last. The full check took 7.5 min on an H100 (2026-11-27);
-# GPU_CHECK_QUICK=1 fits a 5-minute lease.
-#   bash scripts/gpu_check.sh                   (full logs go to $OUT, or ./gpu_check_out; ~7.5 min on an H100)
-#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh (~4 min: the latest changes' tests and A/B timings)
-#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~7 min: the axial attention's tests, profile, sweep,
-#                                                    the loss with the latest loss-mode switches A/B)
+# script, and prints their tables last. The full check took 7.5 min on an H100 (2026-11-27); the
+# quick modes are each meant to fit a 5-minute call (a lease is 15 min in all, start included):
+#   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~4 min, no C++ build: the loss mode's Triton ops'
+#       CUDA tests, the loss in bf16 + graph with today's defaults at the four sizes, then with each
+#       of the unmeasured loss-mode switches off in turn, A/B in one run: run this one first)
+#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
+#       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
+#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
+#   bash scripts/gpu_check.sh                       (everything; ~7.5 min; logs in $OUT or ./gpu_check_out)
 set -uo pipefail
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONUNBUFFERED=1
@@ -22,30 +25,48 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
-  # The axial attention's kernels alone (they are Triton: no C++ build): its CUDA tests, a
-  # per-kernel profile and tile sweep, then the whole loss in bf16 + graphs, which uses them.
+install_without_extension() {
+  # The Triton kernels need no C++ build (the SSIM extension is not used by these modes).
   step "install without the C++ extension"
   EPBAN_BUILD_EXT=0 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; exit 1; }
-  step "axial CUDA tests (and the loss mode's ops: fused epilogues, residual-gradient sums, stem pool)"
-  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py 2>&1 | tail -3
+}
+
+if [ "${GPU_CHECK_QUICK:-}" = loss ]; then
+  install_without_extension
+  step "CUDA tests: the loss mode's Triton ops (epilogues, residual-gradient sums, stem pool, input) and the loss mode"
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py \
+    tests/test_normalise.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 170 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
+  timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_loss_mode.py 2>&1 | tail -3
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "loss, bf16 + graph: defaults at four sizes, then each unmeasured switch off (A/B in one run)"
+  timeout 70 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
+    --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
+  ab=""
+  for word in looped-attention separate-gates unfused-residual-grad unfused-stem-pool unfused-input cudnn-benchmark; do
+    ab="$ab,loss bf16 graph $word"
+  done
+  all_off="loss bf16 graph looped-attention separate-gates unfused-residual-grad unfused-stem-pool unfused-input"
+  timeout 110 $PY benches/bench_pban_loss.py --sizes 16x256x256 --variants "loss bf16 graph${ab},$all_off" \
+    >>"$OUT/loss.md" 2>&1 || status=1
+  timeout 60 $PY benches/bench_pban_loss.py --sizes 1x2048x2048 --variants "loss bf16 graph,$all_off" \
+    >>"$OUT/loss.md" 2>&1 || status=1
+  step "tables"
+  grep -E "^\| [0-9]" "$OUT/loss.md"
+  exit $status
+fi
+
+if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
+  install_without_extension
+  step "axial CUDA tests"
+  timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
     | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
   timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
-  step "loss, bf16 + graph: defaults, then each of this round's switches off, then cuDNN benchmark on"
-  timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024,1x2048x2048 \
-    --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
-  ab=""
-  for word in looped-attention separate-gates unfused-residual-grad unfused-stem-pool cudnn-benchmark; do ab="$ab,loss bf16 graph $word"; done
-  timeout 170 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 --variants "${ab#,}" \
-    >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
-  grep -E "^\| [0-9]" "$OUT/loss.md"
   exit $status
 fi
 
@@ -61,7 +82,7 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   # A short lease: the tests of the ops that changed last, the SSIM check, the loss's bf16
   # rows with each loss-mode switch off and on (A/B in one run), and the loss profile.
   step "CUDA tests (SSIM, bias_act, loss mode)"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py 2>&1 | tail -3
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -90,7 +111,7 @@ fi
 step "CUDA tests"
 timeout 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py 2>&1 | tail -3  # on CUDA there
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py 2>&1 | tail -3  # on CUDA there
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for check in ssim_gpu_check axial_gpu_check pban_gpu_check; do

@@ -11,6 +11,7 @@ from epban.testing import randomise_inference_state
 from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, StemConvReLU, fold_batchnorm, pban_for_loss
 from epban.ops import bias_act as bias_act_ops
 from epban.ops import max_pool as max_pool_ops
+from epban.ops import normalise as normalise_ops
 from epban.ops.deform_conv import fused_deform_conv_available
 
 
@@ -280,11 +281,38 @@ def test_fused_stem_pool_keeps_no_stem_sized_tensor(tiny):
     assert (stem_shape, torch.float32) in kept[False] and (pooled, torch.int64) in kept[False]
 
 
+@pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_input_gives_the_same_scores_and_gradients(tiny, dtype, monkeypatch):
+    """fused_input: both images normalised, cast and laid out in one pass each, the SR image's
+    gradient back in one: the same scores and input gradients as PyTorch's ops (float32 exactly;
+    bf16 within the interpreter's one-ulp truncation of the cast)."""
+    calls = _count(monkeypatch, normalise_ops, "_launch_normalise")
+    grads = _count(monkeypatch, normalise_ops, "_launch_grad")
+    sr, hr = _pair(b=2, h=48, w=64)
+    results = {}
+    for fused in (True, False):
+        scorer = pban_for_loss(tiny, dtype=dtype, fused_input=fused)
+        for m in _epilogues(scorer):
+            m.epilogue_backend = "fused"
+        results[fused] = _score_and_grad(scorer, sr, hr)
+    assert len(calls) == 2 and len(grads) == 1
+    (scores, grad), (plain_scores, plain_grad) = results[True], results[False]
+    if dtype == torch.float32:
+        torch.testing.assert_close(scores, plain_scores, atol=0, rtol=0)
+        torch.testing.assert_close(grad, plain_grad, atol=0, rtol=0)
+    else:
+        assert (scores - plain_scores).abs().max() <= 1e-2 * plain_scores.abs().max()
+
+
 def test_fused_stem_pool_switch(tiny, monkeypatch):
     assert pban_for_loss(tiny).fused_stem_pool
     assert not pban_for_loss(tiny, fused_stem_pool=False).fused_stem_pool
     monkeypatch.setenv("EPBAN_LOSS_FUSED_STEM_POOL", "0")
     assert not pban_for_loss(tiny).fused_stem_pool
+    assert pban_for_loss(tiny).fused_input and not pban_for_loss(tiny, fused_input=False).fused_input
+    monkeypatch.setenv("EPBAN_LOSS_FUSED_INPUT", "0")
+    assert not pban_for_loss(tiny).fused_input
 
 
 def test_fused_residual_grad_switch(tiny, monkeypatch):

@@ -32,6 +32,10 @@ gradient flows to ``sr`` only. Against ``model(sr, hr)`` it changes how, never w
   and a zero-fill and scatter backward: the stem's output (the network's largest tensor) is
   read once forward and written once backward, and no full-size ReLU output or index tensor
   is kept (``fused_stem_pool``; ``EPBAN_LOSS_FUSED_STEM_POOL=0`` turns it off).
+- Each image's normalisation, cast to the trunk's dtype and layout change as one pass, and the
+  SR image's gradient back through them as one pass (``epban.ops.normalise``), instead of a
+  subtraction, a division and a cast forward and a layout change and a division backward
+  (``fused_input``; ``EPBAN_LOSS_FUSED_INPUT=0`` turns it off).
 - The stem conv's input gradient (3 channels) computed on CUDA with its weight zero-padded to
   16 bytes of input channels, then cut back: the same sums through cuDNN's aligned kernels.
 - The pixel and channel gate (SE) runs once on both directions' attention outputs stacked
@@ -66,6 +70,7 @@ from torchvision.models.resnet import BasicBlock
 
 from epban.models.pban import GMDC, EfficientPBAN
 from epban.ops.bias_act import bias_act, fused_bias_act_available, fused_bias_act_serves, relu_grad_sum
+from epban.ops.normalise import fused_normalise_available, normalise
 from epban.ops.max_pool import (
     bias_relu_max_pool2d,
     fused_max_pool_available,
@@ -390,7 +395,7 @@ class PBANLossScorer(nn.Module):
 
     def __init__(self, model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, fp32_precision=None,
                  fused_epilogue=None, stem_pad=None, batch_gates=None, fused_residual_grad=None,
-                 fused_stem_pool=None):
+                 fused_stem_pool=None, fused_input=None):
         super().__init__()
         if not isinstance(model, EfficientPBAN):
             raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
@@ -416,6 +421,9 @@ class PBANLossScorer(nn.Module):
         if fused_stem_pool is None:
             fused_stem_pool = os.environ.get("EPBAN_LOSS_FUSED_STEM_POOL", "1") != "0"
         self.fused_stem_pool = bool(fused_stem_pool) and _fusable_pool(m.stem[3])
+        if fused_input is None:
+            fused_input = os.environ.get("EPBAN_LOSS_FUSED_INPUT", "1") != "0"
+        self.fused_input = bool(fused_input)
         blk = m.block2
         for name in ("after_block1", "after_block2"):
             seq = getattr(blk, name)
@@ -459,12 +467,25 @@ class PBANLossScorer(nn.Module):
             return m.layer2_1(m.stem[5](m.stem[4](h)))
         return m.layer2_1(m.stem(x))
 
+    def prepare(self, sr: torch.Tensor, hr: torch.Tensor):
+        """Both images normalised, in the trunk's dtype and layout (hr detached); one pass each
+        where the fused normalisation serves (``fused_input``)."""
+        m = self.model
+        backend = m.stem[0].epilogue_backend  # the loss mode's Triton kernels share one backend
+        channels_last = self.memory_format == torch.channels_last
+        hr = hr.detach()
+        if self.fused_input and all(fused_normalise_available(t.device, t.dtype, self.dtype, backend)
+                                    for t in (sr, hr)):
+            return tuple(normalise(t, mean, std, dtype=self.dtype, channels_last=channels_last, backend=backend)
+                         for t, mean, std in ((sr, m.sr_mean, m.sr_std), (hr, m.hr_mean, m.hr_std)))
+        sr, hr = m.normalise(sr.float(), hr.float())
+        return (sr.to(dtype=self.dtype, memory_format=self.memory_format),
+                hr.to(dtype=self.dtype, memory_format=self.memory_format))
+
     def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         m = self.model
         m.check_inputs(sr, hr, check_finite=False)
-        sr, hr = m.normalise(sr.float(), hr.detach().float())
-        sr = sr.to(dtype=self.dtype, memory_format=self.memory_format)
-        hr = hr.to(dtype=self.dtype, memory_format=self.memory_format)
+        sr, hr = self.prepare(sr, hr)
         f1, f2 = m.block2(self.trunk(sr), self.trunk(hr))
         f1 = m.pool1(f1).flatten(1).float()
         f2 = m.pool2(f2).flatten(1).float()
@@ -567,7 +588,7 @@ class CUDAGraphScorer(nn.Module):
 
 def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=True, cuda_graph=False,
                   compile=False, fp32_precision=None, fused_epilogue=None, stem_pad=None,
-                  batch_gates=None, fused_residual_grad=None, fused_stem_pool=None,
+                  batch_gates=None, fused_residual_grad=None, fused_stem_pool=None, fused_input=None,
                   cudnn_benchmark=None) -> nn.Module:
     """A frozen scorer ``f(sr, hr) -> (B,)`` with the scores of ``model`` (see the module docstring).
 
@@ -588,6 +609,9 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
     ``fused_stem_pool``: with the fused epilogues, the stem conv's bias, ReLU and max-pool run as
     one pass and their backward as one gather (``epban.ops.max_pool``; default on;
     ``EPBAN_LOSS_FUSED_STEM_POOL=0`` or ``False`` keeps bias_act and PyTorch's max-pool).
+    ``fused_input``: each image's normalisation, cast and layout change in one pass, and its
+    backward in one (``epban.ops.normalise``; default on where Triton serves;
+    ``EPBAN_LOSS_FUSED_INPUT=0`` or ``False`` keeps PyTorch's ops).
     ``cudnn_benchmark``: with ``cuda_graph``, let cuDNN time its convolution algorithms for each
     captured shape (``torch.backends.cudnn.benchmark`` during the capture only; default off, or
     ``EPBAN_LOSS_CUDNN_BENCHMARK=1``): a slower first call, possibly more workspace memory.
@@ -599,7 +623,8 @@ def pban_for_loss(model: EfficientPBAN, *, dtype=torch.float32, channels_last=Tr
                          "once, when the step is captured (otherwise set torch.backends.cudnn.benchmark yourself)")
     scorer = PBANLossScorer(model, dtype=dtype, channels_last=channels_last, fp32_precision=fp32_precision,
                             fused_epilogue=fused_epilogue, stem_pad=stem_pad, batch_gates=batch_gates,
-                            fused_residual_grad=fused_residual_grad, fused_stem_pool=fused_stem_pool)
+                            fused_residual_grad=fused_residual_grad, fused_stem_pool=fused_stem_pool,
+                            fused_input=fused_input)
     if compile:
         kwargs = dict(compile) if isinstance(compile, dict) else {}
         if cuda_graph:

@@ -1,0 +1,166 @@
+"""The fused input normalisation (epban.ops.normalise) against PyTorch's ops, forward and gradients.
+
+Without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (conftest.py).
+"""
+import pytest
+import torch
+
+from epban.ops import normalise as ops
+from epban.ops._checks import triton_unavailable_reason
+from epban.ops.normalise import normalise, normalise_reference
+from test_ssim import poisoned_allocations
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_fused = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_unavailable_reason("normalise", "cpu", torch.float32) is None),
+    reason="needs a CUDA GPU or TRITON_INTERPRET=1 before triton is imported",
+)
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def _pytorch(x, dtype, channels_last):
+    """The loss mode's former preparation of an image: float, normalise, cast and layout."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ((x.float() - MEAN.to(x.device).view(1, 3, 1, 1)) / STD.to(x.device).view(1, 3, 1, 1)).to(
+        dtype, memory_format=fmt)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the fused launchers' calls (so that a test cannot pass on the reference)."""
+    calls = []
+    for name in ("_launch_normalise", "_launch_grad"):
+        launch = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=launch: calls.append(_n) or _f(*a))
+    return calls
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", [(2, 3, 13, 17), (1, 3, 1, 1), (3, 3, 8, 5)])
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_matches_pytorch(shape, in_dtype, out_dtype, channels_last, launches):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.rand(shape, generator=g).to(DEVICE, in_dtype).requires_grad_()
+    with poisoned_allocations():  # every output element must be written
+        out = normalise(x, MEAN.to(DEVICE), STD.to(DEVICE), dtype=out_dtype, channels_last=channels_last,
+                        backend="fused")
+    expected = _pytorch(x, out_dtype, channels_last)
+    assert out.dtype == out_dtype and out.stride() == expected.stride()
+    upstream = torch.randn(shape, generator=g).to(DEVICE, out_dtype)
+    with poisoned_allocations():
+        (got,) = torch.autograd.grad(out, x, upstream)
+    (want,) = torch.autograd.grad(expected, x, upstream)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    if DEVICE == "cuda" or out_dtype == torch.float32 and in_dtype == torch.float32:
+        # float32 subtraction and IEEE division, each rounded as PyTorch rounds them
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    else:  # the interpreter's conversion to half types may truncate: one ulp
+        ulp = 2.0 ** (-7 if torch.bfloat16 in (in_dtype, out_dtype) else -10)
+        assert ((out.float() - expected.float()).abs() <= ulp * expected.float().abs()).all()
+        assert ((got.float() - want.float()).abs() <= ulp * want.float().abs()).all()
+    assert launches == ["_launch_normalise", "_launch_grad"]
+
+
+@needs_fused
+def test_gradient_is_read_through_its_strides(launches):
+    """The loss mode's upstream gradient is a channel slice of an 8-channel channels_last tensor
+    (the stem's padded input gradient): read as it is, written in x's layout."""
+    x = torch.rand(2, 3, 9, 14, device=DEVICE).requires_grad_()
+    out = normalise(x, MEAN.to(DEVICE), STD.to(DEVICE), dtype=torch.float32, channels_last=True, backend="fused")
+    padded = torch.randn(2, 8, 9, 14, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    upstream = padded[:, :3]
+    assert not upstream.is_contiguous() and not upstream.is_contiguous(memory_format=torch.channels_last)
+    (got,) = torch.autograd.grad(out, x, upstream)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, upstream / STD.to(DEVICE).view(1, 3, 1, 1), atol=0, rtol=0)
+
+
+@needs_fused
+def test_second_derivative_through_the_backward(launches):
+    """The backward (grad / std) is itself differentiable: a gradient of a gradient equals PyTorch's."""
+    x = torch.rand(2, 3, 6, 7, device=DEVICE).requires_grad_()
+    weights = torch.randn(2, 3, 6, 7, device=DEVICE, dtype=x.dtype)
+    results = []
+    for backend in ("fused", "reference"):
+        out = normalise(x, MEAN.to(DEVICE), STD.to(DEVICE), dtype=torch.float32, channels_last=True, backend=backend)
+        (g,) = torch.autograd.grad((out * out * weights.float()).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad((g * g).sum(), x))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert launches.count("_launch_grad") >= 2  # the backward, and the backward's own backward
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64: the interpreter's kernels only")
+@needs_fused
+def test_gradcheck_in_float64(launches):
+    x = torch.rand(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    mean, std = MEAN.double(), STD.double()
+    f = lambda t: normalise(t, mean, std, dtype=torch.float64, channels_last=True, backend="fused")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    assert "_launch_grad" in launches
+
+
+@needs_fused
+def test_opcheck():
+    x = torch.rand(2, 3, 5, 7, device=DEVICE).requires_grad_()
+    mean, std = MEAN.to(DEVICE), STD.to(DEVICE)
+    torch.library.opcheck(ops._normalise_op, (x, mean, std, torch.bfloat16, True))
+    torch.library.opcheck(ops._normalise_backward_op, (torch.randn(2, 3, 5, 7, device=DEVICE), std, torch.float32,
+                                                       False))
+
+
+def test_reference_and_auto_on_cpu():
+    x = torch.rand(2, 3, 6, 5)
+    for backend in ("reference", "auto"):
+        out = normalise(x, MEAN, STD.view(1, 3, 1, 1), dtype=torch.bfloat16, channels_last=True, backend=backend)
+        torch.testing.assert_close(out, _pytorch(x, torch.bfloat16, True), atol=0, rtol=0)
+    torch.testing.assert_close(normalise_reference(x, MEAN, STD), _pytorch(x, torch.float32, False), atol=0, rtol=0)
+
+
+def test_bad_inputs_are_value_errors():
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="4-D"):
+        normalise(x[0], MEAN, STD)
+    with pytest.raises(ValueError, match="mean"):
+        normalise(x, torch.zeros(4), STD)
+    with pytest.raises(ValueError, match="std"):
+        normalise(x, MEAN, torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="backend"):
+        normalise(x, MEAN, STD, backend="nope")
+
+
+_COMPILE_SCRIPT = r"""
+import sys
+sys.path.insert(0, "scripts")
+import kernel_resources as kr
+from epban.kernels import normalise as K
+
+for src, dst in (("fp32", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
+    for cl in (True, False):
+        for fn in (K.normalise_kernel, K.normalise_grad_kernel):
+            cx = dict(CHANNELS_LAST=cl, INDEX_64=False, BLOCK=1024)
+            pointers = {"x_ptr": "*" + src, "grad_ptr": "*" + dst, "out_ptr": "*" + dst, "res_ptr": "*" + src}
+            r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
+            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (fn.__name__, src, dst, cl, r)
+            print(fn.__name__, src, dst, cl, r["regs"], "compiled")
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100: no
+    spills, at least 4 programs per SM by registers."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 12, result.stdout
