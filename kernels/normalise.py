@@ -34,26 +34,19 @@ def _divide(a, b):
 
 
 @triton.jit
-def normalise_kernel(x_ptr, mean_ptr, std_ptr, out_ptr, numel, channels, height, width,
+def normalise_kernel(src_ptr, mean_ptr, std_ptr, dst_ptr, numel, channels, height, width,
                      stride_n, stride_c, stride_h, stride_w,
-                     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_MEAN: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """dst = (src - mean[c]) / std[c], or src / std[c] without HAS_MEAN (the backward: the
+    gradient through x - mean is the gradient itself). dst is dense in the layout CHANNELS_LAST
+    names; src is read through its strides; std (and mean) are float32, or float64 for float64."""
     offs = flat_offsets(BLOCK, INDEX_64)
     mask = offs < numel
     n, c, h, w = decode_nchw(offs, channels, height, width, CHANNELS_LAST)
-    x = tl.load(x_ptr + n * stride_n + c * stride_c + h * stride_h + w * stride_w, mask=mask, other=0.0)
-    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)  # float32, or float64 for float64 x
+    src = tl.load(src_ptr + n * stride_n + c * stride_c + h * stride_h + w * stride_w, mask=mask, other=0.0)
     std = tl.load(std_ptr + c, mask=mask, other=1.0)
-    out = _divide(x.to(mean.dtype) - mean, std)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def normalise_grad_kernel(grad_ptr, std_ptr, res_ptr, numel, channels, height, width,
-                          stride_n, stride_c, stride_h, stride_w,
-                          CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
-    offs = flat_offsets(BLOCK, INDEX_64)
-    mask = offs < numel
-    n, c, h, w = decode_nchw(offs, channels, height, width, CHANNELS_LAST)
-    g = tl.load(grad_ptr + n * stride_n + c * stride_c + h * stride_h + w * stride_w, mask=mask, other=0.0)
-    std = tl.load(std_ptr + c, mask=mask, other=1.0)
-    tl.store(res_ptr + offs, _divide(g.to(std.dtype), std).to(res_ptr.dtype.element_ty), mask=mask)
+    centred = src.to(std.dtype)
+    if HAS_MEAN:
+        centred -= tl.load(mean_ptr + c, mask=mask, other=0.0)
+    tl.store(dst_ptr + offs, _divide(centred, std).to(dst_ptr.dtype.element_ty), mask=mask)

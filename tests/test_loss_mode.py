@@ -13,6 +13,7 @@ from epban.ops import bias_act as bias_act_ops
 from epban.ops import max_pool as max_pool_ops
 from epban.ops import normalise as normalise_ops
 from epban.ops.deform_conv import fused_deform_conv_available
+from helpers import count_calls
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,15 +123,6 @@ def test_bad_arguments_are_value_errors(tiny):
         pban_for_loss(tiny)(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 48))
 
 
-def _count(monkeypatch, module, name):
-    """Counts the calls of module.<name>, a fused path's launcher (so that a test cannot pass on
-    the reference)."""
-    calls = []
-    launch = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or launch(*a))
-    return calls
-
-
 def _epilogues(scorer):
     return [m for m in scorer.modules() if isinstance(m, (ConvReLU, EpilogueBasicBlock))]
 
@@ -140,8 +132,8 @@ def _epilogues(scorer):
 def test_fused_epilogues_match_the_model(tiny, channels_last, monkeypatch):
     """The ResNet convs without bias, then bias_act (bias, downsample bias, residual, ReLU in one
     pass): the scores and input gradients of the model, every epilogue through the kernel."""
-    calls = _count(monkeypatch, bias_act_ops, "_launch")
-    pools = _count(monkeypatch, max_pool_ops, "_launch_pool")
+    calls = count_calls(monkeypatch, bias_act_ops, "_launch")
+    pools = count_calls(monkeypatch, max_pool_ops, "_launch_pool")
     sr, hr = _pair(b=2, h=48, w=64)
     expected, expected_grad = _score_and_grad(tiny, sr, hr)
     scorer = pban_for_loss(tiny, channels_last=channels_last)
@@ -206,8 +198,8 @@ def test_fused_residual_grad_gives_autograds_gradient(channels_last, fused_stem_
     gather with layer1's first sum when ``fused_stem_pool``."""
     torch.manual_seed(0)
     tiny = _randomised(EfficientPBAN(PBANConfig.tiny(blocks=(2, 3, 2))))
-    sums = _count(monkeypatch, bias_act_ops, "_launch_relu_grad_sum")
-    pool_grads = _count(monkeypatch, max_pool_ops, "_launch_grad")
+    sums = count_calls(monkeypatch, bias_act_ops, "_launch_relu_grad_sum")
+    pool_grads = count_calls(monkeypatch, max_pool_ops, "_launch_grad")
     sr, hr = _pair(b=2, h=48, w=64)
     results = {}
     for fused in (True, False):
@@ -245,8 +237,8 @@ def test_fused_residual_grad_refuses_a_second_derivative(tiny):
 def test_fused_stem_pool_without_the_residual_chain(tiny, channels_last, monkeypatch):
     """fused_stem_pool alone (autograd block by block): the HR and SR trunks both take the one-pass
     stem tail, autograd its backward gather; scores and input gradients as the separate kernels'."""
-    pools = _count(monkeypatch, max_pool_ops, "_launch_pool")
-    pool_grads = _count(monkeypatch, max_pool_ops, "_launch_grad")
+    pools = count_calls(monkeypatch, max_pool_ops, "_launch_pool")
+    pool_grads = count_calls(monkeypatch, max_pool_ops, "_launch_grad")
     sr, hr = _pair(b=2, h=48, w=64)
     results = {}
     for fused in (True, False):
@@ -287,8 +279,8 @@ def test_fused_input_gives_the_same_scores_and_gradients(tiny, dtype, monkeypatc
     """fused_input: both images normalised, cast and laid out in one pass each, the SR image's
     gradient back in one: the same scores and input gradients as PyTorch's ops (float32 exactly;
     bf16 within the interpreter's one-ulp truncation of the cast)."""
-    calls = _count(monkeypatch, normalise_ops, "_launch_normalise")
-    grads = _count(monkeypatch, normalise_ops, "_launch_grad")
+    calls = count_calls(monkeypatch, normalise_ops, "_launch_normalise")
+    grads = count_calls(monkeypatch, normalise_ops, "_launch_grad")
     sr, hr = _pair(b=2, h=48, w=64)
     results = {}
     for fused in (True, False):
@@ -390,12 +382,21 @@ def test_fused_attention_reads_the_loss_modes_channels_last(tiny_two_branches, m
 
 
 @pytest.mark.skipif(not fused_deform_conv_available("cpu"), reason="needs TRITON_INTERPRET=1")
-def test_compiles_without_breaking_on_our_ops(tiny_two_branches):
-    # aot_eager traces through the fused op's fake implementation and autograd formula.
+@pytest.mark.parametrize("fused_epilogues", [False, True])
+def test_compiles_without_breaking_on_our_ops(tiny_two_branches, fused_epilogues, monkeypatch):
+    # aot_eager traces through the fused ops' fake implementations and autograd formulas: the
+    # deformable conv, and with fused_epilogues bias_act, the stem pool and the normalisation.
+    launches = [count_calls(monkeypatch, ops, name) for ops, name in (
+        (max_pool_ops, "_launch_pool"), (max_pool_ops, "_launch_grad"), (normalise_ops, "_launch_normalise"),
+        (normalise_ops, "_launch_grad"))]
     sr, hr = _pair(b=1, h=32, w=32)
     expected, expected_grad = _score_and_grad(tiny_two_branches, sr, hr)
     scorer = _fused_gmdc(pban_for_loss(tiny_two_branches, compile={"backend": "aot_eager", "fullgraph": False}))
+    if fused_epilogues:
+        for m in _epilogues(scorer):
+            m.epilogue_backend = "fused"
     scores, grad = _score_and_grad(scorer, sr, hr)
+    assert all(launches) == fused_epilogues
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
 

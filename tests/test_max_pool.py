@@ -15,6 +15,7 @@ from epban.ops.max_pool import (
     max_pool2d_relu_grad,
     max_pool2d_relu_grad_reference,
 )
+from helpers import compile_for_sm90, count_calls
 from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,12 +52,7 @@ def _pytorch(y, b, k, s, p):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the fused launchers' calls (so that a test cannot pass on the reference)."""
-    calls = []
-    for name in ("_launch_pool", "_launch_grad"):
-        launch = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=launch: calls.append(_n) or _f(*a))
-    return calls
+    return count_calls(monkeypatch, ops, "_launch_pool", "_launch_grad")
 
 
 @needs_fused
@@ -249,14 +245,4 @@ for dtype in ("bf16", "fp32"):
 def test_kernels_compile_for_sm90(tmp_path):
     """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100, as the
     ops launch them: no spills, at least 4 programs per SM by registers."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 8, result.stdout
+    compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 8)

@@ -8,6 +8,7 @@ import torch
 from epban.ops import normalise as ops
 from epban.ops._checks import triton_unavailable_reason
 from epban.ops.normalise import normalise, normalise_reference
+from helpers import compile_for_sm90, count_calls
 from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,12 +29,7 @@ def _pytorch(x, dtype, channels_last):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the fused launchers' calls (so that a test cannot pass on the reference)."""
-    calls = []
-    for name in ("_launch_normalise", "_launch_grad"):
-        launch = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=launch: calls.append(_n) or _f(*a))
-    return calls
+    return count_calls(monkeypatch, ops, "_launch_normalise", "_launch_grad")
 
 
 @needs_fused
@@ -141,26 +137,17 @@ from epban.kernels import normalise as K
 
 for src, dst in (("fp32", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
     for cl in (True, False):
-        for fn in (K.normalise_kernel, K.normalise_grad_kernel):
-            cx = dict(CHANNELS_LAST=cl, INDEX_64=False, BLOCK=1024)
-            pointers = {"x_ptr": "*" + src, "grad_ptr": "*" + dst, "out_ptr": "*" + dst, "res_ptr": "*" + src}
+        for has_mean in (True, False):  # the forward, the backward
+            fn = K.normalise_kernel
+            cx = dict(HAS_MEAN=has_mean, CHANNELS_LAST=cl, INDEX_64=False, BLOCK=1024)
+            pointers = {"src_ptr": "*" + src, "dst_ptr": "*" + dst}
             r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
-            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (fn.__name__, src, dst, cl, r)
-            print(fn.__name__, src, dst, cl, r["regs"], "compiled")
+            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (has_mean, src, dst, cl, r)
+            print(has_mean, src, dst, cl, r["regs"], "compiled")
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
     """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100: no
     spills, at least 4 programs per SM by registers."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 12, result.stdout
+    compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 12)

@@ -84,29 +84,29 @@ def normalise(x, mean, std, *, dtype=None, channels_last=False, backend="auto"):
     return normalise_reference(x, mean, std, dtype=dtype, channels_last=channels_last)
 
 
-def _launch(kernel, src, std, dst, *first):
+def _launch(src, mean, std, dst):
+    """One pass of the kernel: dst = (src - mean) / std, or src / std when mean is None."""
     import triton
+
+    from epban.kernels.normalise import normalise_kernel
 
     numel = dst.numel()
     if numel:
-        kernel[(triton.cdiv(numel, _BLOCK),)](
-            src, *first, std, dst, numel, *dst.shape[1:], *src.stride(), CHANNELS_LAST=_is_cl(dst),
-            INDEX_64=_index_64(src, dst), BLOCK=_BLOCK, num_warps=4)
+        normalise_kernel[(triton.cdiv(numel, _BLOCK),)](
+            src, std if mean is None else mean, std, dst, numel, *dst.shape[1:], *src.stride(),
+            HAS_MEAN=mean is not None, CHANNELS_LAST=_is_cl(dst), INDEX_64=_index_64(src, dst), BLOCK=_BLOCK,
+            num_warps=4)
     return dst
 
 
 def _launch_normalise(x, mean, std, dtype, channels_last):
-    from epban.kernels.normalise import normalise_kernel
-
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=_format(channels_last))
-    return _launch(normalise_kernel, x, std, out, mean)
+    return _launch(x, mean, std, out)
 
 
 def _launch_grad(grad, std, dtype, channels_last):
-    from epban.kernels.normalise import normalise_grad_kernel
-
     res = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=_format(channels_last))
-    return _launch(normalise_grad_kernel, grad, std, res)
+    return _launch(grad, None, std, res)
 
 
 @torch.library.custom_op("epban::normalise", mutates_args=())
