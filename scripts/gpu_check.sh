@@ -4,7 +4,7 @@
 # script, and prints their tables last. The full check took 7.5 min on an H100 (2026-11-27); the
 # quick modes are each meant to fit a 5-minute call (a lease is 15 min in all, start included):
 #   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~4 min, no C++ build: the loss mode's Triton ops'
-#       CUDA tests, the loss in bf16 + graph with today's defaults at the four sizes, then with each
+#       CUDA tests, the new ops alone against PyTorch's (benches/bench_loss_ops.py), the loss in bf16 + graph with today's defaults at the four sizes, then with each
 #       of the unmeasured loss-mode switches off in turn, A/B in one run: run this one first)
 #   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
 #       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
@@ -33,26 +33,30 @@ install_without_extension() {
 }
 
 if [ "${GPU_CHECK_QUICK:-}" = loss ]; then
+  # Timeouts add up to 460 s; a typical run should be nearer 4 min.
   install_without_extension
   step "CUDA tests: the loss mode's Triton ops (epilogues, residual-gradient sums, stem pool, input) and the loss mode"
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py \
+  timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py \
     tests/test_normalise.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_loss_mode.py 2>&1 | tail -3
+  timeout 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "the loss mode's new Triton ops alone against the PyTorch ops they replace"
+  timeout 40 $PY benches/bench_loss_ops.py >"$OUT/loss_ops.md" 2>&1 || status=1
   step "loss, bf16 + graph: defaults at four sizes, then each unmeasured switch off (A/B in one run)"
-  timeout 70 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
+  timeout 80 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x512x512,1x1024x1024,1x2048x2048 \
     --variants "loss bf16 graph" >"$OUT/loss.md" 2>&1 || status=1
   ab=""
   for word in looped-attention separate-gates unfused-residual-grad unfused-stem-pool unfused-input cudnn-benchmark; do
     ab="$ab,loss bf16 graph $word"
   done
   all_off="loss bf16 graph looped-attention separate-gates unfused-residual-grad unfused-stem-pool unfused-input"
-  timeout 110 $PY benches/bench_pban_loss.py --sizes 16x256x256 --variants "loss bf16 graph${ab},$all_off" \
+  timeout 90 $PY benches/bench_pban_loss.py --sizes 16x256x256 --variants "loss bf16 graph${ab},$all_off" \
     >>"$OUT/loss.md" 2>&1 || status=1
-  timeout 60 $PY benches/bench_pban_loss.py --sizes 1x2048x2048 --variants "loss bf16 graph,$all_off" \
+  timeout 50 $PY benches/bench_pban_loss.py --sizes 1x2048x2048 --variants "loss bf16 graph,$all_off" \
     >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
+  grep -E "^\| (stem|input)" "$OUT/loss_ops.md"
   grep -E "^\| [0-9]" "$OUT/loss.md"
   exit $status
 fi
