@@ -12,12 +12,11 @@ FLOP per pixel, forward and again backward.
 """
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 
 from epban.ops import deform_conv as ops
+from timing import cuda_median_ms
 
 KERNEL_SIZES = (3, 5, 7, 9)
 CUDA_SHAPES = [(1, 256, 64, 64), (16, 256, 16, 16), (1, 256, 128, 128), (1, 256, 32, 32)]
@@ -64,19 +63,12 @@ def make_step(impl, shape, device):
 def time_impl(impl, shape, device="cuda", reps=10):
     """Median ms of forward + backward and peak MiB above the inputs."""
     step = make_step(impl, shape, device)
-    step()
+    step()  # compiled and allocated before the peak is reset
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = cuda_median_ms(step, reps)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def table(rows, device_name) -> str:

@@ -15,8 +15,6 @@ at the card's bandwidth (3.35 TB/s for an H100 SXM): the time it cannot beat.
 """
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from epban.ops.bias_act import bias_act_reference
 from epban.ops.max_pool import bias_relu_max_pool2d
 from epban.ops.normalise import normalise
+from timing import cuda_median_ms
 
 HBM_BYTES_PER_S = 3.35e12
 MEAN = (0.485, 0.456, 0.406)
@@ -77,18 +76,7 @@ def make_step(op, impl, shape, device):
 
 
 def time_impl(op, impl, shape, reps=20) -> float:
-    step = make_step(op, impl, shape, "cuda")
-    step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(make_step(op, impl, shape, "cuda"), reps)
 
 
 def table(rows, device_name) -> str:
