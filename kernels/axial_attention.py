@@ -90,6 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epban.ops._checks import is_channels_last  # noqa: F401 (the ops module calls it from here too)
+
 SIGMA_EPS = 1e-6
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -820,11 +822,6 @@ def layout_strides(tensors, channels_last: bool) -> tuple:
     return (H * W * C, 1, W * C, C) if channels_last else (C * H * W, H * W, W, 1)
 
 
-def is_channels_last(t) -> bool:
-    """Whether t is laid out channels_last (and not also plain contiguous: then NCHW serves)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def _pair(ts):
     return (ts[0], ts[-1])
 
@@ -912,9 +909,7 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
             BLOCK=block,
             **common)
     if plan.single_tile:
-        for pass_, block, n, _, accumulate in plan.passes():
-            if not (need_q or need_k):
-                break
+        for pass_, block, n, _, accumulate in plan.passes() if need_q or need_k else ():
             q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
             _axial_bwd_single_dqk_kernel[(n, ndir)](
                 q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, lse, drow,

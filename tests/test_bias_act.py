@@ -8,6 +8,7 @@ import torch
 from epban.ops import bias_act as ops
 from epban.ops._checks import triton_unavailable_reason
 from epban.ops.bias_act import bias_act, bias_act_reference, fused_bias_act_serves
+from helpers import count_calls
 from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,22 +32,14 @@ def _inputs(shape, layout, dtype, residual, seed):
     return y, b, r
 
 
-def _count_launches(monkeypatch, name):
-    """Counts the calls of ops.<name>, a fused path's launcher (so that a test cannot pass on the reference)."""
-    calls = []
-    launch = getattr(ops, name)
-    monkeypatch.setattr(ops, name, lambda *a: calls.append(1) or launch(*a))
-    return calls
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    return _count_launches(monkeypatch, "_launch")
+    return count_calls(monkeypatch, ops, "_launch")
 
 
 @pytest.fixture
 def sum_launches(monkeypatch):
-    return _count_launches(monkeypatch, "_launch_relu_grad_sum")
+    return count_calls(monkeypatch, ops, "_launch_relu_grad_sum")
 
 
 @needs_fused
@@ -59,7 +52,7 @@ def test_fused_matches_reference(shape, layout, residual, relu, launches):
     leaves = [t for t in (y, b, r) if t is not None]
     with poisoned_allocations():  # every output element must be written
         out = bias_act(y, b, r, relu=relu, backend="fused")
-    assert launches == [1]
+    assert launches == ["_launch"]
     expected = bias_act_reference(y, b, r, relu=relu)
     assert out.shape == expected.shape and out.stride() == expected.stride()
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
@@ -142,7 +135,7 @@ def test_relu_grad_sum_matches_threshold_backward(shape, layout, sum_launches):
     out[..., ::3] = 0.0  # exactly at the threshold: masked, as threshold_backward does
     with poisoned_allocations():  # every element must be written
         res = ops.relu_grad_sum(grad, other, out, backend="fused")
-    assert sum_launches == [1]
+    assert sum_launches == ["_launch_relu_grad_sum"]
     expected = torch.ops.aten.threshold_backward(grad + other, out, 0)
     assert res.stride() == expected.stride()
     torch.testing.assert_close(res, expected, atol=0, rtol=0)
@@ -156,7 +149,7 @@ def test_relu_grad_sum_half_types(dtype, sum_launches):
     grad, other, out = _three((2, 8, 7, 5), "channels_last", dtype, seed=4)
     res = ops.relu_grad_sum(grad, other, out, backend="fused")
     expected = torch.ops.aten.threshold_backward(grad + other, out, 0)
-    assert res.dtype == dtype and sum_launches == [1]
+    assert res.dtype == dtype and sum_launches == ["_launch_relu_grad_sum"]
     if DEVICE == "cuda":
         torch.testing.assert_close(res, expected, atol=0, rtol=0)
     else:

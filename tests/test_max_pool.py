@@ -103,12 +103,12 @@ def test_grad_with_two_parts_equals_add_then_pytorchs_backward(layout, launches)
 def test_64_bit_offsets_give_the_same_results(monkeypatch, launches):
     """Tensors of 2^31 elements or more take 64-bit offsets (decided from shapes and strides);
     forced here on small ones, the same values."""
-    assert ops._index_64(torch.empty(1, 64, 8192, 4096, device="meta"))
-    assert not ops._index_64(torch.empty(16, 64, 128, 128, device="meta"))
+    assert ops.needs_int64_offsets(torch.empty(1, 64, 8192, 4096, device="meta"), slack=ops._BLOCK)
+    assert not ops.needs_int64_offsets(torch.empty(16, 64, 128, 128, device="meta"), slack=ops._BLOCK)
     y, b = _inputs((2, 5, 13, 11), "channels_last", seed=6)
     results = []
     for wide in (False, True):
-        monkeypatch.setattr(ops, "_index_64", lambda *t, _w=wide: _w)
+        monkeypatch.setattr(ops, "needs_int64_offsets", lambda *t, _w=wide, **kw: _w)
         out, argmax = bias_relu_max_pool2d(y.detach(), b.detach(), 3, 2, 1, backend="fused")
         grad = max_pool2d_relu_grad(out, out, out, argmax, (13, 11), 3, 2, 1, backend="fused")
         results.append((out, argmax, grad))

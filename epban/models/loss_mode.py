@@ -71,12 +71,7 @@ from torchvision.models.resnet import BasicBlock
 from epban.models.pban import GMDC, EfficientPBAN
 from epban.ops.bias_act import bias_act, fused_bias_act_available, fused_bias_act_serves, relu_grad_sum
 from epban.ops.normalise import fused_normalise_available, normalise
-from epban.ops.max_pool import (
-    bias_relu_max_pool2d,
-    fused_max_pool_available,
-    max_pool2d_relu_grad,
-    pool_geometry,
-)
+from epban.ops.max_pool import bias_relu_max_pool2d, max_pool2d_relu_grad, pool_geometry
 from epban.ops.deform_conv import (
     check_fp32_precision,
     deform_path,
@@ -456,9 +451,10 @@ class PBANLossScorer(nn.Module):
         stem, pool = m.stem[0], m.stem[3]
         blocks = (*m.stem[4], *m.stem[5], *m.layer2_1)
         backend = stem.epilogue_backend
-        fused_pool = self.fused_stem_pool and stem.fused(x) and fused_max_pool_available(x.device, x.dtype, backend)
+        fused = stem.fused(x)  # the stem pool follows the epilogues' rule (epban.ops._checks)
+        fused_pool = self.fused_stem_pool and fused
         if (self.fused_residual_grad and x.requires_grad and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and stem.fused(x) and all(b.fused(x) for b in blocks)
+                and not torch.compiler.is_compiling() and fused and all(b.fused(x) for b in blocks)
                 and fused_bias_act_serves(x, None, backend)):
             return _ResidualChain.apply(stem._conv(x, None), blocks, (stem.conv.bias, pool, backend, fused_pool))
         if fused_pool:  # the HR image's trunk (no gradient), or autograd's block-by-block backward

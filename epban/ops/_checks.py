@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from epban._extension import triton_available, triton_interpret
+from epban._extension import check_backend, triton_available, triton_interpret
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,3 +63,31 @@ def triton_unavailable_reason(what: str, device, dtype=None, *, interpreter_refu
             return f"{what} runs on CPU tensors only under TRITON_INTERPRET=1"
         return (interpreter_refuses or {}).get(dtype)
     return f"no {what} for device type {device.type!r}"
+
+
+def fused_triton_available(what: str, device, dtype, backend="auto", **reason_kwargs) -> bool:
+    """The rule of the loss mode's Triton ops (bias_act, the stem pool, the normalisation):
+    "auto" takes the kernels on CUDA only (the interpreter is for tests, not speed), "fused"
+    wherever ``triton_unavailable_reason`` allows, ValueError saying why not otherwise."""
+    check_backend(backend)
+    if backend == "auto" and torch.device(device).type != "cuda":
+        return False
+    return fused_requested(backend, triton_unavailable_reason(what, device, dtype, **reason_kwargs))
+
+
+# ----------------------------------------------------------------------------- dense layouts
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether t is laid out channels_last (and not also plain contiguous: then NCHW serves)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def needs_int64_offsets(*tensors, slack: int = 0) -> bool:
+    """Whether an element offset of these tensors (through their strides), plus ``slack``
+    (a program's block past the end), may reach 2^31: the kernels then index in 64 bits."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + slack >= 2**31 for t in tensors)

@@ -20,8 +20,7 @@ from typing import Optional
 
 import torch
 
-from epban._extension import check_backend
-from epban.ops._checks import check_nchw_float, fused_requested, triton_unavailable_reason
+from epban.ops._checks import check_nchw_float, fused_triton_available, is_channels_last
 
 _BLOCK = 2048
 
@@ -43,10 +42,7 @@ def _layout(t):
 def fused_bias_act_available(device, dtype, backend="auto") -> bool:
     """Whether ``backend`` runs the fused kernel for tensors of this device and dtype when their
     layouts allow (ValueError for an impossible "fused")."""
-    check_backend(backend)
-    if backend == "auto" and torch.device(device).type != "cuda":
-        return False
-    return fused_requested(backend, triton_unavailable_reason("the fused epilogue", device, dtype))
+    return fused_triton_available("the fused epilogue", device, dtype, backend)
 
 
 def fused_bias_act_serves(y, residual=None, backend="auto") -> bool:
@@ -87,7 +83,7 @@ def _launch(y, bias, residual, relu):
     out = torch.empty_like(y)  # same dense layout as y
     numel = y.numel()
     if numel:
-        channels_last = _layout(y) == "cl" and not y.is_contiguous()
+        channels_last = is_channels_last(y)
         bias_act_kernel[(triton.cdiv(numel, _BLOCK),)](
             y, bias.contiguous(), y if residual is None else residual, out, numel, y.shape[1],
             y.shape[2] * y.shape[3], CHANNELS_LAST=channels_last, HAS_RESIDUAL=residual is not None, RELU=relu,

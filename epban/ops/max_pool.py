@@ -31,9 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from epban._extension import check_backend
-from epban.ops._checks import check_nchw_float, fused_requested, triton_unavailable_reason
-from epban.ops.bias_act import bias_act_reference
+from epban.ops._checks import (
+    check_nchw_float,
+    fused_triton_available,
+    is_channels_last,
+    memory_format,
+    needs_int64_offsets,
+)
+from epban.ops.bias_act import bias_act_reference, check_bias_act_args
 
 _BLOCK = 512  # 4 elements a thread (4 warps): ~80-90 registers on sm90, 5-6 programs per SM
 MAX_KERNEL = 11  # kernel positions kh * K + kw fit int8
@@ -62,22 +67,10 @@ def pooled_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
-def _cl(t: torch.Tensor) -> bool:
-    """Whether the fused path writes channels_last for ``t`` (channels_last and not also contiguous)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _format(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def fused_max_pool_available(device, dtype, backend="auto") -> bool:
     """Whether ``backend`` runs the Triton kernels for this device and dtype (ValueError for an
-    impossible "fused")."""
-    check_backend(backend)
-    if backend == "auto" and torch.device(device).type != "cuda":
-        return False
-    return fused_requested(backend, triton_unavailable_reason("the fused stem pool", device, dtype))
+    impossible "fused"): the rule of ``epban.ops.bias_act``, whose epilogue this extends."""
+    return fused_triton_available("the fused stem pool", device, dtype, backend)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -110,25 +103,16 @@ def max_pool2d_relu_grad_reference(grad, other, out, argmax, input_size, kernel_
     n, c = out.shape[:2]
     res = torch.zeros(n, c, h * w, dtype=torch.float32, device=out.device)
     res.scatter_add_(2, flat.flatten(2), g.float().flatten(2))
-    return res.view(n, c, h, w).to(grad.dtype).contiguous(memory_format=_format(_cl(out)))
+    return res.view(n, c, h, w).to(grad.dtype).contiguous(memory_format=memory_format(is_channels_last(out)))
 
 
 # ----------------------------------------------------------------------------- public ops
 
 
-def _check_bias(y, bias):
-    if not isinstance(bias, torch.Tensor) or bias.shape != (y.shape[1],):
-        raise ValueError(f"bias must be a tensor of shape ({y.shape[1]},) (y's channels), "
-                         f"got {getattr(bias, 'shape', type(bias).__name__)}")
-    if bias.device != y.device:
-        raise ValueError(f"bias must be on y's device {y.device}, got {bias.device}")
-
-
 def bias_relu_max_pool2d(y, bias, kernel_size, stride=None, padding=0, *, backend="auto"):
     """``(max_pool2d(relu(y + bias[c])), argmax)`` of a (B, C, H, W) tensor; see the module
     docstring. Differentiable in ``y`` and ``bias`` (the fused path's backward is one gather)."""
-    check_nchw_float("y", y)
-    _check_bias(y, bias)
+    check_bias_act_args(y, bias, None)
     k, s, p = pool_geometry(kernel_size, stride, padding)
     if y.shape[2] + 2 * p < k or y.shape[3] + 2 * p < k:
         raise ValueError(f"y's {tuple(y.shape[2:])} pixels (padded by {p}) are smaller than the {k}x{k} window")
@@ -164,26 +148,22 @@ def max_pool2d_relu_grad(grad, other, out, argmax, input_size, kernel_size, stri
 # ----------------------------------------------------------------------------- fused path
 
 
-def _index_64(*tensors) -> bool:
-    """Whether an element offset of these tensors (through their strides) may reach 2^31."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + _BLOCK >= 2**31 for t in tensors)
-
-
 def _launch_pool(y, bias, k, s, p):
     import triton
 
     from epban.kernels.max_pool import bias_relu_max_pool_kernel
 
     n, c, h, w = y.shape
-    cl = _cl(y)
+    cl = is_channels_last(y)
     size = (n, c, pooled_size(h, k, s, p), pooled_size(w, k, s, p))
-    out = torch.empty(size, dtype=y.dtype, device=y.device, memory_format=_format(cl))
-    argmax = torch.empty(size, dtype=torch.int8, device=y.device, memory_format=_format(cl))
+    out = torch.empty(size, dtype=y.dtype, device=y.device, memory_format=memory_format(cl))
+    argmax = torch.empty(size, dtype=torch.int8, device=y.device, memory_format=memory_format(cl))
     numel = out.numel()
     if numel:
         bias_relu_max_pool_kernel[(triton.cdiv(numel, _BLOCK),)](
             y, bias.contiguous(), out, argmax, numel, c, h, w, size[2], size[3], *y.stride(),
-            CHANNELS_LAST=cl, K=k, S=s, P=p, INDEX_64=_index_64(y, out), BLOCK=_BLOCK, num_warps=4)
+            CHANNELS_LAST=cl, K=k, S=s, P=p, INDEX_64=needs_int64_offsets(y, out, slack=_BLOCK), BLOCK=_BLOCK,
+            num_warps=4)
     return out, argmax
 
 
@@ -192,8 +172,8 @@ def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
 
     from epban.kernels.max_pool import max_pool_relu_grad_kernel
 
-    cl = _cl(out)
-    fmt = _format(cl)
+    cl = is_channels_last(out)
+    fmt = memory_format(cl)
     # grad, other and argmax are read with out's strides: bring any other layout to out's.
     grad, argmax = grad.contiguous(memory_format=fmt), argmax.contiguous(memory_format=fmt)
     other = None if other is None else other.contiguous(memory_format=fmt)
@@ -205,7 +185,7 @@ def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
         max_pool_relu_grad_kernel[(triton.cdiv(numel, _BLOCK),)](
             grad, grad if other is None else other, out, argmax, res, numel, c, h, w, out.shape[2], out.shape[3],
             *out.stride(), CHANNELS_LAST=cl, HAS_OTHER=other is not None, K=k, S=s, P=p,
-            INDEX_64=_index_64(res, out), BLOCK=_BLOCK, num_warps=4)
+            INDEX_64=needs_int64_offsets(res, out, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4)
     return res
 
 
@@ -219,7 +199,7 @@ def _bias_relu_max_pool_op(y: torch.Tensor, bias: torch.Tensor, k: int, s: int,
 def _(y, bias, k, s, p):
     n, c, h, w = y.shape
     size = (n, c, pooled_size(h, k, s, p), pooled_size(w, k, s, p))
-    fmt = _format(_cl(y))
+    fmt = memory_format(is_channels_last(y))
     return (torch.empty(size, dtype=y.dtype, device=y.device, memory_format=fmt),
             torch.empty(size, dtype=torch.int8, device=y.device, memory_format=fmt))
 
@@ -232,7 +212,8 @@ def _max_pool_relu_grad_op(grad: torch.Tensor, other: Optional[torch.Tensor], ou
 
 @_max_pool_relu_grad_op.register_fake
 def _(grad, other, out, argmax, h, w, k, s, p):
-    return torch.empty((*out.shape[:2], h, w), dtype=out.dtype, device=out.device, memory_format=_format(_cl(out)))
+    return torch.empty((*out.shape[:2], h, w), dtype=out.dtype, device=out.device,
+                       memory_format=memory_format(is_channels_last(out)))
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,22 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from epban._extension import check_backend
-from epban.ops._checks import TRITON_DTYPES, check_nchw_float, fused_requested, triton_unavailable_reason
+from epban.ops._checks import (
+    check_nchw_float,
+    fused_triton_available,
+    is_channels_last,
+    memory_format,
+    needs_int64_offsets,
+)
 
 _BLOCK = 1024
-
-
-def _format(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _is_cl(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-def _index_64(*tensors) -> bool:
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + _BLOCK >= 2**31 for t in tensors)
 
 
 def _compute_dtype(dtype):
@@ -44,21 +37,16 @@ def _compute_dtype(dtype):
 def normalise_reference(x, mean, std, *, dtype=None, channels_last=False):
     c, acc = x.shape[1], _compute_dtype(x.dtype)
     out = (x.to(acc) - mean.to(acc).reshape(1, c, 1, 1)) / std.to(acc).reshape(1, c, 1, 1)
-    return out.to(dtype or x.dtype, memory_format=_format(channels_last))
+    return out.to(dtype or x.dtype, memory_format=memory_format(channels_last))
 
 
 def fused_normalise_available(device, dtype, out_dtype=None, backend="auto") -> bool:
     """Whether ``backend`` runs the Triton kernels for inputs of this device and dtype (and this
-    output dtype); ValueError for an impossible "fused"."""
-    check_backend(backend)
-    if backend == "auto" and torch.device(device).type != "cuda":
-        return False
-    # float64 under the interpreter only (gradcheck); CUDA takes the three Triton dtypes
-    cpu_also = (torch.float64,) if torch.device(device).type == "cpu" else ()
-    reason = triton_unavailable_reason("the fused normalisation", device, dtype, interpreter_also=cpu_also)
-    if reason is None and out_dtype is not None and out_dtype not in TRITON_DTYPES + cpu_also:
-        reason = f"the fused normalisation cannot write {out_dtype} on {torch.device(device).type}"
-    return fused_requested(backend, reason)
+    output dtype); ValueError for an impossible "fused". float64 under the interpreter only
+    (for gradcheck); CUDA takes the three Triton dtypes."""
+    return all(fused_triton_available(f"the fused normalisation ({role})", device, t, backend,
+                                      interpreter_also=(torch.float64,))
+               for role, t in (("input", dtype), ("output", out_dtype or dtype)))
 
 
 def _check_stats(x, name, t):
@@ -94,18 +82,18 @@ def _launch(src, mean, std, dst):
     if numel:
         normalise_kernel[(triton.cdiv(numel, _BLOCK),)](
             src, std if mean is None else mean, std, dst, numel, *dst.shape[1:], *src.stride(),
-            HAS_MEAN=mean is not None, CHANNELS_LAST=_is_cl(dst), INDEX_64=_index_64(src, dst), BLOCK=_BLOCK,
-            num_warps=4)
+            HAS_MEAN=mean is not None, CHANNELS_LAST=is_channels_last(dst),
+            INDEX_64=needs_int64_offsets(src, dst, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4)
     return dst
 
 
 def _launch_normalise(x, mean, std, dtype, channels_last):
-    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=_format(channels_last))
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format(channels_last))
     return _launch(x, mean, std, out)
 
 
 def _launch_grad(grad, std, dtype, channels_last):
-    res = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=_format(channels_last))
+    res = torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=memory_format(channels_last))
     return _launch(grad, None, std, res)
 
 
@@ -117,7 +105,7 @@ def _normalise_op(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype:
 
 @_normalise_op.register_fake
 def _(x, mean, std, dtype, channels_last):
-    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=_format(channels_last))
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format(channels_last))
 
 
 @torch.library.custom_op("epban::normalise_backward", mutates_args=())
@@ -128,12 +116,12 @@ def _normalise_backward_op(grad: torch.Tensor, std: torch.Tensor, dtype: torch.d
 
 @_normalise_backward_op.register_fake
 def _(grad, std, dtype, channels_last):
-    return torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=_format(channels_last))
+    return torch.empty(grad.shape, dtype=dtype, device=grad.device, memory_format=memory_format(channels_last))
 
 
 def _setup_context(ctx, inputs, output):
     x, _, std, _, _ = inputs
-    ctx.x_dtype, ctx.x_cl = x.dtype, _is_cl(x)
+    ctx.x_dtype, ctx.x_cl = x.dtype, is_channels_last(x)
     ctx.save_for_backward(std)
 
 
@@ -148,7 +136,7 @@ _normalise_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _setup_backward_context(ctx, inputs, output):
     grad, std, _, _ = inputs
-    ctx.grad_dtype, ctx.grad_cl = grad.dtype, _is_cl(grad)
+    ctx.grad_dtype, ctx.grad_cl = grad.dtype, is_channels_last(grad)
     ctx.save_for_backward(std)
 
 
