@@ -7,7 +7,9 @@ Rows, at the tensor sizes of the loss mode's inputs (bf16, channels_last, as it 
 - "input": an image's normalisation, cast to bf16 and change to channels_last, then the gradient
   back to the float32 image. PyTorch: ``((x - mean) / std).to(bf16, channels_last)`` and
   autograd; fused: ``epban.ops.normalise.normalise``.
-The floor column is the fused op's own DRAM bytes (read and written once each, counted below)
+Each is timed twice: eager (what a small op costs with the host launching it, the Python
+overhead included) and captured in a CUDA graph (the device's time alone, as the loss mode runs
+under graphs). The floor column is the fused op's own DRAM bytes (read and written once each, counted below)
 at the card's bandwidth (3.35 TB/s for an H100 SXM): the time it cannot beat.
 
     pytest benches/bench_loss_ops.py --benchmark-only      (CPU: the reference rows)
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from epban.ops.bias_act import bias_act_reference
 from epban.ops.max_pool import bias_relu_max_pool2d
 from epban.ops.normalise import normalise
-from timing import cuda_median_ms
+from timing import cuda_graph_median_ms, cuda_median_ms
 
 HBM_BYTES_PER_S = 3.35e12
 MEAN = (0.485, 0.456, 0.406)
@@ -75,20 +77,24 @@ def make_step(op, impl, shape, device):
     return step
 
 
-def time_impl(op, impl, shape, reps=20) -> float:
-    return cuda_median_ms(make_step(op, impl, shape, "cuda"), reps)
+def time_impl(op, impl, shape, reps=20) -> tuple[float, float]:
+    """(eager ms, CUDA-graph ms) of forward + backward."""
+    step = make_step(op, impl, shape, "cuda")
+    return cuda_median_ms(step, reps), cuda_graph_median_ms(step, reps)
 
 
 def table(rows, device_name) -> str:
     out = [f"The loss mode's memory-bound ops, forward + backward, bf16 channels_last, {device_name}",
            "",
-           "| op | shape | PyTorch ms | fused ms | speed-up | fused GB/s | floor ms (fused bytes at 3.35 TB/s) |",
-           "|---|---|---|---|---|---|---|"]
+           "| op | shape | PyTorch graph ms | fused graph ms | speed-up | fused GB/s (graph) "
+           "| floor ms (fused bytes at 3.35 TB/s) | PyTorch eager ms | fused eager ms |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nbytes = fused_bytes(r["op"], r["shape"])
-        out.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['pytorch']:.3f} | {r['fused']:.3f} "
-                   f"| {r['pytorch'] / r['fused']:.2f}x | {nbytes / (r['fused'] / 1e3) / 1e9:.0f} "
-                   f"| {nbytes / HBM_BYTES_PER_S * 1e3:.3f} |")
+        (torch_eager, torch_graph), (fused_eager, fused_graph) = r["pytorch"], r["fused"]
+        out.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {torch_graph:.3f} | {fused_graph:.3f} "
+                   f"| {torch_graph / fused_graph:.2f}x | {nbytes / (fused_graph / 1e3) / 1e9:.0f} "
+                   f"| {nbytes / HBM_BYTES_PER_S * 1e3:.3f} | {torch_eager:.3f} | {fused_eager:.3f} |")
     return "\n".join(out)
 
 
@@ -98,7 +104,7 @@ def run_rows(cases, log=print):
         try:
             row = dict(op=op, shape=shape, **{impl: time_impl(op, impl, shape) for impl in IMPLS})
             rows.append(row)
-            log(f"{op} {shape}: PyTorch {row['pytorch']:.3f} ms, fused {row['fused']:.3f} ms")
+            log(f"{op} {shape}: (eager, graph) ms: PyTorch {row['pytorch']}, fused {row['fused']}")
         except Exception as exc:  # one failing row must not hide the others
             log(f"{op} {shape}: FAILED {type(exc).__name__}: {exc}")
     return rows

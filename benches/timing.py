@@ -20,3 +20,19 @@ def cuda_median_ms(step, reps: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_graph_median_ms(step, reps: int) -> float:
+    """Median ms of one replay of ``step()`` captured in a CUDA graph: the device's time alone,
+    without the host's launch overhead, which eager timing of small ops measures instead. Warmed
+    up on a side stream first, as graph capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return cuda_median_ms(graph.replay, reps)

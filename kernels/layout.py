@@ -7,10 +7,13 @@ import triton.language as tl
 @triton.jit
 def flat_offsets(BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """This program's flat offsets: int32 unless a tensor has 2^31 elements or more (fewer
-    registers, and no 64-bit division in the decoding below)."""
+    registers, and no 64-bit division in the decoding below). One return: Triton's compiler
+    checks every return's type, even one behind a constexpr branch it does not take."""
     if INDEX_64:
-        return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+    else:
+        start = tl.program_id(0) * BLOCK
+    return start + tl.arange(0, BLOCK)
 
 
 @triton.jit

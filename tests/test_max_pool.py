@@ -230,19 +230,19 @@ sys.path.insert(0, "scripts")
 import kernel_resources as kr
 from epban.kernels import max_pool as K
 
-for dtype in ("bf16", "fp32"):
+for dtype, index_64 in (("bf16", False), ("fp32", False), ("bf16", True)):  # int64: tensors of 2^31+
     for cl in (True, False):
         for fn in (K.bias_relu_max_pool_kernel, K.max_pool_relu_grad_kernel):
-            cx = dict(CHANNELS_LAST=cl, HAS_OTHER=True, K=3, S=2, P=1, INDEX_64=False, BLOCK=512)
+            cx = dict(CHANNELS_LAST=cl, HAS_OTHER=True, K=3, S=2, P=1, INDEX_64=index_64, BLOCK=512)
             pointers = {n: "*" + dtype for n in ("y_ptr", "out_ptr", "grad_ptr", "other_ptr", "res_ptr")}
             pointers["argmax_ptr"] = "*i8"
             r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
-            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (fn.__name__, dtype, cl, r)
-            print(fn.__name__, dtype, cl, r["regs"], "compiled")
+            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (fn.__name__, dtype, index_64, cl, r)
+            print(fn.__name__, dtype, index_64, cl, r["regs"], "compiled")
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
     """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100, as the
-    ops launch them: no spills, at least 4 programs per SM by registers."""
-    compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 8)
+    ops launch them, with 32- and 64-bit offsets: no spills, at least 4 programs per SM by registers."""
+    compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 12)
