@@ -237,12 +237,13 @@ for dtype, index_64 in (("bf16", False), ("fp32", False), ("bf16", True)):  # in
             pointers = {n: "*" + dtype for n in ("y_ptr", "out_ptr", "grad_ptr", "other_ptr", "res_ptr")}
             pointers["argmax_ptr"] = "*i8"
             r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
-            assert r["spill"] == 0 and r["blocks_by_regs"] >= 4, (fn.__name__, dtype, index_64, cl, r)
+            assert r["spill"] == 0 and r["blocks_by_regs"] >= (2 if index_64 else 4), (fn.__name__, dtype, index_64, cl, r)
             print(fn.__name__, dtype, index_64, cl, r["regs"], "compiled")
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
     """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100, as the
-    ops launch them, with 32- and 64-bit offsets: no spills, at least 4 programs per SM by registers."""
+    ops launch them: no spills with 32- and 64-bit offsets; at least 4 programs per SM by registers
+    with 32-bit ones (2 with 64-bit ones, which only tensors of 2^31 elements or more take)."""
     compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 12)
