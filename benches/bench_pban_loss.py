@@ -17,6 +17,7 @@ scripts/pban_gpu_check.py checks correctness with TF32 off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import time
@@ -75,7 +76,9 @@ def make_variant(name: str, model: EfficientPBAN):
     # "cudnn-benchmark": cuDNN times its algorithms at capture
     # (cudnn_benchmark=True, graph variants); "looped-attention": the axial attention's general tile loops where
     # its one-tile kernels would serve (CONFIG single_tile; set around each call, so in a graph
-    # variant around the capture, which runs forward and backward).
+    # variant around the capture, which runs forward and backward); "dispatcher": every fused op
+    # called through its torch.library custom op, as before eager calls took an autograd.Function
+    # (epban.ops._fused_op; matters in eager variants, where the host issues each call).
     scorer = pban_for_loss(model, dtype=dtype, cuda_graph=_graphed(name), fp32_precision=precision,
                            fused_epilogue="unfused-epilogue" not in name,
                            batch_gates="separate-gates" not in name,
@@ -83,9 +86,35 @@ def make_variant(name: str, model: EfficientPBAN):
                            fused_stem_pool="unfused-stem-pool" not in name,
                            fused_input="unfused-input" not in name,
                            cudnn_benchmark="cudnn-benchmark" in name.split())
+    run = scorer
     if "looped-attention" in name.split():
-        return _with_axial_config(scorer, single_tile=False), scorer
-    return scorer, scorer
+        run = _with_axial_config(run, single_tile=False)
+    if "dispatcher" in name.split():
+        run = _through_dispatcher(run)
+    return run, scorer
+
+
+def _through_dispatcher(f):
+    """f, marked to run its whole step (forward and backward, see loss_step) with every fused
+    op's call sent through its custom op."""
+
+    def run(sr, hr):
+        return f(sr, hr)
+
+    run.step_context = _all_calls_through_dispatcher
+    return run
+
+
+@contextlib.contextmanager
+def _all_calls_through_dispatcher():
+    from epban.ops import _fused_op
+
+    saved = _fused_op.needs_dispatcher
+    _fused_op.needs_dispatcher = lambda args: True
+    try:
+        yield
+    finally:
+        _fused_op.needs_dispatcher = saved
 
 
 def _with_axial_config(f, **config):
@@ -123,7 +152,8 @@ def inputs(size, device, seed=0):
 
 def loss_step(f, sr, hr):
     sr.grad = None
-    f(sr, hr).sum().backward()
+    with getattr(f, "step_context", contextlib.nullcontext)():
+        f(sr, hr).sum().backward()
 
 
 def time_variant(f, module, size, device, *, min_reps=3, max_reps=20, target_s=0.3):

@@ -3,9 +3,10 @@
 # builds the extension for the card, runs the CUDA tests, then each op's correctness-and-timing
 # script, and prints their tables last. The full check took 7.5 min on an H100 (2026-11-27); the
 # quick modes are each meant to fit a 5-minute call (a lease is 15 min in all, start included):
-#   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~4 min, no C++ build: the loss mode's Triton ops'
-#       CUDA tests, the new ops alone against PyTorch's (benches/bench_loss_ops.py), the loss in bf16 + graph with today's defaults at the four sizes, then with each
-#       of the unmeasured loss-mode switches off in turn, A/B in one run: run this one first)
+#   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~3.5 min, no C++ build: the loss mode's Triton ops'
+#       CUDA tests, the new ops alone against PyTorch's (benches/bench_loss_ops.py), the loss in
+#       bf16 + graph with today's defaults at the four sizes, then with each loss-mode switch off
+#       in turn, A/B in one run, and the eager step with the fused ops' eager door and without)
 #   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
 #       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
@@ -33,10 +34,10 @@ install_without_extension() {
 }
 
 if [ "${GPU_CHECK_QUICK:-}" = loss ]; then
-  # Timeouts add up to 460 s; a typical run should be nearer 4 min.
+  # Timeouts add up to 520 s; it took 3.2 min on an H100 (2026-11-27), before the eager rows.
   install_without_extension
   step "CUDA tests: the loss mode's Triton ops (epilogues, residual-gradient sums, stem pool, input) and the loss mode"
-  timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py \
+  timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_fused_op.py \
     tests/test_normalise.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_loss_mode.py 2>&1 | tail -3
@@ -55,6 +56,9 @@ if [ "${GPU_CHECK_QUICK:-}" = loss ]; then
     >>"$OUT/loss.md" 2>&1 || status=1
   timeout 50 $PY benches/bench_pban_loss.py --sizes 1x2048x2048 --variants "loss bf16 graph,$all_off" \
     >>"$OUT/loss.md" 2>&1 || status=1
+  step "loss, bf16 eager (no graph): the fused ops' eager door against their custom ops (host time)"
+  timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
+    --variants "loss bf16,loss bf16 dispatcher" >>"$OUT/loss.md" 2>&1 || status=1
   step "tables"
   grep -E "^\| (stem|input)" "$OUT/loss_ops.md"
   grep -E "^\| [0-9]" "$OUT/loss.md"

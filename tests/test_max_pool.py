@@ -184,9 +184,9 @@ def test_strided_input_is_read_through_its_strides(launches):
 @needs_fused
 def test_opcheck():
     y, b = _inputs((2, 3, 9, 11), "channels_last", seed=2)
-    torch.library.opcheck(ops._bias_relu_max_pool_op, (y, b, 3, 2, 1))
+    torch.library.opcheck(torch.ops.epban.bias_relu_max_pool2d.default, (y, b, 3, 2, 1))
     out, argmax = ops._bias_relu_max_pool_op(y.detach(), b.detach(), 3, 2, 1)
-    torch.library.opcheck(ops._max_pool_relu_grad_op, (torch.randn_like(out), None, out, argmax, 9, 11, 3, 2, 1))
+    torch.library.opcheck(torch.ops.epban.max_pool2d_relu_grad.default, (torch.randn_like(out), None, out, argmax, 9, 11, 3, 2, 1))
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])

@@ -104,8 +104,8 @@ def test_gradcheck_in_float64(launches):
 def test_opcheck():
     x = torch.rand(2, 3, 5, 7, device=DEVICE).requires_grad_()
     mean, std = MEAN.to(DEVICE), STD.to(DEVICE)
-    torch.library.opcheck(ops._normalise_op, (x, mean, std, torch.bfloat16, True))
-    torch.library.opcheck(ops._normalise_backward_op, (torch.randn(2, 3, 5, 7, device=DEVICE), std, torch.float32,
+    torch.library.opcheck(torch.ops.epban.normalise.default, (x, mean, std, torch.bfloat16, True))
+    torch.library.opcheck(torch.ops.epban.normalise_backward.default, (torch.randn(2, 3, 5, 7, device=DEVICE), std, torch.float32,
                                                        False))
 
 

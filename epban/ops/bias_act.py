@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from epban.ops._checks import check_nchw_float, fused_triton_available, is_channels_last
+from epban.ops._fused_op import fused_op
 
 _BLOCK = 2048
 
@@ -92,7 +93,7 @@ def _launch(y, bias, residual, relu):
     return out
 
 
-@torch.library.custom_op("epban::bias_act", mutates_args=())
+@fused_op("epban::bias_act")
 def _bias_act_op(y: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     return _launch(y, bias, residual, relu)
 
@@ -157,7 +158,7 @@ def _launch_relu_grad_sum(grad, other, out):
     return res
 
 
-@torch.library.custom_op("epban::relu_grad_sum", mutates_args=())
+@fused_op("epban::relu_grad_sum")
 def _relu_grad_sum_op(grad: torch.Tensor, other: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return _launch_relu_grad_sum(grad, other, out)
 

@@ -12,7 +12,8 @@ with ``grid_sample`` (bilinear, zeros outside) and one matmul per branch: the CP
 ~8x faster than torchvision's CPU kernels forward + backward. The fused op
 (``kernels/deform_conv.py``) computes all branches in one launch as an implicit GEMM. It is
 registered as ``torch.ops.epban.multi_branch_deform_conv`` (a ``torch.library`` custom op with
-autograd and a fake implementation), so it works under ``torch.compile`` and CUDA-graph capture.
+autograd and a fake implementation), so it works under ``torch.compile`` and CUDA-graph capture;
+eager calls skip the dispatcher (``epban.ops._fused_op``).
 """
 
 import functools
@@ -24,6 +25,7 @@ from torchvision.ops import deform_conv2d
 
 from epban._extension import BACKENDS, triton_interpret
 from epban.ops._checks import fused_requested, triton_unavailable_reason
+from epban.ops._fused_op import fused_op
 
 try:
     import triton
@@ -175,7 +177,7 @@ def fused_deform_conv_packed(x, offsets, weight, bias, kernel_sizes, *, fp32_pre
     dtype = x.dtype
     precision = check_fp32_precision(fp32_precision)
     bias = torch.zeros(len(kernel_sizes) * weight.shape[-1], device=x.device, dtype=dtype) if bias is None else bias
-    return torch.ops.epban.multi_branch_deform_conv(
+    return _mbdc_op(
         x, offsets.to(dtype), weight.to(dtype), bias.to(dtype), [int(k) for k in kernel_sizes], precision
     )
 
@@ -363,7 +365,7 @@ def _dense(t):
     return t.contiguous()
 
 
-@torch.library.custom_op("epban::multi_branch_deform_conv", mutates_args=())
+@fused_op("epban::multi_branch_deform_conv")
 def _mbdc_op(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
              kernel_sizes: list[int], fp32_precision: str) -> torch.Tensor:
     return _launch_forward(_dense(x), _dense(offsets), weight.contiguous(), bias.contiguous(), kernel_sizes,
@@ -375,7 +377,7 @@ def _(x, offsets, weight, bias, kernel_sizes, fp32_precision):
     return _out_like(x, len(kernel_sizes) * weight.shape[-1], x.dtype)
 
 
-@torch.library.custom_op("epban::multi_branch_deform_conv_backward_data", mutates_args=())
+@fused_op("epban::multi_branch_deform_conv_backward_data")
 def _mbdc_bwd_data_op(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                       kernel_sizes: list[int], fp32_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_backward_data(_dense(grad), _dense(x), _dense(offsets), weight.contiguous(), kernel_sizes,
@@ -387,7 +389,7 @@ def _(grad, x, offsets, weight, kernel_sizes, fp32_precision):
     return torch.empty_like(x), torch.empty_like(offsets)
 
 
-@torch.library.custom_op("epban::multi_branch_deform_conv_backward_weight", mutates_args=())
+@fused_op("epban::multi_branch_deform_conv_backward_weight")
 def _mbdc_bwd_weight_op(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                         kernel_sizes: list[int], fp32_precision: str) -> torch.Tensor:
     return _launch_backward_weight(_dense(grad), _dense(x), _dense(offsets), weight, kernel_sizes, fp32_precision)

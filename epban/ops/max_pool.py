@@ -38,6 +38,7 @@ from epban.ops._checks import (
     memory_format,
     needs_int64_offsets,
 )
+from epban.ops._fused_op import fused_op
 from epban.ops.bias_act import bias_act_reference, check_bias_act_args
 
 _BLOCK = 512  # 4 elements a thread (4 warps): ~80-90 registers on sm90, 5-6 programs per SM
@@ -189,7 +190,7 @@ def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
     return res
 
 
-@torch.library.custom_op("epban::bias_relu_max_pool2d", mutates_args=())
+@fused_op("epban::bias_relu_max_pool2d")
 def _bias_relu_max_pool_op(y: torch.Tensor, bias: torch.Tensor, k: int, s: int,
                            p: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_pool(y, bias, k, s, p)
@@ -204,7 +205,7 @@ def _(y, bias, k, s, p):
             torch.empty(size, dtype=torch.int8, device=y.device, memory_format=fmt))
 
 
-@torch.library.custom_op("epban::max_pool2d_relu_grad", mutates_args=())
+@fused_op("epban::max_pool2d_relu_grad")
 def _max_pool_relu_grad_op(grad: torch.Tensor, other: Optional[torch.Tensor], out: torch.Tensor,
                            argmax: torch.Tensor, h: int, w: int, k: int, s: int, p: int) -> torch.Tensor:
     return _launch_grad(grad, other, out, argmax, h, w, k, s, p)

@@ -25,6 +25,7 @@ from epban.ops._checks import (
     memory_format,
     needs_int64_offsets,
 )
+from epban.ops._fused_op import fused_op
 
 _BLOCK = 1024
 
@@ -97,7 +98,7 @@ def _launch_grad(grad, std, dtype, channels_last):
     return _launch(grad, None, std, res)
 
 
-@torch.library.custom_op("epban::normalise", mutates_args=())
+@fused_op("epban::normalise")
 def _normalise_op(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
                   channels_last: bool) -> torch.Tensor:
     return _launch_normalise(x, mean, std, dtype, channels_last)
@@ -108,7 +109,7 @@ def _(x, mean, std, dtype, channels_last):
     return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format(channels_last))
 
 
-@torch.library.custom_op("epban::normalise_backward", mutates_args=())
+@fused_op("epban::normalise_backward")
 def _normalise_backward_op(grad: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
                            channels_last: bool) -> torch.Tensor:
     return _launch_grad(grad, std, dtype, channels_last)
