@@ -104,7 +104,8 @@ def run_rows(cases, log=print):
         try:
             row = dict(op=op, shape=shape, **{impl: time_impl(op, impl, shape) for impl in IMPLS})
             rows.append(row)
-            log(f"{op} {shape}: (eager, graph) ms: PyTorch {row['pytorch']}, fused {row['fused']}")
+            log(f"{op} {shape}: PyTorch {row['pytorch'][0]:.3f} ms eager, {row['pytorch'][1]:.3f} ms graph; "
+                f"fused {row['fused'][0]:.3f} ms eager, {row['fused'][1]:.3f} ms graph")
         except Exception as exc:  # one failing row must not hide the others
             log(f"{op} {shape}: FAILED {type(exc).__name__}: {exc}")
     return rows
