@@ -6,6 +6,12 @@ bookkeeping. The Triton launch is replaced by a stub that only allocates the out
 rows time the Python around the kernel: what an eager step, not captured in a CUDA graph, pays
 per op before the GPU sees any work. CPU only; tiny tensors, so the data costs nothing.
 
+"loss step" rows do the same for one whole eager step of the loss mode: the tiny network
+(25 fused calls a step, a third of the official network's 75), random weights, float32, a
+1x3x32x32 pair. Every Triton kernel is a stub and every fused path is forced on, as on a GPU.
+So the step's time is its host work plus the small CPU convolutions that PyTorch still runs,
+the same in both rows.
+
     pytest benches/bench_op_overhead.py --benchmark-only
     python benches/bench_op_overhead.py          (a markdown table of microseconds per call)
 """
@@ -23,6 +29,7 @@ import epban.ops.normalise as normalise_ops
 from epban.ops import _fused_op
 
 OPS = ["normalise", "bias_act", "bias_relu_max_pool2d"]
+KERNEL_MODULES = ["bias_act", "max_pool", "normalise", "deform_conv", "axial_attention"]
 DOORS = ["dispatcher", "eager"]
 
 
@@ -38,6 +45,41 @@ def _stub_launches(patch):
     patch(max_pool_ops, "_launch_pool", pool)
     patch(max_pool_ops, "_launch_grad", lambda grad, other, out, argmax, h, w, k, s, p: torch.empty(
         (*out.shape[:2], h, w), dtype=out.dtype))
+
+
+def _stub_kernels(patch):
+    """Every Triton kernel of the fused ops launches nothing (``kernel[grid](...)`` returns)."""
+    import importlib
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"epban.kernels.{name}")
+        for attr in dir(module):
+            if attr.endswith("_kernel"):
+                patch(module, attr, Stub())
+
+
+def make_loss_step():
+    """One eager loss-mode step on the CPU with every fused path forced (kernels stubbed)."""
+    from epban import EfficientPBAN, PBANConfig
+    from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, pban_for_loss
+
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # stubbed outputs are uninitialised memory
+    model = EfficientPBAN(PBANConfig.tiny()).eval()
+    scorer = pban_for_loss(model, dtype=torch.float32)
+    for m in scorer.modules():
+        if isinstance(m, (ConvReLU, EpilogueBasicBlock)):
+            m.epilogue_backend = "fused"
+    for gmdc in (scorer.model.block2.br1, scorer.model.block2.br2):
+        gmdc.backend = "fused"
+    scorer.model.block2.attention_backend = "fused"
+    hr = torch.rand(1, 3, 32, 32)
+    sr = hr.clone().requires_grad_()
+    return lambda: torch.autograd.grad(scorer(sr, hr).sum(), sr)
 
 
 def make_step(op):
@@ -57,9 +99,12 @@ def make_step(op):
     return lambda: torch.autograd.grad(forward(), x, upstream)
 
 
+_NEEDS_DISPATCHER = _fused_op.needs_dispatcher
+
+
 def _force(patch, door):
-    if door == "dispatcher":
-        patch(_fused_op, "needs_dispatcher", lambda args: True)
+    """Every call through the custom op ("dispatcher"), or the usual rule ("eager")."""
+    patch(_fused_op, "needs_dispatcher", (lambda args: True) if door == "dispatcher" else _NEEDS_DISPATCHER)
 
 
 @pytest.mark.parametrize("door", DOORS)
@@ -72,31 +117,42 @@ def test_op_overhead(benchmark, monkeypatch, op, door):
     benchmark.pedantic(make_step(op), rounds=200, warmup_rounds=20)
 
 
-def median_us(step, reps=400) -> float:
+@pytest.mark.parametrize("door", DOORS)
+def test_loss_step_overhead(benchmark, monkeypatch, door):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _stub_kernels(monkeypatch.setattr)
+    _force(monkeypatch.setattr, door)
+    benchmark.group = "host time per eager loss step (1x3x32x32, kernels stubbed)"
+    benchmark.pedantic(make_loss_step(), rounds=20, warmup_rounds=3)
+
+
+def paired_medians_us(step, patch, reps=400) -> dict:
+    """Median us of ``step()`` through each door, the doors alternating call by call so that
+    both see the same machine (this VM's speed drifts by 2x between runs)."""
+    times = {door: [] for door in DOORS}
     for _ in range(20):
         step()
-    times = []
     for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e6
+        for door in DOORS:
+            _force(patch, door)
+            start = time.perf_counter()
+            step()
+            times[door].append(time.perf_counter() - start)
+    return {door: sorted(t)[len(t) // 2] * 1e6 for door, t in times.items()}
 
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
-    saved = []
 
     def patch(module, name, value):
-        saved.append((module, name, getattr(module, name)))
         setattr(module, name, value)
 
     _stub_launches(patch)
-    rows = {}
-    for door in ("eager", "dispatcher"):
-        _force(patch, door)
-        rows[door] = {op: median_us(make_step(op)) for op in OPS}
-    print("| op, fwd + bwd, launch stubbed | dispatcher (custom op) us | eager (autograd.Function) us |")
+    print("| fwd + bwd, kernels stubbed (host time, median) | dispatcher (custom op) | eager (autograd.Function) |")
     print("|---|---|---|")
     for op in OPS:
-        print(f"| {op} | {rows['dispatcher'][op]:.0f} | {rows['eager'][op]:.0f} |")
+        us = paired_medians_us(make_step(op), patch)
+        print(f"| {op} | {us['dispatcher']:.0f} us | {us['eager']:.0f} us |")
+    _stub_kernels(patch)
+    ms = {door: us / 1e3 for door, us in paired_medians_us(make_loss_step(), patch, reps=40).items()}
+    print(f"| loss step, tiny network, 1x3x32x32 | {ms['dispatcher']:.2f} ms | {ms['eager']:.2f} ms |")
