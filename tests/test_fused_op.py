@@ -112,3 +112,28 @@ def test_an_op_without_autograd_still_refuses_a_backward_through_it():
     with torch.no_grad():
         assert torch.equal(relu_grad_sum(grad, other, out, backend="fused"),
                            torch.ops.aten.threshold_backward(grad + other, out, 0))
+
+
+def test_torch_compile_traces_the_custom_ops():
+    """Under torch.compile the door is the custom op, with no graph break: each op is one node
+    of the captured graph (the eager door would be traced into its Python and Triton launch)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    mean, std = torch.tensor([0.4, 0.5, 0.6], device=DEVICE), torch.tensor([0.2, 0.25, 0.3], device=DEVICE)
+    bias = torch.zeros(3, device=DEVICE)
+
+    def f(x):
+        y = normalise(x, mean, std, dtype=torch.float32, channels_last=True, backend="fused")
+        return bias_relu_max_pool2d(bias_act(y, bias, backend="fused"), bias, 3, 2, 1, backend="fused")[0]
+
+    x = _randn(1, 3, 9, 8, seed=4)
+    out = torch.compile(f, backend=backend, fullgraph=True)(x)
+    assert torch.equal(out, f(x))
+    assert len(graphs) == 1
+    for name in ("epban.normalise", "epban.bias_act", "epban.bias_relu_max_pool2d"):
+        assert name in graphs[0], graphs[0]
