@@ -137,3 +137,14 @@ def test_torch_compile_traces_the_custom_ops():
     assert len(graphs) == 1
     for name in ("epban.normalise", "epban.bias_act", "epban.bias_relu_max_pool2d"):
         assert name in graphs[0], graphs[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_mode_and_no_grad_take_the_eager_door(case):
+    """Scoring without gradients (the metric's evaluation): the same values, no graph."""
+    inputs, fn = CASES[case](7)
+    expected = fn(*inputs).detach()
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            out = fn(*inputs)
+        assert out.grad_fn is None and torch.equal(out, expected)
