@@ -140,7 +140,7 @@ def test_torch_compile_traces_the_custom_ops():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_inference_mode_and_no_grad_take_the_eager_door(case):
+def test_inference_mode_and_no_grad_give_the_same_values(case):
     """Scoring without gradients (the metric's evaluation): the same values, no graph."""
     inputs, fn = CASES[case](7)
     expected = fn(*inputs).detach()
