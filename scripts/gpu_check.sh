@@ -90,7 +90,7 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   # A short lease: the tests of the ops that changed last, the SSIM check, the loss's bf16
   # rows with each loss-mode switch off and on (A/B in one run), and the loss profile.
   step "CUDA tests (SSIM, bias_act, loss mode)"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py 2>&1 | tail -3
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py tests/test_fused_op.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -119,7 +119,7 @@ fi
 step "CUDA tests"
 timeout 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py 2>&1 | tail -3  # on CUDA there
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py tests/test_fused_op.py 2>&1 | tail -3  # on CUDA there
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for check in ssim_gpu_check axial_gpu_check pban_gpu_check; do
