@@ -93,9 +93,12 @@ def test_fake_tensors_take_the_custom_op():
     assert _fused_op.needs_dispatcher((x,))  # a fake tensor outside its mode: by its type
 
 
-def test_plain_calls_take_the_eager_door():
+def test_plain_calls_take_the_eager_door(monkeypatch):
     x = torch.empty(1, device=DEVICE)
     assert not _fused_op.needs_dispatcher((x, torch.nn.Parameter(x), 3, None, torch.float32))
+    monkeypatch.setenv("EPBAN_FUSED_OPS_EAGER_DOOR", "0")  # the switch: every call through the custom op
+    assert _fused_op.needs_dispatcher((x,))
+    monkeypatch.delenv("EPBAN_FUSED_OPS_EAGER_DOOR")
     seen = []
     torch.vmap(lambda t: seen.append(_fused_op.needs_dispatcher((t,))) or t)(torch.ones(2, 3))
     assert seen == [True]  # functorch's batched tensors must see the custom op's rules

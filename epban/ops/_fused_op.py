@@ -17,11 +17,14 @@ A call goes through the dispatcher (``op``) when anything may be watching or tra
 - a TorchDispatchMode being active (FakeTensorMode, FlopCounterMode, ...);
 - a functorch transform (vmap, grad) being active;
 - a tensor subclass being among the arguments (fake or functional tensors).
-Otherwise the ``autograd.Function`` runs, with the same values. An op without an autograd
+Otherwise the ``autograd.Function`` runs, with the same values. ``EPBAN_FUSED_OPS_EAGER_DOOR=0``
+sends every call through the custom op, as before the eager door existed. An op without an autograd
 formula (a backward helper) runs its implementation directly, unless an input requires grad.
 Then the dispatcher takes it, so that a backward through it raises as the custom op does.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -36,6 +39,8 @@ def _functorch_active() -> bool:
 def needs_dispatcher(args) -> bool:
     """Whether a call with ``args`` must go through the custom op (see the module docstring)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _functorch_active():
+        return True
+    if os.environ.get("EPBAN_FUSED_OPS_EAGER_DOOR") == "0":
         return True
     return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)
 
