@@ -1,6 +1,7 @@
 """Host time of a fused op's call, forward + backward, by the door it takes (epban.ops._fused_op).
 
-"dispatcher" forces the torch.library custom op, as torch.compile sees it. "eager" is the
+"dispatcher" forces the torch.library custom op (``EPBAN_FUSED_OPS_EAGER_DOOR=0``), as
+torch.compile sees it. "eager" is the
 autograd.Function that eager calls take. Both run the same checks, allocations and autograd
 bookkeeping. The Triton launch is replaced by a stub that only allocates the outputs, so the
 rows time the Python around the kernel: what an eager step, not captured in a CUDA graph, pays
@@ -26,7 +27,7 @@ import torch
 import epban.ops.bias_act as bias_act_ops
 import epban.ops.max_pool as max_pool_ops
 import epban.ops.normalise as normalise_ops
-from epban.ops import _fused_op
+from epban.ops._fused_op import EAGER_DOOR_VARIABLE
 
 OPS = ["normalise", "bias_act", "bias_relu_max_pool2d"]
 KERNEL_MODULES = ["bias_act", "max_pool", "normalise", "deform_conv", "axial_attention"]
@@ -99,12 +100,9 @@ def make_step(op):
     return lambda: torch.autograd.grad(forward(), x, upstream)
 
 
-_NEEDS_DISPATCHER = _fused_op.needs_dispatcher
-
-
-def _force(patch, door):
-    """Every call through the custom op ("dispatcher"), or the usual rule ("eager")."""
-    patch(_fused_op, "needs_dispatcher", (lambda args: True) if door == "dispatcher" else _NEEDS_DISPATCHER)
+def _door_switch(door) -> str:
+    """The value of EPBAN_FUSED_OPS_EAGER_DOOR that sends the calls through ``door``."""
+    return "0" if door == "dispatcher" else "1"
 
 
 @pytest.mark.parametrize("door", DOORS)
@@ -112,7 +110,7 @@ def _force(patch, door):
 def test_op_overhead(benchmark, monkeypatch, op, door):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _stub_launches(monkeypatch.setattr)
-    _force(monkeypatch.setattr, door)
+    monkeypatch.setenv(EAGER_DOOR_VARIABLE, _door_switch(door))
     benchmark.group = f"host time per fwd+bwd call: {op}"
     benchmark.pedantic(make_step(op), rounds=200, warmup_rounds=20)
 
@@ -121,12 +119,12 @@ def test_op_overhead(benchmark, monkeypatch, op, door):
 def test_loss_step_overhead(benchmark, monkeypatch, door):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _stub_kernels(monkeypatch.setattr)
-    _force(monkeypatch.setattr, door)
+    monkeypatch.setenv(EAGER_DOOR_VARIABLE, _door_switch(door))
     benchmark.group = "host time per eager loss step (1x3x32x32, kernels stubbed)"
     benchmark.pedantic(make_loss_step(), rounds=20, warmup_rounds=3)
 
 
-def paired_medians_us(step, patch, reps=400) -> dict:
+def paired_medians_us(step, reps=400) -> dict:
     """Median us of ``step()`` through each door, the doors alternating call by call so that
     both see the same machine (this VM's speed drifts by 2x between runs)."""
     times = {door: [] for door in DOORS}
@@ -134,7 +132,7 @@ def paired_medians_us(step, patch, reps=400) -> dict:
         step()
     for _ in range(reps):
         for door in DOORS:
-            _force(patch, door)
+            os.environ[EAGER_DOOR_VARIABLE] = _door_switch(door)
             start = time.perf_counter()
             step()
             times[door].append(time.perf_counter() - start)
@@ -144,15 +142,12 @@ def paired_medians_us(step, patch, reps=400) -> dict:
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"
 
-    def patch(module, name, value):
-        setattr(module, name, value)
-
-    _stub_launches(patch)
+    _stub_launches(setattr)
     print("| fwd + bwd, kernels stubbed (host time, median) | dispatcher (custom op) | eager (autograd.Function) |")
     print("|---|---|---|")
     for op in OPS:
-        us = paired_medians_us(make_step(op), patch)
+        us = paired_medians_us(make_step(op))
         print(f"| {op} | {us['dispatcher']:.0f} us | {us['eager']:.0f} us |")
-    _stub_kernels(patch)
-    ms = {door: us / 1e3 for door, us in paired_medians_us(make_loss_step(), patch, reps=40).items()}
+    _stub_kernels(setattr)
+    ms = {door: us / 1e3 for door, us in paired_medians_us(make_loss_step(), reps=40).items()}
     print(f"| loss step, tiny network, 1x3x32x32 | {ms['dispatcher']:.2f} ms | {ms['eager']:.2f} ms |")

@@ -71,7 +71,7 @@ def test_eager_and_dispatcher_paths_agree(monkeypatch, case):
     autograd.Function, the forced dispatcher call's the custom op's."""
     seed = int(torch.randint(0, 2**20, ()).item())
     eager_out, eager_grads, eager_node = _run(case, seed)
-    monkeypatch.setattr(_fused_op, "needs_dispatcher", lambda args: True)
+    monkeypatch.setenv(_fused_op.EAGER_DOOR_VARIABLE, "0")  # every call through the custom op
     op_out, op_grads, op_node = _run(case, seed)
     assert eager_node.startswith("Eager_epban_"), eager_node
     assert op_node.startswith("GeneratedBackwardFor_epban_"), op_node
@@ -96,9 +96,9 @@ def test_fake_tensors_take_the_custom_op():
 def test_plain_calls_take_the_eager_door(monkeypatch):
     x = torch.empty(1, device=DEVICE)
     assert not _fused_op.needs_dispatcher((x, torch.nn.Parameter(x), 3, None, torch.float32))
-    monkeypatch.setenv("EPBAN_FUSED_OPS_EAGER_DOOR", "0")  # the switch: every call through the custom op
+    monkeypatch.setenv(_fused_op.EAGER_DOOR_VARIABLE, "0")  # the switch: every call through the custom op
     assert _fused_op.needs_dispatcher((x,))
-    monkeypatch.delenv("EPBAN_FUSED_OPS_EAGER_DOOR")
+    monkeypatch.delenv(_fused_op.EAGER_DOOR_VARIABLE)
     seen = []
     torch.vmap(lambda t: seen.append(_fused_op.needs_dispatcher((t,))) or t)(torch.ones(2, 3))
     assert seen == [True]  # functorch's batched tensors must see the custom op's rules

@@ -29,6 +29,7 @@ import os
 import torch
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+EAGER_DOOR_VARIABLE = "EPBAN_FUSED_OPS_EAGER_DOOR"  # "0": every call through the custom op
 
 
 def _functorch_active() -> bool:
@@ -40,7 +41,7 @@ def needs_dispatcher(args) -> bool:
     """Whether a call with ``args`` must go through the custom op (see the module docstring)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _functorch_active():
         return True
-    if os.environ.get("EPBAN_FUSED_OPS_EAGER_DOOR") == "0":
+    if os.environ.get(EAGER_DOOR_VARIABLE) == "0":
         return True
     return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)
 
@@ -68,11 +69,8 @@ class FusedOp:
             setup_context(ctx, args, output)
             return output
 
-        def function_backward(ctx, *grads):
-            return backward(ctx, *grads)
-
         self.function = type(f"Eager_{self.name.replace('::', '_')}", (torch.autograd.Function,),
-                             {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
+                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
         if needs_dispatcher(args):
