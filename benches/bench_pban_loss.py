@@ -80,7 +80,9 @@ def make_variant(name: str, model: EfficientPBAN):
     # its one-tile kernels would serve (CONFIG single_tile; set around each call, so in a graph
     # variant around the capture, which runs forward and backward); "dispatcher": every fused op
     # called through its torch.library custom op, as before eager calls took an autograd.Function
-    # (epban.ops._fused_op; matters in eager variants, where the host issues each call).
+    # (epban.ops._fused_op; matters in eager variants, where the host issues each call);
+    # "triton-launch": every Triton launch through Triton's own launch path instead of epban's
+    # (EPBAN_TRITON_FAST_LAUNCH=0, epban.kernels.launch; also host time, eager variants).
     scorer = pban_for_loss(model, dtype=dtype, cuda_graph=_graphed(name), fp32_precision=precision,
                            fused_epilogue="unfused-epilogue" not in name,
                            batch_gates="separate-gates" not in name,
@@ -92,19 +94,30 @@ def make_variant(name: str, model: EfficientPBAN):
     if "looped-attention" in name.split():
         run = _with_axial_config(run, single_tile=False)
     if "dispatcher" in name.split():
-        run = _through_dispatcher(run)
+        from epban.ops._fused_op import EAGER_DOOR_VARIABLE
+
+        run = _with_environment(run, EAGER_DOOR_VARIABLE, "0")
+    if "triton-launch" in name.split():
+        run = _with_environment(run, "EPBAN_TRITON_FAST_LAUNCH", "0")
     return run, scorer
 
 
-def _through_dispatcher(f):
-    """f, marked to run its whole step (forward and backward, see loss_step) with the eager
-    door off: every fused op's call through its custom op."""
-    from epban.ops._fused_op import EAGER_DOOR_VARIABLE
+def _with_environment(f, variable, value):
+    """f, marked to run its whole step (forward and backward, see loss_step) with the
+    environment variable set (a switch read on every call): "dispatcher" sends every fused op's
+    call through its custom op, "triton-launch" every launch through Triton's own path."""
+    outer = getattr(f, "step_context", contextlib.nullcontext)
 
     def run(sr, hr):
         return f(sr, hr)
 
-    run.step_context = lambda: mock.patch.dict(os.environ, {EAGER_DOOR_VARIABLE: "0"})
+    def step_context():
+        stack = contextlib.ExitStack()
+        stack.enter_context(outer())
+        stack.enter_context(mock.patch.dict(os.environ, {variable: value}))
+        return stack
+
+    run.step_context = step_context
     return run
 
 

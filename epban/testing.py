@@ -1,6 +1,9 @@
 """Helpers shared by the tests, benchmarks and GPU checks."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 
@@ -51,3 +54,106 @@ def ssim_implementations(on_missing=None) -> dict:
     except ImportError:
         on_missing and on_missing("kornia")
     return impls
+
+
+class StandInCudaDriver:
+    """A Triton driver for machines without a GPU: kernels compile for an H100 (sm_90) through
+    Triton's whole pipeline, and each launch is handed to ``record(function, grid, args)``
+    instead of the GPU (``function`` is a distinct object per compiled kernel). Lets the CPU
+    test and time everything Triton does on the host around a launch."""
+
+    def __init__(self, record=None):
+        self.record = record
+        driver = self
+
+        class Utils:
+            def load_binary(self, name, kernel, shared, device):
+                return object(), object(), 0, 0, 1024  # module, function, registers, spills, max threads
+
+            def get_device_properties(self, device):
+                return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                        "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter_hook,
+                         exit_hook, *args):
+                if driver.record is not None:
+                    driver.record(function, (grid_x, grid_y, grid_z), args)
+
+        self.utils = Utils()
+        self.launcher_cls = Launcher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+KERNEL_MODULES = ("layout", "bias_act", "max_pool", "normalise", "deform_conv", "axial_attention")
+
+
+@contextlib.contextmanager
+def compiled_kernels_without_gpu(record=None):
+    """Inside: ``epban.kernels.*`` are compiled (not interpreted) Triton kernels on the
+    ``StandInCudaDriver``; CPU tensors stand for the GPU's. The modules are fresh copies loaded
+    with TRITON_INTERPRET=0 (Triton decides interpretation when a kernel is defined); on exit the
+    interpreted modules, the environment and Triton's driver are put back. Compiling needs no
+    GPU: the first launch of each kernel takes seconds, later runs read Triton's cache."""
+    import importlib
+    import importlib.util
+    import sys
+
+    import triton.language as tl
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(tl.standard.sigmoid, JITFunction):
+        raise RuntimeError("Triton was imported under TRITON_INTERPRET=1 in this process, so its own library "
+                           "functions are interpreted and nothing can be compiled: use a process without it")
+    package = importlib.import_module("epban.kernels")
+    names = [f"epban.kernels.{n}" for n in KERNEL_MODULES]
+    saved_modules = {n: sys.modules.get(n) for n in names}
+    saved_attrs = {n: package.__dict__.get(n) for n in KERNEL_MODULES}
+    saved_interpret = os.environ.get("TRITON_INTERPRET")
+    saved_driver = driver._active
+    driver.set_active(StandInCudaDriver(record))
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        for short, name in zip(KERNEL_MODULES, names):
+            spec = importlib.util.find_spec(name)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # the next modules' imports of it find this copy
+            spec.loader.exec_module(module)
+            setattr(package, short, module)
+        yield
+    finally:
+        driver._active = saved_driver
+        if saved_interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_interpret
+        for name, module in saved_modules.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        for short, module in saved_attrs.items():
+            if module is None:
+                package.__dict__.pop(short, None)
+            else:
+                setattr(package, short, module)

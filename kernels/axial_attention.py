@@ -67,6 +67,22 @@ spend 10 (3 in the forward: S for the moments, S and v A for lse and out; 7 in t
 backward: S, dA, dv; S, dA, dq, dk). Bytes: q, k, v (and
 g) read a few times each, out / dq / dk / dv written once and re-read once by the
 column pass; no L x L traffic; saved state 2 * 4 bytes per pixel and direction.
+Without stored logits no schedule spends fewer than 8 products: the forward needs S twice
+(sigma needs every logit before any softmax), the backward S, dA, dv, dq and dk. At 8
+products and the H100 SXM's peak rates (67 TFLOPS plain float32, 165 effective for tf32x3's
+three TF32 products, 495 TF32, 990 bf16), fwd + bwd of both directions takes at least:
+
+    (B, C, H, W)       GFLOP   ieee fp32   tf32x3    tf32      bf16
+    16, 256, 16, 16     1.07   0.016 ms   0.007 ms  0.002 ms  0.001 ms
+    1, 256, 64, 64      4.3    0.064      0.026     0.009     0.004
+    1, 256, 128, 128   34.4    0.51       0.21      0.07      0.035
+    1, 256, 135, 240   99.5    1.49       0.60      0.20      0.10
+
+So a float32-accurate result (ieee or tf32x3) cannot reach 0.30 ms at 128x128 or 0.50 ms at
+135x240 on that card, at any efficiency; only TF32 (~1e-3 relative) or half-precision dots
+can. Storing the logits (6 products) would need 97 MB of float32 logits at 135x240 for the two
+directions, more than a quarter of the reference's peak memory. Small maps are bound by host
+launch cost and latency, not by these floors.
 
 float32 dots use ``input_precision`` ("ieee" by default: plain fp32 FMAs, matching the
 reference to ~1e-7 relative; "tf32x3" or "tf32" trade accuracy for tensor-core speed).
@@ -90,6 +106,7 @@ import torch
 import triton
 import triton.language as tl
 
+from epban.kernels.launch import launch
 from epban.ops._checks import is_channels_last  # noqa: F401 (the ops module calls it from here too)
 
 SIGMA_EPS = 1e-6
@@ -850,25 +867,25 @@ def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, confi
     qt0, qt1 = _pair(qts)
     kt0, kt1 = _pair(kts)
     o0, o1 = _pair(outs)
-    _axial_fwd_stats_kernel[(plan.n_progs, ndir)](
+    launch(_axial_fwd_stats_kernel, (plan.n_progs, ndir),
         q0, k0, q1, k1, qt0, kt0, qt1, kt1, part, C, H, W, *strides, plan.n_row, plan.n_progs, **plan.both())
     if plan.single_tile:
         for pass_, block, n, _, accumulate in plan.passes():
             q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
-            _axial_fwd_single_kernel[(n, ndir)](
+            launch(_axial_fwd_single_kernel, (n, ndir),
                 q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, part, stats, lse, B, C, H, W, *strides, plan.NG,
                 plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample, accumulate,
                 PASS=pass_, BLOCK=block, BLOCK_P=plan.block_p, **plan.tiles())
         return outs, lse, stats
-    _axial_fwd_sigma_kernel[(ndir * 2 * plan.NG,)](
+    launch(_axial_fwd_sigma_kernel, (ndir * 2 * plan.NG,),
         part, stats, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample,
         BLOCK_P=1024, ACC=plan.acc, num_warps=4)
-    _axial_fwd_lse_kernel[(plan.n_progs, ndir)](
+    launch(_axial_fwd_lse_kernel, (plan.n_progs, ndir),
         q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats, lse, B, C, H, W, *strides, plan.NG, plan.n_row, plan.sample,
         **plan.both())
     for pass_, block, n, _, accumulate in plan.passes():
         q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
-        _axial_fwd_out_kernel[(n, ndir)](
+        launch(_axial_fwd_out_kernel, (n, ndir),
             q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, stats, lse, B, C, H, W, *strides, plan.NG, plan.sample,
             accumulate, PASS=pass_, BLOCK=block, **plan.tiles())
     return outs, lse, stats
@@ -903,7 +920,7 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     col_in = tuple(plan.col_inputs(ts) for ts in row_in)
     for pass_, block, n, first, accumulate in plan.passes():
         q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
-        _axial_bwd_dv_kernel[(n, ndir)](
+        launch(_axial_bwd_dv_kernel, (n, ndir),
             q_[0], k_[0], v_[0], g_[0], dv0, q_[-1], k_[-1], v_[-1], g_[-1], dv1, stats, lse, drow, dpart, first,
             B, C, H, W, *strides, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_,
             BLOCK=block,
@@ -911,14 +928,14 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
     if plan.single_tile:
         for pass_, block, n, _, accumulate in plan.passes() if need_q or need_k else ():
             q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
-            _axial_bwd_single_dqk_kernel[(n, ndir)](
+            launch(_axial_bwd_single_dqk_kernel, (n, ndir),
                 q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, lse, drow,
                 dpart, B, C, H, W, *strides, plan.NG, plan.n_row, plan.n_progs, plan.per_row, plan.per_col,
                 SIGMA_EPS, plan.sample, accumulate, need_q, need_k, PASS=pass_, BLOCK=block, BLOCK_P=plan.block_p,
                 **common)
         return dqs, dks, dvs
     omega = torch.empty((ndir, 2, plan.NG), dtype=plan.acc_torch, device=dev)
-    _axial_bwd_omega_kernel[(ndir * 2 * plan.NG,)](
+    launch(_axial_bwd_omega_kernel, (ndir * 2 * plan.NG,),
         dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
         plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)
     for pass_, block, n, _, accumulate in plan.passes():
@@ -926,7 +943,7 @@ def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="iee
         for is_dk, needed in ((False, need_q), (True, need_k)):
             if not needed:
                 continue
-            _axial_bwd_dqk_kernel[(n, ndir)](
+            launch(_axial_bwd_dqk_kernel, (n, ndir),
                 q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, omega, lse,
                 drow, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, IS_DK=is_dk,
                 PASS=pass_, BLOCK=block, **common)

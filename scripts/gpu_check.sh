@@ -3,10 +3,11 @@
 # builds the extension for the card, runs the CUDA tests, then each op's correctness-and-timing
 # script, and prints their tables last. The full check took 7.5 min on an H100 (2026-11-27); the
 # quick modes are each meant to fit a 5-minute call (a lease is 15 min in all, start included):
-#   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~3.5 min, no C++ build: the loss mode's Triton ops'
+#   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~4 min, no C++ build: the loss mode's Triton ops'
 #       CUDA tests, the new ops alone against PyTorch's (benches/bench_loss_ops.py), the loss in
 #       bf16 + graph with today's defaults at the four sizes, then with each loss-mode switch off
-#       in turn, A/B in one run, and the eager step with the fused ops' eager door and without)
+#       in turn, A/B in one run, the eager step with the fused ops' eager door and without and with
+#       Triton's own launch path, and eager calls through both launch paths (benches/bench_launch.py))
 #   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
 #       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
@@ -19,6 +20,9 @@ mkdir -p "$OUT"
 PY=${PY:-python3}
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
+# The CUDA tests check on every launch that epban's fast launch path hands the GPU the kernel
+# Triton itself would pick (epban.kernels.launch); the benchmarks time the fast path as shipped.
+TESTENV="env EPBAN_TRITON_FAST_LAUNCH=verify"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   # Competitors absent from the GPU image (pytorch-msssim, kornia), carried as wheels.
@@ -34,13 +38,13 @@ install_without_extension() {
 }
 
 if [ "${GPU_CHECK_QUICK:-}" = loss ]; then
-  # Timeouts add up to 520 s; it took 3.2 min on an H100 (2026-11-27), before the eager rows.
+  # Timeouts add up to 620 s; it took 3.2 min on an H100 (2026-11-27), before the eager and launch rows.
   install_without_extension
   step "CUDA tests: the loss mode's Triton ops (epilogues, residual-gradient sums, stem pool, input) and the loss mode"
-  timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_fused_op.py \
+  timeout 100 $TESTENV $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_fused_op.py \
     tests/test_normalise.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_loss_mode.py 2>&1 | tail -3
+  timeout 100 $TESTENV $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "the loss mode's new Triton ops alone against the PyTorch ops they replace"
   timeout 40 $PY benches/bench_loss_ops.py >"$OUT/loss_ops.md" 2>&1 || status=1
@@ -56,21 +60,27 @@ if [ "${GPU_CHECK_QUICK:-}" = loss ]; then
     >>"$OUT/loss.md" 2>&1 || status=1
   timeout 50 $PY benches/bench_pban_loss.py --sizes 1x2048x2048 --variants "loss bf16 graph,$all_off" \
     >>"$OUT/loss.md" 2>&1 || status=1
-  step "loss, bf16 eager (no graph): the fused ops' eager door against their custom ops (host time)"
-  timeout 60 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
-    --variants "loss bf16,loss bf16 dispatcher" >>"$OUT/loss.md" 2>&1 || status=1
+  step "loss, bf16 eager (no graph): the fused ops' eager door and epban's launch path against their absence (host time)"
+  timeout 70 $PY benches/bench_pban_loss.py --sizes 16x256x256,1x1024x1024 \
+    --variants "loss bf16,loss bf16 dispatcher,loss bf16 triton-launch" >>"$OUT/loss.md" 2>&1 || status=1
+  step "eager calls, Triton's launch path against epban's (alternating)"
+  timeout 90 $PY benches/bench_launch.py >"$OUT/launch.md" 2>&1 || status=1
   step "tables"
   grep -E "^\| (stem|input)" "$OUT/loss_ops.md"
   grep -E "^\| [0-9]" "$OUT/loss.md"
+  grep -E "^\| " "$OUT/launch.md"
   exit $status
 fi
 
 if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   install_without_extension
   step "axial CUDA tests"
-  timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
+  timeout 150 $TESTENV $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
     | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "eager calls, Triton's launch path against epban's (alternating)"
+  timeout 90 $PY benches/bench_launch.py >"$OUT/launch.md" 2>&1 || status=1
+  grep -E "^\| " "$OUT/launch.md"
   step "axial profile + tile sweep"
   timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
   step "tables"
@@ -90,9 +100,9 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   # A short lease: the tests of the ops that changed last, the SSIM check, the loss's bf16
   # rows with each loss-mode switch off and on (A/B in one run), and the loss profile.
   step "CUDA tests (SSIM, bias_act, loss mode)"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py tests/test_fused_op.py 2>&1 | tail -3
+  timeout 120 $TESTENV $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py tests/test_fused_op.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 120 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py tests/test_loss_mode.py 2>&1 | tail -3
+  timeout 120 $TESTENV $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "ssim_gpu_check"
   timeout 90 $PY scripts/ssim_gpu_check.py >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
@@ -117,9 +127,9 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
 fi
 
 step "CUDA tests"
-timeout 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
+timeout 180 $TESTENV $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py tests/test_fused_op.py 2>&1 | tail -3  # on CUDA there
+timeout 60 $TESTENV $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py tests/test_max_pool.py tests/test_normalise.py tests/test_fused_op.py 2>&1 | tail -3  # on CUDA there
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for check in ssim_gpu_check axial_gpu_check pban_gpu_check; do

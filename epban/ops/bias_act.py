@@ -80,12 +80,13 @@ def _launch(y, bias, residual, relu):
     import triton
 
     from epban.kernels.bias_act import bias_act_kernel
+    from epban.kernels.launch import launch
 
     out = torch.empty_like(y)  # same dense layout as y
     numel = y.numel()
     if numel:
         channels_last = is_channels_last(y)
-        bias_act_kernel[(triton.cdiv(numel, _BLOCK),)](
+        launch(bias_act_kernel, (triton.cdiv(numel, _BLOCK),),
             y, bias.contiguous(), y if residual is None else residual, out, numel, y.shape[1],
             y.shape[2] * y.shape[3], CHANNELS_LAST=channels_last, HAS_RESIDUAL=residual is not None, RELU=relu,
             BLOCK=_BLOCK, num_warps=4,
@@ -150,11 +151,13 @@ def _launch_relu_grad_sum(grad, other, out):
     import triton
 
     from epban.kernels.bias_act import relu_grad_sum_kernel
+    from epban.kernels.launch import launch
 
     res = torch.empty_like(grad)
     numel = grad.numel()
     if numel:
-        relu_grad_sum_kernel[(triton.cdiv(numel, _BLOCK),)](grad, other, out, res, numel, BLOCK=_BLOCK, num_warps=4)
+        launch(relu_grad_sum_kernel, (triton.cdiv(numel, _BLOCK),), grad, other, out, res, numel, BLOCK=_BLOCK,
+               num_warps=4)
     return res
 
 

@@ -296,6 +296,7 @@ def _out_like(x, channels, dtype):
 
 def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
     from epban.kernels.deform_conv import mbdc_fwd_kernel
+    from epban.kernels.launch import launch
 
     b, c, h, w = x.shape
     nb, ob = len(kernel_sizes), weight.shape[-1]
@@ -304,7 +305,7 @@ def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
     (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
     n_pblocks = triton.cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b, triton.cdiv(ob, block_o))
-    mbdc_fwd_kernel[grid](
+    launch(mbdc_fwd_kernel, grid,
         x, offsets, weight, bias, out, ks, tap0, order,
         c, h, w, ob, n_pblocks,
         *_strides(x), *_strides(offsets), *_strides(out),
@@ -316,6 +317,7 @@ def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
 
 def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
     from epban.kernels.deform_conv import mbdc_bwd_data_kernel
+    from epban.kernels.launch import launch
 
     b, c, h, w = x.shape
     nb, ob = len(kernel_sizes), weight.shape[-1]
@@ -325,7 +327,7 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
     (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
     n_pblocks = triton.cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b)
-    mbdc_bwd_data_kernel[grid](
+    launch(mbdc_bwd_data_kernel, grid,
         x, offsets, weight, grad, grad_x, grad_off, ks, tap0, order,
         c, h, w, ob, n_pblocks,
         *_strides(x), *_strides(offsets), *_strides(grad), *_strides(grad_off),
@@ -338,6 +340,7 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
 
 def _launch_backward_weight(grad, x, offsets, weight, kernel_sizes, precision):
     from epban.kernels.deform_conv import mbdc_bwd_weight_kernel
+    from epban.kernels.launch import launch
 
     b, c, h, w = x.shape
     ob = weight.shape[-1]
@@ -347,7 +350,7 @@ def _launch_backward_weight(grad, x, offsets, weight, kernel_sizes, precision):
     # fp32 (FMA) tiles need 8 warps at 32 pixels to stay within registers; bf16 fits 64 in 4.
     block_p, warps = (32, 8) if x.dtype == torch.float32 else (_BLOCK_P, 4)
     grid = (weight.shape[0], triton.cdiv(c, _block_c(c)), triton.cdiv(ob, block_o))
-    mbdc_bwd_weight_kernel[grid](
+    launch(mbdc_bwd_weight_kernel, grid,
         x, offsets, grad, grad_w, ks, tap0, tap_branch,
         b, c, h, w, ob,
         *_strides(x), *_strides(offsets), *_strides(grad),
