@@ -78,9 +78,6 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
   timeout 150 $TESTENV $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_axial_attention.py 2>&1 \
     | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  step "eager calls, Triton's launch path against epban's (alternating)"
-  timeout 90 $PY benches/bench_launch.py >"$OUT/launch.md" 2>&1 || status=1
-  grep -E "^\| " "$OUT/launch.md"
   step "axial profile + tile sweep"
   timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
   step "tables"
