@@ -22,7 +22,8 @@ the CUDA tests that way; ``tests/test_launch.py`` checks it on the CPU with a st
 What the fast path leaves out: Triton's check that the kernel's global constants have not
 changed since compilation (epban's kernels read none that change), ``TRITON_DEBUG`` switched on
 after the first launch, and launch hooks: while one is set (a profiler such as proton), every
-call takes Triton's path. ``EPBAN_TRITON_FAST_LAUNCH=0`` takes Triton's path every time. Under
+call takes Triton's path. So do calls that torch.compile traces (the axial attention's
+autograd.Function): Dynamo records ``kernel[grid](...)`` in its graph. ``EPBAN_TRITON_FAST_LAUNCH=0`` takes Triton's path every time. Under
 ``TRITON_INTERPRET=1`` kernels are interpreted functions, not compiled ones: Triton's path.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from triton.runtime.jit import JITFunction
 FAST_LAUNCH_VARIABLE = "EPBAN_TRITON_FAST_LAUNCH"  # "1" (default), "0", or "verify"
 
 _Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
 _MAX_SITES = 4096  # distinct keys kept; beyond that the cache starts again
 _sites: dict = {}
 
@@ -106,6 +108,8 @@ def _site_for(kernel: JITFunction, compiled, args, meta):
 def launch(kernel, grid, *args, **meta):
     """``kernel[grid](*args, **meta)``, from the second call with the same specialisation on
     without Triton's binding and lookup (module docstring)."""
+    if _is_compiling():  # torch.compile traces kernel[grid](...) into its graph, not this function
+        return kernel[grid](*args, **meta)
     mode = os.environ.get(FAST_LAUNCH_VARIABLE, "1")
     if mode == "0" or not isinstance(kernel, JITFunction) or not _hooks_idle():
         return kernel[grid](*args, **meta)

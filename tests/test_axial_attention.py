@@ -629,6 +629,22 @@ def test_cuda_auto_uses_the_fused_kernels(monkeypatch, warm_cuda_kernels):
     assert not ops._FUSED_FAILED
 
 
+@cuda
+@needs_gpu
+def test_cuda_dynamo_traces_the_kernel_launches(warm_cuda_kernels):
+    """torch.compile traces the fused forward with its Triton launches in one graph: the
+    launches go through epban.kernels.launch, which hands Dynamo kernel[grid](...) to record
+    (Dynamo recognises Triton kernels only where CUDA is available, so only here)."""
+    q, k, v = _qkv((2, 8, 5, 7), torch.float32, "cuda")
+
+    def forward(a, b, c):
+        with torch.no_grad():
+            return ops._AxialFunction.apply("sample", "ieee", a, b, c)[0]
+
+    compiled = torch.compile(forward, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), axial_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- compiled for a GPU, without one
 
 _COMPILE_SCRIPT = r"""
