@@ -26,7 +26,7 @@ from epban.testing import compiled_kernels_without_gpu
 
 PATHS = {"triton": "0", "fast": "1"}  # values of EPBAN_TRITON_FAST_LAUNCH
 CASES = ["axial one-tile 16x256x16x16 bf16", "axial loop 1x256x64x64 fp32", "bias_act 1x64x32x32",
-         "one launch (axial stats kernel)"]
+         "one launch (axial stats kernel)", "loss step, tiny network, 1x3x32x32"]
 
 
 def make_step(case, device="cpu"):
@@ -37,6 +37,12 @@ def make_step(case, device="cpu"):
     from epban.ops.axial_attention import _AxialFunction
 
     torch.manual_seed(0)
+    if case.startswith("loss step"):
+        # the eager loss mode, every fused path forced (benches/bench_op_overhead.py); on CPU
+        # tensors its convolutions run for real, the same in both columns
+        from bench_op_overhead import make_loss_step
+
+        return make_loss_step(device)
     if case.startswith("axial"):
         shape, dtype = ((16, 256, 16, 16), torch.bfloat16) if "one-tile" in case else ((1, 256, 64, 64), torch.float32)
         ts = [torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()

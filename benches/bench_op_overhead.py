@@ -63,14 +63,15 @@ def _stub_kernels(patch):
                 patch(module, attr, Stub())
 
 
-def make_loss_step():
-    """One eager loss-mode step on the CPU with every fused path forced (kernels stubbed)."""
+def make_loss_step(device="cpu"):
+    """One eager loss-mode step with every fused path forced (here: on the CPU, kernels stubbed;
+    benches/bench_launch.py: compiled kernels on a stand-in driver, or a GPU)."""
     from epban import EfficientPBAN, PBANConfig
     from epban.models.loss_mode import ConvReLU, EpilogueBasicBlock, pban_for_loss
 
     torch.manual_seed(0)
     torch.set_flush_denormal(True)  # stubbed outputs are uninitialised memory
-    model = EfficientPBAN(PBANConfig.tiny()).eval()
+    model = EfficientPBAN(PBANConfig.tiny()).eval().to(device)
     scorer = pban_for_loss(model, dtype=torch.float32)
     for m in scorer.modules():
         if isinstance(m, (ConvReLU, EpilogueBasicBlock)):
@@ -78,7 +79,7 @@ def make_loss_step():
     for gmdc in (scorer.model.block2.br1, scorer.model.block2.br2):
         gmdc.backend = "fused"
     scorer.model.block2.attention_backend = "fused"
-    hr = torch.rand(1, 3, 32, 32)
+    hr = torch.rand(1, 3, 32, 32, device=device)
     sr = hr.clone().requires_grad_()
     return lambda: torch.autograd.grad(scorer(sr, hr).sum(), sr)
 

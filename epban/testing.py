@@ -110,7 +110,8 @@ KERNEL_MODULES = ("layout", "bias_act", "max_pool", "normalise", "deform_conv", 
 @contextlib.contextmanager
 def compiled_kernels_without_gpu(record=None):
     """Inside: ``epban.kernels.*`` are compiled (not interpreted) Triton kernels on the
-    ``StandInCudaDriver``; CPU tensors stand for the GPU's. The modules are fresh copies loaded
+    ``StandInCudaDriver``; CPU tensors stand for the GPU's (the ops' availability checks take
+    them as CUDA tensors). The modules are fresh copies loaded
     with TRITON_INTERPRET=0 (Triton decides interpretation when a kernel is defined); on exit the
     interpreted modules, the environment and Triton's driver are put back. Compiling needs no
     GPU: the first launch of each kernel takes seconds, later runs read Triton's cache."""
@@ -125,14 +126,19 @@ def compiled_kernels_without_gpu(record=None):
     if not isinstance(tl.standard.sigmoid, JITFunction):
         raise RuntimeError("Triton was imported under TRITON_INTERPRET=1 in this process, so its own library "
                            "functions are interpreted and nothing can be compiled: use a process without it")
+    import epban.ops._checks as checks
+
     package = importlib.import_module("epban.kernels")
     names = [f"epban.kernels.{n}" for n in KERNEL_MODULES]
     saved_modules = {n: sys.modules.get(n) for n in names}
     saved_attrs = {n: package.__dict__.get(n) for n in KERNEL_MODULES}
     saved_interpret = os.environ.get("TRITON_INTERPRET")
     saved_driver = driver._active
+    saved_check = checks.triton_interpret
     driver.set_active(StandInCudaDriver(record))
     os.environ["TRITON_INTERPRET"] = "0"
+    # the ops' availability checks take CPU tensors as they take CUDA ones (they stand for them)
+    checks.triton_interpret = lambda: True
     try:
         for short, name in zip(KERNEL_MODULES, names):
             spec = importlib.util.find_spec(name)
@@ -142,6 +148,7 @@ def compiled_kernels_without_gpu(record=None):
             setattr(package, short, module)
         yield
     finally:
+        checks.triton_interpret = saved_check
         driver._active = saved_driver
         if saved_interpret is None:
             os.environ.pop("TRITON_INTERPRET", None)
