@@ -8,6 +8,17 @@ from epban._extension import check_backend, triton_available, triton_interpret
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Host-side grid arithmetic. triton.cdiv and triton.next_power_of_2 are Triton constexpr
+# functions: called from Python they cost 3-5 us each (Triton 3.6-3.8), several per launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length()
+
+
 def check_nchw_float(name: str, t) -> None:
     """``t`` must be a 4-D (B, C, H, W) floating-point tensor."""
     if not isinstance(t, torch.Tensor):

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from epban.ops._checks import check_nchw_float, fused_triton_available, is_channels_last
+from epban.ops._checks import cdiv, check_nchw_float, fused_triton_available, is_channels_last
 from epban.ops._fused_op import fused_op
 
 _BLOCK = 2048
@@ -77,8 +77,6 @@ def bias_act(y, bias, residual=None, *, relu=True, backend="auto"):
 
 
 def _launch(y, bias, residual, relu):
-    import triton
-
     from epban.kernels.bias_act import bias_act_kernel
     from epban.kernels.launch import launch
 
@@ -86,7 +84,7 @@ def _launch(y, bias, residual, relu):
     numel = y.numel()
     if numel:
         channels_last = is_channels_last(y)
-        launch(bias_act_kernel, (triton.cdiv(numel, _BLOCK),),
+        launch(bias_act_kernel, (cdiv(numel, _BLOCK),),
             y, bias.contiguous(), y if residual is None else residual, out, numel, y.shape[1],
             y.shape[2] * y.shape[3], CHANNELS_LAST=channels_last, HAS_RESIDUAL=residual is not None, RELU=relu,
             BLOCK=_BLOCK, num_warps=4,
@@ -148,15 +146,13 @@ def relu_grad_sum(grad, other, out, *, backend="auto"):
 
 
 def _launch_relu_grad_sum(grad, other, out):
-    import triton
-
     from epban.kernels.bias_act import relu_grad_sum_kernel
     from epban.kernels.launch import launch
 
     res = torch.empty_like(grad)
     numel = grad.numel()
     if numel:
-        launch(relu_grad_sum_kernel, (triton.cdiv(numel, _BLOCK),), grad, other, out, res, numel, BLOCK=_BLOCK,
+        launch(relu_grad_sum_kernel, (cdiv(numel, _BLOCK),), grad, other, out, res, numel, BLOCK=_BLOCK,
                num_warps=4)
     return res
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from epban._extension import BACKENDS, triton_interpret
-from epban.ops._checks import fused_requested, triton_unavailable_reason
+from epban.ops._checks import cdiv, fused_requested, next_power_of_2, triton_unavailable_reason
 from epban.ops._fused_op import fused_op
 
 try:
@@ -252,11 +252,11 @@ def _pixel_tile(pixels: int, dtype=torch.float32) -> tuple[int, int]:
 
 def _block_c(c: int, compiled: int = _BLOCK_C) -> int:
     # The interpreter runs each tile op as one numpy call: fewer, wider tiles are faster there.
-    return max(16, min(128, triton.next_power_of_2(c))) if triton_interpret() else compiled
+    return max(16, min(128, next_power_of_2(c))) if triton_interpret() else compiled
 
 
 def _block_o(ob: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(ob)))
+    return max(16, min(64, next_power_of_2(ob)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,8 +303,8 @@ def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
     out = _out_like(x, nb * ob, x.dtype)
     ks, tap0, order, _ = _tables(kernel_sizes, x.device)
     (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
-    n_pblocks = triton.cdiv(h * w, block_p)
-    grid = (nb * n_pblocks, b, triton.cdiv(ob, block_o))
+    n_pblocks = cdiv(h * w, block_p)
+    grid = (nb * n_pblocks, b, cdiv(ob, block_o))
     launch(mbdc_fwd_kernel, grid,
         x, offsets, weight, bias, out, ks, tap0, order,
         c, h, w, ob, n_pblocks,
@@ -325,7 +325,7 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
     grad_off = torch.empty_like(offsets)
     ks, tap0, order, _ = _tables(kernel_sizes, x.device)
     (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
-    n_pblocks = triton.cdiv(h * w, block_p)
+    n_pblocks = cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b)
     launch(mbdc_bwd_data_kernel, grid,
         x, offsets, weight, grad, grad_x, grad_off, ks, tap0, order,
@@ -349,7 +349,7 @@ def _launch_backward_weight(grad, x, offsets, weight, kernel_sizes, precision):
     block_o = _block_o(ob)
     # fp32 (FMA) tiles need 8 warps at 32 pixels to stay within registers; bf16 fits 64 in 4.
     block_p, warps = (32, 8) if x.dtype == torch.float32 else (_BLOCK_P, 4)
-    grid = (weight.shape[0], triton.cdiv(c, _block_c(c)), triton.cdiv(ob, block_o))
+    grid = (weight.shape[0], cdiv(c, _block_c(c)), cdiv(ob, block_o))
     launch(mbdc_bwd_weight_kernel, grid,
         x, offsets, grad, grad_w, ks, tap0, tap_branch,
         b, c, h, w, ob,

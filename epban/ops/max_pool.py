@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from epban.ops._checks import (
+    cdiv,
     check_nchw_float,
     fused_triton_available,
     is_channels_last,
@@ -150,8 +151,6 @@ def max_pool2d_relu_grad(grad, other, out, argmax, input_size, kernel_size, stri
 
 
 def _launch_pool(y, bias, k, s, p):
-    import triton
-
     from epban.kernels.launch import launch
     from epban.kernels.max_pool import bias_relu_max_pool_kernel
 
@@ -162,7 +161,7 @@ def _launch_pool(y, bias, k, s, p):
     argmax = torch.empty(size, dtype=torch.int8, device=y.device, memory_format=memory_format(cl))
     numel = out.numel()
     if numel:
-        launch(bias_relu_max_pool_kernel, (triton.cdiv(numel, _BLOCK),),
+        launch(bias_relu_max_pool_kernel, (cdiv(numel, _BLOCK),),
             y, bias.contiguous(), out, argmax, numel, c, h, w, size[2], size[3], *y.stride(),
             CHANNELS_LAST=cl, K=k, S=s, P=p, INDEX_64=needs_int64_offsets(y, out, slack=_BLOCK), BLOCK=_BLOCK,
             num_warps=4)
@@ -170,8 +169,6 @@ def _launch_pool(y, bias, k, s, p):
 
 
 def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
-    import triton
-
     from epban.kernels.launch import launch
     from epban.kernels.max_pool import max_pool_relu_grad_kernel
 
@@ -185,7 +182,7 @@ def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
     res = torch.empty((n, c, h, w), dtype=out.dtype, device=out.device, memory_format=fmt)
     numel = res.numel()
     if numel:
-        launch(max_pool_relu_grad_kernel, (triton.cdiv(numel, _BLOCK),),
+        launch(max_pool_relu_grad_kernel, (cdiv(numel, _BLOCK),),
             grad, grad if other is None else other, out, argmax, res, numel, c, h, w, out.shape[2], out.shape[3],
             *out.stride(), CHANNELS_LAST=cl, HAS_OTHER=other is not None, K=k, S=s, P=p,
             INDEX_64=needs_int64_offsets(res, out, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from epban.ops._checks import (
+    cdiv,
     check_nchw_float,
     fused_triton_available,
     is_channels_last,
@@ -75,14 +76,12 @@ def normalise(x, mean, std, *, dtype=None, channels_last=False, backend="auto"):
 
 def _launch(src, mean, std, dst):
     """One pass of the kernel: dst = (src - mean) / std, or src / std when mean is None."""
-    import triton
-
     from epban.kernels.launch import launch
     from epban.kernels.normalise import normalise_kernel
 
     numel = dst.numel()
     if numel:
-        launch(normalise_kernel, (triton.cdiv(numel, _BLOCK),),
+        launch(normalise_kernel, (cdiv(numel, _BLOCK),),
             src, std if mean is None else mean, std, dst, numel, *dst.shape[1:], *src.stride(),
             HAS_MEAN=mean is not None, CHANNELS_LAST=is_channels_last(dst),
             INDEX_64=needs_int64_offsets(src, dst, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4)
