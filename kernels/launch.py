@@ -120,7 +120,10 @@ def launch(kernel, grid, *args, **meta):
     key.append(device)
     key += meta.items()
     key = tuple(key)
-    site = _sites.get(key)
+    try:
+        site = _sites.get(key)
+    except TypeError:  # an unhashable argument (a list): no key, Triton's path
+        return kernel[grid](*args, **meta)
     if site is None or site.kernel is not kernel:
         compiled = kernel[grid](*args, **meta)
         if hasattr(compiled, "result"):  # an asynchronous compilation's future
