@@ -67,7 +67,7 @@ def _arg_key(args) -> list:
 
 
 def _hooks_idle() -> bool:
-    """No launch hook is set (Triton 3.8 keeps empty hook chains rather than None)."""
+    """No launch hook is set (Triton 3.6-3.8 keep empty hook chains rather than None)."""
     rt = knobs.runtime
     return all(h is None or not getattr(h, "calls", True) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
