@@ -160,18 +160,6 @@ def test_specialisation_of_ints_and_alignment(monkeypatch, launches, numel):
 
 
 @inner
-def test_switched_off_keeps_no_sites(monkeypatch, launches):
-    from epban.kernels import launch as launch_module
-
-    monkeypatch.setattr(launch_module, "_sites", {})
-    monkeypatch.setenv(VARIABLE, "0")
-    step, _ = _elementwise_step()
-    step()
-    step()
-    assert launches and not launch_module._sites
-
-
-@inner
 def test_a_launch_hook_takes_tritons_path(monkeypatch, launches):
     """While a profiler's launch hook is set, every call goes through Triton (which runs it)."""
     from triton import knobs
@@ -199,29 +187,29 @@ def _noop(*args, **kwargs):
     pass
 
 
-@inner
-def test_unhashable_arguments_take_tritons_path(monkeypatch, launches):
-    from epban.kernels import launch as launch_module
+def _switched_off(monkeypatch, launch_module):
+    monkeypatch.setenv(VARIABLE, "0")
 
-    monkeypatch.setattr(launch_module, "_sites", {})
-    monkeypatch.setenv(VARIABLE, "1")
+
+def _unhashable_argument(monkeypatch, launch_module):
     real_key = launch_module._arg_key
     monkeypatch.setattr(launch_module, "_arg_key", lambda args: real_key(args) + [[]])  # as a list argument would
-    step, _ = _elementwise_step()
-    step()
-    step()
-    assert launches and not launch_module._sites
+
+
+def _traced_by_torch_compile(monkeypatch, launch_module):
+    # Dynamo must see kernel[grid](...) (it records Triton kernels in its graph), not the fast path
+    monkeypatch.setattr(launch_module, "_is_compiling", lambda: True)
 
 
 @inner
-def test_traced_calls_take_tritons_path(monkeypatch, launches):
-    """Under torch.compile, Dynamo must see kernel[grid](...) (it records Triton kernels in its
-    graph), not the fast path's Python."""
+@pytest.mark.parametrize("condition", [_switched_off, _unhashable_argument, _traced_by_torch_compile],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_calls_that_take_tritons_path_keep_no_sites(monkeypatch, launches, condition):
     from epban.kernels import launch as launch_module
 
     monkeypatch.setattr(launch_module, "_sites", {})
     monkeypatch.setenv(VARIABLE, "1")
-    monkeypatch.setattr(launch_module, "_is_compiling", lambda: True)
+    condition(monkeypatch, launch_module)
     step, _ = _elementwise_step()
     step()
     step()
