@@ -22,9 +22,10 @@ import time
 import pytest
 import torch
 
+from epban.kernels.launch import FAST_LAUNCH_VARIABLE
 from epban.testing import compiled_kernels_without_gpu
 
-PATHS = {"triton": "0", "fast": "1"}  # values of EPBAN_TRITON_FAST_LAUNCH
+PATHS = {"triton": "0", "fast": "1"}  # values of FAST_LAUNCH_VARIABLE
 CASES = ["axial one-tile 16x256x16x16 bf16", "axial loop 1x256x64x64 fp32", "bias_act 1x64x32x32",
          "one launch (axial stats kernel)", "loss step, tiny network, 1x3x32x32"]
 
@@ -77,7 +78,7 @@ def compiled():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
 def test_launch_host_time(benchmark, monkeypatch, compiled, case, path):
-    monkeypatch.setenv("EPBAN_TRITON_FAST_LAUNCH", PATHS[path])
+    monkeypatch.setenv(FAST_LAUNCH_VARIABLE, PATHS[path])
     step = make_step(case)
     step()  # compiles (seconds, once) and fills the fast path's cache
     benchmark.group = f"host time: {case}"
@@ -89,12 +90,12 @@ def paired_medians_us(step, reps=200, sync=lambda: None) -> dict:
     drifts between runs); ``sync`` ends each timed call (CUDA: synchronise)."""
     times = {path: [] for path in PATHS}
     for path in PATHS:
-        os.environ["EPBAN_TRITON_FAST_LAUNCH"] = PATHS[path]
+        os.environ[FAST_LAUNCH_VARIABLE] = PATHS[path]
         for _ in range(5):
             step()
     for _ in range(reps):
         for path in PATHS:
-            os.environ["EPBAN_TRITON_FAST_LAUNCH"] = PATHS[path]
+            os.environ[FAST_LAUNCH_VARIABLE] = PATHS[path]
             sync()
             start = time.perf_counter()
             step()

@@ -98,7 +98,9 @@ def make_variant(name: str, model: EfficientPBAN):
 
         run = _with_environment(run, EAGER_DOOR_VARIABLE, "0")
     if "triton-launch" in name.split():
-        run = _with_environment(run, "EPBAN_TRITON_FAST_LAUNCH", "0")
+        from epban.kernels.launch import FAST_LAUNCH_VARIABLE
+
+        run = _with_environment(run, FAST_LAUNCH_VARIABLE, "0")
     return run, scorer
 
 

@@ -118,49 +118,31 @@ def compiled_kernels_without_gpu(record=None):
     import importlib
     import importlib.util
     import sys
+    from unittest import mock
 
     import triton.language as tl
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
+    import epban.ops._checks as checks
+
     if not isinstance(tl.standard.sigmoid, JITFunction):
         raise RuntimeError("Triton was imported under TRITON_INTERPRET=1 in this process, so its own library "
                            "functions are interpreted and nothing can be compiled: use a process without it")
-    import epban.ops._checks as checks
-
     package = importlib.import_module("epban.kernels")
-    names = [f"epban.kernels.{n}" for n in KERNEL_MODULES]
-    saved_modules = {n: sys.modules.get(n) for n in names}
-    saved_attrs = {n: package.__dict__.get(n) for n in KERNEL_MODULES}
-    saved_interpret = os.environ.get("TRITON_INTERPRET")
-    saved_driver = driver._active
-    saved_check = checks.triton_interpret
-    driver.set_active(StandInCudaDriver(record))
-    os.environ["TRITON_INTERPRET"] = "0"
-    # the ops' availability checks take CPU tensors as they take CUDA ones (they stand for them)
-    checks.triton_interpret = lambda: True
-    try:
-        for short, name in zip(KERNEL_MODULES, names):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(driver, "_active", StandInCudaDriver(record)))
+        stack.enter_context(mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}))
+        # the ops' availability checks take CPU tensors as they take CUDA ones (they stand for them)
+        stack.enter_context(mock.patch.object(checks, "triton_interpret", lambda: True))
+        for short in KERNEL_MODULES:
+            name = f"epban.kernels.{short}"
             spec = importlib.util.find_spec(name)
             module = importlib.util.module_from_spec(spec)
+            # sys.modules entry by entry: modules imported meanwhile (Triton's own) stay imported
+            previous = sys.modules.get(name)
+            stack.callback(lambda n=name, m=previous: sys.modules.__setitem__(n, m) if m else sys.modules.pop(n, None))
             sys.modules[name] = module  # the next modules' imports of it find this copy
             spec.loader.exec_module(module)
-            setattr(package, short, module)
+            stack.enter_context(mock.patch.object(package, short, module, create=True))
         yield
-    finally:
-        checks.triton_interpret = saved_check
-        driver._active = saved_driver
-        if saved_interpret is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_interpret
-        for name, module in saved_modules.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-        for short, module in saved_attrs.items():
-            if module is None:
-                package.__dict__.pop(short, None)
-            else:
-                setattr(package, short, module)

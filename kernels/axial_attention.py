@@ -107,7 +107,8 @@ import triton
 import triton.language as tl
 
 from epban.kernels.launch import launch
-from epban.ops._checks import is_channels_last  # noqa: F401 (the ops module calls it from here too)
+# is_channels_last: the ops module calls it from here too
+from epban.ops._checks import cdiv, is_channels_last, next_power_of_2  # noqa: F401
 
 SIGMA_EPS = 1e-6
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -758,7 +759,7 @@ class _Plan:
         self.B, self.C, self.H, self.W = B, C, H, W
         self.sample = int(sigma_scope == "sample")
         self.NG = B if self.sample else 1
-        self.block_c = max(16, triton.next_power_of_2(C))
+        self.block_c = max(16, next_power_of_2(C))
         if precision not in FP32_PRECISIONS:
             raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
         self.precision = precision if dtype == torch.float32 else "ieee"
@@ -769,22 +770,22 @@ class _Plan:
         # resident float32 tiles of 64 positions need more shared memory than an SM has on
         # some strides (scripts/kernel_resources.py)
         block = 64 if self.resident and half else 32
-        self.block_row = max(16, min(cfg["block_row"] or block, triton.next_power_of_2(W)))
-        self.block_col = max(16, min(cfg["block_col"] or block, triton.next_power_of_2(H)))
+        self.block_row = max(16, min(cfg["block_row"] or block, next_power_of_2(W)))
+        self.block_col = max(16, min(cfg["block_col"] or block, next_power_of_2(H)))
         self.block_ck = max(16, min(cfg["block_ck"], self.block_c))
         if cfg["col_layout"] not in ("strided", "transposed"):
             raise ValueError(f"col_layout must be 'strided' or 'transposed', got {cfg['col_layout']!r}")
         # channels_last tiles load contiguous channels in both passes: no transposed copies
         self.col_t = cfg["col_layout"] == "transposed" and not channels_last
-        self.per_row = H * triton.cdiv(W, self.block_row)
-        self.per_col = W * triton.cdiv(H, self.block_col)
+        self.per_row = H * cdiv(W, self.block_row)
+        self.per_col = W * cdiv(H, self.block_col)
         self.n_row = B * self.per_row
         self.n_col = B * self.per_col
         self.n_progs = self.n_row + self.n_col
         group_partials = max(self.per_row, self.per_col) * (1 if self.sample else B)
         self.single_tile = bool(cfg["single_tile"]) and W <= self.block_row and H <= self.block_col \
             and group_partials <= SINGLE_TILE_MAX_PARTIALS
-        self.block_p = max(16, min(1024, triton.next_power_of_2(group_partials)))
+        self.block_p = max(16, min(1024, next_power_of_2(group_partials)))
         self.acc = tl.float64 if dtype == torch.float64 else tl.float32
         self.acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
         self.num_warps = cfg["num_warps"] if self.block_c >= 128 else 4

@@ -17,9 +17,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from epban.kernels.launch import FAST_LAUNCH_VARIABLE as VARIABLE  # noqa: E402
 from epban.testing import compiled_kernels_without_gpu  # noqa: E402
-
-VARIABLE = "EPBAN_TRITON_FAST_LAUNCH"
 INNER = os.environ.get("EPBAN_LAUNCH_TESTS") == "inner"
 inner = pytest.mark.skipif(not INNER or torch.cuda.is_available(),
                            reason="runs in its own process without the interpreter (the first test)")
@@ -142,15 +141,13 @@ def test_specialisation_of_ints_and_alignment(monkeypatch, launches, numel):
     """Triton specialises ints (1, divisibility by 16) and pointers (16-byte alignment) into
     different kernels: the fast path must follow, for each numel, for an aligned and a
     misaligned (one float past an aligned address) view, in any order."""
-    from epban.kernels.launch import FAST_LAUNCH_VARIABLE
-
     base = torch.randn(3 * (numel + 1))
     aligned = [base[:numel], base[numel + 1:2 * numel + 1] * 0 + 1, base[:numel] * 2]
     misaligned = [base[1:numel + 1], base[numel + 2:2 * numel + 2], base[2 * numel + 3:3 * numel + 3]]
     assert misaligned[0].data_ptr() % 16 and aligned[0].data_ptr() % 16 == 0
     functions = {}
     for mode in ("1", "verify"):
-        monkeypatch.setenv(FAST_LAUNCH_VARIABLE, mode)
+        monkeypatch.setenv(VARIABLE, mode)
         for name, ts in (("aligned", aligned), ("misaligned", misaligned), ("aligned", aligned)):
             launches.clear()
             _relu_grad_sum_launch(*ts)  # verify: raises FastLaunchMismatch if Triton picked another kernel
