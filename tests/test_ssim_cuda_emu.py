@@ -63,12 +63,27 @@ def schedule(request, emu, rng_seed):
     emu.set_schedule(LANE_ORDER, 0)
 
 
-@pytest.fixture(params=["32", "60"], ids=["tile-32x32", "tile-32x60"])
-def tile_rows(request, monkeypatch):
-    """Both backward tiles (32 or 60 gradient rows a block; csrc/ssim/ssim_cuda.cu's
-    tile_rows_for picks one per launch from the image height)."""
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", request.param)
-    return int(request.param)
+# The backward kernels of csrc/ssim/ssim_cuda.cu: both tiles (32 or 60 gradient rows a block;
+# tile_rows_for picks one per launch from the image height), and the strip kernel with its own
+# plan (plan_strips) and with a forced plan of 32 threads and 7-row bands (many strips and
+# bands, a last band of fewer rows). Settings and the block size the kernel must launch with.
+BACKWARD_KERNELS = {
+    "tile-32x32": ({"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}, 256),
+    "tile-32x60": ({"EPBAN_SSIM_CUDA_TILE_ROWS": "60"}, 480),
+    "strip": ({"EPBAN_SSIM_CUDA_BACKWARD": "strip"}, None),
+    "strip-32x7": ({"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_THREADS": "32",
+                    "EPBAN_SSIM_CUDA_STRIP_ROWS": "7"}, 32),
+}
+STRIP_THREADS = (32, 64, 96, 128)  # the strip kernel's block sizes
+TILE_THREADS = (256, 480)
+
+
+@pytest.fixture(params=list(BACKWARD_KERNELS))
+def backward_kernel(request, monkeypatch):
+    settings, _ = BACKWARD_KERNELS[request.param]
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    return request.param
 
 
 def reference(x, y, padding, reduction):
@@ -90,15 +105,24 @@ def reference_grads(x, y, padding, reduction, upstream):
     return torch.autograd.grad(out, (x, y), upstream.double())
 
 
-def ran_kernels(emu, fn, tile_rows=None):
-    """fn() and a check that it launched emulated kernels (not a fallback), and when
-    tile_rows is given, that the backward ran with that tile (8 threads per tile row)."""
+def ran_kernels(emu, fn, kernel=None, map_grad=False):
+    """fn() and a check that it launched emulated kernels (not a fallback), and when kernel
+    (a BACKWARD_KERNELS name) is given, that the backward ran with it: its block size, or a
+    tile's for a map gradient under the strip setting (map gradients take the tiles)."""
     before = emu.launches()
-    emu.take_max_block_threads()
+    emu.take_block_sizes()
     out = fn()
     assert emu.launches() > before, "no emulated kernel ran"
-    if tile_rows is not None:
-        assert emu.take_max_block_threads() == 8 * tile_rows, "the backward ran with another tile"
+    if kernel is not None:
+        # the gradient pass's kernel is the first launch (the one-pass mode adds a 256-thread sum)
+        threads = emu.take_block_sizes()[0]
+        expected = BACKWARD_KERNELS[kernel][1]
+        if kernel.startswith("strip") and map_grad:
+            assert threads in TILE_THREADS, "a map gradient must take the tiles"
+        elif expected is None:
+            assert threads in STRIP_THREADS, f"the backward ran with {threads} threads, not the strip kernel"
+        else:
+            assert threads == expected, f"the backward ran with {threads} threads, not {kernel}"
     return out
 
 
@@ -169,7 +193,7 @@ def test_forward_matches_reference(emu, schedule, shape, padding):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("upstream", ["per_image", "map", "map_expanded", "map_transposed"])
-def test_backward_matches_reference(emu, tile_rows, schedule, shape, padding, upstream):
+def test_backward_matches_reference(emu, backward_kernel, schedule, shape, padding, upstream):
     """Every kind of upstream gradient the backward reads through its strides: (B,), a
     contiguous map gradient, the stride-0 one of a .sum(), a non-contiguous view."""
     x, y = image_pair(shape, seed=sum(shape) + 1)
@@ -186,7 +210,8 @@ def test_backward_matches_reference(emu, tile_rows, schedule, shape, padding, up
     else:
         grad, reduction = torch.randn(b, c, out_w, out_h, generator=gen).transpose(2, 3), "map"
     with poisoned_allocations():  # every gradient element must be written
-        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, True, True), tile_rows)
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, True, True),
+                                    backward_kernel, map_grad=upstream != "per_image")
     ex, ey = reference_grads(x, y, padding, reduction, grad)
     assert_close_rel(gx, ex, 1e-4, "dL/dx")
     assert_close_rel(gy, ey, 1e-4, "dL/dy")
@@ -194,28 +219,34 @@ def test_backward_matches_reference(emu, tile_rows, schedule, shape, padding, up
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("wanted", [(True, False), (False, True)])
-def test_backward_of_one_input(emu, tile_rows, padding, wanted):
+@pytest.mark.parametrize("upstream", ["per_image", "map"])
+def test_backward_of_one_input(emu, backward_kernel, padding, wanted, upstream):
     """One input's gradient (the SR loss: only the network's output requires grad): the
     kernel filters three partial planes instead of four; the other gradient is empty."""
     shape = (2, 3, 45, 70)
     x, y = image_pair(shape, seed=9)
     same = padding == "same"
     out_h, out_w = (45, 70) if same else (35, 60)
-    grad = torch.randn(2, 3, out_h, out_w, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    if upstream == "per_image":
+        grad, reduction = torch.randn(2, generator=gen), "none"
+    else:
+        grad, reduction = torch.randn(2, 3, out_h, out_w, generator=gen), "map"
     with poisoned_allocations():
-        _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted), tile_rows)
-    assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "map", grad), wanted)
+        _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted), backward_kernel,
+                                map_grad=upstream == "map")
+    assert_wanted_grads((gx, gy), reference_grads(x, y, padding, reduction, grad), wanted)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("wanted", [(True, True), (True, False), (False, True)])
-def test_one_pass_matches_reference(emu, tile_rows, schedule, padding, wanted):
+def test_one_pass_matches_reference(emu, backward_kernel, schedule, padding, wanted):
     """grad None: the per-image SSIM and the gradients of its sum from one kernel pass."""
     shape = (2, 3, 45, 70)
     x, y = image_pair(shape, seed=5)
     same = padding == "same"
     with poisoned_allocations():
-        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted), tile_rows)
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted), backward_kernel)
     assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(shape[0])), wanted)
 
@@ -228,7 +259,7 @@ def test_map_accuracy_on_photos(emu):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_half_inputs(emu, tile_rows, dtype, padding):
+def test_half_inputs(emu, backward_kernel, dtype, padding):
     """Half inputs, float32 accumulation: against the reference on the rounded inputs;
     the gradients are stored in the input dtype."""
     x, y = image_pair((2, 3, 41, 53), dtype=dtype, seed=11)
@@ -245,7 +276,7 @@ def test_half_inputs(emu, tile_rows, dtype, padding):
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_constant_images_are_finite(emu, tile_rows, padding):
+def test_constant_images_are_finite(emu, backward_kernel, padding):
     x = torch.full((1, 2, 23, 19), 0.5)
     y = torch.full((1, 2, 23, 19), 0.25)
     value, gx, gy = emu.gradient_pass(None, x, y, C1, C2, padding == "same", True, True)
@@ -276,3 +307,35 @@ def test_bad_tile_rows_setting(emu, monkeypatch):
     monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", "48")
     with pytest.raises(RuntimeError, match="must be 32 or 60"):
         emu.gradient_pass(None, x, y, C1, C2, False, True, False)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("EPBAN_SSIM_CUDA_BACKWARD", "stripe", "must be 'tile' or 'strip'"),
+    ("EPBAN_SSIM_CUDA_STRIP_THREADS", "48", "multiple of 32 in \\[32, 128\\]"),
+    ("EPBAN_SSIM_CUDA_STRIP_THREADS", "256", "multiple of 32 in \\[32, 128\\]"),
+    ("EPBAN_SSIM_CUDA_STRIP_ROWS", "0", "positive integer"),
+    ("EPBAN_SSIM_CUDA_STRIP_ROWS", "7x", "positive integer"),
+])
+def test_bad_strip_settings(emu, monkeypatch, name, value, message):
+    x, y = image_pair((1, 1, 16, 16))
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "strip")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=message):
+        emu.gradient_pass(None, x, y, C1, C2, False, True, False)
+
+
+@pytest.mark.parametrize("threads, rows", [(32, 1), (64, 3), (128, 200)])
+def test_strip_plans_partition_the_image(emu, monkeypatch, threads, rows):
+    """Forced strip plans: bands of one row, of three over a height that leaves a shorter last
+    band, and one band taller than the image; strips narrower and wider than it. Every
+    gradient pixel is written (poisoned allocations) and every centre summed once (value)."""
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "strip")
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_THREADS", str(threads))
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_ROWS", str(rows))
+    x, y = image_pair((2, 2, 23, 131), seed=threads + rows)
+    for padding in PADDINGS:
+        with poisoned_allocations():
+            value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, padding == "same", True,
+                                                                        True))
+        assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
+        assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(2)), (True, True))

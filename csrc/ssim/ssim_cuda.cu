@@ -67,7 +67,9 @@ constexpr bool kEmulated = true;  // the kernels take CPU tensors
 constexpr bool kEmulated = false;
 #endif
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -137,6 +139,7 @@ struct Args {
   int64_t first, last_row, last_col;  // active centres: [first, last_row) x [first, last_col)
   int64_t out_h, out_w;
   int tiles_x, tiles_y;
+  int block_rows;  // the strip kernel's band of gradient rows (the tile kernels' rows are constants)
   float c1, c2;
 };
 
@@ -456,6 +459,306 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   }
 }
 
+// The strip backward: the outputs of ssim_backward_kernel for a per-image upstream gradient
+// (the one pass of training, and ssim_backward with a (B,) gradient; a map gradient takes the
+// tiles), with no vertical halo to recompute.
+//
+// A block owns a strip of image columns and a band of rows and streams down the band one
+// input row per step. Thread t owns centre column col0 - 5 + t (blockDim.x = nt centre columns,
+// nt - 10 gradient columns, nt + 10 input columns), and keeps in registers the horizontal
+// moments of the last 11 input rows and the partials of the last 11 centre rows, so that
+// both vertical filters are register sums (pull form: each value is made once, from values
+// made once). Step i (input row row0 - 10 + i; slot j = i % 11 of the register windows):
+//   (a) the row's u, v go to shared memory (double-buffered) and the next row's loads start;
+//   (b) __syncthreads (the only barrier of the step);
+//   (c) i >= 21: gradient row row0 + i - 21 from the vertically filtered partials of step
+//       i - 1, filtered horizontally (11 taps over shared memory) and combined with x, y;
+//   (d) the horizontal moments of this row at the thread's centre column -> window slot j;
+//   (e) i >= 10: the vertical moments of centre row row0 - 15 + i from the 11 slots, its
+//       partials (zero where the centre gives no output) -> partial slot j;
+//   (f) i >= 20: the vertical sums of the 11 partial slots (gradient row row0 - 20 + i at
+//       this centre column) -> shared memory, for (c) of the next step.
+// The step loop is unrolled by 11 so that every window index is a compile-time register, and
+// the buffers of a step are picked by the parity of j and of the 11-step round.
+//
+// Instructions (sm_90 SASS of the float, one-gradient kernel, counted per step): ~212 FP32
+// (166 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the partials' two filters, the
+// formula's and the combine's; 34 FMUL; 12 FADD), 33 shared loads (11 float2 for the moments,
+// 22 for the partials' three planes), ~60 integer, branch and address. A gradient pixel costs
+// (rows + 20) / rows x nt / (nt - 10) steps: 1.25 at 1x3x1080x1920 (nt 256, 99 rows). The
+// tile kernel (BwdTile<60>) issues ~460 per pixel, counted the same way from its SASS.
+constexpr int kStripColumns = 2;       // adjacent centre columns a thread owns
+constexpr int kStripMaxThreads = 128;  // blockDim.x: a multiple of 32 in [32, 128]
+constexpr int kStripMinThreads = 32;
+constexpr int kStripMinBlocks = 2;  // at 128 threads: at most 255 registers a thread
+
+// Dynamic shared memory of the strip kernel for nt threads (kStripColumns * nt centre columns):
+// 2 buffers of (u, v) at the input columns, 2 buffers of kPlanes filtered partial planes.
+inline size_t strip_smem_bytes(int nt, int planes) {
+  const int centres = kStripColumns * nt;
+  return sizeof(float) * (2 * 2 * (centres + 4 * kHalo) + 2 * planes * centres);
+}
+
+// 16-byte shared-memory loads of two adjacent float2 (the pairs a thread's columns share).
+struct alignas(16) Float2Pair {
+  float2 lo, hi;
+};
+
+template <typename scalar_t, int kWanted>
+__global__ void __launch_bounds__(kStripMaxThreads, kStripMinBlocks)
+    ssim_strip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
+                      const float* __restrict__ grad, int64_t grad_stride, float inv_count, int64_t channels,
+                      scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
+  // grad: the per-image upstream gradient (stride grad_stride), or nullptr in the one-pass
+  // mode (1 per image; partial then gets each block's sum of SSIM values, as in
+  // ssim_backward_kernel). a.tiles_x strips and a.tiles_y bands of a.block_rows rows a plane.
+  constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
+  constexpr int kC = kStripColumns;
+  constexpr int kTaps = kC + 2 * kHalo;  // inputs (or partial columns) a thread's outputs read
+  static_assert(kC == 2, "the shared-memory loads below read the columns in pairs");
+  const int nt = static_cast<int>(blockDim.x);
+  const int centres = kC * nt;              // centre columns of the strip
+  const int cols = centres - 2 * kHalo;     // gradient columns
+  const int in_cols = centres + 2 * kHalo;  // input columns
+  EPBAN_DYNAMIC_SHARED(float, smem);
+  __shared__ float s_warp[kStripMaxThreads / 32];
+
+  const int per_plane = a.tiles_x * a.tiles_y;
+  const int64_t plane = blockIdx.x / per_plane;
+  const int block = blockIdx.x % per_plane;
+  const int height = static_cast<int>(a.height);  // coordinates fit in int (make_args)
+  const int width = static_cast<int>(a.width);
+  const int row0 = (block / a.tiles_x) * a.block_rows;  // first gradient row of the band
+  const int col0 = (block % a.tiles_x) * cols;          // first gradient column of the strip
+  const int rows = a.block_rows < height - row0 ? a.block_rows : height - row0;
+  const int steps = rows + 4 * kHalo;  // input rows streamed: row0 - 10 .. row0 + rows + 9
+  const int t = static_cast<int>(threadIdx.x);
+  const int lead = kC * t;  // index of the thread's first column among the strip's centres
+
+  // The input columns this thread loads: in_cols index lead + c, and centres + lead + c for the
+  // first 10 / kC threads (the 10 columns past the centres).
+  const bool extra = lead < 2 * kHalo;
+  bool load_in[2 * kC];
+  const int load_col = col0 - 2 * kHalo + lead;
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    load_in[c] = static_cast<unsigned>(load_col + c) < static_cast<unsigned>(width);
+    load_in[kC + c] = extra && static_cast<unsigned>(load_col + centres + c) < static_cast<unsigned>(width);
+  }
+  const int64_t n = a.height * a.width;
+  int load_row = row0 - 2 * kHalo;  // the row the next fetch loads
+  int64_t load_idx = plane * n + static_cast<int64_t>(load_row) * width + load_col;
+  float xs[2 * kC], ys[2 * kC];  // the next input row's values, loaded ahead
+  const auto fetch = [&]() {
+    const bool row_in = static_cast<unsigned>(load_row) < static_cast<unsigned>(height);
+#pragma unroll
+    for (int c = 0; c < 2 * kC; ++c) {
+      const int64_t at = load_idx + (c < kC ? c : centres + c - kC);
+      xs[c] = row_in && load_in[c] ? static_cast<float>(x[at]) : 0.f;
+      ys[c] = row_in && load_in[c] ? static_cast<float>(y[at]) : 0.f;
+    }
+    ++load_row;
+    load_idx += width;
+  };
+
+  const int first = static_cast<int>(a.first);
+  const int last_row = static_cast<int>(a.last_row);
+  bool centre_col[kC], own_col[kC], grad_col[kC];
+#pragma unroll
+  for (int c = 0; c < kC; ++c) {
+    const int cc = col0 - kHalo + lead + c;  // the centre column
+    centre_col[c] = cc >= first && cc < static_cast<int>(a.last_col);
+    own_col[c] = lead + c >= kHalo && lead + c < kHalo + cols;  // summed into this block's value
+    grad_col[c] = lead + c < cols && col0 + lead + c < width;   // gradient column col0 + lead + c
+  }
+  const float g = grad ? grad[(plane / channels) * grad_stride] * inv_count : inv_count;
+  // The first gradient pixel of step i (row row0 + i - 21, column col0 + lead).
+  int64_t grad_idx = plane * n + static_cast<int64_t>(row0 - 4 * kHalo - 1) * width + col0 + lead;
+  int centre_row = row0 - 3 * kHalo;  // of step i: row0 - 15 + i
+
+  // Double buffers: (u, v) of the input row; the vertically filtered partials (planes 0 and 1
+  // as float2, then plane 2 as float, or planes 2 and 3 as float2). Step i writes buffer i % 2.
+  float2* const uv_buffers = reinterpret_cast<float2*>(smem);  // buffer p at p * in_cols
+  float* const f_buffers = smem + 4 * in_cols;                   // buffer p at p * kPlanes * centres
+
+  float hm[kWin][kC][4];        // horizontal moments (mu, mv, euu, evv) of the last 11 input rows
+  float pd[kWin][kC][kPlanes];  // partials of the last 11 centre rows at the thread's columns
+  float value_sum = 0.f;
+  fetch();
+  for (int base = 0; base <= steps; base += kWin) {
+    const int round_parity = base & 1;  // kWin is odd: a round flips the parity of its steps
+#pragma unroll
+    for (int j = 0; j < kWin; ++j) {
+      const int i = base + j;
+      if (i <= steps) {  // block-uniform
+        const int parity = round_parity ^ (j & 1);
+        float2* const uv = uv_buffers + parity * in_cols;
+        // (a)
+        if (i < steps) {
+          Float2Pair own;
+          own.lo = make_float2(xs[0] + ys[0], xs[0] - ys[0]);
+          own.hi = make_float2(xs[1] + ys[1], xs[1] - ys[1]);
+          reinterpret_cast<Float2Pair*>(uv)[t] = own;
+          if (extra) {
+            Float2Pair past;
+            past.lo = make_float2(xs[2] + ys[2], xs[2] - ys[2]);
+            past.hi = make_float2(xs[3] + ys[3], xs[3] - ys[3]);
+            reinterpret_cast<Float2Pair*>(uv + centres)[t] = past;
+          }
+          if (i + 1 < steps) fetch();
+        }
+        __syncthreads();  // (b)
+        // (c)
+        if (i > 4 * kHalo && grad_col[0]) {
+          const float* f = f_buffers + (parity ^ 1) * kPlanes * centres;
+          const Float2Pair* f01 = reinterpret_cast<const Float2Pair*>(f) + t;  // planes 0, 1 at lead
+          float acc[kC][4] = {};
+#pragma unroll
+          for (int k2 = 0; k2 < kTaps / 2; ++k2) {
+            const Float2Pair p01 = f01[k2];
+            float2 p23lo, p23hi;
+            if (kPlanes == 4) {
+              const Float2Pair p23 = reinterpret_cast<const Float2Pair*>(f + 2 * centres)[t + k2];
+              p23lo = p23.lo;
+              p23hi = p23.hi;
+            } else {
+              const float2 p2 = reinterpret_cast<const float2*>(f + 2 * centres)[t + k2];
+              p23lo = make_float2(p2.x, 0.f);
+              p23hi = make_float2(p2.y, 0.f);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int k = 2 * k2 + h;  // partial column lead + k
+              const float2 p01k = h ? p01.hi : p01.lo;
+              const float2 p23k = h ? p23hi : p23lo;
+#pragma unroll
+              for (int c = 0; c < kC; ++c) {
+                const int tap = k - c;  // of gradient column lead + c
+                if (tap >= 0 && tap < kWin) {
+                  acc[c][0] = fmaf(c_gauss[tap], p01k.x, acc[c][0]);
+                  acc[c][1] = fmaf(c_gauss[tap], p01k.y, acc[c][1]);
+                  acc[c][2] = fmaf(c_gauss[tap], p23k.x, acc[c][2]);
+                  if (kPlanes == 4) acc[c][3] = fmaf(c_gauss[tap], p23k.y, acc[c][3]);
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int c = 0; c < kC; ++c) {
+            if (c > 0 && !grad_col[c]) break;
+            const int64_t idx = grad_idx + c;
+            const float xv = static_cast<float>(x[idx]);
+            const float yv = static_cast<float>(y[idx]);
+            const float* d = acc[c];
+            if (kWanted == kWantBoth) {
+              gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[2] + yv * d[3]);
+              gy[idx] = static_cast<scalar_t>(d[1] + 2.f * yv * d[2] + xv * d[3]);
+            } else if (kWanted == kWantX) {
+              gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[1] + yv * d[2]);
+            } else {
+              gy[idx] = static_cast<scalar_t>(d[0] + 2.f * yv * d[1] + xv * d[2]);
+            }
+          }
+        }
+        if (i < steps) {
+          // (d) the horizontal moments at the thread's columns, from input columns lead .. lead + 11
+          float mom[kC][4] = {};
+          const Float2Pair* w2 = reinterpret_cast<const Float2Pair*>(uv) + t;
+#pragma unroll
+          for (int k2 = 0; k2 < kTaps / 2; ++k2) {
+            const Float2Pair w = w2[k2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int k = 2 * k2 + h;
+              const float2 wk = h ? w.hi : w.lo;
+              const float uu = wk.x * wk.x;
+              const float vv = wk.y * wk.y;
+#pragma unroll
+              for (int c = 0; c < kC; ++c) {
+                const int tap = k - c;
+                if (tap >= 0 && tap < kWin) {
+                  mom[c][0] = fmaf(c_gauss[tap], wk.x, mom[c][0]);
+                  mom[c][1] = fmaf(c_gauss[tap], wk.y, mom[c][1]);
+                  mom[c][2] = fmaf(c_gauss[tap], uu, mom[c][2]);
+                  mom[c][3] = fmaf(c_gauss[tap], vv, mom[c][3]);
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int c = 0; c < kC; ++c)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) hm[j][c][q] = mom[c][q];
+          if (i >= 2 * kHalo) {
+            // (e) slot (j + 1 + k) % 11 holds input row i - 10 + k
+            const bool centre_row_in = centre_row >= first && centre_row < last_row;
+            const bool own_row = centre_row >= row0 && centre_row < row0 + rows;
+#pragma unroll
+            for (int c = 0; c < kC; ++c) {
+              float m[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+              for (int k = 0; k < kWin; ++k)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) m[q] = fmaf(c_gauss[k], hm[(j + 1 + k) % kWin][c][q], m[q]);
+              SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
+              if (centre_col[c] && centre_row_in) {
+                d = ssim_partials(m[0], m[1], m[2], m[3], a.c1, a.c2, g);
+                if (partial && own_col[c] && own_row) value_sum += d.s;
+              }
+              if (kWanted == kWantBoth) {
+                pd[j][c][0] = d.d_mx;
+                pd[j][c][1] = d.d_my;
+                pd[j][c][2] = d.d_e2;
+                pd[j][c][3] = d.d_exy;
+              } else {
+                pd[j][c][0] = kWanted == kWantX ? d.d_mx : d.d_my;
+                pd[j][c][1] = d.d_e2;
+                pd[j][c][2] = d.d_exy;
+              }
+            }
+            if (i >= 4 * kHalo) {
+              // (f) slot (j + 1 + k) % 11 holds centre row row0 - 25 + i + k
+              float acc[kC][4] = {};
+#pragma unroll
+              for (int c = 0; c < kC; ++c)
+#pragma unroll
+                for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+                  for (int k = 0; k < kWin; ++k) acc[c][q] = fmaf(c_gauss[k], pd[(j + 1 + k) % kWin][c][q], acc[c][q]);
+              float* const f = f_buffers + parity * kPlanes * centres;
+              Float2Pair p01;
+              p01.lo = make_float2(acc[0][0], acc[0][1]);
+              p01.hi = make_float2(acc[1][0], acc[1][1]);
+              reinterpret_cast<Float2Pair*>(f)[t] = p01;
+              if (kPlanes == 4) {
+                Float2Pair p23;
+                p23.lo = make_float2(acc[0][2], acc[0][3]);
+                p23.hi = make_float2(acc[1][2], acc[1][3]);
+                reinterpret_cast<Float2Pair*>(f + 2 * centres)[t] = p23;
+              } else {
+                reinterpret_cast<float2*>(f + 2 * centres)[t] = make_float2(acc[0][2], acc[1][2]);
+              }
+            }
+          }
+        }
+        ++centre_row;
+        grad_idx += width;
+      }
+    }
+  }
+  if (partial) {  // block-uniform; nt is a multiple of 32
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) value_sum += __shfl_down_sync(0xffffffffu, value_sum, off);
+    if (t % 32 == 0) s_warp[t / 32] = value_sum;
+    __syncthreads();
+    if (t == 0) {
+      float total = 0.f;
+      for (int w = 0; w < nt / 32; ++w) total += s_warp[w];
+      partial[blockIdx.x] = total;
+    }
+  }
+}
+
 // Lifts the backward kernel's dynamic shared-memory limit to Tile::kSmemBytes, once per
 // device and kernel instance (a driver call per launch costs microseconds of host time).
 template <typename Tile, typename scalar_t, int kWanted>
@@ -510,6 +813,7 @@ Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles, int t
   TORCH_CHECK(g.planes() * tx * ty < (int64_t(1) << 31), "ssim (CUDA kernel): input too large");
   a.tiles_x = static_cast<int>(tx);
   a.tiles_y = static_cast<int>(ty);
+  a.block_rows = tile_rows;
   a.c1 = static_cast<float>(c1);
   a.c2 = static_cast<float>(c2);
   return a;
@@ -528,6 +832,95 @@ int tile_rows_for(int64_t height) {
   const int64_t short_cost = 15 * ((height + ShortTile::kRows - 1) / ShortTile::kRows);
   const int64_t tall_cost = 24 * ((height + TallTile::kRows - 1) / TallTile::kRows);
   return tall_cost < short_cost ? TallTile::kRows : ShortTile::kRows;
+}
+
+// Which backward kernel gradient_pass_cuda runs: EPBAN_SSIM_CUDA_BACKWARD=tile (the default
+// until the strip kernel has been timed on a GPU) or strip.
+bool strip_backward_selected() {
+  const char* chosen = std::getenv("EPBAN_SSIM_CUDA_BACKWARD");
+  if (chosen == nullptr || *chosen == '\0') return false;
+  const std::string kernel(chosen);
+  TORCH_CHECK(kernel == "tile" || kernel == "strip", "EPBAN_SSIM_CUDA_BACKWARD must be 'tile' or 'strip', got '",
+              kernel, "'");
+  return kernel == "strip";
+}
+
+// A positive integer setting, 0 when unset.
+int positive_setting(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return 0;
+  char* end = nullptr;
+  const long parsed = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && parsed > 0 && parsed < (1L << 30), name, " must be a positive integer, got '", value,
+              "'");
+  return static_cast<int>(parsed);
+}
+
+// Streaming multiprocessors of a device, asked once per device.
+int multiprocessor_count(int device) {
+  static std::atomic<int> counts[64] = {};
+  if (device >= 0 && device < 64) {
+    if (const int known = counts[device].load(std::memory_order_relaxed)) return known;
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  count = count > 0 ? count : 1;
+  if (device >= 0 && device < 64) counts[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// The strip kernel's launch: threads a block (kStripColumns centre columns each), gradient
+// rows a band, and the strips and bands of a plane.
+struct StripPlan {
+  int threads, rows, strips, bands;
+};
+
+// Picks threads and rows for the fewest thread-steps on the busiest multiprocessor: a band of
+// `rows` gradient rows streams rows + 20 input rows, the SMs take ceil(blocks / sms) blocks
+// each, and a launch with fewer than 256 threads a multiprocessor (what fits its 64 K
+// registers at ~240 a thread) is charged for the latency it cannot hide.
+// EPBAN_SSIM_CUDA_STRIP_THREADS (a multiple of 32 in [32, 128]) and EPBAN_SSIM_CUDA_STRIP_ROWS
+// force either (for sweeps and tests). The plan of the last shape is kept: a training loop
+// asks for the same one every step.
+StripPlan plan_strips(int64_t planes, int64_t height, int64_t width, int sms) {
+  const int forced_threads = positive_setting("EPBAN_SSIM_CUDA_STRIP_THREADS");
+  const int forced_rows = positive_setting("EPBAN_SSIM_CUDA_STRIP_ROWS");
+  TORCH_CHECK(forced_threads == 0 || (forced_threads % 32 == 0 && forced_threads >= kStripMinThreads &&
+                                      forced_threads <= kStripMaxThreads),
+              "EPBAN_SSIM_CUDA_STRIP_THREADS must be a multiple of 32 in [32, 128], got ", forced_threads);
+  struct Cached {
+    int64_t key[6] = {-1, -1, -1, -1, -1, -1};
+    StripPlan plan{};
+  };
+  thread_local Cached cached;
+  const int64_t key[6] = {planes, height, width, sms, forced_threads, forced_rows};
+  if (std::equal(key, key + 6, cached.key)) return cached.plan;
+
+  constexpr int kMinRows = 4;
+  constexpr double kResidentThreads = 256.0;
+  StripPlan best{0, 0, 0, 0};
+  double best_cost = 0.0;
+  for (int nt = kStripMinThreads; nt <= kStripMaxThreads; nt += 32) {
+    if (forced_threads && nt != forced_threads) continue;
+    const int cols = kStripColumns * nt - 2 * kHalo;
+    const int64_t strips = (width + cols - 1) / cols;
+    const int64_t most_bands = forced_rows ? 1 : std::min<int64_t>((height + kMinRows - 1) / kMinRows, 1024);
+    for (int64_t tried = 1; tried <= most_bands; ++tried) {
+      const int64_t rows = forced_rows ? std::min<int64_t>(forced_rows, height) : (height + tried - 1) / tried;
+      const int64_t bands = (height + rows - 1) / rows;
+      const double blocks = static_cast<double>(planes * strips * bands);
+      const double per_sm = std::ceil(blocks / sms);
+      const double starved = std::max(1.0, kResidentThreads * sms / (blocks * nt));
+      const double cost = per_sm * static_cast<double>(rows + 4 * kHalo) * nt * starved;
+      if (best.threads == 0 || cost < best_cost) {
+        best = StripPlan{nt, static_cast<int>(rows), static_cast<int>(strips), static_cast<int>(bands)};
+        best_cost = cost;
+      }
+    }
+  }
+  std::copy(key, key + 6, cached.key);
+  cached.plan = best;
+  return best;
 }
 
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2, bool same_padding,
@@ -605,8 +998,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     gv.data = grad.data_ptr<float>();
     for (int64_t d = 0; d < grad.dim(); ++d) gv.stride[d] = grad.stride(d);
   }
-  const int tile_rows = tile_rows_for(g.height);
-  const Args a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
+  const bool strip = !map_grad && strip_backward_selected();  // map gradients: the tiles
+  const int tile_rows = strip ? kTile : tile_rows_for(g.height);
+  Args a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
+  StripPlan plan{};
+  if (strip) {
+    plan = plan_strips(g.planes(), g.height, g.width, multiprocessor_count(x.get_device()));
+    TORCH_CHECK(g.planes() * plan.strips * plan.bands < (int64_t(1) << 31), "ssim (CUDA kernel): input too large");
+    a.tiles_x = plan.strips;
+    a.tiles_y = plan.bands;
+    a.block_rows = plan.rows;
+  }
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
   if (blocks == 0) {  // no planes: the forward's answer for the value
     if (with_value) value = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
@@ -614,18 +1016,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   }
   at::Tensor partial = with_value ? at::empty({blocks}, fopts) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float inv_count = static_cast<float>(1.0 / static_cast<double>(g.count()));
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    scalar_t* gx_data = grad_x ? gx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gy_data = grad_y ? gy.data_ptr<scalar_t>() : nullptr;
+    float* partial_data = with_value ? partial.data_ptr<float>() : nullptr;
     const auto launch = [&](auto tile, auto wanted) {
       using Tile = decltype(tile);
       constexpr int kWanted = decltype(wanted)::value;
-      allow_backward_smem<Tile, scalar_t, kWanted>(x.get_device());
-      EPBAN_LAUNCH(static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream,
-                   ssim_backward_kernel<Tile, scalar_t, kWanted>)(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv, map_grad,
-          static_cast<float>(1.0 / static_cast<double>(g.count())), g.channels,
-          grad_x ? gx.data_ptr<scalar_t>() : nullptr, grad_y ? gy.data_ptr<scalar_t>() : nullptr,
-          with_value ? partial.data_ptr<float>() : nullptr);
+      if constexpr (std::is_same_v<Tile, StripPlan>) {
+        constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
+        EPBAN_LAUNCH(static_cast<unsigned>(blocks), plan.threads, strip_smem_bytes(plan.threads, kPlanes), stream,
+                     ssim_strip_kernel<scalar_t, kWanted>)(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv.data,
+                                                           gv.stride[0], inv_count, g.channels, gx_data, gy_data,
+                                                           partial_data);
+      } else {
+        allow_backward_smem<Tile, scalar_t, kWanted>(x.get_device());
+        EPBAN_LAUNCH(static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream,
+                     ssim_backward_kernel<Tile, scalar_t, kWanted>)(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                                    a, gv, map_grad, inv_count, g.channels, gx_data,
+                                                                    gy_data, partial_data);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const auto launch_wanted = [&](auto tile) {
@@ -637,7 +1049,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
         launch(tile, std::integral_constant<int, kWantY>{});
       }
     };
-    if (tile_rows == TallTile::kRows) {
+    if (strip) {
+      launch_wanted(plan);
+    } else if (tile_rows == TallTile::kRows) {
       launch_wanted(TallTile{});
     } else {
       launch_wanted(ShortTile{});

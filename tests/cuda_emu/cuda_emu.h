@@ -48,7 +48,7 @@ struct Settings {
   Schedule schedule = Schedule::kLaneOrder;
   uint64_t seed = 0;
   int64_t launches = 0;  // launches run so far (tests check that a kernel ran here)
-  int max_block_threads = 0;  // the largest block launched since the last reset (which tile ran)
+  std::vector<int64_t> block_sizes;  // threads of each launch since the last reset (which kernel ran)
 };
 
 inline Settings& settings() {
@@ -207,7 +207,7 @@ void run_grid(Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, Body& body) {
   for (int t = 0; t < threads; ++t) order[t] = settings().schedule == Schedule::kReverse ? threads - 1 - t : t;
   std::mt19937_64 rng(settings().seed + static_cast<uint64_t>(settings().launches));
   ++settings().launches;
-  settings().max_block_threads = std::max(settings().max_block_threads, threads);
+  settings().block_sizes.push_back(threads);
   active_block() = &b;
   try {
     for (unsigned z = 0; z < grid.z; ++z)
@@ -293,6 +293,11 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return ::epban_emu::warp_exchange(mask, value, ::epban_emu::this_thread().lane ^ lane_mask);
 }
 
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
 #define EPBAN_LAUNCH(grid, block, smem, stream, ...) \
   ::epban_emu::launch(::epban_emu::Dim3(grid), ::epban_emu::Dim3(block), (smem), __VA_ARGS__)
 #define EPBAN_DYNAMIC_SHARED(type, name) type* name = ::epban_emu::dynamic_shared<type>()
@@ -301,6 +306,11 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
 using cudaStream_t = void*;
 using cudaError_t = int;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 132;  // an H100 SXM's count
+  return 0;
+}
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
   return 0;

@@ -22,8 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass(const std::optional
 
 int64_t launches() { return epban_emu::settings().launches; }
 
-// The largest block (threads) launched since the last call, and a reset.
-int64_t take_max_block_threads() { return std::exchange(epban_emu::settings().max_block_threads, 0); }
+// The block sizes (threads) of the launches since the last call, in order, and a reset.
+std::vector<int64_t> take_block_sizes() { return std::exchange(epban_emu::settings().block_sizes, {}); }
 
 }  // namespace
 
@@ -33,5 +33,5 @@ TORCH_LIBRARY(epban_cuda_emu, m) {
   m.def("gradient_pass", &gradient_pass);
   m.def("set_schedule", &set_schedule);
   m.def("launches", &launches);
-  m.def("take_max_block_threads", &take_max_block_threads);
+  m.def("take_block_sizes", &take_block_sizes);
 }
