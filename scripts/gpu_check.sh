@@ -10,6 +10,8 @@
 #       Triton's own launch path, and eager calls through both launch paths (benches/bench_launch.py))
 #   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
 #       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
+#   GPU_CHECK_QUICK=ssim bash scripts/gpu_check.sh  (~3 min: build, the SSIM CUDA tests, the SSIM check with
+#       the backward kernels side by side: tiles, the strip kernel and its plan sweep)
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
 #   bash scripts/gpu_check.sh                       (everything; ~7.5 min; logs in $OUT or ./gpu_check_out)
 set -uo pipefail
@@ -93,6 +95,17 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
 echo "built in $(( $(date +%s) - start )) s"
 $PY -m epban info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+
+if [ "${GPU_CHECK_QUICK:-}" = ssim ]; then
+  step "SSIM CUDA tests"
+  timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py 2>&1 | tee "$OUT/ssim_tests.log" | tail -5
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "ssim_gpu_check with the strip sweep"
+  timeout 150 $PY scripts/ssim_gpu_check.py --strip-sweep >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
+  step "tables"
+  grep -v "^  " "$OUT/ssim_gpu_check.md" | tail -45
+  exit $status
+fi
 
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   # A short lease: the tests of the ops that changed last, the SSIM check, the loss's bf16

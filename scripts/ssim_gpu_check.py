@@ -1,19 +1,21 @@
 """GPU check of the fused SSIM kernel: correctness against the reference, then timings.
 
-    python scripts/ssim_gpu_check.py [--seed N] [--skip-timings] [--device cpu]
+    python scripts/ssim_gpu_check.py [--seed N] [--skip-timings] [--strip-sweep] [--device cpu]
 
 1. Correctness on CUDA, fresh random odd shapes (the seed is printed; --seed repeats a
    run): forward and both gradients for float32/bfloat16/float16, every reduction, both
    paddings, from NaN-poisoned allocations; float32 training through both the two-pass ops
    and the one-pass op (ssim_per_image_one_pass); one-input gradients; non-contiguous inputs.
+   The same again with the strip backward kernel (EPBAN_SSIM_CUDA_BACKWARD=strip).
+   --strip-sweep: the one-pass op with the tile kernel against the strip kernel's own plan
+   and forced plans (threads x rows), per shape: times and gradient differences.
 2. epban fused's breakdown: the bare forward, backward and one-pass ops, the host time to
    issue a fwd+bwd, the device time of each kernel it launches.
 3. Median times (triton.testing.do_bench, else CUDA events) of epban fused (its default
    policy: the one-pass op for training), epban fused with each backward tile forced
-   (32x32, 32x60), epban fused forced to the two-pass ops, epban fused's fwd+bwd replayed
-   from a CUDA graph (no host time), epban reference, pytorch-msssim, torchmetrics
-   and kornia (those importable) at 16x3x256x256,
-   1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
+   (32x32, 32x60), with the strip backward, and forced to the two-pass ops, epban fused's
+   fwd+bwd replayed from a CUDA graph (no host time), epban reference, pytorch-msssim,
+   torchmetrics and kornia (those importable) at 16x3x256x256, 1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
    the peak extra memory of each at 4K forward+backward; a markdown table with the
    memory-traffic floor (read two images, + write one gradient for fwd+bwd, at 3.0 TB/s).
 Exits 1 when a correctness check fails. About a minute on an H100. ``--device cpu``
@@ -64,24 +66,71 @@ def two_pass_ssim(x, y):
         return epban.ssim(x, y, backend="fused")
 
 
-TILE_ROWS_ENV = "EPBAN_SSIM_CUDA_TILE_ROWS"
+@contextlib.contextmanager
+def settings(**env):
+    """Environment settings the CUDA kernels read at each launch (csrc/ssim/ssim_cuda.cu)."""
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
-def with_tile_rows(rows: str):
-    """epban fused with the CUDA backward's tile forced to 32 or 60 rows (csrc/ssim/ssim_cuda.cu)."""
+def with_settings(**env):
+    """epban fused with the CUDA backward forced by settings: the tile's rows
+    (EPBAN_SSIM_CUDA_TILE_ROWS=32 or 60) or the strip kernel (EPBAN_SSIM_CUDA_BACKWARD=strip)."""
 
     def fn(x, y):
-        previous = os.environ.get(TILE_ROWS_ENV)
-        os.environ[TILE_ROWS_ENV] = rows
-        try:
+        with settings(**env):
             return epban.ssim(x, y, backend="fused")
-        finally:
-            if previous is None:
-                del os.environ[TILE_ROWS_ENV]
-            else:
-                os.environ[TILE_ROWS_ENV] = previous
 
     return fn
+
+
+STRIP = dict(EPBAN_SSIM_CUDA_BACKWARD="strip")
+
+
+def strip_sweep() -> list[str]:
+    """The one-pass op (value and dL/dx, float32) with the tile kernel (its default pick) against
+    the strip kernel with its own plan and with forced plans (threads x rows), per shape: median
+    ms and the largest gradient difference from the tile's, relative to its largest element.
+    Returns the plans whose gradient differs by more than 1e-4."""
+    print("\nstrip sweep: one-pass op, float32, valid, dL/dx (the kernel + its per-image sum)")
+    print("| shape | kernel | threads | rows | median ms | vs tile | max rel diff |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    failures = []
+    c1, c2 = 1e-4, 9e-4
+    for shape in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x, y = image_pair(shape, torch.float32, gen)
+        name = "x".join(map(str, shape))
+
+        def one_pass():
+            return torch.ops.epban.ssim_per_image_and_grad(x, y, c1, c2, False, True, False)
+
+        tile_ms = median_ms(one_pass)
+        _, tile_gx, _ = one_pass()
+        scale = tile_gx.abs().max().item()
+        print(f"| {name} | tile | | | {tile_ms:.3f} | 1.00 | |", flush=True)
+        plans = [("plan", "plan")] + [(str(t), str(r)) for t in (32, 64, 96, 128) for r in (16, 32, 64, 128, 256)
+                                      if r <= shape[2]]
+        for threads, rows in plans:
+            env = dict(STRIP)
+            if threads != "plan":
+                env.update(EPBAN_SSIM_CUDA_STRIP_THREADS=threads, EPBAN_SSIM_CUDA_STRIP_ROWS=rows)
+            with settings(**env):
+                ms = median_ms(one_pass)
+                _, gx, _ = one_pass()
+            diff = (gx - tile_gx).abs().max().item() / scale
+            if diff > 1e-4:
+                failures.append(f"strip {threads}x{rows} at {name}: gradient differs by {diff:.1e}")
+            print(f"| {name} | strip | {threads} | {rows} | {ms:.3f} | {tile_ms / ms:.2f} | {diff:.1e} |", flush=True)
+    return failures
 
 
 def graphed_fused_step(x, y):
@@ -265,8 +314,10 @@ def breakdown() -> None:
 
 def timings() -> None:
     impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
-    impls = {"epban fused": impls.pop("epban fused"), "epban fused, tile 32x32": with_tile_rows("32"),
-             "epban fused, tile 32x60": with_tile_rows("60"), "epban two-pass": two_pass_ssim, **impls}
+    impls = {"epban fused": impls.pop("epban fused"),
+             "epban fused, tile 32x32": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="32"),
+             "epban fused, tile 32x60": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="60"),
+             "epban fused, strip": with_settings(**STRIP), "epban two-pass": two_pass_ssim, **impls}
     rows = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -275,8 +326,8 @@ def timings() -> None:
         for mode in ("fwd", "fwd+bwd"):
             floor_ms = (3 if mode == "fwd+bwd" else 2) * 4 * numel / BANDWIDTH * 1e3
             for name, fn in impls.items():
-                if mode == "fwd" and "tile" in name:
-                    continue  # the tile is the backward's
+                if mode == "fwd" and ("tile" in name or "strip" in name):
+                    continue  # the tile and the strip are the backward's
                 if mode == "fwd":
 
                     def run(fn=fn):
@@ -328,6 +379,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--skip-timings", action="store_true")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--strip-sweep", action="store_true",
+                        help="also time the strip backward kernel's plans against the tile (CUDA)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -342,6 +395,12 @@ def main() -> int:
     start = time.perf_counter()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     failures = check_correctness(seed)
+    if DEVICE == "cuda":
+        with settings(**STRIP):
+            print("\ncorrectness with the strip backward kernel (EPBAN_SSIM_CUDA_BACKWARD=strip)")
+            failures += check_correctness(seed)
+    if args.strip_sweep and DEVICE == "cuda":
+        failures += strip_sweep()
     if not args.skip_timings and DEVICE == "cuda":
         breakdown()
         timings()

@@ -278,12 +278,23 @@ def test_fused_matches_reference(device, shape, padding, reduction, ssim_path):
 
 @needs_cuda_kernel[0]
 @needs_cuda_kernel[1]
-@pytest.mark.parametrize("tile_rows", ["32", "60"])
+@pytest.mark.parametrize("kernel", ["tile-32x32", "tile-32x60", "strip", "strip-1col", "strip-32x7"])
 @pytest.mark.parametrize("shape", [(1, 3, 257, 131), (2, 2, 61, 95)], ids=lambda s: "x".join(map(str, s)))
-def test_cuda_backward_tiles(tile_rows, shape, ssim_path, monkeypatch):
-    """Both tiles of the CUDA backward (EPBAN_SSIM_CUDA_TILE_ROWS forces one), on heights that
-    leave partial tiles, both training paths, from NaN-poisoned allocations."""
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", tile_rows)
+def test_cuda_backward_kernels(kernel, shape, ssim_path, monkeypatch):
+    """Each CUDA backward kernel: both tiles (EPBAN_SSIM_CUDA_TILE_ROWS forces one), the strip
+    kernel's two builds with their own plans and with 32 threads and 7-row bands
+    (EPBAN_SSIM_CUDA_BACKWARD=strip, EPBAN_SSIM_CUDA_STRIP_COLUMNS=1 for the one-column build;
+    it takes per-image upstream gradients, map gradients stay on the tiles), on sizes that leave
+    partial tiles, strips and bands, both training paths, from NaN-poisoned allocations."""
+    if kernel.startswith("tile"):
+        monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", kernel[-2:])
+    else:
+        monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "strip")
+    if kernel == "strip-1col":
+        monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_COLUMNS", "1")
+    if kernel == "strip-32x7":
+        monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_THREADS", "32")
+        monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_ROWS", "7")
     x, y = image_pair(shape, device="cuda", seed=sum(shape))
     with poisoned_allocations():
         check_fused(x, y, "valid", "mean")

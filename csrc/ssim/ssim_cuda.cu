@@ -487,25 +487,83 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // 22 for the partials' three planes), ~60 integer, branch and address. A gradient pixel costs
 // (rows + 20) / rows x nt / (nt - 10) steps: 1.25 at 1x3x1080x1920 (nt 256, 99 rows). The
 // tile kernel (BwdTile<60>) issues ~460 per pixel, counted the same way from its SASS.
-constexpr int kStripColumns = 2;       // adjacent centre columns a thread owns
-constexpr int kStripMaxThreads = 128;  // blockDim.x: a multiple of 32 in [32, 128]
-constexpr int kStripMinThreads = 32;
-constexpr int kStripMinBlocks = 2;  // at 128 threads: at most 255 registers a thread
+// The two builds of the strip kernel: kC adjacent centre columns a thread. One column: up to
+// 256 threads of at most 128 registers (16 warps an SM). Two: up to 128 threads of ~240
+// registers (8 warps an SM), but the horizontal passes read 12 inputs for 2 outputs instead
+// of 11 for 1, and the per-step address and control work is shared by two columns.
+template <int kC>
+struct StripShape {
+  static_assert(kC == 1 || kC == 2, "one or two columns a thread");
+  static constexpr int kMaxThreads = 256 / kC;  // blockDim.x: a multiple of 32 in [64 / kC, 256 / kC]
+  static constexpr int kMinThreads = 64 / kC;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kTaps = kC + 2 * kHalo;  // inputs (or partial columns) a thread's outputs read
+};
+constexpr int kStripMaxCentres = 256;
 
-// Dynamic shared memory of the strip kernel for nt threads (kStripColumns * nt centre columns):
-// 2 buffers of (u, v) at the input columns, 2 buffers of kPlanes filtered partial planes.
-inline size_t strip_smem_bytes(int nt, int planes) {
-  const int centres = kStripColumns * nt;
+// Dynamic shared memory of the strip kernel for `centres` centre columns: 2 buffers of (u, v)
+// at the input columns, 2 buffers of kPlanes filtered partial planes at the centre columns.
+inline size_t strip_smem_bytes(int centres, int planes) {
   return sizeof(float) * (2 * 2 * (centres + 4 * kHalo) + 2 * planes * centres);
 }
 
-// 16-byte shared-memory loads of two adjacent float2 (the pairs a thread's columns share).
+// Shared-memory access of a thread's kC adjacent columns (lead = kC * t): one 8- or 16-byte
+// access per float2 row, 4 or 8 bytes per float row, and the kTaps values a thread's outputs
+// read, in 8- or 16-byte loads.
 struct alignas(16) Float2Pair {
   float2 lo, hi;
 };
 
-template <typename scalar_t, int kWanted>
-__global__ void __launch_bounds__(kStripMaxThreads, kStripMinBlocks)
+template <int kC>
+__device__ __forceinline__ void store_columns(float2* row, int t, const float2 (&v)[kC]) {
+  if constexpr (kC == 2) {
+    reinterpret_cast<Float2Pair*>(row)[t] = Float2Pair{v[0], v[1]};
+  } else {
+    row[t] = v[0];
+  }
+}
+
+template <int kC>
+__device__ __forceinline__ void store_columns(float* row, int t, const float (&v)[kC]) {
+  if constexpr (kC == 2) {
+    reinterpret_cast<float2*>(row)[t] = make_float2(v[0], v[1]);
+  } else {
+    row[t] = v[0];
+  }
+}
+
+template <int kC>
+__device__ __forceinline__ void load_taps(const float2* row, int t, float2 (&w)[StripShape<kC>::kTaps]) {
+  if constexpr (kC == 2) {
+#pragma unroll
+    for (int k2 = 0; k2 < StripShape<kC>::kTaps / 2; ++k2) {
+      const Float2Pair p = reinterpret_cast<const Float2Pair*>(row)[t + k2];
+      w[2 * k2] = p.lo;
+      w[2 * k2 + 1] = p.hi;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < StripShape<kC>::kTaps; ++k) w[k] = row[t + k];
+  }
+}
+
+template <int kC>
+__device__ __forceinline__ void load_taps(const float* row, int t, float (&w)[StripShape<kC>::kTaps]) {
+  if constexpr (kC == 2) {
+#pragma unroll
+    for (int k2 = 0; k2 < StripShape<kC>::kTaps / 2; ++k2) {
+      const float2 p = reinterpret_cast<const float2*>(row)[t + k2];
+      w[2 * k2] = p.x;
+      w[2 * k2 + 1] = p.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < StripShape<kC>::kTaps; ++k) w[k] = row[t + k];
+  }
+}
+
+template <typename scalar_t, int kWanted, int kC>
+__global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::kMinBlocks)
     ssim_strip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                       const float* __restrict__ grad, int64_t grad_stride, float inv_count, int64_t channels,
                       scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
@@ -513,15 +571,13 @@ __global__ void __launch_bounds__(kStripMaxThreads, kStripMinBlocks)
   // mode (1 per image; partial then gets each block's sum of SSIM values, as in
   // ssim_backward_kernel). a.tiles_x strips and a.tiles_y bands of a.block_rows rows a plane.
   constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
-  constexpr int kC = kStripColumns;
-  constexpr int kTaps = kC + 2 * kHalo;  // inputs (or partial columns) a thread's outputs read
-  static_assert(kC == 2, "the shared-memory loads below read the columns in pairs");
+  constexpr int kTaps = StripShape<kC>::kTaps;
   const int nt = static_cast<int>(blockDim.x);
   const int centres = kC * nt;              // centre columns of the strip
   const int cols = centres - 2 * kHalo;     // gradient columns
   const int in_cols = centres + 2 * kHalo;  // input columns
   EPBAN_DYNAMIC_SHARED(float, smem);
-  __shared__ float s_warp[kStripMaxThreads / 32];
+  __shared__ float s_warp[StripShape<kC>::kMaxThreads / 32];
 
   const int per_plane = a.tiles_x * a.tiles_y;
   const int64_t plane = blockIdx.x / per_plane;
@@ -595,54 +651,44 @@ __global__ void __launch_bounds__(kStripMaxThreads, kStripMinBlocks)
         float2* const uv = uv_buffers + parity * in_cols;
         // (a)
         if (i < steps) {
-          Float2Pair own;
-          own.lo = make_float2(xs[0] + ys[0], xs[0] - ys[0]);
-          own.hi = make_float2(xs[1] + ys[1], xs[1] - ys[1]);
-          reinterpret_cast<Float2Pair*>(uv)[t] = own;
-          if (extra) {
-            Float2Pair past;
-            past.lo = make_float2(xs[2] + ys[2], xs[2] - ys[2]);
-            past.hi = make_float2(xs[3] + ys[3], xs[3] - ys[3]);
-            reinterpret_cast<Float2Pair*>(uv + centres)[t] = past;
+          float2 own[kC], past[kC];
+#pragma unroll
+          for (int c = 0; c < kC; ++c) {
+            own[c] = make_float2(xs[c] + ys[c], xs[c] - ys[c]);
+            past[c] = make_float2(xs[kC + c] + ys[kC + c], xs[kC + c] - ys[kC + c]);
           }
+          store_columns<kC>(uv, t, own);
+          if (extra) store_columns<kC>(uv + centres, t, past);
           if (i + 1 < steps) fetch();
         }
         __syncthreads();  // (b)
         // (c)
         if (i > 4 * kHalo && grad_col[0]) {
           const float* f = f_buffers + (parity ^ 1) * kPlanes * centres;
-          const Float2Pair* f01 = reinterpret_cast<const Float2Pair*>(f) + t;  // planes 0, 1 at lead
+          // partial columns lead .. lead + kTaps - 1: planes 0 and 1, then 2 (and 3)
+          float2 p01[kTaps], p23[kTaps];
+          load_taps<kC>(reinterpret_cast<const float2*>(f), t, p01);
+          if (kPlanes == 4) {
+            load_taps<kC>(reinterpret_cast<const float2*>(f + 2 * centres), t, p23);
+          } else {
+            float p2[kTaps];
+            load_taps<kC>(f + 2 * centres, t, p2);
+#pragma unroll
+            for (int k = 0; k < kTaps; ++k) p23[k] = make_float2(p2[k], 0.f);
+          }
           float acc[kC][4] = {};
 #pragma unroll
-          for (int k2 = 0; k2 < kTaps / 2; ++k2) {
-            const Float2Pair p01 = f01[k2];
-            float2 p23lo, p23hi;
-            if (kPlanes == 4) {
-              const Float2Pair p23 = reinterpret_cast<const Float2Pair*>(f + 2 * centres)[t + k2];
-              p23lo = p23.lo;
-              p23hi = p23.hi;
-            } else {
-              const float2 p2 = reinterpret_cast<const float2*>(f + 2 * centres)[t + k2];
-              p23lo = make_float2(p2.x, 0.f);
-              p23hi = make_float2(p2.y, 0.f);
-            }
+          for (int k = 0; k < kTaps; ++k)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int k = 2 * k2 + h;  // partial column lead + k
-              const float2 p01k = h ? p01.hi : p01.lo;
-              const float2 p23k = h ? p23hi : p23lo;
-#pragma unroll
-              for (int c = 0; c < kC; ++c) {
-                const int tap = k - c;  // of gradient column lead + c
-                if (tap >= 0 && tap < kWin) {
-                  acc[c][0] = fmaf(c_gauss[tap], p01k.x, acc[c][0]);
-                  acc[c][1] = fmaf(c_gauss[tap], p01k.y, acc[c][1]);
-                  acc[c][2] = fmaf(c_gauss[tap], p23k.x, acc[c][2]);
-                  if (kPlanes == 4) acc[c][3] = fmaf(c_gauss[tap], p23k.y, acc[c][3]);
-                }
+            for (int c = 0; c < kC; ++c) {
+              const int tap = k - c;  // of gradient column lead + c
+              if (tap >= 0 && tap < kWin) {
+                acc[c][0] = fmaf(c_gauss[tap], p01[k].x, acc[c][0]);
+                acc[c][1] = fmaf(c_gauss[tap], p01[k].y, acc[c][1]);
+                acc[c][2] = fmaf(c_gauss[tap], p23[k].x, acc[c][2]);
+                if (kPlanes == 4) acc[c][3] = fmaf(c_gauss[tap], p23[k].y, acc[c][3]);
               }
             }
-          }
 #pragma unroll
           for (int c = 0; c < kC; ++c) {
             if (c > 0 && !grad_col[c]) break;
@@ -662,26 +708,21 @@ __global__ void __launch_bounds__(kStripMaxThreads, kStripMinBlocks)
         }
         if (i < steps) {
           // (d) the horizontal moments at the thread's columns, from input columns lead .. lead + 11
+          float2 w[kTaps];
+          load_taps<kC>(uv, t, w);
           float mom[kC][4] = {};
-          const Float2Pair* w2 = reinterpret_cast<const Float2Pair*>(uv) + t;
 #pragma unroll
-          for (int k2 = 0; k2 < kTaps / 2; ++k2) {
-            const Float2Pair w = w2[k2];
+          for (int k = 0; k < kTaps; ++k) {
+            const float uu = w[k].x * w[k].x;
+            const float vv = w[k].y * w[k].y;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int k = 2 * k2 + h;
-              const float2 wk = h ? w.hi : w.lo;
-              const float uu = wk.x * wk.x;
-              const float vv = wk.y * wk.y;
-#pragma unroll
-              for (int c = 0; c < kC; ++c) {
-                const int tap = k - c;
-                if (tap >= 0 && tap < kWin) {
-                  mom[c][0] = fmaf(c_gauss[tap], wk.x, mom[c][0]);
-                  mom[c][1] = fmaf(c_gauss[tap], wk.y, mom[c][1]);
-                  mom[c][2] = fmaf(c_gauss[tap], uu, mom[c][2]);
-                  mom[c][3] = fmaf(c_gauss[tap], vv, mom[c][3]);
-                }
+            for (int c = 0; c < kC; ++c) {
+              const int tap = k - c;
+              if (tap >= 0 && tap < kWin) {
+                mom[c][0] = fmaf(c_gauss[tap], w[k].x, mom[c][0]);
+                mom[c][1] = fmaf(c_gauss[tap], w[k].y, mom[c][1]);
+                mom[c][2] = fmaf(c_gauss[tap], uu, mom[c][2]);
+                mom[c][3] = fmaf(c_gauss[tap], vv, mom[c][3]);
               }
             }
           }
@@ -726,17 +767,19 @@ __global__ void __launch_bounds__(kStripMaxThreads, kStripMinBlocks)
 #pragma unroll
                   for (int k = 0; k < kWin; ++k) acc[c][q] = fmaf(c_gauss[k], pd[(j + 1 + k) % kWin][c][q], acc[c][q]);
               float* const f = f_buffers + parity * kPlanes * centres;
-              Float2Pair p01;
-              p01.lo = make_float2(acc[0][0], acc[0][1]);
-              p01.hi = make_float2(acc[1][0], acc[1][1]);
-              reinterpret_cast<Float2Pair*>(f)[t] = p01;
+              float2 f01[kC], f23[kC];
+              float f2[kC];
+#pragma unroll
+              for (int c = 0; c < kC; ++c) {
+                f01[c] = make_float2(acc[c][0], acc[c][1]);
+                f23[c] = make_float2(acc[c][2], acc[c][3]);
+                f2[c] = acc[c][2];
+              }
+              store_columns<kC>(reinterpret_cast<float2*>(f), t, f01);
               if (kPlanes == 4) {
-                Float2Pair p23;
-                p23.lo = make_float2(acc[0][2], acc[0][3]);
-                p23.hi = make_float2(acc[1][2], acc[1][3]);
-                reinterpret_cast<Float2Pair*>(f + 2 * centres)[t] = p23;
+                store_columns<kC>(reinterpret_cast<float2*>(f + 2 * centres), t, f23);
               } else {
-                reinterpret_cast<float2*>(f + 2 * centres)[t] = make_float2(acc[0][2], acc[1][2]);
+                store_columns<kC>(f + 2 * centres, t, f2);
               }
             }
           }
@@ -869,56 +912,63 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-// The strip kernel's launch: threads a block (kStripColumns centre columns each), gradient
+// The strip kernel's launch: centre columns a thread (its build), threads a block, gradient
 // rows a band, and the strips and bands of a plane.
 struct StripPlan {
-  int threads, rows, strips, bands;
+  int columns, threads, rows, strips, bands;
 };
 
-// Picks threads and rows for the fewest thread-steps on the busiest multiprocessor: a band of
-// `rows` gradient rows streams rows + 20 input rows, the SMs take ceil(blocks / sms) blocks
-// each, and a launch with fewer than 256 threads a multiprocessor (what fits its 64 K
-// registers at ~240 a thread) is charged for the latency it cannot hide.
-// EPBAN_SSIM_CUDA_STRIP_THREADS (a multiple of 32 in [32, 128]) and EPBAN_SSIM_CUDA_STRIP_ROWS
-// force either (for sweeps and tests). The plan of the last shape is kept: a training loop
-// asks for the same one every step.
+// Picks the plan with the fewest column-steps on the busiest multiprocessor: a band of `rows`
+// gradient rows streams rows + 20 input rows, the SMs take ceil(blocks / sms) blocks each,
+// and a launch with fewer centre columns than a multiprocessor keeps resident (512 with the
+// 128-register build) is charged for the latency it cannot hide. The builds' instruction
+// counts differ (per column-step, ~356 with one column a thread, ~278 with two: sm_90 SASS).
+// EPBAN_SSIM_CUDA_STRIP_COLUMNS (1 or 2, default 2), EPBAN_SSIM_CUDA_STRIP_THREADS (a multiple
+// of 32 in [64, 256] / columns) and EPBAN_SSIM_CUDA_STRIP_ROWS force a choice (for sweeps and
+// tests). The plan of the last shape is kept: a training loop asks for the same one each step.
 StripPlan plan_strips(int64_t planes, int64_t height, int64_t width, int sms) {
+  const int forced_columns = positive_setting("EPBAN_SSIM_CUDA_STRIP_COLUMNS");
   const int forced_threads = positive_setting("EPBAN_SSIM_CUDA_STRIP_THREADS");
   const int forced_rows = positive_setting("EPBAN_SSIM_CUDA_STRIP_ROWS");
-  TORCH_CHECK(forced_threads == 0 || (forced_threads % 32 == 0 && forced_threads >= kStripMinThreads &&
-                                      forced_threads <= kStripMaxThreads),
-              "EPBAN_SSIM_CUDA_STRIP_THREADS must be a multiple of 32 in [32, 128], got ", forced_threads);
+  TORCH_CHECK(forced_columns <= 2, "EPBAN_SSIM_CUDA_STRIP_COLUMNS must be 1 or 2, got ", forced_columns);
+  const int columns = forced_columns ? forced_columns : 2;
+  const int min_threads = 64 / columns;
+  const int max_threads = kStripMaxCentres / columns;
+  TORCH_CHECK(forced_threads == 0 || (forced_threads % 32 == 0 && forced_threads >= min_threads &&
+                                      forced_threads <= max_threads),
+              "EPBAN_SSIM_CUDA_STRIP_THREADS must be a multiple of 32 in [", min_threads, ", ", max_threads,
+              "] with ", columns, " column(s) a thread, got ", forced_threads);
   struct Cached {
-    int64_t key[6] = {-1, -1, -1, -1, -1, -1};
+    int64_t key[7] = {-1, -1, -1, -1, -1, -1, -1};
     StripPlan plan{};
   };
   thread_local Cached cached;
-  const int64_t key[6] = {planes, height, width, sms, forced_threads, forced_rows};
-  if (std::equal(key, key + 6, cached.key)) return cached.plan;
+  const int64_t key[7] = {planes, height, width, sms, columns, forced_threads, forced_rows};
+  if (std::equal(key, key + 7, cached.key)) return cached.plan;
 
   constexpr int kMinRows = 4;
-  constexpr double kResidentThreads = 256.0;
-  StripPlan best{0, 0, 0, 0};
+  constexpr double kResidentCentres = 512.0;
+  StripPlan best{columns, 0, 0, 0, 0};
   double best_cost = 0.0;
-  for (int nt = kStripMinThreads; nt <= kStripMaxThreads; nt += 32) {
+  for (int nt = min_threads; nt <= max_threads; nt += 32) {
     if (forced_threads && nt != forced_threads) continue;
-    const int cols = kStripColumns * nt - 2 * kHalo;
-    const int64_t strips = (width + cols - 1) / cols;
+    const int centres = columns * nt;
+    const int64_t strips = (width + centres - 2 * kHalo - 1) / (centres - 2 * kHalo);
     const int64_t most_bands = forced_rows ? 1 : std::min<int64_t>((height + kMinRows - 1) / kMinRows, 1024);
     for (int64_t tried = 1; tried <= most_bands; ++tried) {
       const int64_t rows = forced_rows ? std::min<int64_t>(forced_rows, height) : (height + tried - 1) / tried;
       const int64_t bands = (height + rows - 1) / rows;
       const double blocks = static_cast<double>(planes * strips * bands);
       const double per_sm = std::ceil(blocks / sms);
-      const double starved = std::max(1.0, kResidentThreads * sms / (blocks * nt));
-      const double cost = per_sm * static_cast<double>(rows + 4 * kHalo) * nt * starved;
+      const double starved = std::max(1.0, kResidentCentres * sms / (blocks * centres));
+      const double cost = per_sm * static_cast<double>(rows + 4 * kHalo) * centres * starved;
       if (best.threads == 0 || cost < best_cost) {
-        best = StripPlan{nt, static_cast<int>(rows), static_cast<int>(strips), static_cast<int>(bands)};
+        best = StripPlan{columns, nt, static_cast<int>(rows), static_cast<int>(strips), static_cast<int>(bands)};
         best_cost = cost;
       }
     }
   }
-  std::copy(key, key + 6, cached.key);
+  std::copy(key, key + 7, cached.key);
   cached.plan = best;
   return best;
 }
@@ -1027,10 +1077,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
       constexpr int kWanted = decltype(wanted)::value;
       if constexpr (std::is_same_v<Tile, StripPlan>) {
         constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
-        EPBAN_LAUNCH(static_cast<unsigned>(blocks), plan.threads, strip_smem_bytes(plan.threads, kPlanes), stream,
-                     ssim_strip_kernel<scalar_t, kWanted>)(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv.data,
-                                                           gv.stride[0], inv_count, g.channels, gx_data, gy_data,
-                                                           partial_data);
+        const size_t smem = strip_smem_bytes(plan.columns * plan.threads, kPlanes);
+        const auto launch_strip = [&](auto kernel) {
+          EPBAN_LAUNCH(static_cast<unsigned>(blocks), plan.threads, smem, stream, kernel)(
+              x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv.data, gv.stride[0], inv_count, g.channels,
+              gx_data, gy_data, partial_data);
+        };
+        if (plan.columns == 2) {
+          launch_strip(ssim_strip_kernel<scalar_t, kWanted, 2>);
+        } else {
+          launch_strip(ssim_strip_kernel<scalar_t, kWanted, 1>);
+        }
       } else {
         allow_backward_smem<Tile, scalar_t, kWanted>(x.get_device());
         EPBAN_LAUNCH(static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream,
