@@ -348,3 +348,12 @@ def test_strip_plans_partition_the_image(emu, monkeypatch, columns, threads, row
                                                                         True))
         assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
         assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(2)), (True, True))
+
+
+def test_empty_batch(emu, backward_kernel):
+    """No planes: empty values and gradients, no launch (the strip planner is not asked)."""
+    x, y = torch.rand(0, 3, 20, 20), torch.rand(0, 3, 20, 20)
+    value, gx, gy = emu.gradient_pass(None, x, y, C1, C2, False, True, True)
+    assert value.shape == (0,) and gx.shape == x.shape and gy.shape == y.shape
+    _, gx, _ = emu.gradient_pass(torch.ones(0), x, y, C1, C2, False, True, False)
+    assert gx.shape == x.shape

@@ -19,6 +19,9 @@
 // kernel with an upstream gradient of 1 per image also sums the SSIM values of the
 // centres inside its own tile (tiles partition the image) into one partial per block, and
 // ssim_finish_kernel makes the per-image means: the forward kernel is not run at all.
+// The strip backward (ssim_strip_kernel below, opt-in until timed on a GPU) serves
+// per-image upstream gradients without the tiles' vertical halo: blocks stream down column
+// strips with register windows.
 // Every pass is register-blocked along its filter direction (a thread makes 4-7 adjacent
 // outputs from inputs held in registers, each product formed once), and the shared-memory
 // pitches are odd where lanes walk down rows, so the passes are free of bank conflicts.
@@ -464,29 +467,34 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // tiles), with no vertical halo to recompute.
 //
 // A block owns a strip of image columns and a band of rows and streams down the band one
-// input row per step. Thread t owns centre column col0 - 5 + t (blockDim.x = nt centre columns,
-// nt - 10 gradient columns, nt + 10 input columns), and keeps in registers the horizontal
-// moments of the last 11 input rows and the partials of the last 11 centre rows, so that
-// both vertical filters are register sums (pull form: each value is made once, from values
-// made once). Step i (input row row0 - 10 + i; slot j = i % 11 of the register windows):
+// input row per step. Thread t owns kC adjacent centre columns from lead = kC t (the strip's
+// centre column col0 - 5 + lead + c; kC nt centre columns, 10 fewer gradient columns, 10 more
+// input columns), and keeps in registers the horizontal moments of the last 11 input rows
+// and the partials of the last 11 centre rows at its columns, so that both vertical filters
+// are register sums (pull form: each value is made once, from values made once). Step i
+// (input row row0 - 10 + i; slot j = i % 11 of the register windows):
 //   (a) the row's u, v go to shared memory (double-buffered) and the next row's loads start;
 //   (b) __syncthreads (the only barrier of the step);
 //   (c) i >= 21: gradient row row0 + i - 21 from the vertically filtered partials of step
 //       i - 1, filtered horizontally (11 taps over shared memory) and combined with x, y;
-//   (d) the horizontal moments of this row at the thread's centre column -> window slot j;
+//   (d) the horizontal moments of this row at the thread's centre columns -> window slot j;
 //   (e) i >= 10: the vertical moments of centre row row0 - 15 + i from the 11 slots, its
 //       partials (zero where the centre gives no output) -> partial slot j;
 //   (f) i >= 20: the vertical sums of the 11 partial slots (gradient row row0 - 20 + i at
-//       this centre column) -> shared memory, for (c) of the next step.
+//       the thread's centre columns) -> shared memory, for (c) of the next step.
 // The step loop is unrolled by 11 so that every window index is a compile-time register, and
 // the buffers of a step are picked by the parity of j and of the 11-step round.
 //
-// Instructions (sm_90 SASS of the float, one-gradient kernel, counted per step): ~212 FP32
-// (166 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the partials' two filters, the
-// formula's and the combine's; 34 FMUL; 12 FADD), 33 shared loads (11 float2 for the moments,
-// 22 for the partials' three planes), ~60 integer, branch and address. A gradient pixel costs
-// (rows + 20) / rows x nt / (nt - 10) steps: 1.25 at 1x3x1080x1920 (nt 256, 99 rows). The
-// tile kernel (BwdTile<60>) issues ~460 per pixel, counted the same way from its SASS.
+// Instructions, from the sm_90 SASS of the float, one-gradient kernel, per thread and step:
+// with one column ~360 (167 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the
+// partials' two filters, the formula's and the combine's; 33 FMUL, 11 FADD; 33 shared loads;
+// ~75 integer, branch and address); with two columns ~558, 279 a column (the horizontal
+// passes read 12 inputs for two outputs, and the step's address and control work is shared).
+// A gradient pixel costs (rows + 20) / rows x centres / (centres - 10) column-steps: 1.11 at
+// 4K, 1.25 at 1080p, 1.74 at 16x3x256x256 with plan_strips' plans for 132 SMs. The tall tile
+// (BwdTile<60>) issues ~460 per pixel, counted the same way from its SASS: phases 1-5 take
+// ~260, 450, ~780 (on 7 of 8 threads), ~230 and ~200 instructions a thread for 1,920 pixels
+// by 480 threads. Not yet timed on a GPU: EPBAN_SSIM_CUDA_BACKWARD=strip selects it.
 // The two builds of the strip kernel: kC adjacent centre columns a thread. One column: up to
 // 256 threads of at most 128 registers (16 warps an SM). Two: up to 128 threads of ~240
 // registers (8 warps an SM), but the horizontal passes read 12 inputs for 2 outputs instead
@@ -1052,7 +1060,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   const int tile_rows = strip ? kTile : tile_rows_for(g.height);
   Args a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
   StripPlan plan{};
-  if (strip) {
+  if (strip && g.planes() > 0) {
     plan = plan_strips(g.planes(), g.height, g.width, multiprocessor_count(x.get_device()));
     TORCH_CHECK(g.planes() * plan.strips * plan.bands < (int64_t(1) << 31), "ssim (CUDA kernel): input too large");
     a.tiles_x = plan.strips;
