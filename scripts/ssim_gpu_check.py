@@ -99,12 +99,17 @@ def strip_sweep() -> list[str]:
     """The one-pass op (value and dL/dx, float32) with the tile kernel (its default pick) against
     the strip kernel with its own plan and with forced plans (threads x rows), per shape: median
     ms and the largest gradient difference from the tile's, relative to its largest element.
+    Both builds (two centre columns a thread, the default, and one).
     Returns the plans whose gradient differs by more than 1e-4."""
     print("\nstrip sweep: one-pass op, float32, valid, dL/dx (the kernel + its per-image sum)")
-    print("| shape | kernel | threads | rows | median ms | vs tile | max rel diff |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| shape | kernel | columns | threads | rows | median ms | vs tile | max rel diff |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     failures = []
     c1, c2 = 1e-4, 9e-4
+    # (columns a thread, threads, rows); "plan": plan_strips' choice
+    plans = [(2, "plan", "plan"), (1, "plan", "plan")]
+    plans += [(2, str(t), str(r)) for t in (32, 64, 96, 128) for r in (32, 64, 128, 256)]
+    plans += [(1, str(t), str(r)) for t in (128, 256) for r in (64, 128)]
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
         x, y = image_pair(shape, torch.float32, gen)
@@ -116,11 +121,9 @@ def strip_sweep() -> list[str]:
         tile_ms = median_ms(one_pass)
         _, tile_gx, _ = one_pass()
         scale = tile_gx.abs().max().item()
-        print(f"| {name} | tile | | | {tile_ms:.3f} | 1.00 | |", flush=True)
-        plans = [("plan", "plan")] + [(str(t), str(r)) for t in (32, 64, 96, 128) for r in (16, 32, 64, 128, 256)
-                                      if r <= shape[2]]
-        for threads, rows in plans:
-            env = dict(STRIP)
+        print(f"| {name} | tile | | | | {tile_ms:.3f} | 1.00 | |", flush=True)
+        for columns, threads, rows in plans:
+            env = dict(STRIP, EPBAN_SSIM_CUDA_STRIP_COLUMNS=str(columns))
             if threads != "plan":
                 env.update(EPBAN_SSIM_CUDA_STRIP_THREADS=threads, EPBAN_SSIM_CUDA_STRIP_ROWS=rows)
             with settings(**env):
@@ -128,8 +131,9 @@ def strip_sweep() -> list[str]:
                 _, gx, _ = one_pass()
             diff = (gx - tile_gx).abs().max().item() / scale
             if diff > 1e-4:
-                failures.append(f"strip {threads}x{rows} at {name}: gradient differs by {diff:.1e}")
-            print(f"| {name} | strip | {threads} | {rows} | {ms:.3f} | {tile_ms / ms:.2f} | {diff:.1e} |", flush=True)
+                failures.append(f"strip {columns} column(s) {threads}x{rows} at {name}: gradient differs by {diff:.1e}")
+            print(f"| {name} | strip | {columns} | {threads} | {rows} | {ms:.3f} | {tile_ms / ms:.2f} | {diff:.1e} |",
+                  flush=True)
     return failures
 
 
