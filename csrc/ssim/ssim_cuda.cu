@@ -66,7 +66,8 @@ constexpr bool kEmulated = true;  // the kernels take CPU tensors
 // kernel<<<grid, block, smem, stream>>>(args), written EPBAN_LAUNCH(grid, block, smem, stream, kernel)(args)
 // so that the emulator can run the same line (a template kernel's name may hold commas).
 #define EPBAN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#define EPBAN_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+// 16-byte aligned: the strip kernel reads it in 16-byte loads
+#define EPBAN_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 constexpr bool kEmulated = false;
 #endif
 
@@ -474,7 +475,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // are register sums (pull form: each value is made once, from values made once). Step i
 // (input row row0 - 10 + i; slot j = i % 11 of the register windows):
 //   (a) the row's u, v go to shared memory (double-buffered) and the next row's loads start;
-//   (b) __syncthreads (the only barrier of the step);
+//   (b) __syncthreads (the only barrier of the step; x, y of (c)'s pixels are loaded before it);
 //   (c) i >= 21: gradient row row0 + i - 21 from the vertically filtered partials of step
 //       i - 1, filtered horizontally (11 taps over shared memory) and combined with x, y;
 //   (d) the horizontal moments of this row at the thread's centre columns -> window slot j;
@@ -488,7 +489,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // Instructions, from the sm_90 SASS of the float, one-gradient kernel, per thread and step:
 // with one column ~360 (167 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the
 // partials' two filters, the formula's and the combine's; 33 FMUL, 11 FADD; 33 shared loads;
-// ~75 integer, branch and address); with two columns ~558, 279 a column (the horizontal
+// ~75 integer, branch and address); with two columns ~565, 282 a column (the horizontal
 // passes read 12 inputs for two outputs, and the step's address and control work is shared).
 // A gradient pixel costs (rows + 20) / rows x centres / (centres - 10) column-steps: 1.11 at
 // 4K, 1.25 at 1080p, 1.74 at 16x3x256x256 with plan_strips' plans for 132 SMs. The tall tile
@@ -669,6 +670,14 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
           if (extra) store_columns<kC>(uv + centres, t, past);
           if (i + 1 < steps) fetch();
         }
+        // x, y of (c)'s pixels, loaded before the barrier so that it covers their latency
+        float cx[kC], cy[kC];
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          const bool wanted = i > 4 * kHalo && grad_col[c];
+          cx[c] = wanted ? static_cast<float>(x[grad_idx + c]) : 0.f;
+          cy[c] = wanted ? static_cast<float>(y[grad_idx + c]) : 0.f;
+        }
         __syncthreads();  // (b)
         // (c)
         if (i > 4 * kHalo && grad_col[0]) {
@@ -701,8 +710,8 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
           for (int c = 0; c < kC; ++c) {
             if (c > 0 && !grad_col[c]) break;
             const int64_t idx = grad_idx + c;
-            const float xv = static_cast<float>(x[idx]);
-            const float yv = static_cast<float>(y[idx]);
+            const float xv = cx[c];
+            const float yv = cy[c];
             const float* d = acc[c];
             if (kWanted == kWantBoth) {
               gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[2] + yv * d[3]);
@@ -930,7 +939,7 @@ struct StripPlan {
 // gradient rows streams rows + 20 input rows, the SMs take ceil(blocks / sms) blocks each,
 // and a launch with fewer centre columns than a multiprocessor keeps resident (512 with the
 // 128-register build) is charged for the latency it cannot hide. The builds' instruction
-// counts differ (per column-step, ~356 with one column a thread, ~278 with two: sm_90 SASS).
+// counts differ (per column-step, ~360 with one column a thread, ~282 with two: sm_90 SASS).
 // EPBAN_SSIM_CUDA_STRIP_COLUMNS (1 or 2, default 2), EPBAN_SSIM_CUDA_STRIP_THREADS (a multiple
 // of 32 in [64, 256] / columns) and EPBAN_SSIM_CUDA_STRIP_ROWS force a choice (for sweeps and
 // tests). The plan of the last shape is kept: a training loop asks for the same one each step.
