@@ -486,16 +486,18 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // The step loop is unrolled by 11 so that every window index is a compile-time register, and
 // the buffers of a step are picked by the parity of j and of the 11-step round.
 //
-// Instructions, from the sm_90 SASS of the float, one-gradient kernel, per thread and step:
-// with one column ~360 (167 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the
+// Instructions, from the sm_90 SASS of the float, one-gradient kernel, per thread and step
+// (scripts/ssim_sass_count.py prints them for every instance):
+// with one column ~365 (167 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the
 // partials' two filters, the formula's and the combine's; 33 FMUL, 11 FADD; 33 shared loads;
-// ~75 integer, branch and address); with two columns ~565, 282 a column (the horizontal
+// ~110 integer, branch and address); with two columns ~565, 282 a column (the horizontal
 // passes read 12 inputs for two outputs, and the step's address and control work is shared).
 // A gradient pixel costs (rows + 20) / rows x centres / (centres - 10) column-steps: 1.11 at
 // 4K, 1.25 at 1080p, 1.74 at 16x3x256x256 with plan_strips' plans for 132 SMs. The tall tile
-// (BwdTile<60>) issues ~460 per pixel, counted the same way from its SASS: phases 1-5 take
-// ~260, 450, ~780 (on 7 of 8 threads), ~230 and ~200 instructions a thread for 1,920 pixels
-// by 480 threads. Not yet timed on a GPU: EPBAN_SSIM_CUDA_BACKWARD=strip selects it.
+// (BwdTile<60>) issues ~460 per pixel, from its SASS loop bodies times their trip counts:
+// phases 1-5 take ~260, 450, ~780 (on 7 of 8 threads), ~230 and ~200 instructions a thread
+// for 1,920 pixels by 480 threads. Not yet timed on a GPU: EPBAN_SSIM_CUDA_BACKWARD=strip.
+//
 // The two builds of the strip kernel: kC adjacent centre columns a thread. One column: up to
 // 256 threads of at most 128 registers (16 warps an SM). Two: up to 128 threads of ~240
 // registers (8 warps an SM), but the horizontal passes read 12 inputs for 2 outputs instead
@@ -939,7 +941,7 @@ struct StripPlan {
 // gradient rows streams rows + 20 input rows, the SMs take ceil(blocks / sms) blocks each,
 // and a launch with fewer centre columns than a multiprocessor keeps resident (512 with the
 // 128-register build) is charged for the latency it cannot hide. The builds' instruction
-// counts differ (per column-step, ~360 with one column a thread, ~282 with two: sm_90 SASS).
+// counts differ (per column-step, ~365 with one column a thread, ~282 with two: sm_90 SASS).
 // EPBAN_SSIM_CUDA_STRIP_COLUMNS (1 or 2, default 2), EPBAN_SSIM_CUDA_STRIP_THREADS (a multiple
 // of 32 in [64, 256] / columns) and EPBAN_SSIM_CUDA_STRIP_ROWS force a choice (for sweeps and
 // tests). The plan of the last shape is kept: a training loop asks for the same one each step.
