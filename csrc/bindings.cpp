@@ -28,6 +28,9 @@ TORCH_LIBRARY(epban, m) {
   // ssim_per_image whose autograd computes the gradients in the forward, with
   // ssim_per_image_and_grad, and only scales them by the upstream gradient in the backward.
   m.def("ssim_per_image_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
+  // The batch mean of ssim_per_image (a 0-dim tensor; reduction "mean"), one pass as above:
+  // one autograd node instead of two (the mean's), and the same gradients.
+  m.def("ssim_mean_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(epban, CPU, m) {
@@ -36,6 +39,7 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cpu>);
   m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cpu>);
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cpu);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_batch_mean<epban::ssim::ssim_per_image_cpu>);
 }
 
 #ifdef EPBAN_WITH_CUDA
@@ -45,6 +49,7 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cuda>);
   m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cuda>);
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cuda);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_batch_mean<epban::ssim::ssim_per_image_cuda>);
 }
 constexpr bool kWithCuda = true;
 #else

@@ -5,7 +5,8 @@
 1. Correctness on CUDA, fresh random odd shapes (the seed is printed; --seed repeats a
    run): forward and both gradients for float32/bfloat16/float16, every reduction, both
    paddings, from NaN-poisoned allocations; float32 training through both the two-pass ops
-   and the one-pass op (ssim_per_image_one_pass); one-input gradients; non-contiguous inputs.
+   and the one-pass ops (ssim_per_image_one_pass, ssim_mean_one_pass); one-input gradients;
+   non-contiguous inputs.
    The same again with the strip backward kernel (EPBAN_SSIM_CUDA_BACKWARD=strip).
    --strip-sweep: the one-pass op with the tile kernel against the strip kernel's own plan
    and forced plans (threads x rows), per shape: times and gradient differences.

@@ -449,6 +449,7 @@ def test_opcheck(padding):
     grad_map = torch.rand(torch.ops.epban.ssim_map(bx, by, 1e-4, 9e-4, same).shape)
     torch.library.opcheck(torch.ops.epban.ssim_backward.default, (grad_map, bx, by, 1e-4, 9e-4, same, True, True))
     torch.library.opcheck(torch.ops.epban.ssim_per_image_one_pass.default, args)
+    torch.library.opcheck(torch.ops.epban.ssim_mean_one_pass.default, args)
     for grad_x, grad_y in ((True, True), (False, True), (False, False)):
         torch.library.opcheck(torch.ops.epban.ssim_per_image_and_grad.default,
                               (bx, by, 1e-4, 9e-4, same, grad_x, grad_y))
@@ -456,16 +457,20 @@ def test_opcheck(padding):
 
 @needs_cpu_kernel
 @pytest.mark.slow
-def test_torch_compile_traces_the_fused_op():
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_compile_traces_the_fused_op(reduction):
+    """fullgraph torch.compile through the one-pass ops (ssim_per_image_one_pass for "none",
+    ssim_mean_one_pass for "mean"): their fake kernels and C++ autograd."""
     x, y = image_pair((2, 3, 24, 20))
-    compiled = torch.compile(lambda a, b: epban.ssim(a, b, reduction="none"), fullgraph=True)
+    compiled = torch.compile(lambda a, b: epban.ssim(a, b, reduction=reduction), fullgraph=True)
     xr = x.clone().requires_grad_(True)
     out = compiled(xr, y)
     out.sum().backward()
-    ref, rgx, _ = value_and_grads(reference("valid", "none"), x.double(), y.double(), "none")
+    ref, rgx, _ = value_and_grads(reference("valid", reduction), x.double(), y.double(), reduction)
+    assert out.shape == ref.shape
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
     xr2 = x.clone().requires_grad_(True)
-    epban.ssim(xr2, y, reduction="none", backend="fused").sum().backward()
+    epban.ssim(xr2, y, reduction=reduction, backend="fused").sum().backward()
     assert torch.allclose(xr.grad, xr2.grad)
 
 
@@ -533,6 +538,24 @@ def check_map_accuracy_on_photos(ssim_map, padding):
 # ---------------------------------------------------------------- the one-pass training op
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_pass_mean_equals_the_mean_of_per_image(device, monkeypatch):
+    """ssim_mean_one_pass (reduction "mean") gives exactly what the per-image op followed by
+    .mean() gives, value and gradients, for any upstream gradient, and a second backward
+    through a retained graph gives the same gradients again."""
+    monkeypatch.setattr(ssim_module, "ONE_PASS_DEVICES", frozenset({device}))
+    x, y = image_pair((3, 2, 21, 26), device=device, seed=11)
+    xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    mean = epban.ssim(xr, yr, backend="fused")
+    per_image = epban.ssim(xr, yr, reduction="none", backend="fused").mean()
+    assert torch.equal(mean, per_image)
+    first = torch.autograd.grad(-0.7 * mean, (xr, yr), retain_graph=True)
+    second = torch.autograd.grad(-0.7 * mean, (xr, yr))
+    expected = torch.autograd.grad(-0.7 * per_image, (xr, yr))
+    for a, b, c in zip(first, second, expected):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
 def _grad_fn_name(out):
     return type(out.grad_fn).__name__ + " " + out.grad_fn.name()
 
@@ -546,8 +569,8 @@ def test_one_pass_serves_training_only(device, monkeypatch):
     xr = x.clone().requires_grad_(True)
     for reduction in ("mean", "none"):
         out = epban.ssim(xr, y, reduction=reduction, backend="fused")
-        node = out.grad_fn if reduction == "none" else out.grad_fn.next_functions[0][0]
-        assert "SsimOnePass" in node.name()
+        assert "SsimOnePass" in out.grad_fn.name()  # for mean too: no MeanBackward node after it
+        assert out.shape == (() if reduction == "mean" else (2,))
     assert "SsimOnePass" not in epban.ssim(xr, y, reduction="map", backend="fused").grad_fn.name()
     assert "SsimOnePass" not in epban.ssim(xr.bfloat16(), y.bfloat16(), reduction="none", backend="fused").grad_fn.name()
     with torch.no_grad():

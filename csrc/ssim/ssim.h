@@ -68,5 +68,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at:
   return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y);
 }
 
+// The batch mean of a device's per-image SSIM: ssim_mean_one_pass below autograd.
+using PerImage = at::Tensor (*)(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
+template <PerImage F>
+at::Tensor ssim_batch_mean(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
+  return F(x, y, c1, c2, same_padding).mean();
+}
+
 }  // namespace ssim
 }  // namespace epban

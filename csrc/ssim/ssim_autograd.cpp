@@ -82,19 +82,21 @@ class SsimFunction : public torch::autograd::Function<SsimFunction> {
 
 class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction> {
  public:
+  // batch_mean: return the mean over the batch (0-dim) instead of the per-image values.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, double c1, double c2,
-                            bool same_padding) {
+                            bool same_padding, bool batch_mean) {
     ctx->save_for_backward({x, y});
     ctx->saved_data["c1"] = c1;
     ctx->saved_data["c2"] = c2;
     ctx->saved_data["same_padding"] = same_padding;
+    ctx->saved_data["batch_mean"] = batch_mean;
     const bool grad_x = x.requires_grad();
     const bool grad_y = y.requires_grad();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y);
     ctx->saved_data["gx"] = grad_x ? c10::IValue(gx) : c10::IValue();
     ctx->saved_data["gy"] = grad_y ? c10::IValue(gy) : c10::IValue();
-    return value;
+    return batch_mean ? value.mean() : value;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -104,10 +106,10 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
     c10::IValue kept_y = ctx->saved_data["gy"];
     ctx->saved_data["gx"] = c10::IValue();  // consumed: scaled in place and handed over below
     ctx->saved_data["gy"] = c10::IValue();
+    const auto saved = ctx->get_saved_variables();
     if ((need_x && !kept_x.isTensor()) || (need_y && !kept_y.isTensor())) {
       // Consumed by an earlier backward (retain_graph): the same one pass again, so that
       // every backward gives bit-identical gradients.
-      const auto saved = ctx->get_saved_variables();
       at::AutoDispatchBelowADInplaceOrView guard;
       auto [value, gx, gy] = call_per_image_and_grad(saved[0], saved[1], ctx->saved_data["c1"].toDouble(),
                                                      ctx->saved_data["c2"].toDouble(),
@@ -115,19 +117,29 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
       kept_x = gx;
       kept_y = gy;
     }
+    // The upstream gradient of each image: (B,) as given, or the mean's, divided by the batch
+    // as MeanBackward divides it (0-dim here: it broadcasts without an expanded copy).
+    const at::Tensor upstream = ctx->saved_data["batch_mean"].toBool()
+                                    ? grads[0].div(saved[0].size(0))
+                                    : grads[0].reshape({-1, 1, 1, 1});
     const auto scale = [&](const c10::IValue& kept) {
       at::Tensor g = kept.toTensor();
-      return g.mul_(grads[0].reshape({-1, 1, 1, 1}).to(g.scalar_type()));
+      return g.mul_(upstream.to(g.scalar_type()));
     };
     at::Tensor gx = need_x ? scale(kept_x) : at::Tensor();
     at::Tensor gy = need_y ? scale(kept_y) : at::Tensor();
-    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor ssim_per_image_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
                                             bool same_padding) {
-  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding);
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, false);
+}
+
+at::Tensor ssim_mean_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                                       bool same_padding) {
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, true);
 }
 
 at::Tensor ssim_per_image_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
@@ -146,4 +158,5 @@ TORCH_LIBRARY_IMPL(epban, Autograd, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_autograd);
   m.impl("ssim_map", &epban::ssim::ssim_map_autograd);
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_one_pass_autograd);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_mean_one_pass_autograd);
 }

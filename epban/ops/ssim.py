@@ -14,8 +14,9 @@ The fused path (``torch.ops.epban.ssim_*``, csrc/ssim/) serves window 11 / sigma
 the CPU (float32/64, float16, bfloat16) and on CUDA (float32, float16, bfloat16). Its
 forward reduces inside the kernel (no map is written for "mean"/"none"); its backward
 recomputes the moments and saves nothing but the inputs. When a float32/float64 input
-requires grad, reductions "mean"/"none" take the one-pass op instead
-(``ssim_per_image_one_pass``, on the devices in ``ONE_PASS_DEVICES``): one kernel pass
+requires grad, reductions "mean"/"none" take the one-pass ops instead
+(``ssim_mean_one_pass``, ``ssim_per_image_one_pass``, on the devices in ``ONE_PASS_DEVICES``;
+the first takes the batch mean below autograd): one kernel pass
 gives the value and the gradient of each image's SSIM, the moments computed once, and the
 backward only scales that gradient by the upstream one (in place: still one image-sized
 buffer per input). The kernels filter u = x + y and v = x - y (four moments, not five;
@@ -163,6 +164,8 @@ def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
     if reduction == "map":
         return torch.ops.epban.ssim_map(x, y, c1, c2, same)
     if _one_pass(x, y):
+        if reduction == "mean":  # the batch mean below autograd: one node, not two
+            return torch.ops.epban.ssim_mean_one_pass(x, y, c1, c2, same)
         per_image = torch.ops.epban.ssim_per_image_one_pass(x, y, c1, c2, same)
     else:
         per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
@@ -201,6 +204,10 @@ def _register_fused() -> None:
     @torch.library.register_fake("epban::ssim_per_image_one_pass")
     def _(x, y, c1, c2, same_padding):
         return x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
+
+    @torch.library.register_fake("epban::ssim_mean_one_pass")
+    def _(x, y, c1, c2, same_padding):
+        return x.new_empty((), dtype=_fused_out_dtype(x))
 
     @torch.library.register_fake("epban::ssim_per_image_and_grad")
     def _(x, y, c1, c2, same_padding, grad_x, grad_y):
