@@ -357,3 +357,25 @@ def test_empty_batch(emu, backward_kernel):
     assert value.shape == (0,) and gx.shape == x.shape and gy.shape == y.shape
     _, gx, _ = emu.gradient_pass(torch.ones(0), x, y, C1, C2, False, True, False)
     assert gx.shape == x.shape
+
+
+@pytest.mark.parametrize("shape, plan, halo", [
+    ((16, 3, 256, 256), [2, 32, 43, 5, 6], 1.74),
+    ((1, 3, 1080, 1920), [2, 128, 99, 8, 11], 1.25),
+    ((1, 3, 2160, 3840), [2, 96, 360, 22, 6], 1.11),
+])
+def test_strip_plans_of_the_benchmark_shapes(emu, monkeypatch, shape, plan, halo):
+    """The plans the README and the kernel's comments quote for an H100's 132 SMs (columns a
+    thread, threads, rows a band, strips, bands), and the halo factor each costs: a gradient
+    pixel's column-steps, (rows + 20) / rows x centres / (centres - 10)."""
+    for name in ("EPBAN_SSIM_CUDA_STRIP_COLUMNS", "EPBAN_SSIM_CUDA_STRIP_THREADS", "EPBAN_SSIM_CUDA_STRIP_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    b, c, h, w = shape
+    got = emu.strip_plan(b * c, h, w, 132)
+    assert got == plan
+    columns, threads, rows, strips, bands = got
+    centres = columns * threads
+    assert strips * (centres - 10) >= w > (strips - 1) * (centres - 10) and bands * rows >= h
+    assert (rows + 20) / rows * centres / (centres - 10) == pytest.approx(halo, abs=0.005)
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_COLUMNS", "1")
+    assert emu.strip_plan(b * c, h, w, 132)[0] == 1

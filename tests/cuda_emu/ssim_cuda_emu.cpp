@@ -25,6 +25,13 @@ int64_t launches() { return epban_emu::settings().launches; }
 // The block sizes (threads) of the launches since the last call, in order, and a reset.
 std::vector<int64_t> take_block_sizes() { return std::exchange(epban_emu::settings().block_sizes, {}); }
 
+// The strip kernel's plan (csrc/ssim/ssim_cuda.cu plan_strips) for a geometry and a count of
+// SMs: columns a thread, threads, rows a band, strips, bands.
+std::vector<int64_t> strip_plan(int64_t planes, int64_t height, int64_t width, int64_t sms) {
+  const auto p = epban::ssim::plan_strips(planes, height, width, static_cast<int>(sms));
+  return {p.columns, p.threads, p.rows, p.strips, p.bands};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(epban_cuda_emu, m) {
@@ -34,4 +41,5 @@ TORCH_LIBRARY(epban_cuda_emu, m) {
   m.def("set_schedule", &set_schedule);
   m.def("launches", &launches);
   m.def("take_block_sizes", &take_block_sizes);
+  m.def("strip_plan", &strip_plan);
 }
