@@ -521,7 +521,7 @@ constexpr int kStripMaxCentres = 256;
 // Dynamic shared memory of the strip kernel for `centres` centre columns: 2 buffers of (u, v)
 // at the input columns, 2 buffers of kPlanes filtered partial planes at the centre columns.
 inline size_t strip_smem_bytes(int centres, int planes) {
-  return sizeof(float) * (2 * 2 * (centres + 4 * kHalo) + 2 * planes * centres);
+  return sizeof(float) * (2 * 2 * (centres + 2 * kHalo) + 2 * planes * centres);
 }
 
 // Shared-memory access of a thread's kC adjacent columns (lead = kC * t): one 8- or 16-byte
@@ -1044,8 +1044,9 @@ at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, do
   return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true);
 }
 
-// The backward kernel over every 32x32 tile of gradient pixels (ssim.h: grad_in undefined is
-// the one-pass mode).
+// The backward over every gradient pixel: the tile kernel (32 columns by 32 or 60 rows), or the
+// strip kernel when selected and the upstream gradient is per image (ssim.h: grad_in
+// undefined is the one-pass mode).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                   const at::Tensor& y_in, double c1, double c2,
                                                                   bool same_padding, bool grad_x, bool grad_y) {
