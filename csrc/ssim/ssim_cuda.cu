@@ -524,54 +524,31 @@ inline size_t strip_smem_bytes(int centres, int planes) {
   return sizeof(float) * (2 * 2 * (centres + 2 * kHalo) + 2 * planes * centres);
 }
 
-// Shared-memory access of a thread's kC adjacent columns (lead = kC * t): one 8- or 16-byte
-// access per float2 row, 4 or 8 bytes per float row, and the kTaps values a thread's outputs
-// read, in 8- or 16-byte loads.
-struct alignas(16) Float2Pair {
-  float2 lo, hi;
+// Shared-memory access of a thread's kC adjacent columns (lead = kC * t) in rows of float2 or
+// float: one access of kC elements (16 or 8 bytes for a pair), and the kTaps elements from
+// lead that a thread's outputs read, in pairs.
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T lo, hi;
 };
 
-template <int kC>
-__device__ __forceinline__ void store_columns(float2* row, int t, const float2 (&v)[kC]) {
+template <int kC, typename T>
+__device__ __forceinline__ void store_columns(T* row, int t, const T (&v)[kC]) {
   if constexpr (kC == 2) {
-    reinterpret_cast<Float2Pair*>(row)[t] = Float2Pair{v[0], v[1]};
+    reinterpret_cast<Pair<T>*>(row)[t] = Pair<T>{v[0], v[1]};
   } else {
     row[t] = v[0];
   }
 }
 
-template <int kC>
-__device__ __forceinline__ void store_columns(float* row, int t, const float (&v)[kC]) {
-  if constexpr (kC == 2) {
-    reinterpret_cast<float2*>(row)[t] = make_float2(v[0], v[1]);
-  } else {
-    row[t] = v[0];
-  }
-}
-
-template <int kC>
-__device__ __forceinline__ void load_taps(const float2* row, int t, float2 (&w)[StripShape<kC>::kTaps]) {
+template <int kC, typename T>
+__device__ __forceinline__ void load_taps(const T* row, int t, T (&w)[StripShape<kC>::kTaps]) {
   if constexpr (kC == 2) {
 #pragma unroll
     for (int k2 = 0; k2 < StripShape<kC>::kTaps / 2; ++k2) {
-      const Float2Pair p = reinterpret_cast<const Float2Pair*>(row)[t + k2];
+      const Pair<T> p = reinterpret_cast<const Pair<T>*>(row)[t + k2];
       w[2 * k2] = p.lo;
       w[2 * k2 + 1] = p.hi;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < StripShape<kC>::kTaps; ++k) w[k] = row[t + k];
-  }
-}
-
-template <int kC>
-__device__ __forceinline__ void load_taps(const float* row, int t, float (&w)[StripShape<kC>::kTaps]) {
-  if constexpr (kC == 2) {
-#pragma unroll
-    for (int k2 = 0; k2 < StripShape<kC>::kTaps / 2; ++k2) {
-      const float2 p = reinterpret_cast<const float2*>(row)[t + k2];
-      w[2 * k2] = p.x;
-      w[2 * k2 + 1] = p.y;
     }
   } else {
 #pragma unroll
