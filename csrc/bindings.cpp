@@ -21,15 +21,16 @@ TORCH_LIBRARY(epban, m) {
       "bool grad_y) -> (Tensor, Tensor)");
   // One pass for training with reduction mean/none: the per-image SSIM and, from the same
   // moments, its gradients for an upstream gradient of 1 per image (d value[b] / d x[b]);
-  // an input whose grad_* is false gets an empty (0,) tensor.
+  // with batch_mean, the batch mean (0-dim) and its gradients (upstream 1 / B per image).
+  // An input whose grad_* is false gets an empty (0,) tensor.
   m.def(
       "ssim_per_image_and_grad(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
-      "bool grad_y) -> (Tensor, Tensor, Tensor)");
+      "bool grad_y, bool batch_mean=False) -> (Tensor, Tensor, Tensor)");
   // ssim_per_image whose autograd computes the gradients in the forward, with
   // ssim_per_image_and_grad, and only scales them by the upstream gradient in the backward.
   m.def("ssim_per_image_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
-  // The batch mean of ssim_per_image (a 0-dim tensor; reduction "mean"), one pass as above:
-  // one autograd node instead of two (the mean's), and the same gradients.
+  // The batch mean of ssim_per_image (a 0-dim tensor; reduction "mean"), one pass as above
+  // with batch_mean: one autograd node instead of two, no mean or division launched.
   m.def("ssim_mean_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
 }
 

@@ -255,6 +255,21 @@ def test_one_pass_matches_reference(emu, backward_kernel, schedule, padding, wan
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(shape[0])), wanted)
 
 
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_one_pass_batch_mean(emu, backward_kernel, padding):
+    """batch_mean: the pass gives the batch mean (one sum over every block) and the gradients
+    of the mean (an upstream gradient of 1 / B per image)."""
+    shape = (3, 2, 37, 45)
+    x, y = image_pair(shape, seed=17)
+    same = padding == "same"
+    with poisoned_allocations():
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, True, True, True),
+                                    backward_kernel)
+    assert value.shape == ()
+    assert_close_rel(value, reference(x.double(), y.double(), padding, "mean"), 1e-5, "value")
+    assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "mean", torch.tensor(1.0)), (True, True))
+
+
 def test_map_accuracy_on_photos(emu):
     """The CUDA kernels' moments of u = x + y and v = x - y (ssim_math.h): within 2.5e-4 of
     float64 on photo pairs, and 3x or more closer than the float32 reference where x ~ y."""

@@ -36,20 +36,25 @@ at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, dou
 // The backward pass over every gradient pixel (ssim_cpu.cpp, ssim_cuda.cu). grad: the upstream
 // gradient, (B,) or the map's; undefined means an upstream gradient of 1 per image, and the
 // per-image SSIM, summed from the same moments, is returned first (else an undefined tensor).
+// batch_mean (with grad undefined only): the value and gradients of the batch mean instead,
+// a 0-dim value and an upstream gradient of 1 / B per image, from the same single pass.
 // An input whose grad_* is false gets an empty (0,) tensor.
 using GradientPass = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& grad, const at::Tensor& x,
                                                                          const at::Tensor& y, double c1, double c2,
-                                                                         bool same_padding, bool grad_x, bool grad_y);
+                                                                         bool same_padding, bool grad_x, bool grad_y,
+                                                                         bool batch_mean);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                  const at::Tensor& y, double c1, double c2,
-                                                                 bool same_padding, bool grad_x, bool grad_y);
+                                                                 bool same_padding, bool grad_x, bool grad_y,
+                                                                 bool batch_mean);
 
 #ifdef EPBAN_WITH_CUDA
 at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                   const at::Tensor& y, double c1, double c2,
-                                                                  bool same_padding, bool grad_x, bool grad_y);
+                                                                  bool same_padding, bool grad_x, bool grad_y,
+                                                                  bool batch_mean);
 #endif
 
 // The ops ssim_backward and ssim_per_image_and_grad of one device, from its gradient pass.
@@ -57,15 +62,15 @@ template <GradientPass Pass>
 std::tuple<at::Tensor, at::Tensor> ssim_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                                  double c1, double c2, bool same_padding, bool grad_x, bool grad_y) {
   TORCH_CHECK(grad.defined(), "ssim_backward: grad must be a tensor");
-  auto [value, gx, gy] = Pass(grad, x, y, c1, c2, same_padding, grad_x, grad_y);
+  auto [value, gx, gy] = Pass(grad, x, y, c1, c2, same_padding, grad_x, grad_y, /*batch_mean=*/false);
   return {gx, gy};
 }
 
 template <GradientPass Pass>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at::Tensor& x, const at::Tensor& y,
                                                                        double c1, double c2, bool same_padding,
-                                                                       bool grad_x, bool grad_y) {
-  return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y);
+                                                                       bool grad_x, bool grad_y, bool batch_mean) {
+  return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean);
 }
 
 // The batch mean of a device's per-image SSIM: ssim_mean_one_pass below autograd.

@@ -14,6 +14,11 @@
 // backward only scales those gradients by the upstream gradient, in place, so no second
 // image-sized buffer is made. A second backward through the same graph (retain_graph)
 // finds them consumed and runs the same pass again (bit-identical gradients).
+// ssim_mean_one_pass is the same Function returning the batch mean (reduction "mean"): the
+// pass itself gives the mean (one sum over the batch's blocks) and its gradients (an upstream
+// gradient of 1 / B per image), so a training step records one autograd node instead of two
+// and launches no mean and no division of the upstream gradient: the backward is one
+// in-place multiply, as for the per-image values.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -48,12 +53,12 @@ std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_per_image_and_grad(const at::Tensor& x, const at::Tensor& y,
                                                                        double c1, double c2, bool same_padding,
-                                                                       bool grad_x, bool grad_y) {
+                                                                       bool grad_x, bool grad_y, bool batch_mean) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epban::ssim_per_image_and_grad", "")
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, double, double, bool, bool, bool)>();
-  return op.call(x, y, c1, c2, same_padding, grad_x, grad_y);
+                                 const at::Tensor&, const at::Tensor&, double, double, bool, bool, bool, bool)>();
+  return op.call(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean);
 }
 
 class SsimFunction : public torch::autograd::Function<SsimFunction> {
@@ -93,10 +98,10 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
     const bool grad_x = x.requires_grad();
     const bool grad_y = y.requires_grad();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y);
+    auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean);
     ctx->saved_data["gx"] = grad_x ? c10::IValue(gx) : c10::IValue();
     ctx->saved_data["gy"] = grad_y ? c10::IValue(gy) : c10::IValue();
-    return batch_mean ? value.mean() : value;
+    return value;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -106,22 +111,22 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
     c10::IValue kept_y = ctx->saved_data["gy"];
     ctx->saved_data["gx"] = c10::IValue();  // consumed: scaled in place and handed over below
     ctx->saved_data["gy"] = c10::IValue();
-    const auto saved = ctx->get_saved_variables();
+    const bool batch_mean = ctx->saved_data["batch_mean"].toBool();
     if ((need_x && !kept_x.isTensor()) || (need_y && !kept_y.isTensor())) {
       // Consumed by an earlier backward (retain_graph): the same one pass again, so that
       // every backward gives bit-identical gradients.
+      const auto saved = ctx->get_saved_variables();
       at::AutoDispatchBelowADInplaceOrView guard;
       auto [value, gx, gy] = call_per_image_and_grad(saved[0], saved[1], ctx->saved_data["c1"].toDouble(),
                                                      ctx->saved_data["c2"].toDouble(),
-                                                     ctx->saved_data["same_padding"].toBool(), need_x, need_y);
+                                                     ctx->saved_data["same_padding"].toBool(), need_x, need_y,
+                                                     batch_mean);
       kept_x = gx;
       kept_y = gy;
     }
-    // The upstream gradient of each image: (B,) as given, or the mean's, divided by the batch
-    // as MeanBackward divides it (0-dim here: it broadcasts without an expanded copy).
-    const at::Tensor upstream = ctx->saved_data["batch_mean"].toBool()
-                                    ? grads[0].div(saved[0].size(0))
-                                    : grads[0].reshape({-1, 1, 1, 1});
+    // The upstream gradient: (B,), one per image, or the batch mean's (0-dim; the pass already
+    // divided by the batch). Either broadcasts over the kept gradients without a copy.
+    const at::Tensor upstream = batch_mean ? grads[0] : grads[0].reshape({-1, 1, 1, 1});
     const auto scale = [&](const c10::IValue& kept) {
       at::Tensor g = kept.toTensor();
       return g.mul_(upstream.to(g.scalar_type()));

@@ -420,10 +420,14 @@ at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, dou
 // The backward pass (see the top of this file and ssim.h) over every (plane, row band).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                  const at::Tensor& y_in, double c1, double c2,
-                                                                 bool same_padding, bool grad_x, bool grad_y) {
+                                                                 bool same_padding, bool grad_x, bool grad_y,
+                                                                 bool batch_mean) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cpu_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
+  TORCH_CHECK(with_value || !batch_mean, "ssim_per_image_and_grad: batch_mean needs no upstream gradient");
+  // Per image: the upstream gradient's share of each map pixel; the batch mean's is 1 / B of it.
+  const double count = static_cast<double>(g.count()) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
   const bool map_grad = !with_value && check_grad_shape(grad_in, g);
   const at::Tensor x = as_compute(x_in);
   const at::Tensor y = as_compute(y_in);
@@ -434,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_backward_cpu", [&] {
       using T = scalar_t;
       const at::Tensor grad = with_value ? at::Tensor() : grad_in.to(x.scalar_type()).contiguous();
-      std::vector<T> g_scalar(g.batch, static_cast<T>(1.0 / static_cast<double>(g.count())));
+      std::vector<T> g_scalar(g.batch, static_cast<T>(1.0 / count));
       if (!with_value && !map_grad) {
         const at::Tensor gd = grad.to(at::kDouble);
         const double* gp = gd.data_ptr<double>();
@@ -469,11 +473,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
         }
       });
       if (with_value) {
-        value = sums.view({g.batch, g.channels * bands}).sum(1).div_(static_cast<double>(g.count())).to(x.scalar_type());
+        const at::Tensor per_image_sums = sums.view({g.batch, g.channels * bands}).sum(1);
+        value = (batch_mean ? per_image_sums.sum() : per_image_sums).div_(count).to(x.scalar_type());
       }
     });
   } else if (with_value) {
     value = forward_cpu(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
+    if (batch_mean) value = value.mean();
   }
   const auto placeholder = [&](const at::Tensor& t) { return at::empty({0}, t.options()); };
   gx = grad_x ? gx.to(x_in.scalar_type()) : placeholder(x_in);

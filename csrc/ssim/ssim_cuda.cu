@@ -1026,15 +1026,21 @@ at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, do
 // undefined is the one-pass mode).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                   const at::Tensor& y_in, double c1, double c2,
-                                                                  bool same_padding, bool grad_x, bool grad_y) {
+                                                                  bool same_padding, bool grad_x, bool grad_y,
+                                                                  bool batch_mean) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
+  TORCH_CHECK(with_value || !batch_mean, "ssim_per_image_and_grad: batch_mean needs no upstream gradient");
   const bool map_grad = !with_value && check_grad_shape(grad_in, g);
   TORCH_CHECK(with_value || grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
+  // The forward's value when no kernel pass gives it: per image, or their batch mean.
+  const auto forward_value = [&]() {
+    at::Tensor per_image = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
+    return batch_mean ? per_image.mean() : per_image;
+  };
   if (with_value && !(grad_x || grad_y)) {
-    return {forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false), at::empty({0}, x_in.options()),
-            at::empty({0}, y_in.options())};
+    return {forward_value(), at::empty({0}, x_in.options()), at::empty({0}, y_in.options())};
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -1042,7 +1048,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   at::Tensor gx = at::empty(grad_x ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor gy = at::empty(grad_y ? y.sizes() : at::IntArrayRef{0}, y.options());
   const auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor value = with_value ? at::empty({g.batch}, fopts) : at::Tensor();
+  at::Tensor value = with_value ? at::empty(batch_mean ? at::IntArrayRef{} : at::IntArrayRef{g.batch}, fopts)
+                                : at::Tensor();
   if (!(grad_x || grad_y)) return {value, gx, gy};
   GradView gv{nullptr, {0, 0, 0, 0}};
   at::Tensor grad;
@@ -1064,12 +1071,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   }
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
   if (blocks == 0) {  // no planes: the forward's answer for the value
-    if (with_value) value = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
+    if (with_value) value = forward_value();
     return {value, gx, gy};
   }
   at::Tensor partial = with_value ? at::empty({blocks}, fopts) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const float inv_count = static_cast<float>(1.0 / static_cast<double>(g.count()));
+  // Per image: the upstream gradient's share of each map pixel; the batch mean's is 1 / B of it.
+  const double count = static_cast<double>(g.count()) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
+  const float inv_count = static_cast<float>(1.0 / count);
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* gx_data = grad_x ? gx.data_ptr<scalar_t>() : nullptr;
@@ -1118,8 +1127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     }
   });
   if (with_value && g.batch > 0) {
-    EPBAN_LAUNCH(static_cast<unsigned>(g.batch), kThreads, 0, stream, ssim_finish_kernel)(
-        partial.data_ptr<float>(), blocks / g.batch, 1.0 / static_cast<double>(g.count()), value.data_ptr<float>());
+    // One sum per image, or one over the batch (the blocks of each image are contiguous).
+    const int64_t sums = batch_mean ? 1 : g.batch;
+    EPBAN_LAUNCH(static_cast<unsigned>(sums), kThreads, 0, stream, ssim_finish_kernel)(
+        partial.data_ptr<float>(), blocks / sums, 1.0 / count, value.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {value, gx, gy};

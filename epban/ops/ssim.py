@@ -16,7 +16,7 @@ forward reduces inside the kernel (no map is written for "mean"/"none"); its bac
 recomputes the moments and saves nothing but the inputs. When a float32/float64 input
 requires grad, reductions "mean"/"none" take the one-pass ops instead
 (``ssim_mean_one_pass``, ``ssim_per_image_one_pass``, on the devices in ``ONE_PASS_DEVICES``;
-the first takes the batch mean below autograd): one kernel pass
+the first gives the batch mean from the same pass): one kernel pass
 gives the value and the gradient of each image's SSIM, the moments computed once, and the
 backward only scales that gradient by the upstream one (in place: still one image-sized
 buffer per input). The kernels filter u = x + y and v = x - y (four moments, not five;
@@ -164,7 +164,7 @@ def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
     if reduction == "map":
         return torch.ops.epban.ssim_map(x, y, c1, c2, same)
     if _one_pass(x, y):
-        if reduction == "mean":  # the batch mean below autograd: one node, not two
+        if reduction == "mean":  # the pass gives the batch mean: one autograd node, not two
             return torch.ops.epban.ssim_mean_one_pass(x, y, c1, c2, same)
         per_image = torch.ops.epban.ssim_per_image_one_pass(x, y, c1, c2, same)
     else:
@@ -210,8 +210,8 @@ def _register_fused() -> None:
         return x.new_empty((), dtype=_fused_out_dtype(x))
 
     @torch.library.register_fake("epban::ssim_per_image_and_grad")
-    def _(x, y, c1, c2, same_padding, grad_x, grad_y):
-        value = x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
+    def _(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean=False):
+        value = x.new_empty(() if batch_mean else (x.shape[0],), dtype=_fused_out_dtype(x))
         return value, x.new_empty(x.shape if grad_x else (0,)), y.new_empty(y.shape if grad_y else (0,))
 
     @torch.library.register_fake("epban::ssim_map")

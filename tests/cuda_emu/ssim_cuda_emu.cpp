@@ -13,11 +13,14 @@ void set_schedule(int64_t order, int64_t seed) {
   epban_emu::settings().seed = static_cast<uint64_t>(seed);
 }
 
-// grad None: the one-pass mode (upstream gradient 1 per image; the per-image SSIM comes first).
+// grad None: the one-pass mode (upstream gradient 1 per image; the per-image SSIM comes first;
+// with batch_mean, their batch mean and its gradients).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass(const std::optional<at::Tensor>& grad, const at::Tensor& x,
                                                              const at::Tensor& y, double c1, double c2,
-                                                             bool same_padding, bool grad_x, bool grad_y) {
-  return epban::ssim::gradient_pass_cuda(grad.value_or(at::Tensor()), x, y, c1, c2, same_padding, grad_x, grad_y);
+                                                             bool same_padding, bool grad_x, bool grad_y,
+                                                             bool batch_mean) {
+  return epban::ssim::gradient_pass_cuda(grad.value_or(at::Tensor()), x, y, c1, c2, same_padding, grad_x, grad_y,
+                                         batch_mean);
 }
 
 int64_t launches() { return epban_emu::settings().launches; }
@@ -37,7 +40,9 @@ std::vector<int64_t> strip_plan(int64_t planes, int64_t height, int64_t width, i
 TORCH_LIBRARY(epban_cuda_emu, m) {
   m.def("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
   m.def("ssim_map", &epban::ssim::ssim_map_cuda);
-  m.def("gradient_pass", &gradient_pass);
+  m.def("gradient_pass(Tensor? grad, Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
+        "bool grad_y, bool batch_mean=False) -> (Tensor, Tensor, Tensor)",
+        &gradient_pass);
   m.def("set_schedule", &set_schedule);
   m.def("launches", &launches);
   m.def("take_block_sizes", &take_block_sizes);
