@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -67,19 +68,9 @@ def two_pass_ssim(x, y):
         return epban.ssim(x, y, backend="fused")
 
 
-@contextlib.contextmanager
 def settings(**env):
     """Environment settings the CUDA kernels read at each launch (csrc/ssim/ssim_cuda.cu)."""
-    previous = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    return mock.patch.dict(os.environ, env)
 
 
 def with_settings(**env):

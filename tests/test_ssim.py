@@ -80,6 +80,21 @@ def assert_close_rel(actual, expected, rel, what):
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} x {scale:.3g}"
 
 
+# The backward kernels of csrc/ssim/ssim_cuda.cu and the settings that select each: both
+# tiles (32 or 60 gradient rows a block; tile_rows_for picks one per launch from the image
+# height), the strip kernel's two builds (two centre columns a thread, the default, and one)
+# with their own plans (plan_strips), and a forced plan of 32 threads and 7-row bands (many
+# strips and bands, a last band of fewer rows). Also used by test_ssim_cuda_emu.py.
+CUDA_BACKWARD_KERNELS = {
+    "tile-32x32": {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"},
+    "tile-32x60": {"EPBAN_SSIM_CUDA_TILE_ROWS": "60"},
+    "strip": {"EPBAN_SSIM_CUDA_BACKWARD": "strip"},
+    "strip-1col": {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "1"},
+    "strip-32x7": {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_THREADS": "32",
+                   "EPBAN_SSIM_CUDA_STRIP_ROWS": "7"},
+}
+
+
 def check_fused(x, y, padding, reduction, tols=(1e-5, 1e-4, 1e-4), grad_atol=0.0, **kw):
     """The fused kernel on x, y (float32 or a half type; it computes in float32) against the
     float64 reference on the same inputs upcast: forward within tols[0], gradients within
@@ -278,23 +293,14 @@ def test_fused_matches_reference(device, shape, padding, reduction, ssim_path):
 
 @needs_cuda_kernel[0]
 @needs_cuda_kernel[1]
-@pytest.mark.parametrize("kernel", ["tile-32x32", "tile-32x60", "strip", "strip-1col", "strip-32x7"])
+@pytest.mark.parametrize("kernel", list(CUDA_BACKWARD_KERNELS))
 @pytest.mark.parametrize("shape", [(1, 3, 257, 131), (2, 2, 61, 95)], ids=lambda s: "x".join(map(str, s)))
 def test_cuda_backward_kernels(kernel, shape, ssim_path, monkeypatch):
-    """Each CUDA backward kernel: both tiles (EPBAN_SSIM_CUDA_TILE_ROWS forces one), the strip
-    kernel's two builds with their own plans and with 32 threads and 7-row bands
-    (EPBAN_SSIM_CUDA_BACKWARD=strip, EPBAN_SSIM_CUDA_STRIP_COLUMNS=1 for the one-column build;
-    it takes per-image upstream gradients, map gradients stay on the tiles), on sizes that leave
-    partial tiles, strips and bands, both training paths, from NaN-poisoned allocations."""
-    if kernel.startswith("tile"):
-        monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", kernel[-2:])
-    else:
-        monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "strip")
-    if kernel == "strip-1col":
-        monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_COLUMNS", "1")
-    if kernel == "strip-32x7":
-        monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_THREADS", "32")
-        monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_ROWS", "7")
+    """Each CUDA backward kernel (CUDA_BACKWARD_KERNELS; map gradients stay on the tiles), on
+    sizes that leave partial tiles, strips and bands, both training paths, from NaN-poisoned
+    allocations."""
+    for name, value in CUDA_BACKWARD_KERNELS[kernel].items():
+        monkeypatch.setenv(name, value)
     x, y = image_pair(shape, device="cuda", seed=sum(shape))
     with poisoned_allocations():
         check_fused(x, y, "valid", "mean")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import epban
-from test_ssim import (assert_as_accurate, assert_close_rel, check_map_accuracy_on_photos, image_pair,
-                       poisoned_allocations)
+from test_ssim import (CUDA_BACKWARD_KERNELS, assert_as_accurate, assert_close_rel, check_map_accuracy_on_photos,
+                       image_pair, poisoned_allocations)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -63,27 +63,16 @@ def schedule(request, emu, rng_seed):
     emu.set_schedule(LANE_ORDER, 0)
 
 
-# The backward kernels of csrc/ssim/ssim_cuda.cu: both tiles (32 or 60 gradient rows a block;
-# tile_rows_for picks one per launch from the image height), and the strip kernel's two builds
-# (two centre columns a thread, the default, and one) with their own plans (plan_strips), and
-# a forced plan of 32 threads and 7-row bands (many strips and bands, a last band of fewer
-# rows). Settings and the block size the kernel must launch with (None: any strip size).
-BACKWARD_KERNELS = {
-    "tile-32x32": ({"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}, 256),
-    "tile-32x60": ({"EPBAN_SSIM_CUDA_TILE_ROWS": "60"}, 480),
-    "strip": ({"EPBAN_SSIM_CUDA_BACKWARD": "strip"}, None),
-    "strip-1col": ({"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "1"}, None),
-    "strip-32x7": ({"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_THREADS": "32",
-                    "EPBAN_SSIM_CUDA_STRIP_ROWS": "7"}, 32),
-}
+# The block size each backward kernel of test_ssim.CUDA_BACKWARD_KERNELS must launch with
+# (None: any strip size, the plan's).
+BLOCK_THREADS = {"tile-32x32": 256, "tile-32x60": 480, "strip": None, "strip-1col": None, "strip-32x7": 32}
 STRIP_THREADS = tuple(range(32, 257, 32))  # the strip kernel's block sizes (both builds)
 TILE_THREADS = (256, 480)
 
 
-@pytest.fixture(params=list(BACKWARD_KERNELS))
+@pytest.fixture(params=list(CUDA_BACKWARD_KERNELS))
 def backward_kernel(request, monkeypatch):
-    settings, _ = BACKWARD_KERNELS[request.param]
-    for name, value in settings.items():
+    for name, value in CUDA_BACKWARD_KERNELS[request.param].items():
         monkeypatch.setenv(name, value)
     return request.param
 
@@ -109,7 +98,7 @@ def reference_grads(x, y, padding, reduction, upstream):
 
 def ran_kernels(emu, fn, kernel=None, map_grad=False):
     """fn() and a check that it launched emulated kernels (not a fallback), and when kernel
-    (a BACKWARD_KERNELS name) is given, that the backward ran with it: its block size, or a
+    (a CUDA_BACKWARD_KERNELS name) is given, that the backward ran with it: its block size, or a
     tile's for a map gradient under the strip setting (map gradients take the tiles)."""
     before = emu.launches()
     emu.take_block_sizes()
@@ -118,7 +107,7 @@ def ran_kernels(emu, fn, kernel=None, map_grad=False):
     if kernel is not None:
         # the gradient pass's kernel is the first launch (the one-pass mode adds a 256-thread sum)
         threads = emu.take_block_sizes()[0]
-        expected = BACKWARD_KERNELS[kernel][1]
+        expected = BLOCK_THREADS[kernel]
         if kernel.startswith("strip") and map_grad:
             assert threads in TILE_THREADS, "a map gradient must take the tiles"
         elif expected is None:

@@ -516,7 +516,6 @@ struct StripShape {
   static constexpr int kMinBlocks = 2;
   static constexpr int kTaps = kC + 2 * kHalo;  // inputs (or partial columns) a thread's outputs read
 };
-constexpr int kStripMaxCentres = 256;
 
 // Dynamic shared memory of the strip kernel for `centres` centre columns: 2 buffers of (u, v)
 // at the input columns, 2 buffers of kPlanes filtered partial planes at the centre columns.
@@ -934,8 +933,8 @@ StripPlan plan_strips(int64_t planes, int64_t height, int64_t width, int sms) {
   const int forced_rows = positive_setting("EPBAN_SSIM_CUDA_STRIP_ROWS");
   TORCH_CHECK(forced_columns <= 2, "EPBAN_SSIM_CUDA_STRIP_COLUMNS must be 1 or 2, got ", forced_columns);
   const int columns = forced_columns ? forced_columns : 2;
-  const int min_threads = 64 / columns;
-  const int max_threads = kStripMaxCentres / columns;
+  const int min_threads = columns == 2 ? StripShape<2>::kMinThreads : StripShape<1>::kMinThreads;
+  const int max_threads = columns == 2 ? StripShape<2>::kMaxThreads : StripShape<1>::kMaxThreads;
   TORCH_CHECK(forced_threads == 0 || (forced_threads % 32 == 0 && forced_threads >= min_threads &&
                                       forced_threads <= max_threads),
               "EPBAN_SSIM_CUDA_STRIP_THREADS must be a multiple of 32 in [", min_threads, ", ", max_threads,
