@@ -64,10 +64,10 @@ def schedule(request, emu, rng_seed):
 
 
 # The block size each backward kernel of test_ssim.CUDA_BACKWARD_KERNELS must launch with
-# (None: any strip size, the plan's).
+# (None: the strip plan's for the shape, from the extension's own planner under the same settings).
 BLOCK_THREADS = {"tile-32x32": 256, "tile-32x60": 480, "strip": None, "strip-1col": None, "strip-32x7": 32}
-STRIP_THREADS = tuple(range(32, 257, 32))  # the strip kernel's block sizes (both builds)
 TILE_THREADS = (256, 480)
+EMULATED_SMS = 132  # cuda_emu.h's cudaDevAttrMultiProcessorCount
 
 
 @pytest.fixture(params=list(CUDA_BACKWARD_KERNELS))
@@ -96,10 +96,11 @@ def reference_grads(x, y, padding, reduction, upstream):
     return torch.autograd.grad(out, (x, y), upstream.double())
 
 
-def ran_kernels(emu, fn, kernel=None, map_grad=False):
+def ran_kernels(emu, fn, kernel=None, map_grad=False, shape=None):
     """fn() and a check that it launched emulated kernels (not a fallback), and when kernel
-    (a CUDA_BACKWARD_KERNELS name) is given, that the backward ran with it: its block size, or a
-    tile's for a map gradient under the strip setting (map gradients take the tiles)."""
+    (a CUDA_BACKWARD_KERNELS name) is given, that the backward ran with it: its block size (a
+    strip kernel's: its plan's for the inputs' shape), or a tile's for a map gradient under the
+    strip setting (map gradients take the tiles)."""
     before = emu.launches()
     emu.take_block_sizes()
     out = fn()
@@ -111,7 +112,9 @@ def ran_kernels(emu, fn, kernel=None, map_grad=False):
         if kernel.startswith("strip") and map_grad:
             assert threads in TILE_THREADS, "a map gradient must take the tiles"
         elif expected is None:
-            assert threads in STRIP_THREADS, f"the backward ran with {threads} threads, not the strip kernel"
+            b, c, h, w = shape
+            planned = emu.strip_plan(b * c, h, w, EMULATED_SMS)[1]
+            assert threads == planned, f"the backward ran with {threads} threads, not {kernel}'s plan ({planned})"
         else:
             assert threads == expected, f"the backward ran with {threads} threads, not {kernel}"
     return out
@@ -204,7 +207,7 @@ def test_backward_matches_reference(emu, backward_kernel, schedule, shape, paddi
         grad, reduction = torch.randn(b, c, out_w, out_h, generator=gen).transpose(2, 3), "map"
     with poisoned_allocations():  # every gradient element must be written
         value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, True, True),
-                                    backward_kernel, map_grad=upstream != "per_image")
+                                    backward_kernel, map_grad=upstream != "per_image", shape=shape)
     ex, ey = reference_grads(x, y, padding, reduction, grad)
     assert_close_rel(gx, ex, 1e-4, "dL/dx")
     assert_close_rel(gy, ey, 1e-4, "dL/dy")
@@ -227,7 +230,7 @@ def test_backward_of_one_input(emu, backward_kernel, padding, wanted, upstream):
         grad, reduction = torch.randn(2, 3, out_h, out_w, generator=gen), "map"
     with poisoned_allocations():
         _, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(grad, x, y, C1, C2, same, *wanted), backward_kernel,
-                                map_grad=upstream == "map")
+                                map_grad=upstream == "map", shape=shape)
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, reduction, grad), wanted)
 
 
@@ -239,7 +242,8 @@ def test_one_pass_matches_reference(emu, backward_kernel, schedule, padding, wan
     x, y = image_pair(shape, seed=5)
     same = padding == "same"
     with poisoned_allocations():
-        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted), backward_kernel)
+        value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, *wanted), backward_kernel,
+                                    shape=shape)
     assert_close_rel(value, reference(x.double(), y.double(), padding, "none"), 1e-5, "value")
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "none", torch.ones(shape[0])), wanted)
 
@@ -253,7 +257,7 @@ def test_one_pass_batch_mean(emu, backward_kernel, padding):
     same = padding == "same"
     with poisoned_allocations():
         value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, same, True, True, True),
-                                    backward_kernel)
+                                    backward_kernel, shape=shape)
     assert value.shape == ()
     assert_close_rel(value, reference(x.double(), y.double(), padding, "mean"), 1e-5, "value")
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "mean", torch.tensor(1.0)), (True, True))
