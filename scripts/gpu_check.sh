@@ -12,6 +12,9 @@
 #       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
 #   GPU_CHECK_QUICK=ssim bash scripts/gpu_check.sh  (~4-5 min: build, the SSIM CUDA tests, the SSIM check with
 #       the backward kernels side by side: tiles, the strip kernel and its plan sweep)
+#   GPU_CHECK_QUICK=ncu bash scripts/gpu_check.sh  (~3 min: build, Nsight Compute on the SSIM kernels
+#       (scripts/ssim_ncu.py: issue slots, occupancy, stall reasons), the SSIM check's timings);
+#       GPU_CHECK_QUICK=ncu-source: build, then the 4K backward kernels' stall samples per SASS line
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
 #   bash scripts/gpu_check.sh                       (everything; ~7.5 min; logs in $OUT or ./gpu_check_out)
 set -uo pipefail
@@ -95,6 +98,24 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
 echo "built in $(( $(date +%s) - start )) s"
 $PY -m epban info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+
+if [ "${GPU_CHECK_QUICK:-}" = ncu-source ]; then
+  step "Nsight Compute: per-instruction stall samples of the 4K backward kernels (CSV in $OUT)"
+  OUT=$OUT timeout 400 $PY scripts/ssim_ncu.py --source || status=1
+  exit $status
+fi
+
+if [ "${GPU_CHECK_QUICK:-}" = ncu ]; then
+  step "Nsight Compute: the SSIM kernels (report in $OUT/ssim_ncu.txt)"
+  OUT=$OUT timeout 250 $PY scripts/ssim_ncu.py 2>&1 | tee "$OUT/ssim_ncu_summary.md"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  step "ssim_gpu_check"
+  timeout 120 $PY scripts/ssim_gpu_check.py >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
+  step "tables"
+  grep -E "^(correctness|ssim_gpu_check)" "$OUT/ssim_gpu_check.md"
+  grep -E "^\| [0-9].*fwd\+bwd \| epban" "$OUT/ssim_gpu_check.md"
+  exit $status
+fi
 
 if [ "${GPU_CHECK_QUICK:-}" = ssim ]; then
   step "SSIM CUDA tests"
