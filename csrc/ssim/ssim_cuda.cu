@@ -481,7 +481,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // are register sums (pull form: each value is made once, from values made once). Step i
 // (input row row0 - 10 + i; slot j = i % 11 of the register windows):
 //   (a) the row's u, v go to shared memory (double-buffered) and the next row's loads start;
-//   (b) __syncthreads (the only barrier of the step; x, y of (c)'s pixels are loaded before it);
+//   (b) __syncthreads (the only barrier of the step; x, y of the next step's (c) pixels are
+//       loaded before it, a step ahead of their use);
 //   (c) i >= 21: gradient row row0 + i - 21 from the vertically filtered partials of step
 //       i - 1, filtered horizontally (11 taps over shared memory) and combined with x, y;
 //   (d) the horizontal moments of this row at the thread's centre columns -> window slot j;
@@ -633,6 +634,7 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
   float hm[kWin][kC][4];        // horizontal moments (mu, mv, euu, evv) of the last 11 input rows
   float pd[kWin][kC][kPlanes];  // partials of the last 11 centre rows at the thread's columns
   float value_sum = 0.f;
+  float cx[kC] = {}, cy[kC] = {};  // x, y of (c)'s pixels, loaded by the step before
   fetch();
   for (int base = 0; base <= steps; base += kWin) {
     const int round_parity = base & 1;  // kWin is odd: a round flips the parity of its steps
@@ -654,13 +656,15 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
           if (extra) store_columns<kC>(uv + centres, t, past);
           if (i + 1 < steps) fetch();
         }
-        // x, y of (c)'s pixels, loaded before the barrier so that it covers their latency
-        float cx[kC], cy[kC];
+        // x, y of the next step's (c) pixels (a row further down), loaded a step ahead: loaded
+        // just before the barrier, the H100 waited for them after it (8 warps an SM cannot
+        // cover a load; ncu: ~30% of the kernel's stall samples on these loads, 2026-11-27)
+        float nx[kC], ny[kC];
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
-          const bool wanted = i > 4 * kHalo && grad_col[c];
-          cx[c] = wanted ? static_cast<float>(x[grad_idx + c]) : 0.f;
-          cy[c] = wanted ? static_cast<float>(y[grad_idx + c]) : 0.f;
+          const bool wanted = i >= 4 * kHalo && i < steps && grad_col[c];
+          nx[c] = wanted ? static_cast<float>(x[grad_idx + width + c]) : 0.f;
+          ny[c] = wanted ? static_cast<float>(y[grad_idx + width + c]) : 0.f;
         }
         __syncthreads();  // (b)
         // (c)
@@ -787,6 +791,11 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
         }
         ++centre_row;
         grad_idx += width;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          cx[c] = nx[c];
+          cy[c] = ny[c];
+        }
       }
     }
   }
