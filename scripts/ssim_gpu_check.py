@@ -14,7 +14,8 @@
    issue a fwd+bwd, the device time of each kernel it launches.
 3. Median times (triton.testing.do_bench, else CUDA events) of epban fused (its default
    policy: the one-pass op for training), epban fused with each backward tile forced
-   (32x32, 32x60), with the strip backward, and forced to the two-pass ops, epban fused's
+   (32x32, 32x60; the tiles, where the strip kernel is the default from 512 x 512), with the
+   strip backward, and forced to the two-pass ops, epban fused's
    fwd+bwd replayed from a CUDA graph (no host time), epban reference, pytorch-msssim,
    torchmetrics and kornia (those importable) at 16x3x256x256, 1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
    the peak extra memory of each at 4K forward+backward; a markdown table with the
@@ -87,12 +88,12 @@ def with_settings(**env):
     return fn
 
 
-STRIP = dict(EPBAN_SSIM_CUDA_BACKWARD="strip")
+STRIP = dict(EPBAN_SSIM_CUDA_BACKWARD="strip")  # also forces it on small images
 
 
 def strip_sweep() -> list[str]:
-    """The one-pass op (value and dL/dx, float32) with the tile kernel (its default pick) against
-    the strip kernel with its own plan and with forced plans (threads x rows), per shape: median
+    """The one-pass op (value and dL/dx, float32) with the tile kernel against the strip kernel
+    with its own plan and with forced plans (threads x rows), per shape: median
     ms and the largest gradient difference from the tile's, relative to its largest element.
     Both builds (two centre columns a thread, the default, and one).
     Returns the plans whose gradient differs by more than 1e-4."""
@@ -118,8 +119,9 @@ def strip_sweep() -> list[str]:
         def one_pass():
             return torch.ops.epban.ssim_per_image_and_grad(x, y, c1, c2, False, True, False)
 
-        tile_ms = median_ms(one_pass)
-        _, tile_gx, _ = one_pass()
+        with settings(EPBAN_SSIM_CUDA_BACKWARD="tile"):  # the tiles (the strip kernel is the default from 512 x 512)
+            tile_ms = median_ms(one_pass)
+            _, tile_gx, _ = one_pass()
         scale = tile_gx.abs().max().item()
         print(f"| {name} | tile | | | | {tile_ms:.3f} | 1.00 | |", flush=True)
         for columns, threads, rows in plans:

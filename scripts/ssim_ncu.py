@@ -4,9 +4,10 @@
     python scripts/ssim_ncu.py --launch   # what ncu profiles: one launch of each kernel below
 
 The one-pass op (value and dL/dx, float32, valid) at 16x3x256x256, 1x3x1080x1920 and
-1x3x2160x3840 with the tall tile (its default pick there), and at 4K with the 32x32 tile and
-the strip kernel's best plan of the H100 sweep (2 columns, 128 threads x 64 rows, 0.627 ms
-against the tile's 0.563 ms, 2026-11-27) and its own plan; the forward alone at 4K. The
+1x3x2160x3840 with the tall tile, and at 4K with the 32x32 tile, the strip kernel with a
+forced plan (2 columns, 128 threads x 64 rows) and with its own plan, and its one-column
+build; the forward alone at 4K. (These found, on an H100 on 2026-11-27, that the strip
+kernel waited on loads issued just before its barrier: ssim_cuda.cu.) The
 summary puts, per kernel: duration, issue slots busy (how near it runs to one instruction a
 scheduler cycle), warps per scheduler (occupancy), registers, and the warp stall reasons
 that take the most cycles per issued instruction (barrier, short scoreboard = shared memory,
@@ -25,9 +26,9 @@ import sys
 C1, C2 = 1e-4, 9e-4
 # (label, shape, settings): one launch each, in this order
 LAUNCHES = [
-    ("one-pass tall tile 16x3x256x256", (16, 3, 256, 256), {}),
-    ("one-pass tall tile 1x3x1080x1920", (1, 3, 1080, 1920), {}),
-    ("one-pass tall tile 1x3x2160x3840", (1, 3, 2160, 3840), {}),
+    ("one-pass tall tile 16x3x256x256", (16, 3, 256, 256), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}),
+    ("one-pass tall tile 1x3x1080x1920", (1, 3, 1080, 1920), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}),
+    ("one-pass tall tile 1x3x2160x3840", (1, 3, 2160, 3840), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}),
     ("one-pass 32x32 tile 1x3x2160x3840", (1, 3, 2160, 3840), {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}),
     ("one-pass strip 2 col 128x64 1x3x2160x3840", (1, 3, 2160, 3840),
      {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "2",

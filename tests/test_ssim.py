@@ -82,7 +82,8 @@ def assert_close_rel(actual, expected, rel, what):
 
 # The backward kernels of csrc/ssim/ssim_cuda.cu and the settings that select each: both
 # tiles (32 or 60 gradient rows a block; tile_rows_for picks one per launch from the image
-# height), the strip kernel's two builds (two centre columns a thread, the default, and one)
+# height; a tile setting also selects the tiles where the strip kernel is the default, on images
+# of 512 x 512 and more), the strip kernel's two builds (two centre columns a thread, the default, and one)
 # with their own plans (plan_strips), and a forced plan of 32 threads and 7-row bands (many
 # strips and bands, a last band of fewer rows). Also used by test_ssim_cuda_emu.py.
 CUDA_BACKWARD_KERNELS = {
@@ -301,6 +302,21 @@ def test_cuda_backward_kernels(kernel, shape, ssim_path, monkeypatch):
     allocations."""
     for name, value in CUDA_BACKWARD_KERNELS[kernel].items():
         monkeypatch.setenv(name, value)
+    x, y = image_pair(shape, device="cuda", seed=sum(shape))
+    with poisoned_allocations():
+        check_fused(x, y, "valid", "mean")
+        check_fused(x, y, "same", "none")
+
+
+@needs_cuda_kernel[0]
+@needs_cuda_kernel[1]
+@pytest.mark.parametrize("shape", [(1, 2, 512, 517), (2, 1, 530, 1100)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_default_backward_on_large_images(shape, ssim_path, monkeypatch):
+    """Images of 512 x 512 and more take the strip kernel with its own plan by default
+    (strip_backward_selected; the emulator tests check which kernel runs)."""
+    for name in ("EPBAN_SSIM_CUDA_BACKWARD", "EPBAN_SSIM_CUDA_TILE_ROWS", "EPBAN_SSIM_CUDA_STRIP_COLUMNS",
+                 "EPBAN_SSIM_CUDA_STRIP_THREADS", "EPBAN_SSIM_CUDA_STRIP_ROWS"):
+        monkeypatch.delenv(name, raising=False)
     x, y = image_pair(shape, device="cuda", seed=sum(shape))
     with poisoned_allocations():
         check_fused(x, y, "valid", "mean")

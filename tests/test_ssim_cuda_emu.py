@@ -322,7 +322,7 @@ def test_bad_tile_rows_setting(emu, monkeypatch):
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"EPBAN_SSIM_CUDA_BACKWARD": "stripe"}, "must be 'tile' or 'strip'"),
+    ({"EPBAN_SSIM_CUDA_BACKWARD": "stripe"}, "must be 'auto', 'tile' or 'strip'"),
     ({"EPBAN_SSIM_CUDA_STRIP_COLUMNS": "3"}, "must be 1 or 2"),
     ({"EPBAN_SSIM_CUDA_STRIP_THREADS": "48"}, r"multiple of 32 in \[32, 128\] with 2 column"),
     ({"EPBAN_SSIM_CUDA_STRIP_THREADS": "256"}, r"multiple of 32 in \[32, 128\] with 2 column"),
@@ -367,10 +367,45 @@ def test_empty_batch(emu, backward_kernel):
     assert gx.shape == x.shape
 
 
+@pytest.mark.parametrize("shape, env, expected", [
+    ((1, 1, 512, 520), {}, "strip"),
+    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "auto"}, "strip"),
+    ((1, 1, 511, 600), {}, "tile"),
+    ((1, 1, 600, 511), {}, "tile"),
+    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}, "tile"),
+    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}, "tile-32x32"),
+    ((1, 1, 13, 29), {"EPBAN_SSIM_CUDA_BACKWARD": "strip"}, "strip"),
+])
+def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
+    """With no setting (or auto) a per-image gradient takes the strip kernel on images of at
+    least 512 x 512 and the tiles below (ssim_cuda.cu strip_backward_selected: the H100 figures);
+    a setting forces either; a map gradient takes the tiles at any size. Each run against the
+    reference, from poisoned allocations."""
+    for name in ("EPBAN_SSIM_CUDA_BACKWARD", "EPBAN_SSIM_CUDA_TILE_ROWS", "EPBAN_SSIM_CUDA_STRIP_COLUMNS",
+                 "EPBAN_SSIM_CUDA_STRIP_THREADS", "EPBAN_SSIM_CUDA_STRIP_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    x, y = image_pair(shape, seed=shape[2])
+    b, c, h, w = shape
+    with poisoned_allocations():
+        value, gx, _ = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, False, True, False))
+    threads = emu.take_block_sizes()[0]
+    if expected == "strip":
+        assert threads not in TILE_THREADS and threads == emu.strip_plan(b * c, h, w, EMULATED_SMS)[1]
+    else:
+        assert threads == (256 if expected == "tile-32x32" else 480)  # tile_rows_for: the tall tile here
+    assert_close_rel(value, reference(x.double(), y.double(), "valid", "none"), 1e-5, "value")
+    assert_wanted_grads((gx, torch.empty(0)), reference_grads(x, y, "valid", "none", torch.ones(b)), (True, False))
+    # a map gradient: the tiles, whatever the size and the setting
+    emu.gradient_pass(torch.ones(b, c, h - 10, w - 10), x, y, C1, C2, False, True, False)
+    assert emu.take_block_sizes()[0] in TILE_THREADS
+
+
 @pytest.mark.parametrize("shape, plan, halo", [
-    ((16, 3, 256, 256), [2, 32, 43, 5, 6], 1.74),
+    ((16, 3, 256, 256), [2, 64, 86, 3, 3], 1.34),
     ((1, 3, 1080, 1920), [2, 128, 99, 8, 11], 1.25),
-    ((1, 3, 2160, 3840), [2, 96, 360, 22, 6], 1.11),
+    ((1, 3, 2160, 3840), [2, 128, 197, 16, 11], 1.15),
 ])
 def test_strip_plans_of_the_benchmark_shapes(emu, monkeypatch, shape, plan, halo):
     """The plans the README and the kernel's comments quote for an H100's 132 SMs (columns a

@@ -19,9 +19,9 @@
 // kernel with an upstream gradient of 1 per image also sums the SSIM values of the
 // centres inside its own tile (tiles partition the image) into one partial per block, and
 // ssim_finish_kernel makes the per-image means: the forward kernel is not run at all.
-// The strip backward (ssim_strip_kernel below, opt-in until timed on a GPU) serves
-// per-image upstream gradients without the tiles' vertical halo: blocks stream down column
-// strips with register windows.
+// The strip backward (ssim_strip_kernel below; the default for images of 512 x 512 and more,
+// strip_backward_selected) serves per-image upstream gradients without the tiles' vertical
+// halo: blocks stream down column strips with register windows.
 // Every pass is register-blocked along its filter direction (a thread makes 4-7 adjacent
 // outputs from inputs held in registers, each product formed once), and the shared-memory
 // pitches are odd where lanes walk down rows, so the passes are free of bank conflicts.
@@ -495,15 +495,20 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 //
 // Instructions, from the sm_90 SASS of the float, one-gradient kernel, per thread and step
 // (scripts/ssim_sass_count.py prints them for every instance):
-// with one column ~365 (167 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the
+// with one column ~372 (167 FFMA: 44 horizontal moments, 44 vertical, 33 + 33 for the
 // partials' two filters, the formula's and the combine's; 33 FMUL, 11 FADD; 33 shared loads;
-// ~110 integer, branch and address); with two columns ~565, 282 a column (the horizontal
+// ~117 integer, branch and address); with two columns ~569, 284 a column (the horizontal
 // passes read 12 inputs for two outputs, and the step's address and control work is shared).
-// A gradient pixel costs (rows + 20) / rows x centres / (centres - 10) column-steps: 1.11 at
-// 4K, 1.25 at 1080p, 1.74 at 16x3x256x256 with plan_strips' plans for 132 SMs. The tall tile
+// A gradient pixel costs (rows + 20) / rows x centres / (centres - 10) column-steps: 1.15 at
+// 4K, 1.25 at 1080p, 1.34 at 16x3x256x256 with plan_strips' plans for 132 SMs. The tall tile
 // (BwdTile<60>) issues ~460 per pixel, from its SASS loop bodies times their trip counts:
 // phases 1-5 take ~260, 450, ~780 (on 7 of 8 threads), ~230 and ~200 instructions a thread
-// for 1,920 pixels by 480 threads. Not yet timed on a GPU: EPBAN_SSIM_CUDA_BACKWARD=strip.
+// for 1,920 pixels by 480 threads (ncu counted 514 a pixel at 4K).
+// Measured on an H100 (ncu, 1x3x2160x3840, 2026-11-27): the strip kernel executes 0.67x the
+// tall tile's instructions but, at 8 warps an SM, issued on 41% of the cycles against the
+// tile's 69%; its warps waited most on the x, y loads of (c), issued just before the barrier.
+// Loaded a step ahead, the kernel went from 0.627 to 0.485 ms (128 threads x 64 rows), and
+// with plan_strips' plan (128 x 197) takes 0.412 ms against the tall tile's 0.563.
 //
 // The two builds of the strip kernel: kC adjacent centre columns a thread. One column: up to
 // 256 threads of at most 128 registers (16 warps an SM). Two: up to 128 threads of ~240
@@ -887,15 +892,26 @@ int tile_rows_for(int64_t height) {
   return tall_cost < short_cost ? TallTile::kRows : ShortTile::kRows;
 }
 
-// Which backward kernel gradient_pass_cuda runs: EPBAN_SSIM_CUDA_BACKWARD=tile (the default
-// until the strip kernel has been timed on a GPU) or strip.
-bool strip_backward_selected() {
+// Which backward kernel gradient_pass_cuda runs for a per-image upstream gradient (map
+// gradients always take the tiles). EPBAN_SSIM_CUDA_BACKWARD=tile or strip forces one, as does
+// EPBAN_SSIM_CUDA_TILE_ROWS (the tiles); unset or auto: the strip kernel for images of at least
+// kStripMinSide rows and columns, the tiles below. Measured on an H100 (2026-11-27, the one-pass
+// op, float32, its own plan against the tall tile): 1.36x faster at 1x3x1080x1920 (0.111 ms
+// against 0.151) and 1.37x at 1x3x2160x3840 (0.412 against 0.563), 0.77x at 16x3x256x256 (0.112
+// against 0.086: short bands repeat the 20 halo rows often and the strips are 2 a plane). Sizes
+// between 256 and 1080 rows were not measured: the bound sits between them.
+constexpr int64_t kStripMinSide = 512;
+
+bool strip_backward_selected(int64_t height, int64_t width) {
   const char* chosen = std::getenv("EPBAN_SSIM_CUDA_BACKWARD");
-  if (chosen == nullptr || *chosen == '\0') return false;
-  const std::string kernel(chosen);
-  TORCH_CHECK(kernel == "tile" || kernel == "strip", "EPBAN_SSIM_CUDA_BACKWARD must be 'tile' or 'strip', got '",
-              kernel, "'");
-  return kernel == "strip";
+  const std::string kernel(chosen ? chosen : "");
+  TORCH_CHECK(kernel.empty() || kernel == "auto" || kernel == "tile" || kernel == "strip",
+              "EPBAN_SSIM_CUDA_BACKWARD must be 'auto', 'tile' or 'strip', got '", kernel, "'");
+  if (kernel == "strip") return true;
+  if (kernel == "tile") return false;
+  const char* tile_rows = std::getenv("EPBAN_SSIM_CUDA_TILE_ROWS");
+  if (tile_rows != nullptr && *tile_rows != '\0') return false;
+  return height >= kStripMinSide && width >= kStripMinSide;
 }
 
 // A positive integer setting, 0 when unset.
@@ -928,11 +944,16 @@ struct StripPlan {
   int columns, threads, rows, strips, bands;
 };
 
-// Picks the plan with the fewest column-steps on the busiest multiprocessor: a band of `rows`
-// gradient rows streams rows + 20 input rows, the SMs take ceil(blocks / sms) blocks each,
-// and a launch with fewer centre columns than a multiprocessor keeps resident (512 with the
-// 128-register build) is charged for the latency it cannot hide. The builds' instruction
-// counts differ (per column-step, ~365 with one column a thread, ~282 with two: sm_90 SASS).
+// Picks the plan with the fewest streamed rows on the busiest multiprocessor. A build keeps a
+// fixed number of warps resident on an SM, set by its registers: 8 with two columns a thread
+// (~230 registers), 16 with one (128). So the planner tries blocks of a quarter or half of
+// them (64 or 128 threads with two columns, 128 or 256 with one: whole warps on each of the 4
+// schedulers; 32 and 96 threads left schedulers idle, 1.2-1.6x slower on an H100), and a launch
+// runs in waves of (resident blocks x SMs) blocks, each as long as its band: rows + 20 input
+// rows. Cost = waves x (rows + 20). On the H100 sweep of 2026-11-27 (ssim_gpu_check.py
+// --strip-sweep) it picks the fastest of the plans tried at 1x3x1080x1920 (128 threads x 99
+// rows, one wave: 0.112 ms) and 1x3x2160x3840 (128 x 197, two waves: 0.412 ms, against 0.426
+// to 0.491 for bands of 64 to 432 rows).
 // EPBAN_SSIM_CUDA_STRIP_COLUMNS (1 or 2, default 2), EPBAN_SSIM_CUDA_STRIP_THREADS (a multiple
 // of 32 in [64, 256] / columns) and EPBAN_SSIM_CUDA_STRIP_ROWS force a choice (for sweeps and
 // tests). The plan of the last shape is kept: a training loop asks for the same one each step.
@@ -957,21 +978,24 @@ StripPlan plan_strips(int64_t planes, int64_t height, int64_t width, int sms) {
   if (std::equal(key, key + 7, cached.key)) return cached.plan;
 
   constexpr int kMinRows = 4;
-  constexpr double kResidentCentres = 512.0;
+  const int resident_warps = columns == 2 ? 8 : 16;  // per SM, from the build's registers
+  // The balanced block sizes, larger first (a tie keeps the wider strip: less horizontal
+  // halo), or the forced one.
+  const int sizes[2] = {forced_threads ? forced_threads : 32 * resident_warps / 2,
+                        forced_threads ? 0 : 32 * resident_warps / 4};
   StripPlan best{columns, 0, 0, 0, 0};
-  double best_cost = 0.0;
-  for (int nt = min_threads; nt <= max_threads; nt += 32) {
-    if (forced_threads && nt != forced_threads) continue;
+  int64_t best_cost = 0;
+  for (const int nt : sizes) {
+    if (nt == 0) continue;
     const int centres = columns * nt;
     const int64_t strips = (width + centres - 2 * kHalo - 1) / (centres - 2 * kHalo);
+    const int64_t per_wave = static_cast<int64_t>(sms) * std::max(1, resident_warps / (nt / 32));
     const int64_t most_bands = forced_rows ? 1 : std::min<int64_t>((height + kMinRows - 1) / kMinRows, 1024);
     for (int64_t tried = 1; tried <= most_bands; ++tried) {
       const int64_t rows = forced_rows ? std::min<int64_t>(forced_rows, height) : (height + tried - 1) / tried;
       const int64_t bands = (height + rows - 1) / rows;
-      const double blocks = static_cast<double>(planes * strips * bands);
-      const double per_sm = std::ceil(blocks / sms);
-      const double starved = std::max(1.0, kResidentCentres * sms / (blocks * centres));
-      const double cost = per_sm * static_cast<double>(rows + 4 * kHalo) * centres * starved;
+      const int64_t waves = (planes * strips * bands + per_wave - 1) / per_wave;
+      const int64_t cost = waves * (rows + 4 * kHalo);
       if (best.threads == 0 || cost < best_cost) {
         best = StripPlan{columns, nt, static_cast<int>(rows), static_cast<int>(strips), static_cast<int>(bands)};
         best_cost = cost;
@@ -1066,7 +1090,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     gv.data = grad.data_ptr<float>();
     for (int64_t d = 0; d < grad.dim(); ++d) gv.stride[d] = grad.stride(d);
   }
-  const bool strip = !map_grad && strip_backward_selected();  // map gradients: the tiles
+  const bool strip = !map_grad && strip_backward_selected(g.height, g.width);  // map gradients: the tiles
   const int tile_rows = strip ? kTile : tile_rows_for(g.height);
   Args a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
   StripPlan plan{};
