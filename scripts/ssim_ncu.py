@@ -74,17 +74,21 @@ def number(text: str, name: str) -> str:
 
 def stalls(block: str) -> str:
     """The largest stall reasons (cycles per issued instruction) from the raw stall metrics."""
-    found = re.findall(r"smsp__average_warp_latency_issue_stalled_(\w+)\.ratio\s+\S*\s+([\d.]+)", block)
-    found += re.findall(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+\S*\s+([\d.]+)", block)
+    found = re.findall(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+\S*\s+([\d.]+)", block)
     top = sorted(((float(v), k) for k, v in found if not k.endswith("_not_issued")), reverse=True)[:5]
     return ", ".join(f"{k} {v:.2f}" for v, k in top) if top else "?"
 
 
-def profile() -> int:
+def out_dir_and_ncu() -> tuple[str, str]:
+    """Where the reports go ($OUT, which comes back from the GPU machine) and the ncu binary."""
     out_dir = os.environ.get("OUT", "gpu_check_out")
     os.makedirs(out_dir, exist_ok=True)
+    return out_dir, shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+
+
+def profile() -> int:
+    out_dir, ncu = out_dir_and_ncu()
     report = os.path.join(out_dir, "ssim_ncu.txt")
-    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     cmd = [ncu, "--clock-control", "none", "-k", "regex:ssim_(backward|strip|forward)_kernel"]
     for s in SECTIONS:
         cmd += ["--section", s]
@@ -117,9 +121,7 @@ def source() -> int:
     """Per-SASS-instruction executed counts and stall samples of the 4K backward kernels (the
     tall tile, the strip kernel's two builds): ncu's source page as CSV, one file per kernel
     ($OUT/ssim_source_<i>.csv), for reading off the machine (where each kernel's warps wait)."""
-    out_dir = os.environ.get("OUT", "gpu_check_out")
-    os.makedirs(out_dir, exist_ok=True)
-    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    out_dir, ncu = out_dir_and_ncu()
     status = 0
     for i, label in enumerate(SOURCE_LAUNCHES):
         rep = os.path.join(out_dir, f"ssim_source_{i}")

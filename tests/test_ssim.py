@@ -96,6 +96,12 @@ CUDA_BACKWARD_KERNELS = {
 }
 
 
+def clear_cuda_kernel_settings(monkeypatch):
+    """No backward-kernel setting of CUDA_BACKWARD_KERNELS: the extension's own choice."""
+    for name in {name for settings in CUDA_BACKWARD_KERNELS.values() for name in settings}:
+        monkeypatch.delenv(name, raising=False)
+
+
 def check_fused(x, y, padding, reduction, tols=(1e-5, 1e-4, 1e-4), grad_atol=0.0, **kw):
     """The fused kernel on x, y (float32 or a half type; it computes in float32) against the
     float64 reference on the same inputs upcast: forward within tols[0], gradients within
@@ -314,9 +320,7 @@ def test_cuda_backward_kernels(kernel, shape, ssim_path, monkeypatch):
 def test_cuda_default_backward_on_large_images(shape, ssim_path, monkeypatch):
     """Images of 512 x 512 and more take the strip kernel with its own plan by default
     (strip_backward_selected; the emulator tests check which kernel runs)."""
-    for name in ("EPBAN_SSIM_CUDA_BACKWARD", "EPBAN_SSIM_CUDA_TILE_ROWS", "EPBAN_SSIM_CUDA_STRIP_COLUMNS",
-                 "EPBAN_SSIM_CUDA_STRIP_THREADS", "EPBAN_SSIM_CUDA_STRIP_ROWS"):
-        monkeypatch.delenv(name, raising=False)
+    clear_cuda_kernel_settings(monkeypatch)
     x, y = image_pair(shape, device="cuda", seed=sum(shape))
     with poisoned_allocations():
         check_fused(x, y, "valid", "mean")

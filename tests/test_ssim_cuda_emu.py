@@ -19,7 +19,7 @@ import torch
 
 import epban
 from test_ssim import (CUDA_BACKWARD_KERNELS, assert_as_accurate, assert_close_rel, check_map_accuracy_on_photos,
-                       image_pair, poisoned_allocations)
+                       clear_cuda_kernel_settings, image_pair, poisoned_allocations)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -381,9 +381,7 @@ def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
     least 512 x 512 and the tiles below (ssim_cuda.cu strip_backward_selected: the H100 figures);
     a setting forces either; a map gradient takes the tiles at any size. Each run against the
     reference, from poisoned allocations."""
-    for name in ("EPBAN_SSIM_CUDA_BACKWARD", "EPBAN_SSIM_CUDA_TILE_ROWS", "EPBAN_SSIM_CUDA_STRIP_COLUMNS",
-                 "EPBAN_SSIM_CUDA_STRIP_THREADS", "EPBAN_SSIM_CUDA_STRIP_ROWS"):
-        monkeypatch.delenv(name, raising=False)
+    clear_cuda_kernel_settings(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     x, y = image_pair(shape, seed=shape[2])

@@ -978,11 +978,11 @@ StripPlan plan_strips(int64_t planes, int64_t height, int64_t width, int sms) {
   if (std::equal(key, key + 7, cached.key)) return cached.plan;
 
   constexpr int kMinRows = 4;
-  const int resident_warps = columns == 2 ? 8 : 16;  // per SM, from the build's registers
+  // Warps an SM holds: what __launch_bounds__(kMaxThreads, kMinBlocks) sizes the registers for.
+  const int resident_warps = StripShape<2>::kMinBlocks * max_threads / 32;
   // The balanced block sizes, larger first (a tie keeps the wider strip: less horizontal
   // halo), or the forced one.
-  const int sizes[2] = {forced_threads ? forced_threads : 32 * resident_warps / 2,
-                        forced_threads ? 0 : 32 * resident_warps / 4};
+  const int sizes[2] = {forced_threads ? forced_threads : max_threads, forced_threads ? 0 : max_threads / 2};
   StripPlan best{columns, 0, 0, 0, 0};
   int64_t best_cost = 0;
   for (const int nt : sizes) {
