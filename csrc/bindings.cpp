@@ -22,16 +22,22 @@ TORCH_LIBRARY(epban, m) {
   // One pass for training with reduction mean/none: the per-image SSIM and, from the same
   // moments, its gradients for an upstream gradient of 1 per image (d value[b] / d x[b]);
   // with batch_mean, the batch mean (0-dim) and its gradients (upstream 1 / B per image).
+  // scale: the value and gradients of scale x the SSIM (a loss's weight, folded in).
   // An input whose grad_* is false gets an empty (0,) tensor.
   m.def(
       "ssim_per_image_and_grad(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
-      "bool grad_y, bool batch_mean=False) -> (Tensor, Tensor, Tensor)");
-  // ssim_per_image whose autograd computes the gradients in the forward, with
+      "bool grad_y, bool batch_mean=False, float scale=1.0) -> (Tensor, Tensor, Tensor)");
+  // scale x ssim_per_image, whose autograd computes the gradients in the forward, with
   // ssim_per_image_and_grad, and only scales them by the upstream gradient in the backward.
-  m.def("ssim_per_image_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
-  // The batch mean of ssim_per_image (a 0-dim tensor; reduction "mean"), one pass as above
-  // with batch_mean: one autograd node instead of two, no mean or division launched.
-  m.def("ssim_mean_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding) -> Tensor");
+  m.def(
+      "ssim_per_image_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding, float scale=1.0) -> "
+      "Tensor");
+  // scale x the batch mean of ssim_per_image (a 0-dim tensor; reduction "mean"), one pass as
+  // above with batch_mean: one autograd node instead of two, no mean or division launched.
+  m.def("ssim_mean_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding, float scale=1.0) -> Tensor");
+  // The one-pass backward: grad *= upstream in place, upstream (B,) or 0-dim; images whose
+  // factor is exactly 1 are not touched (on CUDA the factor is tested on the device).
+  m.def("ssim_scale_gradient_(Tensor(a!) grad, Tensor upstream) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(epban, CPU, m) {
@@ -39,8 +45,9 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_map", &epban::ssim::ssim_map_cpu);
   m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cpu>);
   m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cpu>);
-  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cpu);
-  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_batch_mean<epban::ssim::ssim_per_image_cpu>);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_scaled_per_image<epban::ssim::ssim_per_image_cpu>);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_scaled_batch_mean<epban::ssim::ssim_per_image_cpu>);
+  m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cpu);
 }
 
 #ifdef EPBAN_WITH_CUDA
@@ -49,8 +56,9 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_map", &epban::ssim::ssim_map_cuda);
   m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cuda>);
   m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cuda>);
-  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_cuda);
-  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_batch_mean<epban::ssim::ssim_per_image_cuda>);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_scaled_per_image<epban::ssim::ssim_per_image_cuda>);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_scaled_batch_mean<epban::ssim::ssim_per_image_cuda>);
+  m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cuda);
 }
 constexpr bool kWithCuda = true;
 #else

@@ -1,14 +1,15 @@
 """epban: Efficient-PBAN, a learned perceptual quality metric for image super-resolution.
 
 Public API (see README.md):
-    ssim, SSIMLoss                 structural similarity (reference and fused kernels)
+    ssim, ssim_loss, SSIMLoss      structural similarity (reference and fused kernels), and
+                                   weight * (1 - SSIM) as a loss
     axial_attention, bi_axial_attention
                                    the bi-directional axial attention of the metric
     EfficientPBAN, PBANConfig      the quality network
     PBANLoss, SRLoss               losses for SR training
     info                           versions, and which backend serves each op
 """
-from epban.ops.ssim import ssim
+from epban.ops.ssim import ssim, ssim_loss
 from epban.ops.axial_attention import axial_attention, bi_axial_attention
 from epban.models.pban import EfficientPBAN, PBANConfig
 from epban.losses import SSIMLoss, PBANLoss, SRLoss
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ssim",
+    "ssim_loss",
     "SSIMLoss",
     "axial_attention",
     "bi_axial_attention",

@@ -8,22 +8,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from epban.models.pban import EfficientPBAN
-from epban.ops.ssim import ssim
+from epban.ops.ssim import ssim_loss
 
 
 class SSIMLoss(nn.Module):
-    """1 - SSIM(x, y), averaged over the batch (``reduction="none"``: one value per image)."""
+    """``weight * (1 - SSIM(x, y))``, averaged over the batch (``reduction="none"``: one value
+    per image). Pass the loss weight here rather than multiplying the output: it is folded
+    into the fused kernel pass, and the backward then skips a read and a write of the
+    gradient (``epban.ops.ssim.ssim_loss``)."""
 
     def __init__(self, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid",
-                 reduction="mean", backend="auto"):
+                 reduction="mean", backend="auto", weight=1.0):
         super().__init__()
         if reduction not in ("mean", "none"):
             raise ValueError(f"SSIMLoss reduction must be 'mean' or 'none', got {reduction!r}")
-        self.kwargs = dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+        self.kwargs = dict(weight=weight, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
                            padding=padding, reduction=reduction, backend=backend)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return 1.0 - ssim(x, y, **self.kwargs)
+        return ssim_loss(x, y, **self.kwargs)
 
 
 class PBANLoss(nn.Module):
@@ -89,21 +92,24 @@ class SRLoss(nn.Module):
             raise ValueError(f"loss weights must be non-negative, got l1={l1}, ssim={ssim}, pban={pban}")
         if pban > 0 and pban_model is None:
             raise ValueError("pban > 0 needs pban_model (an EfficientPBAN or a checkpoint path)")
+        if "weight" in (ssim_kwargs or {}):
+            raise ValueError("the SSIM term's weight is SRLoss's ssim argument, not ssim_kwargs['weight']")
         self.weights = {"l1": float(l1), "ssim": float(ssim), "pban": float(pban)}
-        self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}))
+        # The weight goes into the SSIM term itself (folded into the fused pass: see SSIMLoss).
+        self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}), weight=self.weights["ssim"] or 1.0)
         self.pban_loss = (
             PBANLoss(pban_model, rescale=pban_rescale, loss_mode=pban_loss_mode) if pban_model is not None else None
         )
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor):
-        parts = {}
-        total = sr.new_zeros(())
+        weighted = {}  # each active term times its weight
         if self.weights["l1"] > 0:
-            parts["l1"] = F.l1_loss(sr, hr)
+            weighted["l1"] = self.weights["l1"] * F.l1_loss(sr, hr)
         if self.weights["ssim"] > 0:
-            parts["ssim"] = self.ssim_loss(sr, hr)
+            weighted["ssim"] = self.ssim_loss(sr, hr)  # weighted already
         if self.weights["pban"] > 0:
-            parts["pban"] = self.pban_loss(sr, hr)
-        for name, value in parts.items():
-            total = total + self.weights[name] * value
-        return total, {k: v.detach() for k, v in parts.items()}
+            weighted["pban"] = self.weights["pban"] * self.pban_loss(sr, hr)
+        total = sr.new_zeros(())
+        for value in weighted.values():
+            total = total + value
+        return total, {k: v.detach() / self.weights[k] for k, v in weighted.items()}

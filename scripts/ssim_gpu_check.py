@@ -18,7 +18,8 @@
    strip backward, and forced to the two-pass ops, epban fused's
    fwd+bwd replayed from a CUDA graph (no host time), epban reference, pytorch-msssim,
    torchmetrics and kornia (those importable) at 16x3x256x256, 1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
-   the peak extra memory of each at 4K forward+backward; a markdown table with the
+   epban.ssim_loss (the weight folded into the pass) against the weight applied outside
+   (fwd+bwd only); the peak extra memory of each at 4K forward+backward; a markdown table with the
    memory-traffic floor (read two images, + write one gradient for fwd+bwd, at 3.0 TB/s).
 Exits 1 when a correctness check fails. About a minute on an H100. ``--device cpu``
 runs the correctness part against the CPU kernel (a dry run of this script without a GPU).
@@ -244,6 +245,21 @@ def check_correctness(seed: int) -> list[str]:
         n_checks += 1
         if not torch.equal(epban.ssim(xc, yc, reduction="none"), epban.ssim(x, y, reduction="none")):
             failures.append("non-contiguous inputs give a different result")
+        # ssim_loss: the weight folded into the one pass; a random upstream (the in-place scaling
+        # runs) and .backward() (an upstream of 1: the scaling kernel returns at once).
+        for reduction in ("mean", "none"):
+            out, gx, gy = run_with_grads(lambda a, b: epban.ssim_loss(a, b, weight=0.37, reduction=reduction), x, y, 9)
+            ref = run_with_grads(lambda a, b: 0.37 * (1 - ssim_reference(a, b, reduction=reduction)), x.double(),
+                                 y.double(), 9)
+            xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+            epban.ssim_loss(xr, yr, weight=0.37, reduction=reduction).sum().backward()
+            xd, yd = x.double().requires_grad_(True), y.double().requires_grad_(True)
+            (0.37 * (1 - ssim_reference(xd, yd, reduction=reduction))).sum().backward()
+            errs = [abs_err(out, ref[0]), rel_err(gx, ref[1]), rel_err(gy, ref[2]), rel_err(xr.grad, xd.grad),
+                    rel_err(yr.grad, yd.grad)]
+            n_checks += 1
+            if not (errs[0] <= 1e-5 and max(errs[1:]) <= 1e-4):
+                failures.append(f"ssim_loss {reduction}: value {errs[0]:.2e}, grads {max(errs[1:]):.2e}")
         n_checks += 1
         same = epban.ssim(x, x, padding="same", backend="fused").item()
         if abs(same - 1.0) > 1e-6:
@@ -318,12 +334,20 @@ def breakdown() -> None:
             print(f"    {ms:8.4f} ms  x{count}  {key[:100]}")
 
 
+LOSS_FOLDED = "epban ssim_loss(w=0.5)"
+LOSS_OUTSIDE = "epban 0.5 * (1 - ssim)"
+
+
 def timings() -> None:
     impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
     impls = {"epban fused": impls.pop("epban fused"),
              "epban fused, tile 32x32": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="32"),
              "epban fused, tile 32x60": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="60"),
-             "epban fused, strip": with_settings(**STRIP), "epban two-pass": two_pass_ssim, **impls}
+             "epban fused, strip": with_settings(**STRIP), "epban two-pass": two_pass_ssim,
+             # A training loss's SSIM term: the weight folded into the pass (the backward's
+             # scaling skipped on the device), and the same weight applied outside (it runs).
+             LOSS_FOLDED: lambda a, b: epban.ssim_loss(a, b, weight=0.5),
+             LOSS_OUTSIDE: lambda a, b: 0.5 * (1 - epban.ssim(a, b, backend="fused")), **impls}
     rows = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -332,8 +356,8 @@ def timings() -> None:
         for mode in ("fwd", "fwd+bwd"):
             floor_ms = (3 if mode == "fwd+bwd" else 2) * 4 * numel / BANDWIDTH * 1e3
             for name, fn in impls.items():
-                if mode == "fwd" and ("tile" in name or "strip" in name):
-                    continue  # the tile and the strip are the backward's
+                if mode == "fwd" and ("tile" in name or "strip" in name or name in (LOSS_FOLDED, LOSS_OUTSIDE)):
+                    continue  # the tile and the strip are the backward's; the loss rows are training's
                 if mode == "fwd":
 
                     def run(fn=fn):

@@ -20,6 +20,7 @@ def test_ssim_loss_is_one_minus_ssim():
     sr, hr = pair()
     torch.testing.assert_close(SSIMLoss()(sr, hr), 1 - ssim(sr, hr))
     torch.testing.assert_close(SSIMLoss(reduction="none")(sr, hr), 1 - ssim(sr, hr, reduction="none"))
+    torch.testing.assert_close(SSIMLoss(weight=0.3)(sr, hr), 0.3 * (1 - ssim(sr, hr)))
     with pytest.raises(ValueError, match="reduction"):
         SSIMLoss(reduction="map")
 
@@ -54,6 +55,15 @@ def test_sr_loss_sums_weighted_parts(metric):
     assert set(parts) == {"l1", "ssim", "pban"}
     expected = parts["l1"] + 0.5 * parts["ssim"] + 0.1 * parts["pban"]
     torch.testing.assert_close(total, expected)
+    # The parts are unweighted (the SSIM weight is folded into its term): each against its loss.
+    torch.testing.assert_close(parts["l1"], torch.nn.functional.l1_loss(sr, hr))
+    torch.testing.assert_close(parts["ssim"], 1 - ssim(sr, hr))
+    torch.testing.assert_close(parts["pban"], PBANLoss(metric)(sr, hr))
+    # Gradients: those of the weighted sum written out.
+    a, b = sr.clone().requires_grad_(True), sr.clone().requires_grad_(True)
+    SRLoss(l1=0.7, ssim=0.5)(a, hr)[0].backward()
+    (0.7 * torch.nn.functional.l1_loss(b, hr) + 0.5 * (1 - ssim(b, hr))).backward()
+    torch.testing.assert_close(a.grad, b.grad)
     total, parts = SRLoss()(sr, hr)
     assert set(parts) == {"l1"}
 
@@ -63,6 +73,8 @@ def test_sr_loss_refuses_bad_settings():
         SRLoss(pban=1.0)
     with pytest.raises(ValueError, match="non-negative"):
         SRLoss(l1=-1.0)
+    with pytest.raises(ValueError, match="weight"):
+        SRLoss(ssim=0.5, ssim_kwargs={"weight": 2.0})
 
 
 def test_pban_loss_mode_gives_the_same_loss_and_gradient(metric):

@@ -480,25 +480,38 @@ def test_opcheck(padding):
         for batch_mean in (False, True):
             torch.library.opcheck(torch.ops.epban.ssim_per_image_and_grad.default,
                                   (bx, by, 1e-4, 9e-4, same, grad_x, grad_y, batch_mean))
+    torch.library.opcheck(torch.ops.epban.ssim_per_image_and_grad.default,
+                          (bx, by, 1e-4, 9e-4, same, True, True, True, -0.3))
+    torch.library.opcheck(torch.ops.epban.ssim_per_image_one_pass.default, args + (-0.3,))
+    torch.library.opcheck(torch.ops.epban.ssim_mean_one_pass.default, args + (2.5,))
+    torch.library.opcheck(torch.ops.epban.ssim_scale_gradient_.default, (torch.rand(2, 2, 5, 7), torch.rand(2)))
+    torch.library.opcheck(torch.ops.epban.ssim_scale_gradient_.default, (torch.rand(2, 2, 5, 7), torch.tensor(0.5)))
 
 
 @needs_cpu_kernel
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_torch_compile_traces_the_fused_op(reduction):
+@pytest.mark.parametrize("weight", [None, 0.4])
+def test_torch_compile_traces_the_fused_op(reduction, weight):
     """fullgraph torch.compile through the one-pass ops (ssim_per_image_one_pass for "none",
-    ssim_mean_one_pass for "mean"): their fake kernels and C++ autograd."""
+    ssim_mean_one_pass for "mean"): their fake kernels and C++ autograd, whose backward calls
+    the in-place ssim_scale_gradient_; with a weight, through ssim_loss (the scale folded in).
+    The upstream gradient is random, so the scaling runs."""
     x, y = image_pair((2, 3, 24, 20))
-    compiled = torch.compile(lambda a, b: epban.ssim(a, b, reduction=reduction), fullgraph=True)
-    xr = x.clone().requires_grad_(True)
-    out = compiled(xr, y)
-    out.sum().backward()
-    ref, rgx, _ = value_and_grads(reference("valid", reduction), x.double(), y.double(), reduction)
+    if weight is None:
+        fn = lambda a, b: epban.ssim(a, b, reduction=reduction)  # noqa: E731
+        ref_fn = reference("valid", reduction)
+    else:
+        fn = lambda a, b: epban.ssim_loss(a, b, weight=weight, reduction=reduction)  # noqa: E731
+        ref_fn = lambda a, b: weight * (1 - reference("valid", reduction)(a, b))  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    out, gx, _ = value_and_grads(compiled, x, y, reduction)
+    ref, rgx, _ = value_and_grads(ref_fn, x.double(), y.double(), reduction)
     assert out.shape == ref.shape
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
-    xr2 = x.clone().requires_grad_(True)
-    epban.ssim(xr2, y, reduction=reduction, backend="fused").sum().backward()
-    assert torch.allclose(xr.grad, xr2.grad)
+    assert_close_rel(gx, rgx, 1e-4, "grad x")
+    eager = value_and_grads(lambda a, b: fn(a, b), x, y, reduction)
+    assert torch.allclose(gx, eager[1])
 
 
 @pytest.mark.parametrize(
@@ -653,3 +666,132 @@ def test_one_pass_backward_twice_and_one_input(device, monkeypatch):
     assert torch.allclose(out.double().detach(), ref.detach(), atol=1e-5, rtol=0)
     assert_close_rel(first[0], rgx, 1e-4, "grad x")
     assert_close_rel(first[1], rgy, 1e-4, "grad y")
+
+
+# ---------------------------------------------------------------- ssim_loss: the weight folded in
+
+
+def signalling_nans(shape, device):
+    """float32 signalling NaNs (0x7f800001): any arithmetic on one returns a quiet NaN (a
+    multiply by 1 included), so an element that still holds the pattern was never multiplied."""
+    return torch.full(shape, 0x7F800001, dtype=torch.int32).view(torch.float32).to(device)
+
+
+def is_signalling_nan(t):
+    return t.cpu().view(torch.int32) == 0x7F800001
+
+
+def check_scale_gradient(scale_gradient_, device, *, per_image_skip):
+    """grad *= upstream, in place, for every upstream layout the one-pass backward gets: 0-dim,
+    (B,), expanded (from .sum()), strided; grads whose images are dense runs of any length
+    (multiples of 4 or not), channels_last, and a strided view (no dense run). Factors of
+    exactly 1 leave their elements unwritten: on CUDA (per_image_skip) per image, on the CPU
+    when every factor is 1."""
+    gen = torch.Generator().manual_seed(8)
+    grads = {
+        "odd": torch.randn((3, 2, 13, 17), generator=gen),
+        "vec4": torch.randn((3, 2, 8, 12), generator=gen),
+        "channels_last": torch.randn((3, 2, 9, 11), generator=gen).to(memory_format=torch.channels_last),
+        "strided": torch.randn((3, 2, 9, 22), generator=gen)[..., ::2],
+    }
+    wide = torch.tensor([1.0, 7.0, 2.5, 7.0, 1.0, 7.0])
+    upstreams = {
+        "0-dim": torch.tensor(-0.7),
+        "0-dim one": torch.tensor(1.0),
+        "per image": torch.tensor([1.0, 2.5, -3.0]),
+        "mixed ones": wide[::2],
+        "expanded ones": torch.tensor(1.0).expand(3),
+        "all ones": torch.ones(3),
+    }
+    for gname, grad in grads.items():
+        for uname, upstream in upstreams.items():
+            g = grad.to(device)
+            expected = g * (upstream if upstream.dim() == 0 else upstream.view(3, 1, 1, 1)).to(device)
+            scale_gradient_(g, upstream.to(device))
+            assert torch.equal(g, expected), f"{gname}, {uname}"
+    # Unwritten where the factor is 1: signalling NaNs survive only where nothing multiplied.
+    for uname, upstream, kept in (("all ones", torch.ones(3), [True] * 3),
+                                  ("0-dim one", torch.tensor(1.0), [True] * 3),
+                                  ("mixed", torch.tensor([1.0, 2.0, 1.0]), [per_image_skip, False, per_image_skip]),
+                                  ("none", torch.tensor([2.0, 2.0, 2.0]), [False] * 3)):
+        g = signalling_nans((3, 2, 13, 17), device)
+        scale_gradient_(g, upstream.to(device))
+        assert torch.isnan(g).all()
+        for image in range(3):
+            assert bool(is_signalling_nan(g[image]).all()) == kept[image], f"{uname}, image {image}"
+    with pytest.raises(RuntimeError, match="upstream must be"):
+        scale_gradient_(torch.zeros((3, 2, 13, 17), device=device), torch.ones(2, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_gradient_op(device):
+    check_scale_gradient(torch.ops.epban.ssim_scale_gradient_, device, per_image_skip=device == "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_ssim_loss_matches_weighted_one_minus_ssim(device, reduction, padding, ssim_path):
+    """ssim_loss(weight=w) = w (1 - SSIM): value and the gradients of both inputs against the
+    float64 reference, for a random upstream gradient (the scaling runs) and for .backward()
+    of its sum (an upstream of 1: the scaling is skipped), on both paths; weight 0 too."""
+    x, y = image_pair((2, 3, 29, 17), device=device, seed=9)
+    for weight in (1.0, 0.37, 0.0):
+        fn = lambda a, b: epban.ssim_loss(a, b, weight=weight, padding=padding, reduction=reduction)  # noqa: E731
+        ref_fn = lambda a, b: weight * (1 - reference(padding, reduction)(a, b))  # noqa: E731
+        out, gx, gy = value_and_grads(fn, x, y, reduction)
+        ref, rgx, rgy = value_and_grads(ref_fn, x.double(), y.double(), reduction)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0), weight
+        for ours, exact, name in ((gx, rgx, "grad x"), (gy, rgy, "grad y")):
+            if weight == 0:
+                assert torch.equal(ours, torch.zeros_like(ours))
+            else:
+                assert_close_rel(ours, exact, 1e-4, f"{name}, weight {weight}")
+        xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        fn(xr, yr).sum().backward()
+        xd, yd = x.double().requires_grad_(True), y.double().requires_grad_(True)
+        ref_fn(xd, yd).sum().backward()
+        if weight != 0:
+            assert_close_rel(xr.grad, xd.grad, 1e-4, "grad x, upstream 1")
+            assert_close_rel(yr.grad, yd.grad, 1e-4, "grad y, upstream 1")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ssim_loss_hands_the_op_an_upstream_of_one(device, monkeypatch):
+    """On the one-pass path ssim_loss is (-w SSIM) + w: the add passes a loss's upstream
+    gradient of 1 to the op unchanged, and its backward then multiplies nothing. On the CPU
+    that shows in the profile: no aten::mul_ in the backward of ssim_loss, one in that of
+    w * (1 - ssim) (the control: the scaling runs there)."""
+    monkeypatch.setattr(ssim_module, "ONE_PASS_DEVICES", frozenset({device}))
+    x, y = image_pair((2, 3, 24, 20), device=device)
+    xr = x.clone().requires_grad_(True)
+    loss = epban.ssim_loss(xr, y, weight=0.3)
+    assert loss.grad_fn.name() == "AddBackward0"
+    assert "SsimOnePass" in loss.grad_fn.next_functions[0][0].name()
+    if device != "cpu":
+        return
+
+    def backward_ops(make_loss):
+        xr.grad = None
+        loss = make_loss()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss.backward()
+        return {e.key: e.count for e in prof.key_averages()}
+
+    folded = backward_ops(lambda: epban.ssim_loss(xr, y, weight=0.3))
+    outside = backward_ops(lambda: 0.3 * (1 - epban.ssim(xr, y)))
+    assert folded.get("epban::ssim_scale_gradient_") == 1 and outside.get("epban::ssim_scale_gradient_") == 1
+    assert "aten::mul_" not in folded
+    assert outside.get("aten::mul_") == 1
+
+
+def test_ssim_loss_bad_arguments():
+    x, y = image_pair((1, 1, 16, 16))
+    for weight in (float("nan"), float("inf"), "1", True, torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="weight"):
+            epban.ssim_loss(x, y, weight=weight)
+    with pytest.raises(ValueError, match="reduction"):
+        epban.ssim_loss(x, y, reduction="map")
+    with pytest.raises(ValueError, match="at least 11x11"):
+        epban.ssim_loss(x[..., :9, :], y[..., :9, :])

@@ -19,7 +19,7 @@ import torch
 
 import epban
 from test_ssim import (CUDA_BACKWARD_KERNELS, assert_as_accurate, assert_close_rel, check_map_accuracy_on_photos,
-                       clear_cuda_kernel_settings, image_pair, poisoned_allocations)
+                       check_scale_gradient, clear_cuda_kernel_settings, image_pair, poisoned_allocations)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -261,6 +261,47 @@ def test_one_pass_batch_mean(emu, backward_kernel, padding):
     assert value.shape == ()
     assert_close_rel(value, reference(x.double(), y.double(), padding, "mean"), 1e-5, "value")
     assert_wanted_grads((gx, gy), reference_grads(x, y, padding, "mean", torch.tensor(1.0)), (True, True))
+
+
+@pytest.mark.parametrize("batch_mean", [False, True])
+def test_one_pass_scale(emu, backward_kernel, batch_mean):
+    """scale (ssim_loss's folded weight): the value and gradients of scale x the SSIM, from
+    the same pass; scale 0 gives zero gradients."""
+    shape = (2, 3, 31, 40)
+    x, y = image_pair(shape, seed=21)
+    reduction = "mean" if batch_mean else "none"
+    upstream = torch.tensor(1.0) if batch_mean else torch.ones(shape[0])
+    rx, ry = reference_grads(x, y, "valid", reduction, upstream)
+    exact = reference(x.double(), y.double(), "valid", reduction)
+    for scale in (-0.37, 0.0):
+        with poisoned_allocations():
+            value, gx, gy = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, False, True, True, batch_mean,
+                                                                        scale), backward_kernel, shape=shape)
+        assert value.shape == exact.shape
+        assert torch.allclose(value.double(), scale * exact, atol=1e-6, rtol=0)
+        if scale == 0:
+            assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gy, torch.zeros_like(gy))
+        else:
+            assert_wanted_grads((gx, gy), (scale * rx, scale * ry), (True, True))
+    with pytest.raises(RuntimeError, match="scale needs no upstream gradient"):
+        emu.gradient_pass(torch.ones(2), x, y, C1, C2, False, True, True, False, 0.5)
+
+
+def test_scale_gradient_kernel(emu, schedule):
+    """ssim_scale_gradient_'s CUDA kernel (float4 and scalar paths, 0-dim and per-image
+    factors of any strides) and its ATen fallback for grads without dense images: in-place
+    products, and elements of images whose factor is exactly 1 left unwritten."""
+    launched = []
+
+    def scale_gradient_(grad, upstream):
+        before = emu.launches()
+        emu.scale_gradient_(grad, upstream)
+        dense = grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)
+        launched.append((dense, emu.launches() - before))
+
+    check_scale_gradient(scale_gradient_, "cpu", per_image_skip=True)
+    assert {n for dense, n in launched if dense} == {1}, "dense grads take the kernel, one launch each"
+    assert {n for dense, n in launched if not dense} == {0}, "a strided grad takes the ATen multiply"
 
 
 def test_map_accuracy_on_photos(emu):

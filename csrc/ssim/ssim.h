@@ -31,6 +31,9 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, bool same_paddi
 // Returns true for a map gradient.
 bool check_grad_shape(const at::Tensor& grad, const Geometry& g);
 
+// Checks ssim_scale_gradient_'s arguments; the upstream factors shaped to broadcast over grad.
+at::Tensor upstream_factors(const at::Tensor& grad, const at::Tensor& upstream);
+
 at::Tensor ssim_per_image_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 // The backward pass over every gradient pixel (ssim_cpu.cpp, ssim_cuda.cu). grad: the upstream
@@ -38,15 +41,23 @@ at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, dou
 // per-image SSIM, summed from the same moments, is returned first (else an undefined tensor).
 // batch_mean (with grad undefined only): the value and gradients of the batch mean instead,
 // a 0-dim value and an upstream gradient of 1 / B per image, from the same single pass.
+// scale (with grad undefined only): the value and its gradients are those of scale x the SSIM,
+// so that a loss w (1 - SSIM) = w + (-w SSIM) reaches the op with an upstream gradient of 1,
+// whose in-place scaling ssim_scale_gradient_ skips (see ssim_autograd.cpp).
 // An input whose grad_* is false gets an empty (0,) tensor.
 using GradientPass = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& grad, const at::Tensor& x,
                                                                          const at::Tensor& y, double c1, double c2,
                                                                          bool same_padding, bool grad_x, bool grad_y,
-                                                                         bool batch_mean);
+                                                                         bool batch_mean, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                  const at::Tensor& y, double c1, double c2,
                                                                  bool same_padding, bool grad_x, bool grad_y,
-                                                                 bool batch_mean);
+                                                                 bool batch_mean, double scale);
+// grad *= upstream, in place: upstream is (B,) (one factor per image, any strides) or 0-dim.
+// Nothing is written where a factor is exactly 1 (a multiply by 1 changes no bit): on CUDA
+// each block reads its factor on the device and returns, so no host sync and a CUDA graph
+// re-reads it on each replay; on the CPU the factors are read on the host.
+void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& upstream);
 
 #ifdef EPBAN_WITH_CUDA
 at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
@@ -54,7 +65,8 @@ at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, do
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                                   const at::Tensor& y, double c1, double c2,
                                                                   bool same_padding, bool grad_x, bool grad_y,
-                                                                  bool batch_mean);
+                                                                  bool batch_mean, double scale);
+void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream);
 #endif
 
 // The ops ssim_backward and ssim_per_image_and_grad of one device, from its gradient pass.
@@ -62,22 +74,32 @@ template <GradientPass Pass>
 std::tuple<at::Tensor, at::Tensor> ssim_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                                  double c1, double c2, bool same_padding, bool grad_x, bool grad_y) {
   TORCH_CHECK(grad.defined(), "ssim_backward: grad must be a tensor");
-  auto [value, gx, gy] = Pass(grad, x, y, c1, c2, same_padding, grad_x, grad_y, /*batch_mean=*/false);
+  auto [value, gx, gy] = Pass(grad, x, y, c1, c2, same_padding, grad_x, grad_y, /*batch_mean=*/false, /*scale=*/1.0);
   return {gx, gy};
 }
 
 template <GradientPass Pass>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at::Tensor& x, const at::Tensor& y,
                                                                        double c1, double c2, bool same_padding,
-                                                                       bool grad_x, bool grad_y, bool batch_mean) {
-  return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean);
+                                                                       bool grad_x, bool grad_y, bool batch_mean,
+                                                                       double scale) {
+  return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
 }
 
-// The batch mean of a device's per-image SSIM: ssim_mean_one_pass below autograd.
+// The one-pass ops below autograd (no gradient wanted): scale x the per-image SSIM of a
+// device, or scale x their batch mean.
 using PerImage = at::Tensor (*)(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 template <PerImage F>
-at::Tensor ssim_batch_mean(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
-  return F(x, y, c1, c2, same_padding).mean();
+at::Tensor ssim_scaled_per_image(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+                                 double scale) {
+  at::Tensor value = F(x, y, c1, c2, same_padding);
+  return scale == 1.0 ? value : value.mul_(scale);
+}
+template <PerImage F>
+at::Tensor ssim_scaled_batch_mean(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+                                  double scale) {
+  at::Tensor value = F(x, y, c1, c2, same_padding).mean();
+  return scale == 1.0 ? value : value.mul_(scale);
 }
 
 }  // namespace ssim

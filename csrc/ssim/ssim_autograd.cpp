@@ -11,14 +11,18 @@
 // ssim_per_image_one_pass is the training path for reductions mean/none: its forward runs
 // ssim_per_image_and_grad, one pass that gives the value and d value[b] / d input (the
 // moments are computed once instead of in a forward and again in the backward), and its
-// backward only scales those gradients by the upstream gradient, in place, so no second
-// image-sized buffer is made. A second backward through the same graph (retain_graph)
+// backward only scales those gradients by the upstream gradient, in place (ssim_scale_gradient_),
+// so no second image-sized buffer is made. A second backward through the same graph (retain_graph)
 // finds them consumed and runs the same pass again (bit-identical gradients).
 // ssim_mean_one_pass is the same Function returning the batch mean (reduction "mean"): the
 // pass itself gives the mean (one sum over the batch's blocks) and its gradients (an upstream
 // gradient of 1 / B per image), so a training step records one autograd node instead of two
 // and launches no mean and no division of the upstream gradient: the backward is one
 // in-place multiply, as for the per-image values.
+// Both take a scale (the value and gradients of scale x the SSIM): epban.ssim_loss computes
+// w (1 - SSIM) as w + (-w SSIM), so that a loss's backward reaches the op with an upstream
+// gradient of exactly 1 and ssim_scale_gradient_ writes nothing (tested on the device on
+// CUDA): the backward costs a launch instead of a read and a write of each gradient.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -53,12 +57,20 @@ std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_per_image_and_grad(const at::Tensor& x, const at::Tensor& y,
                                                                        double c1, double c2, bool same_padding,
-                                                                       bool grad_x, bool grad_y, bool batch_mean) {
+                                                                       bool grad_x, bool grad_y, bool batch_mean,
+                                                                       double scale) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epban::ssim_per_image_and_grad", "")
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, double, double, bool, bool, bool, bool)>();
-  return op.call(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean);
+                                 const at::Tensor&, const at::Tensor&, double, double, bool, bool, bool, bool, double)>();
+  return op.call(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
+}
+
+void call_scale_gradient(at::Tensor& grad, const at::Tensor& upstream) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epban::ssim_scale_gradient_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&)>();
+  op.call(grad, upstream);
 }
 
 class SsimFunction : public torch::autograd::Function<SsimFunction> {
@@ -89,16 +101,17 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
  public:
   // batch_mean: return the mean over the batch (0-dim) instead of the per-image values.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, double c1, double c2,
-                            bool same_padding, bool batch_mean) {
+                            bool same_padding, bool batch_mean, double scale) {
     ctx->save_for_backward({x, y});
     ctx->saved_data["c1"] = c1;
     ctx->saved_data["c2"] = c2;
     ctx->saved_data["same_padding"] = same_padding;
     ctx->saved_data["batch_mean"] = batch_mean;
+    ctx->saved_data["scale"] = scale;
     const bool grad_x = x.requires_grad();
     const bool grad_y = y.requires_grad();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean);
+    auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
     ctx->saved_data["gx"] = grad_x ? c10::IValue(gx) : c10::IValue();
     ctx->saved_data["gy"] = grad_y ? c10::IValue(gy) : c10::IValue();
     return value;
@@ -120,31 +133,32 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
       auto [value, gx, gy] = call_per_image_and_grad(saved[0], saved[1], ctx->saved_data["c1"].toDouble(),
                                                      ctx->saved_data["c2"].toDouble(),
                                                      ctx->saved_data["same_padding"].toBool(), need_x, need_y,
-                                                     batch_mean);
+                                                     batch_mean, ctx->saved_data["scale"].toDouble());
       kept_x = gx;
       kept_y = gy;
     }
     // The upstream gradient: (B,), one per image, or the batch mean's (0-dim; the pass already
-    // divided by the batch). Either broadcasts over the kept gradients without a copy.
-    const at::Tensor upstream = batch_mean ? grads[0] : grads[0].reshape({-1, 1, 1, 1});
+    // divided by the batch). The op leaves images whose factor is exactly 1 untouched.
+    at::AutoDispatchBelowADInplaceOrView guard;
     const auto scale = [&](const c10::IValue& kept) {
       at::Tensor g = kept.toTensor();
-      return g.mul_(upstream.to(g.scalar_type()));
+      call_scale_gradient(g, grads[0]);
+      return g;
     };
     at::Tensor gx = need_x ? scale(kept_x) : at::Tensor();
     at::Tensor gy = need_y ? scale(kept_y) : at::Tensor();
-    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor ssim_per_image_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
-                                            bool same_padding) {
-  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, false);
+                                            bool same_padding, double scale) {
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, false, scale);
 }
 
 at::Tensor ssim_mean_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
-                                       bool same_padding) {
-  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, true);
+                                       bool same_padding, double scale) {
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, true, scale);
 }
 
 at::Tensor ssim_per_image_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {

@@ -421,11 +421,12 @@ at::Tensor ssim_map_cpu(const at::Tensor& x, const at::Tensor& y, double c1, dou
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                  const at::Tensor& y_in, double c1, double c2,
                                                                  bool same_padding, bool grad_x, bool grad_y,
-                                                                 bool batch_mean) {
+                                                                 bool batch_mean, double scale) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cpu_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
   TORCH_CHECK(with_value || !batch_mean, "ssim_per_image_and_grad: batch_mean needs no upstream gradient");
+  TORCH_CHECK(with_value || scale == 1.0, "ssim_per_image_and_grad: scale needs no upstream gradient");
   // Per image: the upstream gradient's share of each map pixel; the batch mean's is 1 / B of it.
   const double count = static_cast<double>(g.count()) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
   const bool map_grad = !with_value && check_grad_shape(grad_in, g);
@@ -438,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_backward_cpu", [&] {
       using T = scalar_t;
       const at::Tensor grad = with_value ? at::Tensor() : grad_in.to(x.scalar_type()).contiguous();
-      std::vector<T> g_scalar(g.batch, static_cast<T>(1.0 / count));
+      std::vector<T> g_scalar(g.batch, static_cast<T>(scale / count));
       if (!with_value && !map_grad) {
         const at::Tensor gd = grad.to(at::kDouble);
         const double* gp = gd.data_ptr<double>();
@@ -474,17 +475,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
       });
       if (with_value) {
         const at::Tensor per_image_sums = sums.view({g.batch, g.channels * bands}).sum(1);
-        value = (batch_mean ? per_image_sums.sum() : per_image_sums).div_(count).to(x.scalar_type());
+        value = (batch_mean ? per_image_sums.sum() : per_image_sums).div_(count);
+        if (scale != 1.0) value.mul_(scale);
+        value = value.to(x.scalar_type());
       }
     });
   } else if (with_value) {
     value = forward_cpu(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
     if (batch_mean) value = value.mean();
+    if (scale != 1.0) value = value.mul(scale);
   }
   const auto placeholder = [&](const at::Tensor& t) { return at::empty({0}, t.options()); };
   gx = grad_x ? gx.to(x_in.scalar_type()) : placeholder(x_in);
   gy = grad_y ? gy.to(y_in.scalar_type()) : placeholder(y_in);
   return {value, gx, gy};
+}
+
+void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& upstream) {
+  TORCH_CHECK(grad.device().is_cpu(), "ssim_scale_gradient_ (CPU kernel): grad must be a CPU tensor");
+  const at::Tensor factors = upstream_factors(grad, upstream);
+  // Read on the host (free on the CPU): the usual upstream of a loss's backward is 1.
+  if (grad.numel() == 0 || upstream.eq(1).all().item<bool>()) return;
+  grad.mul_(factors.to(grad.scalar_type()));
 }
 
 }  // namespace ssim

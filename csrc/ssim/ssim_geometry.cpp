@@ -3,6 +3,8 @@
 // beside it.
 #include "ssim/ssim.h"
 
+#include <vector>
+
 namespace epban {
 namespace ssim {
 
@@ -35,6 +37,18 @@ bool check_grad_shape(const at::Tensor& grad, const Geometry& g) {
               "ssim_backward: map gradient must have shape (", g.batch, ", ", g.channels, ", ", g.out_h, ", ", g.out_w,
               "), got ", grad.sizes());
   return true;
+}
+
+at::Tensor upstream_factors(const at::Tensor& grad, const at::Tensor& upstream) {
+  TORCH_CHECK(grad.dim() >= 1, "ssim_scale_gradient_: grad must have a batch dimension, got ", grad.sizes());
+  TORCH_CHECK(upstream.dim() == 0 || (upstream.dim() == 1 && upstream.size(0) == grad.size(0)),
+              "ssim_scale_gradient_: upstream must be 0-dim or (", grad.size(0), ",), got ", upstream.sizes());
+  TORCH_CHECK(upstream.device() == grad.device(), "ssim_scale_gradient_: upstream must be on grad's device");
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "ssim_scale_gradient_: grad must be floating point");
+  // Broadcast over an image without a copy: (B, 1, ..., 1), or the 0-dim factor itself.
+  std::vector<int64_t> shape(grad.dim(), 1);
+  if (upstream.dim() == 1) shape[0] = upstream.size(0);
+  return upstream.dim() == 0 ? upstream : upstream.view(shape);
 }
 
 }  // namespace ssim

@@ -19,7 +19,8 @@ requires grad, reductions "mean"/"none" take the one-pass ops instead
 the first gives the batch mean from the same pass): one kernel pass
 gives the value and the gradient of each image's SSIM, the moments computed once, and the
 backward only scales that gradient by the upstream one (in place: still one image-sized
-buffer per input). The kernels filter u = x + y and v = x - y (four moments, not five;
+buffer per input; nothing is written where that factor is exactly 1, which ``ssim_loss``
+arranges by folding the loss weight into the pass). The kernels filter u = x + y and v = x - y (four moments, not five;
 more accurate in float32 where x ~ y: csrc/ssim/ssim_math.h) and return the partials in
 x, y terms. The gradient, with g the upstream gradient per window centre:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -156,7 +158,9 @@ def _fused_unavailable(x, data_range, win_size, sigma) -> str | None:
     return None
 
 
-def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
+def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction, scale=1.0):
+    """scale x the SSIM, by the compiled kernels; the one-pass ops fold scale into their pass
+    (value and gradients), the others multiply their value."""
     c1 = float((k1 * data_range) ** 2)
     c2 = float((k2 * data_range) ** 2)
     same = padding == "same"
@@ -165,11 +169,11 @@ def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction):
         return torch.ops.epban.ssim_map(x, y, c1, c2, same)
     if _one_pass(x, y):
         if reduction == "mean":  # the pass gives the batch mean: one autograd node, not two
-            return torch.ops.epban.ssim_mean_one_pass(x, y, c1, c2, same)
-        per_image = torch.ops.epban.ssim_per_image_one_pass(x, y, c1, c2, same)
-    else:
-        per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
-    return per_image if reduction == "none" else per_image.mean()
+            return torch.ops.epban.ssim_mean_one_pass(x, y, c1, c2, same, scale)
+        return torch.ops.epban.ssim_per_image_one_pass(x, y, c1, c2, same, scale)
+    per_image = torch.ops.epban.ssim_per_image(x, y, c1, c2, same)
+    value = per_image if reduction == "none" else per_image.mean()
+    return value if scale == 1.0 else value * scale
 
 
 @contextlib.contextmanager
@@ -202,15 +206,19 @@ def _register_fused() -> None:
         return x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
 
     @torch.library.register_fake("epban::ssim_per_image_one_pass")
-    def _(x, y, c1, c2, same_padding):
+    def _(x, y, c1, c2, same_padding, scale=1.0):
         return x.new_empty((x.shape[0],), dtype=_fused_out_dtype(x))
 
     @torch.library.register_fake("epban::ssim_mean_one_pass")
-    def _(x, y, c1, c2, same_padding):
+    def _(x, y, c1, c2, same_padding, scale=1.0):
         return x.new_empty((), dtype=_fused_out_dtype(x))
 
+    @torch.library.register_fake("epban::ssim_scale_gradient_")
+    def _(grad, upstream):
+        return None
+
     @torch.library.register_fake("epban::ssim_per_image_and_grad")
-    def _(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean=False):
+    def _(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean=False, scale=1.0):
         value = x.new_empty(() if batch_mean else (x.shape[0],), dtype=_fused_out_dtype(x))
         return value, x.new_empty(x.shape if grad_x else (0,)), y.new_empty(y.shape if grad_y else (0,))
 
@@ -254,3 +262,35 @@ def ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padd
         x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding
     )
     return _reduce(ssim_map, reduction)
+
+
+def ssim_loss(x, y, *, weight=1.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid",
+              reduction="mean", backend="auto"):
+    """``weight * (1 - SSIM(x, y))``: the SSIM term of an SR loss; reduction "mean" or "none".
+
+    The value equals ``weight * (1 - ssim(x, y, ...))`` (to float rounding); training with it
+    is cheaper. On the one-pass path the weight is folded into the kernel pass (the op gives
+    ``-weight * SSIM`` and its gradients; the loss is that plus ``weight``), so a loss's
+    ``.backward()`` reaches the op with an upstream gradient of exactly 1 and its backward
+    writes nothing: the in-place scaling of the kept gradients by the upstream one, a read and
+    a write of each gradient, is skipped (on CUDA the factor is tested on the device, so there
+    is no sync and CUDA graphs stay valid). Any other upstream gradient (a GradScaler's scale,
+    a weight applied outside) gives the same exact gradients, with that scaling.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"ssim_loss reduction must be 'mean' or 'none', got {reduction!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"weight must be a finite Python number, got {weight!r}")
+    check_backend(backend)
+    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
+    weight = float(weight)
+    if backend != "reference":
+        reason = _fused_unavailable(x, data_range, win_size, sigma)
+        if reason is None:
+            return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
+                               scale=-weight) + weight
+        if backend == "fused":
+            raise ValueError(f"backend='fused' cannot serve these inputs: {reason}")
+    value = ssim_reference(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                           padding=padding, reduction=reduction)
+    return weight * (1.0 - value)

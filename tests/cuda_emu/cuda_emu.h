@@ -297,6 +297,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 #define EPBAN_LAUNCH(grid, block, smem, stream, ...) \
   ::epban_emu::launch(::epban_emu::Dim3(grid), ::epban_emu::Dim3(block), (smem), __VA_ARGS__)

@@ -14,13 +14,13 @@ void set_schedule(int64_t order, int64_t seed) {
 }
 
 // grad None: the one-pass mode (upstream gradient 1 per image; the per-image SSIM comes first;
-// with batch_mean, their batch mean and its gradients).
+// with batch_mean, their batch mean and its gradients; both times scale).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass(const std::optional<at::Tensor>& grad, const at::Tensor& x,
                                                              const at::Tensor& y, double c1, double c2,
                                                              bool same_padding, bool grad_x, bool grad_y,
-                                                             bool batch_mean) {
+                                                             bool batch_mean, double scale) {
   return epban::ssim::gradient_pass_cuda(grad.value_or(at::Tensor()), x, y, c1, c2, same_padding, grad_x, grad_y,
-                                         batch_mean);
+                                         batch_mean, scale);
 }
 
 int64_t launches() { return epban_emu::settings().launches; }
@@ -41,8 +41,9 @@ TORCH_LIBRARY(epban_cuda_emu, m) {
   m.def("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
   m.def("ssim_map", &epban::ssim::ssim_map_cuda);
   m.def("gradient_pass(Tensor? grad, Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
-        "bool grad_y, bool batch_mean=False) -> (Tensor, Tensor, Tensor)",
+        "bool grad_y, bool batch_mean=False, float scale=1.0) -> (Tensor, Tensor, Tensor)",
         &gradient_pass);
+  m.def("scale_gradient_(Tensor(a!) grad, Tensor upstream) -> ()", &epban::ssim::scale_gradient_cuda);
   m.def("set_schedule", &set_schedule);
   m.def("launches", &launches);
   m.def("take_block_sizes", &take_block_sizes);
