@@ -5,8 +5,11 @@
 float32, reduction mean, window 11 / sigma 1.5; "fwd" runs under no_grad, "fwd+bwd"
 takes the gradient w.r.t. x through each library's own API. "epban fused" follows the
 package's policy (the one-pass training op on the devices in ONE_PASS_DEVICES); "epban
-fused two-pass" forces the forward op then the backward op, for comparison. CPU skips the 4K shape and
-keeps rounds few; CUDA timings synchronise inside the timed call.
+fused two-pass" forces the forward op then the backward op, for comparison. The two loss
+rows (fwd+bwd only) time a training loss's SSIM term, 0.5 (1 - SSIM): ``epban.ssim_loss``
+folds the weight into the pass (its backward's in-place scaling is skipped), the other
+applies it outside (the scaling runs). CPU skips the 4K shape and keeps rounds few; CUDA
+timings synchronise inside the timed call.
 """
 from __future__ import annotations
 
@@ -26,8 +29,17 @@ def _two_pass_ssim(x, y):
         return ssim_module.ssim(x, y, backend="fused")
 
 
+def _loss_folded(x, y):
+    return ssim_module.ssim_loss(x, y, weight=0.5)
+
+
+def _loss_outside(x, y):
+    return 0.5 * (1 - ssim_module.ssim(x, y, backend="fused"))
+
+
+LOSSES = {"epban ssim_loss(w=0.5)": _loss_folded, "epban 0.5*(1-ssim)": _loss_outside}
 IMPLS = ssim_implementations()
-IMPLS = {"epban fused": IMPLS.pop("epban fused"), "epban fused two-pass": _two_pass_ssim, **IMPLS}
+IMPLS = {"epban fused": IMPLS.pop("epban fused"), "epban fused two-pass": _two_pass_ssim, **LOSSES, **IMPLS}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -42,7 +54,9 @@ def _shape_id(shape):
 def test_ssim(benchmark, device, shape, mode, impl):
     if device == "cpu" and shape[-1] > 2000:
         pytest.skip("4K is a GPU shape")
-    if impl.startswith("epban fused") and not fused_ssim_available(device):
+    if impl in LOSSES and mode == "fwd":
+        pytest.skip("the loss rows are training's")
+    if (impl.startswith("epban fused") or impl in LOSSES) and not fused_ssim_available(device):
         pytest.skip(f"epban._C does not serve {device}")
     benchmark.group = f"ssim {device} {_shape_id(shape)} {mode}"
     benchmark.name = impl
@@ -73,5 +87,5 @@ def test_ssim(benchmark, device, shape, mode, impl):
         benchmark.pedantic(run, rounds=10 if shape[-1] > 2000 else 20, warmup_rounds=3)
     else:
         # The competitors take seconds per call here: two rounds, no warm-up (nothing to compile).
-        fast = impl.startswith("epban fused")
+        fast = impl.startswith("epban fused") or impl in LOSSES
         benchmark.pedantic(run, rounds=5 if fast else 2, warmup_rounds=1 if fast else 0)

@@ -58,11 +58,11 @@ def compile_cubin(arch: str, cuda_home: str, out: str) -> str:
 
 def short_name(mangled: str) -> str:
     """ssim_strip_kernel<f32, 1, 2> from the mangled name: the dtype, then the template's ints
-    (tile rows and wanted gradients of the tile kernel; wanted gradients and columns a thread
-    of the strip kernel)."""
-    kernel = re.search(r"\d(ssim_(?:strip|backward|forward|finish)_kernel)", mangled).group(1)
+    and bools (tile rows and wanted gradients of the tile kernel; wanted gradients and columns
+    a thread of the strip kernel; the forward's map flag; the scaling's float4 flag)."""
+    kernel = re.search(r"\d(ssim_(?:strip|backward|forward|finish|scale_gradient)_kernel)", mangled).group(1)
     dtype = "bf16" if "BFloat16" in mangled else "f16" if "Half" in mangled else "f32"
-    args = re.findall(r"Li(\d+)E", mangled)
+    args = re.findall(r"L[ib](\d+)E", mangled)
     return f"{kernel}<{', '.join([dtype, *args])}>"
 
 

@@ -795,3 +795,11 @@ def test_ssim_loss_bad_arguments():
         epban.ssim_loss(x, y, reduction="map")
     with pytest.raises(ValueError, match="at least 11x11"):
         epban.ssim_loss(x[..., :9, :], y[..., :9, :])
+
+
+def test_ssim_loss_reference_backend():
+    """backend="reference" (and the fallback without the extension): w (1 - the reference)."""
+    x, y = image_pair((2, 1, 16, 19), dtype=torch.float64)
+    for reduction in ("mean", "none"):
+        loss = epban.ssim_loss(x, y, weight=0.25, reduction=reduction, backend="reference")
+        assert torch.equal(loss, 0.25 * (1 - ssim_reference(x, y, reduction=reduction)))

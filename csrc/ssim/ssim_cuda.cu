@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
 // a CUDA graph re-reads the factor on every replay.
 template <bool kVec4>
 __global__ void __launch_bounds__(kThreads)
-    scale_gradient_kernel(float* __restrict__ grad, const float* __restrict__ upstream, int64_t upstream_stride,
+    ssim_scale_gradient_kernel(float* __restrict__ grad, const float* __restrict__ upstream, int64_t upstream_stride,
                           int64_t per_image, int64_t blocks_per_image) {
   const int64_t image = blockIdx.x / blocks_per_image;
   const float factor = upstream[image * upstream_stride];
@@ -1238,9 +1238,9 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream_in) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (vec4) {
-    launch(scale_gradient_kernel<true>);
+    launch(ssim_scale_gradient_kernel<true>);
   } else {
-    launch(scale_gradient_kernel<false>);
+    launch(ssim_scale_gradient_kernel<false>);
   }
 }
 
