@@ -4,9 +4,9 @@ CI has no GPU, so the CUDA tests of test_ssim.py skip there; these build the sam
 with g++ against a CPU emulation of the CUDA built-ins (a fiber per CUDA thread, barriers,
 warp shuffles, NaN-filled dynamic shared memory) and check every entry point against the
 PyTorch reference: forward (per image, map), the backward with every kind of upstream
-gradient, the one-pass training op, half types, and under three thread schedules, so that
-a missing __syncthreads shows. What they cannot check is speed, and hardware behaviour
-the emulator does not model (see cuda_emu.h).
+gradient, the one-pass training op and its backward's in-place scaling, half types, and
+under three thread schedules, so that a missing __syncthreads shows. What they cannot
+check is speed, and hardware behaviour the emulator does not model (see cuda_emu.h).
 """
 from __future__ import annotations
 

@@ -355,8 +355,8 @@ __global__ void __launch_bounds__(kThreads)
 // a CUDA graph re-reads the factor on every replay.
 template <bool kVec4>
 __global__ void __launch_bounds__(kThreads)
-    ssim_scale_gradient_kernel(float* __restrict__ grad, const float* __restrict__ upstream, int64_t upstream_stride,
-                          int64_t per_image, int64_t blocks_per_image) {
+    ssim_scale_gradient_kernel(float* __restrict__ grad, const float* __restrict__ upstream,
+                               int64_t upstream_stride, int64_t per_image, int64_t blocks_per_image) {
   const int64_t image = blockIdx.x / blocks_per_image;
   const float factor = upstream[image * upstream_stride];
   if (factor == 1.f) return;  // uniform over the block
