@@ -18,7 +18,7 @@ import torch
 
 from epban.ops import ssim as ssim_module
 from epban.ops.ssim import fused_ssim_available
-from epban.testing import ssim_implementations
+from epban.testing import ssim_implementations, ssim_loss_forms
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
 MODES = ("fwd", "fwd+bwd")
@@ -29,15 +29,7 @@ def _two_pass_ssim(x, y):
         return ssim_module.ssim(x, y, backend="fused")
 
 
-def _loss_folded(x, y):
-    return ssim_module.ssim_loss(x, y, weight=0.5)
-
-
-def _loss_outside(x, y):
-    return 0.5 * (1 - ssim_module.ssim(x, y, backend="fused"))
-
-
-LOSSES = {"epban ssim_loss(w=0.5)": _loss_folded, "epban 0.5*(1-ssim)": _loss_outside}
+LOSSES = ssim_loss_forms(0.5)
 IMPLS = ssim_implementations()
 IMPLS = {"epban fused": IMPLS.pop("epban fused"), "epban fused two-pass": _two_pass_ssim, **LOSSES, **IMPLS}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

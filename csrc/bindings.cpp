@@ -45,8 +45,8 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_map", &epban::ssim::ssim_map_cpu);
   m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cpu>);
   m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cpu>);
-  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_scaled_per_image<epban::ssim::ssim_per_image_cpu>);
-  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_scaled_batch_mean<epban::ssim::ssim_per_image_cpu>);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cpu, false>);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cpu, true>);
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cpu);
 }
 
@@ -56,8 +56,8 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_map", &epban::ssim::ssim_map_cuda);
   m.impl("ssim_backward", &epban::ssim::ssim_backward<epban::ssim::gradient_pass_cuda>);
   m.impl("ssim_per_image_and_grad", &epban::ssim::ssim_per_image_and_grad<epban::ssim::gradient_pass_cuda>);
-  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_scaled_per_image<epban::ssim::ssim_per_image_cuda>);
-  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_scaled_batch_mean<epban::ssim::ssim_per_image_cuda>);
+  m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cuda, false>);
+  m.impl("ssim_mean_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cuda, true>);
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cuda);
 }
 constexpr bool kWithCuda = true;

@@ -96,7 +96,7 @@ class SRLoss(nn.Module):
             raise ValueError("the SSIM term's weight is SRLoss's ssim argument, not ssim_kwargs['weight']")
         self.weights = {"l1": float(l1), "ssim": float(ssim), "pban": float(pban)}
         # The weight goes into the SSIM term itself (folded into the fused pass: see SSIMLoss).
-        self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}), weight=self.weights["ssim"] or 1.0)
+        self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}), weight=self.weights["ssim"])
         self.pban_loss = (
             PBANLoss(pban_model, rescale=pban_rescale, loss_mode=pban_loss_mode) if pban_model is not None else None
         )

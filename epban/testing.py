@@ -56,6 +56,18 @@ def ssim_implementations(on_missing=None) -> dict:
     return impls
 
 
+def ssim_loss_forms(weight: float = 0.5) -> dict:
+    """A training loss's SSIM term ``weight * (1 - SSIM)`` two ways, for side-by-side timings:
+    ``epban.ssim_loss`` (the weight folded into the one pass: its backward's in-place scaling
+    is skipped) and the weight applied outside ``ssim`` (the scaling runs)."""
+    from epban.ops.ssim import ssim, ssim_loss
+
+    return {
+        f"epban ssim_loss(w={weight:g})": lambda x, y: ssim_loss(x, y, weight=weight),
+        f"epban {weight:g} * (1 - ssim)": lambda x, y: weight * (1 - ssim(x, y, backend="fused")),
+    }
+
+
 class StandInCudaDriver:
     """A Triton driver for machines without a GPU: kernels compile for an H100 (sm_90) through
     Triton's whole pipeline, and each launch is handed to ``record(function, grid, args)``

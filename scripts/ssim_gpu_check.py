@@ -39,7 +39,7 @@ import torch
 import epban
 from epban.ops import ssim as ssim_module
 from epban.ops.ssim import fused_ssim_available, ssim_reference
-from epban.testing import ssim_implementations
+from epban.testing import ssim_implementations, ssim_loss_forms
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
 TARGETS_MS = {(16, 3, 256, 256): 0.07, (1, 3, 1080, 1920): 0.12, (1, 3, 2160, 3840): 0.44}  # fwd+bwd, issue 3
@@ -334,8 +334,9 @@ def breakdown() -> None:
             print(f"    {ms:8.4f} ms  x{count}  {key[:100]}")
 
 
-LOSS_FOLDED = "epban ssim_loss(w=0.5)"
-LOSS_OUTSIDE = "epban 0.5 * (1 - ssim)"
+# A training loss's SSIM term: the weight folded into the pass (the backward's scaling skipped
+# on the device), and the same weight applied outside (the scaling runs).
+LOSS_FORMS = ssim_loss_forms(0.5)
 
 
 def timings() -> None:
@@ -344,10 +345,7 @@ def timings() -> None:
              "epban fused, tile 32x32": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="32"),
              "epban fused, tile 32x60": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="60"),
              "epban fused, strip": with_settings(**STRIP), "epban two-pass": two_pass_ssim,
-             # A training loss's SSIM term: the weight folded into the pass (the backward's
-             # scaling skipped on the device), and the same weight applied outside (it runs).
-             LOSS_FOLDED: lambda a, b: epban.ssim_loss(a, b, weight=0.5),
-             LOSS_OUTSIDE: lambda a, b: 0.5 * (1 - epban.ssim(a, b, backend="fused")), **impls}
+             **LOSS_FORMS, **impls}
     rows = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -356,7 +354,7 @@ def timings() -> None:
         for mode in ("fwd", "fwd+bwd"):
             floor_ms = (3 if mode == "fwd+bwd" else 2) * 4 * numel / BANDWIDTH * 1e3
             for name, fn in impls.items():
-                if mode == "fwd" and ("tile" in name or "strip" in name or name in (LOSS_FOLDED, LOSS_OUTSIDE)):
+                if mode == "fwd" and ("tile" in name or "strip" in name or name in LOSS_FORMS):
                     continue  # the tile and the strip are the backward's; the loss rows are training's
                 if mode == "fwd":
 

@@ -87,18 +87,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at:
 }
 
 // The one-pass ops below autograd (no gradient wanted): scale x the per-image SSIM of a
-// device, or scale x their batch mean.
+// device (ssim_per_image_one_pass), or scale x their batch mean (ssim_mean_one_pass).
 using PerImage = at::Tensor (*)(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
-template <PerImage F>
-at::Tensor ssim_scaled_per_image(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
-                                 double scale) {
+template <PerImage F, bool kBatchMean>
+at::Tensor ssim_one_pass_value(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+                               double scale) {
   at::Tensor value = F(x, y, c1, c2, same_padding);
-  return scale == 1.0 ? value : value.mul_(scale);
-}
-template <PerImage F>
-at::Tensor ssim_scaled_batch_mean(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
-                                  double scale) {
-  at::Tensor value = F(x, y, c1, c2, same_padding).mean();
+  if (kBatchMean) value = value.mean();
   return scale == 1.0 ? value : value.mul_(scale);
 }
 

@@ -385,12 +385,13 @@ enum Wanted : int { kWantX = 1, kWantY = 2, kWantBoth = 3 };
 template <typename Tile, typename scalar_t, int kWanted>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
-                         GradView grad, bool map_grad, float inv_count, int64_t channels,
+                         GradView grad, bool map_grad, float pixel_share, int64_t channels,
                          scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
   // partial != nullptr: the one-pass mode of ssim_per_image_and_grad. The upstream gradient
-  // is 1 per image (grad is not read) and the block also sums the SSIM values of the centres
-  // inside its own tile (tiles partition the image, so each centre is summed once) into
-  // partial[blockIdx.x], which ssim_finish_kernel turns into the per-image mean.
+  // is the op's scale per image (in pixel_share; grad is not read) and the block also sums
+  // the SSIM values of the centres inside its own tile (tiles partition the image, so each
+  // centre is summed once) into partial[blockIdx.x], which ssim_finish_kernel turns into the
+  // per-image mean.
   // kWanted: the gradients written (gx, gy or both; the others' pointers are not read).
   // Partial planes: both: d_mx, d_my, d_e2, d_exy; one: d_mx or d_my, then d_e2, d_exy.
   constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   //    that reach the tile, kCtrRun rows per thread; zero at centres that give no output.
   //    Per-image mode: every active centre gets grad[b] / (map pixels per image).
   const int64_t image = plane / channels;
-  const float g_scale = partial ? inv_count : (map_grad ? 0.f : grad.data[image * grad.stride[0]] * inv_count);
+  const float g_scale = partial ? pixel_share : (map_grad ? 0.f : grad.data[image * grad.stride[0]] * pixel_share);
   float value_sum = 0.f;
   const float* g_plane =
       map_grad ? grad.data + image * grad.stride[0] + (plane - image * channels) * grad.stride[1] : nullptr;
@@ -599,11 +600,12 @@ __device__ __forceinline__ void load_taps(const T* row, int t, T (&w)[StripShape
 template <typename scalar_t, int kWanted, int kC>
 __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::kMinBlocks)
     ssim_strip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
-                      const float* __restrict__ grad, int64_t grad_stride, float inv_count, int64_t channels,
+                      const float* __restrict__ grad, int64_t grad_stride, float pixel_share, int64_t channels,
                       scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
   // grad: the per-image upstream gradient (stride grad_stride), or nullptr in the one-pass
-  // mode (1 per image; partial then gets each block's sum of SSIM values, as in
-  // ssim_backward_kernel). a.tiles_x strips and a.tiles_y bands of a.block_rows rows a plane.
+  // mode (the op's scale per image, in pixel_share; partial then gets each block's sum of
+  // SSIM values, as in ssim_backward_kernel). a.tiles_x strips and a.tiles_y bands of
+  // a.block_rows rows a plane.
   constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
   constexpr int kTaps = StripShape<kC>::kTaps;
   const int nt = static_cast<int>(blockDim.x);
@@ -661,7 +663,7 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
     own_col[c] = lead + c >= kHalo && lead + c < kHalo + cols;  // summed into this block's value
     grad_col[c] = lead + c < cols && col0 + lead + c < width;   // gradient column col0 + lead + c
   }
-  const float g = grad ? grad[(plane / channels) * grad_stride] * inv_count : inv_count;
+  const float g = grad ? grad[(plane / channels) * grad_stride] * pixel_share : pixel_share;
   // The first gradient pixel of step i (row row0 + i - 21, column col0 + lead).
   int64_t grad_idx = plane * n + static_cast<int64_t>(row0 - 4 * kHalo - 1) * width + col0 + lead;
   int centre_row = row0 - 3 * kHalo;  // of step i: row0 - 15 + i
@@ -1145,10 +1147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   }
   at::Tensor partial = with_value ? at::empty({blocks}, fopts) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Per image: the upstream gradient's share of each map pixel; the batch mean's is 1 / B of it.
-  // In the one-pass mode both the gradients and the value are those of scale x the SSIM.
+  // Each map pixel's share of an image's upstream gradient (1 / count; the batch mean's is 1 / B
+  // of it), times scale: in the one-pass mode the gradients and the value are scale x the SSIM's.
   const double count = static_cast<double>(g.count()) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
-  const float inv_count = static_cast<float>(scale / count);
+  const float pixel_share = static_cast<float>(scale / count);
   dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* gx_data = grad_x ? gx.data_ptr<scalar_t>() : nullptr;
@@ -1162,7 +1164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
         const size_t smem = strip_smem_bytes(plan.columns * plan.threads, kPlanes);
         const auto launch_strip = [&](auto kernel) {
           EPBAN_LAUNCH(static_cast<unsigned>(blocks), plan.threads, smem, stream, kernel)(
-              x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv.data, gv.stride[0], inv_count, g.channels,
+              x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, gv.data, gv.stride[0], pixel_share, g.channels,
               gx_data, gy_data, partial_data);
         };
         if (plan.columns == 2) {
@@ -1174,7 +1176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
         allow_backward_smem<Tile, scalar_t, kWanted>(x.get_device());
         EPBAN_LAUNCH(static_cast<unsigned>(blocks), Tile::kThreads, Tile::kSmemBytes, stream,
                      ssim_backward_kernel<Tile, scalar_t, kWanted>)(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                                    a, gv, map_grad, inv_count, g.channels, gx_data,
+                                                                    a, gv, map_grad, pixel_share, g.channels, gx_data,
                                                                     gy_data, partial_data);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1209,17 +1211,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
 void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream_in) {
   TORCH_CHECK(grad.is_cuda() || (kEmulated && grad.is_cpu()), "ssim_scale_gradient_ (CUDA kernel): grad must be a CUDA tensor");
   const at::Tensor factors = upstream_factors(grad, upstream_in);
+  if (grad.numel() == 0) return;
   const int64_t images = upstream_in.dim() == 0 ? 1 : grad.size(0);
-  const int64_t per_image = images > 0 ? grad.numel() / images : 0;
+  const int64_t per_image = grad.numel() / images;
   // The kernel's layout: float32, the batch outermost and each image one dense run (NCHW or
   // channels_last; the one-pass gradients are contiguous). Anything else multiplies in ATen.
-  const bool dense = grad.numel() == 0 || (grad.is_non_overlapping_and_dense() &&
-                                           (images == 1 || grad.stride(0) == per_image));
+  const bool dense = grad.is_non_overlapping_and_dense() && (images == 1 || grad.stride(0) == per_image);
   if (grad.scalar_type() != at::kFloat || !dense) {
     grad.mul_(factors.to(grad.scalar_type()));
     return;
   }
-  if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor upstream = upstream_in.to(at::kFloat);  // the op's own outputs are float32: no copy
   // Element [0, ...] starts the dense run: strides are never negative.

@@ -250,18 +250,27 @@ def ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padd
     "reference", or "fused" (the compiled kernel; ValueError when it cannot serve these
     inputs). Half-type inputs give float32 results, float64 inputs float64.
     """
+    return _scaled_ssim(x, y, 1.0, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                        padding=padding, reduction=reduction, backend=backend)
+
+
+def _scaled_ssim(x, y, scale, *, data_range, win_size, sigma, k1, k2, padding, reduction, backend):
+    """scale x SSIM: the fused kernels when they serve (the one-pass ops fold scale into their
+    pass), else the reference. ssim() is scale 1, ssim_loss() scale -weight."""
     check_backend(backend)
     check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
     if backend != "reference":
         reason = _fused_unavailable(x, data_range, win_size, sigma)
         if reason is None:
-            return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction)
+            return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
+                               scale=scale)
         if backend == "fused":
             raise ValueError(f"backend='fused' cannot serve these inputs: {reason}")
     ssim_map = ssim_map_reference(
         x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding
     )
-    return _reduce(ssim_map, reduction)
+    value = _reduce(ssim_map, reduction)
+    return value if scale == 1.0 else value * scale
 
 
 def ssim_loss(x, y, *, weight=1.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid",
@@ -281,16 +290,6 @@ def ssim_loss(x, y, *, weight=1.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.
         raise ValueError(f"ssim_loss reduction must be 'mean' or 'none', got {reduction!r}")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ValueError(f"weight must be a finite Python number, got {weight!r}")
-    check_backend(backend)
-    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
     weight = float(weight)
-    if backend != "reference":
-        reason = _fused_unavailable(x, data_range, win_size, sigma)
-        if reason is None:
-            return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
-                               scale=-weight) + weight
-        if backend == "fused":
-            raise ValueError(f"backend='fused' cannot serve these inputs: {reason}")
-    value = ssim_reference(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
-                           padding=padding, reduction=reduction)
-    return weight * (1.0 - value)
+    return _scaled_ssim(x, y, -weight, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                        padding=padding, reduction=reduction, backend=backend) + weight
