@@ -14,7 +14,7 @@
    issue a fwd+bwd, the device time of each kernel it launches.
 3. Median times (triton.testing.do_bench, else CUDA events) of epban fused (its default
    policy: the one-pass op for training), epban fused with each backward tile forced
-   (32x32, 32x60; the tiles, where the strip kernel is the default from 512 x 512), with the
+   (32x32, 32x64; the tiles, where the strip kernel is the default from 512 x 512), with the
    strip backward, and forced to the two-pass ops, epban fused's
    fwd+bwd replayed from a CUDA graph (no host time), epban reference, pytorch-msssim,
    torchmetrics and kornia (those importable) at 16x3x256x256, 1x3x1080x1920 and 1x3x2160x3840, forward and forward+backward, float32, reduction mean;
@@ -77,7 +77,7 @@ def settings(**env):
 
 def with_settings(**env):
     """epban fused with the CUDA backward forced by settings: the tile's rows
-    (EPBAN_SSIM_CUDA_TILE_ROWS=32 or 60) or the strip kernel (EPBAN_SSIM_CUDA_BACKWARD=strip).
+    (EPBAN_SSIM_CUDA_TILE_ROWS=32 or 64) or the strip kernel (EPBAN_SSIM_CUDA_BACKWARD=strip).
     The settings go on fn.settings, for the caller to apply around a whole timing: patching
     os.environ on every call cost ~0.4 ms of host time, more than the kernels at 16x3x256x256
     (the H100 table of 2026-11-27 showed 0.59 ms for the 32x32 tile against 0.16 ms)."""
@@ -343,7 +343,7 @@ def timings() -> None:
     impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
     impls = {"epban fused": impls.pop("epban fused"),
              "epban fused, tile 32x32": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="32"),
-             "epban fused, tile 32x60": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="60"),
+             "epban fused, tile 32x64": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="64"),
              "epban fused, strip": with_settings(**STRIP), "epban two-pass": two_pass_ssim,
              **LOSS_FORMS, **impls}
     rows = []

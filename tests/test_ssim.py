@@ -81,14 +81,14 @@ def assert_close_rel(actual, expected, rel, what):
 
 
 # The backward kernels of csrc/ssim/ssim_cuda.cu and the settings that select each: both
-# tiles (32 or 60 gradient rows a block; tile_rows_for picks one per launch from the image
+# tiles (32 or 64 gradient rows a block; tile_rows_for picks one per launch from the image
 # height; a tile setting also selects the tiles where the strip kernel is the default, on images
 # of 512 x 512 and more), the strip kernel's two builds (two centre columns a thread, the default, and one)
 # with their own plans (plan_strips), and a forced plan of 32 threads and 7-row bands (many
 # strips and bands, a last band of fewer rows). Also used by test_ssim_cuda_emu.py.
 CUDA_BACKWARD_KERNELS = {
     "tile-32x32": {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"},
-    "tile-32x60": {"EPBAN_SSIM_CUDA_TILE_ROWS": "60"},
+    "tile-32x64": {"EPBAN_SSIM_CUDA_TILE_ROWS": "64"},
     "strip": {"EPBAN_SSIM_CUDA_BACKWARD": "strip"},
     "strip-1col": {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "1"},
     "strip-32x7": {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_THREADS": "32",

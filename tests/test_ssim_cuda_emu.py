@@ -65,8 +65,8 @@ def schedule(request, emu, rng_seed):
 
 # The block size each backward kernel of test_ssim.CUDA_BACKWARD_KERNELS must launch with
 # (None: the strip plan's for the shape, from the extension's own planner under the same settings).
-BLOCK_THREADS = {"tile-32x32": 256, "tile-32x60": 480, "strip": None, "strip-1col": None, "strip-32x7": 32}
-TILE_THREADS = (256, 480)
+BLOCK_THREADS = {"tile-32x32": 256, "tile-32x64": 512, "strip": None, "strip-1col": None, "strip-32x7": 32}
+TILE_THREADS = (256, 512)
 EMULATED_SMS = 132  # cuda_emu.h's cudaDevAttrMultiProcessorCount
 
 
@@ -358,7 +358,7 @@ def test_bad_inputs(emu):
 def test_bad_tile_rows_setting(emu, monkeypatch):
     x, y = image_pair((1, 1, 16, 16))
     monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", "48")
-    with pytest.raises(RuntimeError, match="must be 32 or 60"):
+    with pytest.raises(RuntimeError, match="must be 32 or 64"):
         emu.gradient_pass(None, x, y, C1, C2, False, True, False)
 
 
@@ -433,12 +433,29 @@ def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
     if expected == "strip":
         assert threads not in TILE_THREADS and threads == emu.strip_plan(b * c, h, w, EMULATED_SMS)[1]
     else:
-        assert threads == (256 if expected == "tile-32x32" else 480)  # tile_rows_for: the tall tile here
+        assert threads == (256 if expected == "tile-32x32" else 512)  # tile_rows_for: the tall tile here
     assert_close_rel(value, reference(x.double(), y.double(), "valid", "none"), 1e-5, "value")
     assert_wanted_grads((gx, torch.empty(0)), reference_grads(x, y, "valid", "none", torch.ones(b)), (True, False))
     # a map gradient: the tiles, whatever the size and the setting
     emu.gradient_pass(torch.ones(b, c, h - 10, w - 10), x, y, C1, C2, False, True, False)
     assert emu.take_block_sizes()[0] in TILE_THREADS
+
+
+@pytest.mark.parametrize("height, threads", [(32, 256), (64, 512), (96, 256), (128, 512), (160, 256),
+                                            (192, 512), (256, 512)])
+def test_tile_rows_by_image_height(emu, monkeypatch, height, threads):
+    """tile_rows_for: the tile with fewer warp instructions in all (~15 K per 32-row tile, ~26 K
+    per 64-row one), so 32 rows (256 threads) where a 64-row tile would run mostly outside the
+    image (96, 160 rows) and 64 rows (512 threads) on multiples of 64 (SR crops; 16x3x256x256).
+    Each run against the reference, from poisoned allocations."""
+    clear_cuda_kernel_settings(monkeypatch)
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "tile")
+    x, y = image_pair((1, 1, height, 23), seed=height)
+    with poisoned_allocations():
+        value, gx, _ = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, True, True, False))
+    assert emu.take_block_sizes()[0] == threads
+    assert_close_rel(value, reference(x.double(), y.double(), "same", "none"), 1e-5, "value")
+    assert_wanted_grads((gx, torch.empty(0)), reference_grads(x, y, "same", "none", torch.ones(1)), (True, False))
 
 
 @pytest.mark.parametrize("shape, plan, halo", [

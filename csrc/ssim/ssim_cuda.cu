@@ -8,7 +8,7 @@
 // row; a vertical pass finishes them and applies ssim_value. The map is written only for
 // reduction "map"; otherwise each block writes one partial sum and ssim_finish_kernel sums
 // them per image in a fixed order (deterministic). No full-size buffer.
-// Backward: one block per tile of gradient pixels, 32 columns by 32 or 60 rows (BwdTile;
+// Backward: one block per tile of gradient pixels, 32 columns by 32 or 64 rows (BwdTile;
 // the taller tile for tall images: less halo per pixel). It recomputes the moments of the
 // 42 x (rows + 10) centres that reach the tile (inputs with a 10-pixel halo), turns them into the
 // four partials of ssim_math.h times the upstream gradient (zero at centres that give no
@@ -44,7 +44,9 @@
 // instructions a block, 73.6 KB of shared memory): 0.099 and 0.186 ms (ssim_gpu_check.py
 // prints the breakdown). The halo costs the 32x32 tile 2.6x on inputs and 1.7x on centres;
 // the 32x60 tile (2026-11-27) 2.2x and 1.5x, with the tile's loads in 32-bit index math:
-// ~12.7 K warp instructions per 1,024 pixels against ~15 K, and 30 warps per SM against 24.
+// ~12.7 K warp instructions per 1,024 pixels against ~15 K, and 30 warps per SM against 24
+// (H100, 4K: 0.656 ms against 0.695). The 32x64 tile that replaced it (2026-11-27, untimed)
+// 2.1x and 1.5x, 32 warps per SM.
 // The upstream gradient is read through its strides (GradView): the gradient of a .sum()
 // of the map is an expanded, stride-0 tensor, and a contiguous copy of it cost a launch
 // plus 8 B per map pixel (4 read, 4 written) and a full-size float buffer; the per-image
@@ -102,11 +104,18 @@ constexpr int kBwdCtr = kTile + 2 * kHalo;  // 42 centre columns reach the tile
 constexpr int kBwdInPitch = kBwdIn + 1;
 constexpr int kBwdCtrPitch = kBwdCtr + 1;
 
-// The two backward tiles. 32x32 (256 threads, 64.7 KB: 3 blocks per SM) and 32 columns x 60
-// rows (480 threads, 103 KB: 2 blocks per SM). The tall tile recomputes less halo per pixel
-// (moments of 1.52x the pixels' centres instead of 1.72x, horizontal sums of 1.79x rows
-// instead of 2.13x) and holds 30 warps per SM instead of 24; the short one wastes less on
+// The two backward tiles. 32x32 (256 threads, 64.7 KB: 3 blocks per SM) and 32 columns x 64
+// rows (512 threads, 110 KB: 2 blocks per SM). The tall tile recomputes less halo per pixel
+// (moments of 1.52x the pixels' centres instead of 1.72x, horizontal sums of 1.72x rows
+// instead of 2.13x) and holds 32 warps per SM instead of 24; the short one wastes less on
 // image heights just above a multiple of 32. tile_rows_for() picks per launch.
+// Step 3 gives each thread kCtrRun = 7 centre rows; 74 centre rows (the tall tile's) are not a
+// multiple of 7, so it runs over kCtrSlots = 77. The 3 pad rows read rows of region B that no
+// pass wrote and make no partials (zeros, skipping the formula's division); step 4 reads the
+// 74 rows only. The tall tile had 60 rows (70 centre rows, no pad) until 2026-11-27. 64
+// divides the heights of SR training crops (128 to 512, 1024), on which 60 rows put up to 15%
+// of the tiles' rows outside the image (5 tiles, 300 rows, for 256); per pixel inside, the
+// two cost about the same (64 rows: 4 more pixel rows a tile, 3 pad rows in 77 of step 3).
 template <int R>
 struct BwdTile {
   static constexpr int kRows = R;                // gradient rows of the tile
@@ -114,22 +123,26 @@ struct BwdTile {
   static constexpr int kInRows = R + 4 * kHalo;  // input rows (10-pixel halo)
   static constexpr int kCtrRows = R + 2 * kHalo; // centre rows that reach the tile
   static constexpr int kCtrRun = 7;              // centre rows per thread in step 3
+  static constexpr int kCtrSlots = (kCtrRows + kCtrRun - 1) / kCtrRun * kCtrRun;  // step 3's rows, pad included
+  static constexpr int kHSlots = kCtrSlots + 2 * kHalo;  // rows of horizontal sums step 3 reads
   static constexpr int kHRun = R == 32 ? 6 : 7;  // adjacent centre columns per thread in step 2
   static constexpr int kMinBlocks = R == 32 ? 3 : 2;
   static constexpr int kInStride = kInRows * kBwdInPitch;
-  static constexpr int kPStride = kCtrRows * kBwdCtrPitch;
-  static constexpr int kHStride = kInRows * kBwdCtrPitch;
+  static constexpr int kPStride = kCtrSlots * kBwdCtrPitch;
+  static constexpr int kHStride = kHSlots * kBwdCtrPitch;
   static constexpr int kFStride = kCtrRows * (kTile + 1);
   static constexpr int kRegionA = 4 * kPStride;
   static constexpr int kRegionB = 4 * kHStride;
   static constexpr size_t kSmemBytes = sizeof(float) * (kRegionA + kRegionB);
-  static_assert(kCtrRows % kCtrRun == 0 && kBwdCtr % kHRun == 0 && R % 4 == 0, "tile runs must divide");
+  static_assert(kBwdCtr % kHRun == 0 && R % 4 == 0, "tile runs must divide");
   static_assert(2 * kInStride <= kRegionA, "inputs must fit region A");
   static_assert(4 * kFStride <= kRegionB, "filtered partials must fit region B");
-  static_assert(kMinBlocks * (kSmemBytes + 1024) <= 228 * 1024, "shared memory per SM (H100)");
+  // 1 KB a block is the system's; s_warp is static shared memory
+  static_assert(kMinBlocks * (kSmemBytes + 1024 + sizeof(float) * kThreads / 32) <= 228 * 1024,
+                "shared memory per SM (H100)");
 };
 using ShortTile = BwdTile<32>;
-using TallTile = BwdTile<60>;
+using TallTile = BwdTile<64>;
 
 // The upstream gradient as given (no contiguous copy: the gradient of a .sum() is an
 // expanded, stride-0 tensor): the map's (B, C, H', W') or the per-image (B,), with strides.
@@ -435,7 +448,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int last_row = static_cast<int>(a.last_row);
   const int last_col = static_cast<int>(a.last_col);
   constexpr int kRun = Tile::kCtrRun;
-  for (int i = threadIdx.x; i < kBwdCtr * (Tile::kCtrRows / kRun); i += kNT) {
+  for (int i = threadIdx.x; i < kBwdCtr * (Tile::kCtrSlots / kRun); i += kNT) {
     const int cc = i % kBwdCtr;
     const int cr0 = (i / kBwdCtr) * kRun;
     float acc[kRun][4];
@@ -446,7 +459,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       const int cr = cr0 + o;
       const int ir = row0 - kHalo + cr;
       SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
-      if (ir >= first && ir < last_row && ic >= first && ic < last_col) {
+      if ((Tile::kCtrSlots == Tile::kCtrRows || cr < Tile::kCtrRows) && ir >= first && ir < last_row &&
+          ic >= first && ic < last_col) {
         const float g = map_grad ? g_plane[(ir - first) * grad.stride[2] + (ic - first) * grad.stride[3]] : g_scale;
         d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g);
         if (partial && ir >= row0 && ir < row0 + kRows && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
@@ -536,10 +550,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // ~117 integer, branch and address); with two columns ~569, 284 a column (the horizontal
 // passes read 12 inputs for two outputs, and the step's address and control work is shared).
 // A gradient pixel costs (rows + 20) / rows x centres / (centres - 10) column-steps: 1.15 at
-// 4K, 1.25 at 1080p, 1.34 at 16x3x256x256 with plan_strips' plans for 132 SMs. The tall tile
-// (BwdTile<60>) issues ~460 per pixel, from its SASS loop bodies times their trip counts:
-// phases 1-5 take ~260, 450, ~780 (on 7 of 8 threads), ~230 and ~200 instructions a thread
-// for 1,920 pixels by 480 threads (ncu counted 514 a pixel at 4K).
+// 4K, 1.25 at 1080p, 1.34 at 16x3x256x256 with plan_strips' plans for 132 SMs. The 32x60 tile
+// (the tall tile before 32x64) issues ~460 per pixel, from its SASS loop bodies times their
+// trip counts: phases 1-5 take ~260, 450, ~780 (on 7 of 8 threads), ~230 and ~200
+// instructions a thread for 1,920 pixels by 480 threads (ncu counted 514 a pixel at 4K).
 // Measured on an H100 (ncu, 1x3x2160x3840, 2026-11-27): the strip kernel executes 0.67x the
 // tall tile's instructions but, at 8 warps an SM, issued on 41% of the cycles against the
 // tile's 69%; its warps waited most on the x, y loads of (c), issued just before the barrier.
@@ -915,17 +929,18 @@ Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles, int t
 }
 
 // The backward tile's rows for an image height: the tile with the fewer warp instructions in
-// all, from the count per tile (~15 K warp instructions for 32x32, ~24 K for 32x60; the
-// header's count). EPBAN_SSIM_CUDA_TILE_ROWS=32 or 60 forces one (for comparisons and tests).
+// all, from the count per tile (~15 K warp instructions for 32x32, ~26 K for 32x64: the
+// header's count for 32x60, ~24 K, scaled by each step's runs). EPBAN_SSIM_CUDA_TILE_ROWS=32 or
+// 64 forces one (for comparisons and tests).
 int tile_rows_for(int64_t height) {
   if (const char* forced = std::getenv("EPBAN_SSIM_CUDA_TILE_ROWS")) {
     const std::string rows(forced);
     if (rows == "32") return ShortTile::kRows;
-    if (rows == "60") return TallTile::kRows;
-    TORCH_CHECK(rows.empty(), "EPBAN_SSIM_CUDA_TILE_ROWS must be 32 or 60, got '", rows, "'");
+    if (rows == "64") return TallTile::kRows;
+    TORCH_CHECK(rows.empty(), "EPBAN_SSIM_CUDA_TILE_ROWS must be 32 or 64, got '", rows, "'");
   }
   const int64_t short_cost = 15 * ((height + ShortTile::kRows - 1) / ShortTile::kRows);
-  const int64_t tall_cost = 24 * ((height + TallTile::kRows - 1) / TallTile::kRows);
+  const int64_t tall_cost = 26 * ((height + TallTile::kRows - 1) / TallTile::kRows);
   return tall_cost < short_cost ? TallTile::kRows : ShortTile::kRows;
 }
 
@@ -1090,7 +1105,7 @@ at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, do
   return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true);
 }
 
-// The backward over every gradient pixel: the tile kernel (32 columns by 32 or 60 rows), or the
+// The backward over every gradient pixel: the tile kernel (32 columns by 32 or 64 rows), or the
 // strip kernel when selected and the upstream gradient is per image (ssim.h: grad_in
 // undefined is the one-pass mode).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
