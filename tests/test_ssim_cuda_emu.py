@@ -445,9 +445,9 @@ def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
                                             (192, 512), (256, 512)])
 def test_tile_rows_by_image_height(emu, monkeypatch, height, threads):
     """tile_rows_for: the tile with fewer warp instructions in all (~15 K per 32-row tile, ~26 K
-    per 64-row one), so 32 rows (256 threads) where a 64-row tile would run mostly outside the
-    image (96, 160 rows) and 64 rows (512 threads) on multiples of 64 (SR crops; 16x3x256x256).
-    Each run against the reference, from poisoned allocations."""
+    per 64-row one), so 32 rows (256 threads) where 64-row tiles would leave half a tile
+    outside the image (96, 160 rows) and 64 rows (512 threads) on multiples of 64 (SR crops;
+    16x3x256x256). Each run against the reference, from poisoned allocations."""
     clear_cuda_kernel_settings(monkeypatch)
     monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "tile")
     x, y = image_pair((1, 1, height, 23), seed=height)
