@@ -86,15 +86,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at:
   return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
 }
 
-// The one-pass ops below autograd (no gradient wanted): scale x the per-image SSIM of a
-// device (ssim_per_image_one_pass), or scale x their batch mean (ssim_mean_one_pass).
+// scale x the per-image SSIM of a device's forward F, or scale x their batch mean: the value of
+// the one-pass ops when no gradient is wanted (below autograd, or no input requires grad).
 using PerImage = at::Tensor (*)(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
+template <PerImage F>
+at::Tensor scaled_value(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+                        bool batch_mean, double scale) {
+  at::Tensor value = F(x, y, c1, c2, same_padding);
+  if (batch_mean) value = value.mean();
+  return scale == 1.0 ? value : value.mul_(scale);
+}
+
+// The one-pass ops below autograd: ssim_per_image_one_pass, ssim_mean_one_pass (kBatchMean).
 template <PerImage F, bool kBatchMean>
 at::Tensor ssim_one_pass_value(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
                                double scale) {
-  at::Tensor value = F(x, y, c1, c2, same_padding);
-  if (kBatchMean) value = value.mean();
-  return scale == 1.0 ? value : value.mul_(scale);
+  return scaled_value<F>(x, y, c1, c2, same_padding, kBatchMean, scale);
 }
 
 }  // namespace ssim

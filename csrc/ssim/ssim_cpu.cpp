@@ -481,9 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
       }
     });
   } else if (with_value) {
-    value = forward_cpu(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
-    if (batch_mean) value = value.mean();
-    if (scale != 1.0) value = value.mul(scale);
+    value = scaled_value<ssim_per_image_cpu>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
   }
   const auto placeholder = [&](const at::Tensor& t) { return at::empty({0}, t.options()); };
   gx = grad_x ? gx.to(x_in.scalar_type()) : placeholder(x_in);

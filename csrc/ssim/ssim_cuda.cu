@@ -1121,9 +1121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   TORCH_CHECK(with_value || grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
   // The forward's value when no kernel pass gives it: per image, or their batch mean.
   const auto forward_value = [&]() {
-    at::Tensor per_image = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false);
-    at::Tensor value = batch_mean ? per_image.mean() : per_image;
-    return scale == 1.0 ? value : value.mul(scale);
+    return scaled_value<ssim_per_image_cuda>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
   };
   if (with_value && !(grad_x || grad_y)) {
     return {forward_value(), at::empty({0}, x_in.options()), at::empty({0}, y_in.options())};
