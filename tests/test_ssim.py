@@ -510,7 +510,7 @@ def test_torch_compile_traces_the_fused_op(reduction, weight):
     assert out.shape == ref.shape
     assert torch.allclose(out.double(), ref, atol=1e-5, rtol=0)
     assert_close_rel(gx, rgx, 1e-4, "grad x")
-    eager = value_and_grads(lambda a, b: fn(a, b), x, y, reduction)
+    eager = value_and_grads(fn, x, y, reduction)
     assert torch.allclose(gx, eager[1])
 
 

@@ -66,7 +66,7 @@ def schedule(request, emu, rng_seed):
 # The block size each backward kernel of test_ssim.CUDA_BACKWARD_KERNELS must launch with
 # (None: the strip plan's for the shape, from the extension's own planner under the same settings).
 BLOCK_THREADS = {"tile-32x32": 256, "tile-32x64": 512, "strip": None, "strip-1col": None, "strip-32x7": 32}
-TILE_THREADS = (256, 512)
+TILE_THREADS = tuple(n for name, n in BLOCK_THREADS.items() if name.startswith("tile"))
 EMULATED_SMS = 132  # cuda_emu.h's cudaDevAttrMultiProcessorCount
 
 
@@ -411,9 +411,9 @@ def test_empty_batch(emu, backward_kernel):
 @pytest.mark.parametrize("shape, env, expected", [
     ((1, 1, 512, 520), {}, "strip"),
     ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "auto"}, "strip"),
-    ((1, 1, 511, 600), {}, "tile"),
-    ((1, 1, 600, 511), {}, "tile"),
-    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}, "tile"),
+    ((1, 1, 511, 600), {}, "tile-32x64"),
+    ((1, 1, 600, 511), {}, "tile-32x64"),
+    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}, "tile-32x64"),
     ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}, "tile-32x32"),
     ((1, 1, 13, 29), {"EPBAN_SSIM_CUDA_BACKWARD": "strip"}, "strip"),
 ])
@@ -433,7 +433,7 @@ def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
     if expected == "strip":
         assert threads not in TILE_THREADS and threads == emu.strip_plan(b * c, h, w, EMULATED_SMS)[1]
     else:
-        assert threads == (256 if expected == "tile-32x32" else 512)  # tile_rows_for: the tall tile here
+        assert threads == BLOCK_THREADS[expected]  # tile_rows_for: the tall tile at 511 to 600 rows
     assert_close_rel(value, reference(x.double(), y.double(), "valid", "none"), 1e-5, "value")
     assert_wanted_grads((gx, torch.empty(0)), reference_grads(x, y, "valid", "none", torch.ones(b)), (True, False))
     # a map gradient: the tiles, whatever the size and the setting
