@@ -699,10 +699,8 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 
 _RESOURCES_SCRIPT = r"""
-import sys
-sys.path.insert(0, "scripts")
 import triton.language as tl
-import kernel_resources as kr
+from epban.testing import kernel_resources as kr
 from epban.kernels import axial_attention as K
 
 fn = K._axial_fwd_sigma_kernel

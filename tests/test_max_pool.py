@@ -225,9 +225,7 @@ def test_bad_inputs_are_value_errors():
 
 
 _COMPILE_SCRIPT = r"""
-import sys
-sys.path.insert(0, "scripts")
-import kernel_resources as kr
+from epban.testing import kernel_resources as kr
 from epban.kernels import max_pool as K
 
 for dtype, index_64 in (("bf16", False), ("fp32", False), ("bf16", True)):  # int64: tensors of 2^31+

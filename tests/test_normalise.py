@@ -130,9 +130,7 @@ def test_bad_inputs_are_value_errors():
 
 
 _COMPILE_SCRIPT = r"""
-import sys
-sys.path.insert(0, "scripts")
-import kernel_resources as kr
+from epban.testing import kernel_resources as kr
 from epban.kernels import normalise as K
 
 for src, dst, index_64 in (("fp32", "bf16", False), ("bf16", "fp32", False), ("fp32", "fp32", False),

@@ -3,20 +3,20 @@
 # builds the extension for the card, runs the CUDA tests, then each op's correctness-and-timing
 # script, and prints their tables last. The full check took 7.5 min on an H100 (2026-11-27); the
 # quick modes are each meant to fit a 5-minute call (a lease is 15 min in all, start included):
-#   GPU_CHECK_QUICK=loss bash scripts/gpu_check.sh  (~4 min, no C++ build: the loss mode's Triton ops'
+#   GPU_CHECK_QUICK=loss bash scripts/dev/gpu_check.sh  (~4 min, no C++ build: the loss mode's Triton ops'
 #       CUDA tests, the new ops alone against PyTorch's (benches/bench_loss_ops.py), the loss in
 #       bf16 + graph with today's defaults at the four sizes, then with each loss-mode switch off
 #       in turn, A/B in one run, the eager step with the fused ops' eager door and without and with
 #       Triton's own launch path, and eager calls through both launch paths (benches/bench_launch.py))
-#   GPU_CHECK_QUICK=axial bash scripts/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
+#   GPU_CHECK_QUICK=axial bash scripts/dev/gpu_check.sh (~4-5 min, no C++ build: the axial attention's
 #       CUDA tests, per-kernel profile and tile sweep, eager and CUDA-graph times)
-#   GPU_CHECK_QUICK=ssim bash scripts/gpu_check.sh  (~4-5 min: build, the SSIM CUDA tests, the SSIM check with
+#   GPU_CHECK_QUICK=ssim bash scripts/dev/gpu_check.sh  (~4-5 min: build, the SSIM CUDA tests, the SSIM check with
 #       the backward kernels side by side: tiles, the strip kernel and its plan sweep)
-#   GPU_CHECK_QUICK=ncu bash scripts/gpu_check.sh  (~3 min: build, Nsight Compute on the SSIM kernels
-#       (scripts/ssim_ncu.py: issue slots, occupancy, stall reasons), the SSIM check's timings);
+#   GPU_CHECK_QUICK=ncu bash scripts/dev/gpu_check.sh  (~3 min: build, Nsight Compute on the SSIM kernels
+#       (scripts/dev/ssim_ncu.py: issue slots, occupancy, stall reasons), the SSIM check's timings);
 #       GPU_CHECK_QUICK=ncu-source: build, then the 4K backward kernels' stall samples per SASS line
-#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
-#   bash scripts/gpu_check.sh                       (everything; ~7.5 min; logs in $OUT or ./gpu_check_out)
+#   GPU_CHECK_QUICK=1 bash scripts/dev/gpu_check.sh     (~4 min: build, SSIM check, loss profile, tiles)
+#   bash scripts/dev/gpu_check.sh                       (everything; ~7.5 min; logs in $OUT or ./gpu_check_out)
 set -uo pipefail
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONUNBUFFERED=1
@@ -85,7 +85,7 @@ if [ "${GPU_CHECK_QUICK:-}" = axial ]; then
     | tee "$OUT/axial_tests.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "axial profile + tile sweep"
-  timeout 150 $PY scripts/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
+  timeout 150 $PY scripts/dev/axial_gpu_check.py --profile >"$OUT/axial_profile.md" 2>&1 || { status=1; echo FAILED; }
   step "tables"
   grep -v "^  " "$OUT/axial_profile.md" | tail -30
   exit $status
@@ -101,16 +101,16 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 
 if [ "${GPU_CHECK_QUICK:-}" = ncu-source ]; then
   step "Nsight Compute: per-instruction stall samples of the 4K backward kernels (CSV in $OUT)"
-  OUT=$OUT timeout 400 $PY scripts/ssim_ncu.py --source || status=1
+  OUT=$OUT timeout 400 $PY scripts/dev/ssim_ncu.py --source || status=1
   exit $status
 fi
 
 if [ "${GPU_CHECK_QUICK:-}" = ncu ]; then
   step "Nsight Compute: the SSIM kernels (report in $OUT/ssim_ncu.txt)"
-  OUT=$OUT timeout 250 $PY scripts/ssim_ncu.py 2>&1 | tee "$OUT/ssim_ncu_summary.md"
+  OUT=$OUT timeout 250 $PY scripts/dev/ssim_ncu.py 2>&1 | tee "$OUT/ssim_ncu_summary.md"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "ssim_gpu_check"
-  timeout 120 $PY scripts/ssim_gpu_check.py >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
+  timeout 120 $PY scripts/dev/ssim_gpu_check.py >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
   step "tables"
   grep -E "^(correctness|ssim_gpu_check)" "$OUT/ssim_gpu_check.md"
   grep -E "^\| [0-9].*fwd\+bwd \| epban" "$OUT/ssim_gpu_check.md"
@@ -122,7 +122,7 @@ if [ "${GPU_CHECK_QUICK:-}" = ssim ]; then
   timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py 2>&1 | tee "$OUT/ssim_tests.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "ssim_gpu_check with the strip sweep"
-  timeout 210 $PY scripts/ssim_gpu_check.py --strip-sweep >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
+  timeout 210 $PY scripts/dev/ssim_gpu_check.py --strip-sweep >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
   step "tables"
   grep -v "^  " "$OUT/ssim_gpu_check.md" | tail -95
   exit $status
@@ -137,7 +137,7 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   timeout 120 $TESTENV $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_ssim.py tests/test_loss_mode.py 2>&1 | tail -3
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   step "ssim_gpu_check"
-  timeout 90 $PY scripts/ssim_gpu_check.py >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
+  timeout 90 $PY scripts/dev/ssim_gpu_check.py >"$OUT/ssim_gpu_check.md" 2>&1 || { status=1; echo "FAILED"; }
   step "loss, bf16 + graph: fused epilogue x padded stem"
   sizes=16x256x256,1x512x512,1x1024x1024,1x2048x2048
   timeout 100 $PY benches/bench_pban_loss.py --sizes $sizes \
@@ -145,9 +145,9 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   EPBAN_LOSS_STEM_PAD=0 timeout 80 $PY benches/bench_pban_loss.py --sizes $sizes \
     --variants "loss bf16 graph,loss bf16 graph unfused-epilogue" >"$OUT/loss_nopad.md" 2>&1 || status=1
   step "loss profile"
-  timeout 60 $PY scripts/pban_gpu_check.py --profile >"$OUT/pban_profile.md" 2>&1 || status=1
+  timeout 60 $PY scripts/dev/pban_gpu_check.py --profile >"$OUT/pban_profile.md" 2>&1 || status=1
   step "deformable conv pixel tiles"
-  timeout 60 $PY scripts/deform_tile_sweep.py --budget 35 >"$OUT/deform_tiles.md" 2>&1 || status=1
+  timeout 60 $PY scripts/dev/deform_tile_sweep.py --budget 35 >"$OUT/deform_tiles.md" 2>&1 || status=1
   step "tables"
   grep -E "^\| [0-9]" "$OUT/ssim_gpu_check.md" | grep "fwd+bwd"
   tail -3 "$OUT/ssim_gpu_check.md"
@@ -165,11 +165,11 @@ timeout 60 $TESTENV $PY -m pytest -q -p no:cacheprovider tests/test_bias_act.py 
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for check in ssim_gpu_check axial_gpu_check pban_gpu_check; do
-  [ -f "scripts/$check.py" ] || continue
+  [ -f "scripts/dev/$check.py" ] || continue
   step "$check"
   args=""
   [ "$check" = pban_gpu_check ] && args="--budget 60"
-  timeout 100 $PY "scripts/$check.py" $args >"$OUT/$check.md" 2>&1 || { status=1; echo "FAILED (exit $?)"; }
+  timeout 100 $PY "scripts/dev/$check.py" $args >"$OUT/$check.md" 2>&1 || { status=1; echo "FAILED (exit $?)"; }
 done
 
 step "tables"
