@@ -7,6 +7,21 @@ import os
 import torch
 
 
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within the block, new tensors' memory (torch.empty and its kin, the kernels' outputs
+    included) is filled with NaN, so every output element a kernel leaves unwritten shows."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
 def randomise_inference_state(model: torch.nn.Module, *, seed: int = 1, affine: bool = False) -> torch.nn.Module:
     """Give a freshly initialised model non-trivial BatchNorm statistics (and, with
     ``affine=True``, BatchNorm scales and shifts) and non-zero GMDC offsets, so that
