@@ -9,8 +9,8 @@ Rows, at the tensor sizes of the loss mode's inputs (bf16, channels_last, as it 
   autograd; fused: ``epban.ops.normalise.normalise``.
 Each is timed twice: eager (what a small op costs with the host launching it, the Python
 overhead included) and captured in a CUDA graph (the device's time alone, as the loss mode runs
-under graphs). The floor column is the fused op's own DRAM bytes (read and written once each, counted below)
-at the card's bandwidth (3.35 TB/s for an H100 SXM): the time it cannot beat.
+under graphs). The floor column is the fused op's own DRAM bytes (read and written once each,
+counted below) at ``HBM_BYTES_PER_S``: the time it cannot beat on a card of that bandwidth.
 
     pytest benches/bench_loss_ops.py --benchmark-only      (CPU: the reference rows)
     python benches/bench_loss_ops.py                       (CUDA: a markdown table)
@@ -26,7 +26,7 @@ from epban.ops.max_pool import bias_relu_max_pool2d
 from epban.ops.normalise import normalise
 from timing import cuda_graph_median_ms, cuda_median_ms
 
-HBM_BYTES_PER_S = 3.35e12
+HBM_BYTES_PER_S = 3.35e12  # an H100 SXM's; set it for the card timed
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 # (op, shape): the stem's output of 16x3x256x256, 1x3x1024x1024 and 1x3x2048x2048 inputs, and those inputs
@@ -87,7 +87,7 @@ def table(rows, device_name) -> str:
     out = [f"The loss mode's memory-bound ops, forward + backward, bf16 channels_last, {device_name}",
            "",
            "| op | shape | PyTorch graph ms | fused graph ms | speed-up | fused GB/s (graph) "
-           "| floor ms (fused bytes at 3.35 TB/s) | PyTorch eager ms | fused eager ms |",
+           f"| floor ms (fused bytes at {HBM_BYTES_PER_S / 1e12:.2f} TB/s) | PyTorch eager ms | fused eager ms |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         nbytes = fused_bytes(r["op"], r["shape"])

@@ -1,18 +1,17 @@
-"""Loading of the optional compiled extension ``epban._C`` and of Triton.
+"""Loading of the optional compiled extension ``epban._C``, and whether Triton is there.
 
-Nothing here raises: a package without its kernels still imports, and every op falls
-back to its PyTorch reference. ``backend_for`` is the single place where an op decides
-which implementation serves a tensor.
+Nothing here raises: a package without its kernels still imports, and every op falls back to
+its PyTorch reference. Which implementation serves a call is decided in one place,
+``epban.ops.registry.use_fused``, from what this module reports.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
-import torch
+import torch  # noqa: F401  (loaded before the extension, which links against it)
 
 BACKENDS = ("auto", "reference", "fused")
-
-import importlib.util
 
 _C = None
 if importlib.util.find_spec("epban._C") is None:

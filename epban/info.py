@@ -1,27 +1,31 @@
-"""``epban.info()``: versions, the extension's state, and which backend serves each op on each device."""
+"""``epban.info()``: versions, the extension's state, and for each op what its fused path is
+built from and which backend ``backend="auto"`` takes on each device (``epban.ops.registry``)."""
 from __future__ import annotations
 
+import importlib
 import platform
 
 import torch
 
 from epban import _extension
 
+# The op modules; each registers its op with epban.ops.registry when imported.
+OP_MODULES = ("ssim", "axial_attention", "deform_conv", "bias_act", "max_pool", "normalise")
+# The order ops are listed in (registry names; the stem pool lives in max_pool).
+OP_ORDER = ("ssim", "axial_attention", "deform_conv", "bias_act", "stem_pool", "normalise")
 
-def _op_backends() -> dict:
-    from epban.ops import axial_attention, deform_conv, ssim
 
-    never = lambda device: False  # noqa: E731
-    fused_ssim_available = getattr(ssim, "fused_ssim_available", never)
-    fused_axial_available = getattr(axial_attention, "fused_axial_available", never)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    table = {}
-    ops = (("ssim", fused_ssim_available), ("axial_attention", fused_axial_available))
-    for op, available in ops:
-        table[op] = {d: ("fused" if available(d) else "reference") for d in devices}
-    # The deformable conv has three paths; deform_path is the rule the op itself follows.
-    table["deform_conv"] = {d: deform_conv.deform_path(torch.empty(0, device=d), "auto") for d in devices}
-    return table
+def _ops() -> dict:
+    """{op: {"kernels": what the fused path is, "auto": {device: backend}}} for every registered op."""
+    from epban.ops.registry import REGISTRY
+
+    for module in OP_MODULES:
+        importlib.import_module(f"epban.ops.{module}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    names = sorted(REGISTRY, key=lambda n: (OP_ORDER.index(n) if n in OP_ORDER else len(OP_ORDER), n))
+    return {name: {"kernels": REGISTRY[name].kernels,
+                   "auto": {d.type: REGISTRY[name].auto_backend(d) for d in devices}}
+            for name in names}
 
 
 def info(as_text: bool = False):
@@ -44,12 +48,14 @@ def info(as_text: bool = False):
         "extension_built": _extension.extension_loaded(),
         "extension_cuda": _extension.extension_has_cuda(),
         "extension_error": _extension.EXTENSION_ERROR,
-        "backends": _op_backends(),
+        "ops": _ops(),
     }
     if not as_text:
         return data
-    lines = [f"{k:18s} {v}" for k, v in data.items() if k != "backends"]
-    lines.append("backends (op: device -> backend used by backend='auto')")
-    for op, per_device in data["backends"].items():
-        lines.append(f"  {op:16s} " + ", ".join(f"{d}: {b}" for d, b in per_device.items()))
+    lines = [f"{k:18s} {v}" for k, v in data.items() if k != "ops"]
+    lines.append("ops (backend='auto' takes, per device; the fused path's kernels)")
+    autos = {name: ", ".join(f"{d}: {b}" for d, b in op["auto"].items()) for name, op in data["ops"].items()}
+    width = max(map(len, autos.values()), default=0)
+    for name, op in data["ops"].items():
+        lines.append(f"  {name:16s} {autos[name]:{width}s}  {op['kernels']}")
     return "\n".join(lines)

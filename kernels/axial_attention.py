@@ -1,7 +1,7 @@
-"""Triton kernels of the bi-directional axial attention, forward and backward, and their launchers.
+"""Triton kernels of the bi-directional axial attention, forward and backward.
 
-The op (epban.ops.axial_attention holds the reference, the dispatch and the autograd):
-for q, k, v of shape (B, C, H, W), axial(q, k, v) = 0.5 * (row + col). For one pass
+epban.ops.axial_attention holds the reference, the plan and launchers, and the custom op.
+For q, k, v of shape (B, C, H, W), axial(q, k, v) = 0.5 * (row + col). For one pass
 (row: sequences along W, one per (b, h); col: along H, one per (b, w)) and one sequence
 with positions i, j in [0, L) and channels c:
 
@@ -23,120 +23,55 @@ Backward, with g = 0.5 * dL/d(axial) seen by each pass:
     dS[i, j] = dZ[i, j] / sigma + omega (S[i, j] - mu)
     dq[c, i] = sum_j dS[i, j] k[c, j]               dk[c, j] = sum_i dS[i, j] q[c, i]
 
-Nothing of size L x L reaches global memory: every kernel recomputes its S tiles from q
-and k. Saved for the backward: lse (one number per row, B*H*W per pass) and the group
-statistics (mu, sigma, N). q, k, v (and g) are read as they are, all contiguous NCHW or
-all channels_last, through the strides (sB, sC, sH, sW) of that layout; outputs and
-gradients are written in it. A pass is a choice of two of them (row: sequence stride sH,
-position stride sW; column: sW and sH), picked by each kernel body's ``PASS``. In
-channels_last every (position x channel) tile loads rows of contiguous channels in both
-passes (coalesced; Triton specialises sC = 1, and on sm90 the kernels hold fewer registers
-and spill less than in NCHW: scripts/kernel_resources.py), and the loss mode's features
-need no layout copy. In NCHW, row tiles load contiguous positions.
-A program owns one tile of positions of one sequence, with all C channels (C up to a few
-hundred: the tile stays in registers for the program's whole loop), and loops over the
-tiles of the other side. In NCHW, the column pass's only contiguous direction is across
-sequences: its loads are strided (served from L2: program ids put sequences fastest, so
-neighbours run side by side). ``CONFIG["col_layout"] = "transposed"`` instead gives the
-column pass (B, C, W, H) copies of its inputs, made per call: its tiles then load
-contiguous positions like the row pass's (``COL_T``), and it still writes NCHW.
-scripts/axial_gpu_check.py --profile times the configurations side by side.
+Why this shape:
+- Nothing of size L x L reaches global memory: every kernel recomputes its S tiles from q
+  and k, so memory stays linear in the map. The forward saves lse (one number per row,
+  B*H*W per pass) and the group statistics (mu, sigma, N) for the backward.
+- sigma needs every logit of a group before any softmax, so the forward contracts S at
+  least twice (moments, then softmax and output); the backward contracts S and dA again
+  for dv/D and for dq/dk. Moments of tiles are merged with Chan's formula (mean and M2
+  about the mean), never as the sum of squares minus the squared sum.
+- q, k, v (and g) are read as they are, all contiguous NCHW or all channels_last, through
+  the strides (sB, sC, sH, sW) of that layout; outputs and gradients are written in it. A
+  pass is a choice of two of them (row: sequence stride sH, position stride sW; column: sW
+  and sH), picked by each kernel body's ``PASS``. In channels_last every (position x
+  channel) tile loads contiguous channels in both passes; in NCHW the column pass's loads
+  are strided (program ids put sequences fastest, so neighbours share cache lines).
+- A program owns one tile of positions of one sequence, with all C channels, and loops
+  over the tiles of the other side. ``RESIDENT`` tiles (half precision and "tf32" dots)
+  hold the whole-C tile in registers for the whole loop; otherwise the logits are
+  contracted over chunks of ``BLOCK_CK`` channels (fewer registers: "tf32x3" splits every
+  operand in two).
+- Both directions of the block share every launch (program_id(1) = direction). The row and
+  column passes write the same elements, so they are ordered by launches rather than
+  atomics: the result is deterministic and every output element is stored.
 
-Launches (both directions of the block share every launch; program_id(1) = direction):
-forward  1 stats (S tile moments, both passes) -> 2 sigma (Chan merge per group)
-         -> 3 lse (online logsumexp, both passes) -> 4 out, row pass (stores 0.5 row)
-         -> 5 out, column pass (adds 0.5 col);
-backward 1 dv/D, row -> 2 dv/D, column (adds) -> 3 omega per group
-         -> 4 dq, row -> 5 dk, row -> 6 dq, column (adds) -> 7 dk, column (adds)
-         (a dq or dk launch nobody needs is skipped).
-The row and column passes write the same elements, so they are ordered by launches
-rather than atomics: the result is deterministic and every output element is stored.
-When every sequence of both passes fits one tile (L <= BLOCK: the loss mode's maps up to
-64x64 in bfloat16, 32x32 in float32), the one-tile kernels take over (``single_tile``):
-forward 1 stats -> 2 sigma + lse + out, row -> 3 the same, column; backward 1 dv/D, row
--> 2 dv/D, column -> 3 omega + dq + dk, row -> 4 the same, column. Each of their programs
-merges its group's partials itself (a few hundred numbers) instead of waiting for a
-merge launch, and contracts S (and dA) once for everything its tile needs.
+Launches, general tiles: forward 1 stats (S tile moments, both passes) -> 2 sigma (merge
+per group) -> 3 lse (online logsumexp) -> 4 out, row pass (stores 0.5 row) -> 5 out, column
+pass (adds 0.5 col); backward 1 dv/D, row -> 2 dv/D, column -> 3 omega per group -> 4 dq,
+row -> 5 dk, row -> 6 dq, column -> 7 dk, column (a dq or dk launch nobody needs is skipped).
+When every sequence of both passes fits one tile, the one-tile kernels serve instead:
+forward 1 stats -> 2 sigma + lse + out, row -> 3 the same, column; backward 1 dv/D, row ->
+2 dv/D, column -> 3 omega + dq + dk, row -> 4 the same, column. Each of their programs
+merges its group's partials itself instead of waiting for a merge launch, and contracts S
+(and dA) once for everything its tile needs.
 
-Floor: a "product" is 2 C L^2 FLOPs per sequence, i.e. 2 C (H W^2 + W H^2) per image and
-direction (6.2 GFLOP for 1x256x135x240). The math needs 6 (S, v A; S, dA, dv, dq, dk
-share S); without stored logits the kernels spend 13: 4 in the forward (S for the
-moments, for lse, for out) and 9 in the backward (S and dA for dv/D, again for dq, again
-for dk; dq or dk programs whose gradient is not wanted skip theirs); the one-tile kernels
-spend 10 (3 in the forward: S for the moments, S and v A for lse and out; 7 in the
-backward: S, dA, dv; S, dA, dq, dk). Bytes: q, k, v (and
-g) read a few times each, out / dq / dk / dv written once and re-read once by the
-column pass; no L x L traffic; saved state 2 * 4 bytes per pixel and direction.
-Without stored logits no schedule spends fewer than 8 products: the forward needs S twice
-(sigma needs every logit before any softmax), the backward S, dA, dv, dq and dk. At 8
-products and the H100 SXM's peak rates (67 TFLOPS plain float32, 165 effective for tf32x3's
-three TF32 products, 495 TF32, 990 bf16), fwd + bwd of both directions takes at least:
+Precision: float32 dots use ``PRECISION`` ("ieee": plain fp32 FMAs; "tf32x3" or "tf32" trade
+accuracy for tensor-core speed). float16 and bfloat16 inputs use tensor cores with float32
+accumulation and statistics; A and dS are rounded to the input dtype for their dots (as in
+flash attention) and the row pass's result is stored in it before the column pass adds its
+half. float64 (for the CPU interpreter) accumulates in float64.
 
-    (B, C, H, W)       GFLOP   ieee fp32   tf32x3    tf32      bf16
-    16, 256, 16, 16     1.07   0.016 ms   0.007 ms  0.002 ms  0.001 ms
-    1, 256, 64, 64      4.3    0.064      0.026     0.009     0.004
-    1, 256, 128, 128   34.4    0.51       0.21      0.07      0.035
-    1, 256, 135, 240   99.5    1.49       0.60      0.20      0.10
-
-So a float32-accurate result (ieee or tf32x3) cannot reach 0.30 ms at 128x128 or 0.50 ms at
-135x240 on that card, at any efficiency; only TF32 (~1e-3 relative) or half-precision dots
-can. Storing the logits (6 products) would need 97 MB of float32 logits at 135x240 for the two
-directions, more than a quarter of the reference's peak memory. Small maps are bound by host
-launch cost and latency, not by these floors.
-
-float32 dots use ``input_precision`` ("ieee" by default: plain fp32 FMAs, matching the
-reference to ~1e-7 relative; "tf32x3" or "tf32" trade accuracy for tensor-core speed).
-float16 and bfloat16 inputs use tensor cores with float32 accumulation and statistics;
-A and dS are rounded to the input dtype for their dots (as in flash attention) and the
-row pass's result is stored in it before the column pass adds its half. float64
-(useful under TRITON_INTERPRET=1) accumulates in float64.
-
-Triton is imported here unconditionally: import this module only after checking that
-Triton is available (epban.ops.axial_attention does). Whether the kernels are
-interpreted is decided when this module is first imported (TRITON_INTERPRET=1). The
-interpreter of Triton 3.6 fails on runtime loop bounds with numpy 2.4 (3.8 does not);
-the compiled kernels are checked against Triton 3.6 and 3.8 for sm90.
+Limits: C up to a few hundred (the whole-C tile is a register tile: BLOCK_C is the next
+power of two >= C). Triton decides at import whether these kernels are interpreted
+(TRITON_INTERPRET=1); the interpreter computes wrong bfloat16 dots, and that of Triton 3.6
+fails on runtime loop bounds with numpy 2.4. This module imports Triton unconditionally:
+import it only after checking that Triton is available.
 """
-from __future__ import annotations
-
 import inspect
-import os
 
-import torch
 import triton
 import triton.language as tl
-
-from epban.kernels.launch import launch
-# is_channels_last: the ops module calls it from here too
-from epban.ops._checks import cdiv, is_channels_last, next_power_of_2  # noqa: F401
-
-SIGMA_EPS = 1e-6
-FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-# Tile configuration (the GPU check sweeps it). block_row, block_col: positions per tile in
-# the row and column passes (None: 64 for resident half-precision tiles, else 32); block_ck: channels per
-# step of a chunked logits contraction; resident: hold whole-C tiles in registers (None:
-# for bfloat16/float16 and "tf32" dots, with C <= 512; see the forward section); warps per
-# program.
-# num_stages: software-pipelining depth of the loops (None: 1 for resident float32
-# tiles, else Triton's default).
-# col_layout: "strided" (the column pass reads q, k, v, g in NCHW: each position of a tile in
-# its own 32-byte sector) or "transposed" (it reads (B, C, W, H) copies made per call:
-# coalesced tiles for 2 x 3 + 2 x 4 extra tensors of the inputs' size, made and freed per call).
-# EPBAN_AXIAL_COL_LAYOUT overrides the default col_layout.
-# single_tile: when every sequence of both passes fits one tile (the loss mode's maps up to
-# 64x64 in bfloat16), run the fused one-tile kernels (_axial_fwd_single_kernel,
-# _axial_bwd_single_dqk_kernel: 7 launches and 10 products instead of 12 and 13);
-# EPBAN_AXIAL_SINGLE_TILE=0 turns them off.
-CONFIG = dict(block_row=None, block_col=None, block_ck=32, resident=None, num_warps=8,
-              num_stages=None,
-              col_layout=os.environ.get("EPBAN_AXIAL_COL_LAYOUT", "strided"),
-              single_tile=os.environ.get("EPBAN_AXIAL_SINGLE_TILE", "1") != "0")
-
-# The one-tile kernels merge their group's partials in every program: beyond this many per
-# group (large batches under sigma_scope="batch") the separate merge launches are cheaper.
-SINGLE_TILE_MAX_PARTIALS = 4096
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -152,13 +87,11 @@ def _sized_jit(fn):
 
 
 @triton.jit
-def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
+def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr):
     """Program ``local`` of a pass -> (image b, sequence s, tile of positions) and the pass's
-    sequence count NS, length L, the inputs' sequence and position strides, and the
-    outputs' (elements). sH, sW: the row and column strides of every tensor of the call
-    (W and 1 in NCHW, W C and C in channels_last). COL_T: the column pass reads (B, C, W, H)
-    copies of NCHW inputs, so its tiles load contiguous positions as the row pass's do; it
-    writes NCHW all the same.
+    sequence count NS, length L, sequence and position strides (elements). sH, sW: the row
+    and column strides of every tensor of the call (W and 1 in NCHW, W C and C in
+    channels_last).
 
     Sequences vary fastest, then tiles, then images: an image's programs are contiguous
     (its partial sums too), and neighbouring sequences (which share cache lines in the NCHW
@@ -169,24 +102,16 @@ def _geometry(local, H, W, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr, COL_
         L = W
         s_seq = sH
         s_pos = sW
-        o_seq = sH
-        o_pos = sW
     else:
         NS = W
         L = H
-        if COL_T:
-            s_seq = H
-            s_pos = 1
-        else:
-            s_seq = sW
-            s_pos = sH
-        o_seq = sW
-        o_pos = sH
+        s_seq = sW
+        s_pos = sH
     n_tiles = (L + BLOCK - 1) // BLOCK
     s = local % NS
     tile = (local // NS) % n_tiles
     b = local // (NS * n_tiles)
-    return b, s, tile, NS, L, s_seq, s_pos, o_seq, o_pos
+    return b, s, tile, NS, L, s_seq, s_pos
 
 
 @triton.jit
@@ -206,17 +131,16 @@ def _operands(d, q0, k0, v0, g0, q1, k1, v1, g1):
 
 
 @triton.jit
-def _tile_setup(local, H, W, sB, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr, COL_T: tl.constexpr):
-    """Offsets shared by every kernel body: seq_off / s_pos address the program's sequence in
-    the inputs, out_off / o_pos in the outputs (they differ under COL_T); offs_t / mask_t:
-    the program's tile of positions; rows: the sequence's first entry in the per-row state."""
-    b, s, tile, NS, L, s_seq, s_pos, o_seq, o_pos = _geometry(local, H, W, sH, sW, PASS, BLOCK, COL_T)
+def _tile_setup(local, H, W, sB, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets shared by every kernel body: seq_off / s_pos address the program's sequence
+    (inputs and outputs alike); offs_t / mask_t: the program's tile of positions; rows: the
+    sequence's first entry in the per-row state."""
+    b, s, tile, NS, L, s_seq, s_pos = _geometry(local, H, W, sH, sW, PASS, BLOCK)
     seq_off = b.to(tl.int64) * sB + s * s_seq
-    out_off = b.to(tl.int64) * sB + s * o_seq
     offs_t = tile * BLOCK + tl.arange(0, BLOCK)
     mask_t = offs_t < L
     rows = (b * NS + s).to(tl.int64) * L
-    return b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos
+    return b, L, s_pos, seq_off, offs_t, mask_t, rows
 
 
 @triton.jit
@@ -288,10 +212,10 @@ def _logits(a_tile, b_tile, a_ptr, b_ptr, seq_off, offs_m, mask_m, offs_n, mask_
 
 
 @triton.jit
-def _store_channels(ptr, out_off, offs_c, mask_c, offs_p, mask_p, sC, o_pos, res, accumulate, ACC: tl.constexpr):
+def _store_channels(ptr, seq_off, offs_c, mask_c, offs_p, mask_p, sC, s_pos, res, accumulate, ACC: tl.constexpr):
     """x[c, p] = res (a (channels, positions) tile), or x += res when ``accumulate`` (the
     column pass after the row pass)."""
-    ptrs = ptr + out_off + offs_c[:, None] * sC + offs_p[None, :] * o_pos
+    ptrs = ptr + seq_off + offs_c[:, None] * sC + offs_p[None, :] * s_pos
     mask = mask_c[:, None] & mask_p[None, :]
     res += tl.load(ptrs, mask=mask & (accumulate != 0), other=0.0).to(ACC)
     tl.store(ptrs, res.to(ptr.dtype.element_ty), mask=mask)
@@ -310,8 +234,8 @@ def _store_channels(ptr, out_off, offs_c, mask_c, offs_p, mask_p, sC, o_pos, res
 @triton.jit
 def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr, BLOCK: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
-                ACC: tl.constexpr, COL_T: tl.constexpr):
-    b, L, s_pos, seq_off, offs_i, mask_i, rows, _, _ = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+                ACC: tl.constexpr):
+    b, L, s_pos, seq_off, offs_i, mask_i, rows = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     q_blk = _resident(qp, seq_off, offs_i, mask_i, offs_c, mask_c, s_pos, sC, False, RESIDENT)
@@ -341,10 +265,10 @@ def _stats_body(qp, kp, part, local, C, H, W, sB, sC, sH, sW, PASS: tl.constexpr
 
 
 @_sized_jit
-def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, W, sB, sC, sH, sW, n_row_progs, n_progs,
+def _axial_fwd_stats_kernel(q0, k0, q1, k1, part_ptr, C, H, W, sB, sC, sH, sW, n_row_progs, n_progs,
                             BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
-                            ACC: tl.constexpr, COL_T: tl.constexpr):
+                            ACC: tl.constexpr):
     """Moments of the logits of one strip of rows: part = (n, mean, M2), row programs first.
 
     Tiles are merged with Chan's formula (mean and M2 about the mean, never the sum of
@@ -355,10 +279,10 @@ def _axial_fwd_stats_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, part_ptr, C, H, 
     part = part_ptr + (d * n_progs + pid) * 3
     if pid < n_row_progs:
         _stats_body(_pick(d, q0, q1), _pick(d, k0, k1), part, pid, C, H, W, sB, sC, sH, sW, 0, BLOCK_ROW, BLOCK_C,
-                    BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
+                    BLOCK_CK, RESIDENT, PRECISION, ACC)
     else:
-        _stats_body(_pick(d, qt0, qt1), _pick(d, kt0, kt1), part, pid - n_row_progs, C, H, W, sB, sC, sH, sW, 1,
-                    BLOCK_COL, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
+        _stats_body(_pick(d, q0, q1), _pick(d, k0, k1), part, pid - n_row_progs, C, H, W, sB, sC, sH, sW, 1,
+                    BLOCK_COL, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC)
 
 
 @triton.jit
@@ -427,8 +351,8 @@ def _axial_fwd_sigma_kernel(part_ptr, stats_ptr, NG, B, n_row_progs, n_progs, pe
 @triton.jit
 def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sB, sC, sH, sW, sample,
               PASS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr,
-              RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
-    b, L, s_pos, seq_off, offs_i, mask_i, rows, _, _ = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+              RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    b, L, s_pos, seq_off, offs_i, mask_i, rows = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK)
     inv_sigma = 1.0 / tl.load(stats + (b * sample) * 3 + 1)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -449,33 +373,32 @@ def _lse_body(qp, kp, stats, lse_ptr, local, C, H, W, sB, sC, sH, sW, sample,
 
 
 @_sized_jit
-def _axial_fwd_lse_kernel(q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG,
+def _axial_fwd_lse_kernel(q0, k0, q1, k1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG,
                           n_row_progs, sample, BLOCK_ROW: tl.constexpr, BLOCK_COL: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
-                          PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+                          PRECISION: tl.constexpr, ACC: tl.constexpr):
     """lse[i] = logsumexp_j S[i, j] / sigma for one strip of rows (online over j tiles)."""
     pid = tl.program_id(0)
     d = tl.program_id(1)
     if pid < n_row_progs:
         _lse_body(_pick(d, q0, q1), _pick(d, k0, k1), stats_ptr + (d * 2) * NG * 3,
                   lse_ptr + (d * 2).to(tl.int64) * B * H * W, pid, C, H, W, sB, sC, sH, sW, sample, 0, BLOCK_ROW,
-                  BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
+                  BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC)
     else:
-        _lse_body(_pick(d, qt0, qt1), _pick(d, kt0, kt1), stats_ptr + (d * 2 + 1) * NG * 3,
+        _lse_body(_pick(d, q0, q1), _pick(d, k0, k1), stats_ptr + (d * 2 + 1) * NG * 3,
                   lse_ptr + (d * 2 + 1).to(tl.int64) * B * H * W, pid - n_row_progs, C, H, W, sB, sC, sH, sW,
-                  sample, 1, BLOCK_COL, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC, COL_T)
+                  sample, 1, BLOCK_COL, BLOCK_C, BLOCK_CK, RESIDENT, PRECISION, ACC)
 
 
 @_sized_jit
 def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B, C, H, W, sB, sC, sH, sW, NG, sample,
                           accumulate, PASS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
-                          ACC: tl.constexpr, COL_T: tl.constexpr):
+                          ACC: tl.constexpr):
     """out[c, j] (+)= 0.5 sum_i v[c, i] exp(S[i, j] / sigma - lse[i]) for one strip of columns j."""
     d = tl.program_id(1)
     kp = _pick(d, k0, k1)
-    b, L, s_pos, seq_off, offs_j, mask_j, rows, out_off, o_pos = _tile_setup(
-        tl.program_id(0), H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+    b, L, s_pos, seq_off, offs_j, mask_j, rows = _tile_setup(tl.program_id(0), H, W, sB, sH, sW, PASS, BLOCK)
     inv_sigma = 1.0 / tl.load(stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3 + 1)
     lse_base = lse_ptr + (d * 2 + PASS).to(tl.int64) * B * H * W + rows
     qp = _pick(d, q0, q1)
@@ -494,7 +417,7 @@ def _axial_fwd_out_kernel(q0, k0, v0, o0, q1, k1, v1, o1, stats_ptr, lse_ptr, B,
         a = tl.where(mask_i[:, None], tl.exp(S * inv_sigma - lse[:, None]), 0.0)
         v_blk = _by_channel(vp, seq_off, offs_c, mask_c, offs_i, mask_i, s_pos, sC)
         acc = _dot(v_blk, a.to(v_blk.dtype), acc, PRECISION)
-    _store_channels(_pick(d, o0, o1), out_off, offs_c, mask_c, offs_j, mask_j, sC, o_pos, 0.5 * acc, accumulate, ACC)
+    _store_channels(_pick(d, o0, o1), seq_off, offs_c, mask_c, offs_j, mask_j, sC, s_pos, 0.5 * acc, accumulate, ACC)
 
 
 @_sized_jit
@@ -502,7 +425,7 @@ def _axial_fwd_single_kernel(q0, k0, v0, o0, q1, k1, v1, o1, part_ptr, stats_ptr
                              NG, n_row_progs, n_progs, per_row, per_col, eps, sample, accumulate, PASS: tl.constexpr,
                              BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr,
                              BLOCK_P: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
-                             ACC: tl.constexpr, COL_T: tl.constexpr):
+                             ACC: tl.constexpr):
     """Sequences of one tile (L <= BLOCK), one per program: the sigma, lse and out kernels in one.
 
     Every program merges its group's strip moments itself (the group's first program stores
@@ -512,8 +435,7 @@ def _axial_fwd_single_kernel(q0, k0, v0, o0, q1, k1, v1, o1, part_ptr, stats_ptr
     """
     d = tl.program_id(1)
     local = tl.program_id(0)
-    b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK,
-                                                                             COL_T)
+    b, L, s_pos, seq_off, offs_t, mask_t, rows = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK)
     g, start, count, first = _own_group(local, b, B, sample, n_row_progs, per_row, per_col, PASS)
     mu, sigma, n = _merge_moments(part_ptr + (d * n_progs + start) * 3, count, eps, BLOCK_P, ACC)
     if first:
@@ -538,7 +460,7 @@ def _axial_fwd_single_kernel(q0, k0, v0, o0, q1, k1, v1, o1, part_ptr, stats_ptr
     a = tl.where(mask_t[:, None], e / l_i[:, None], 0.0)
     v_blk = _by_channel(vp, seq_off, offs_c, mask_c, offs_t, mask_t, s_pos, sC)
     acc = _dot(v_blk, a.to(v_blk.dtype), tl.zeros([BLOCK_C, BLOCK], dtype=ACC), PRECISION)
-    _store_channels(_pick(d, o0, o1), out_off, offs_c, mask_c, offs_t, mask_t, sC, o_pos, 0.5 * acc, accumulate, ACC)
+    _store_channels(_pick(d, o0, o1), seq_off, offs_c, mask_c, offs_t, mask_t, sC, s_pos, 0.5 * acc, accumulate, ACC)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -549,12 +471,11 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
                          pid_offset, B, C, H, W, sB, sC, sH, sW, NG, n_progs, sample, accumulate, need_v,
                          PASS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
-                         ACC: tl.constexpr, COL_T: tl.constexpr):
+                         ACC: tl.constexpr):
     """For one strip of rows i: dv[c, i] (+)= sum_j A g[c, j], D[i], and sum_i (E[i] - D[i] F[i])."""
     d = tl.program_id(1)
     local = tl.program_id(0)
-    b, L, s_pos, seq_off, offs_i, mask_i, rows, out_off, o_pos = _tile_setup(
-        local, H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+    b, L, s_pos, seq_off, offs_i, mask_i, rows = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK)
     st = stats_ptr + ((d * 2 + PASS) * NG + b * sample) * 3
     mu = tl.load(st)
     inv_sigma = 1.0 / tl.load(st + 1)
@@ -588,8 +509,8 @@ def _axial_bwd_dv_kernel(q0, k0, v0, g0, dv0, q1, k1, v1, g1, dv1, stats_ptr, ls
         acc = _dot(g_blk, tl.trans(a).to(g_blk.dtype), acc, PRECISION)
     tl.store(drow_ptr + row_ptrs, d_i, mask=mask_i)
     tl.store(dpart_ptr + d * n_progs + pid_offset + local, tl.sum(e_i - d_i * f_i, axis=0))
-    _store_channels(_pick(d, dv0, dv1), out_off, offs_c, mask_c & (((need_v >> d) & 1) != 0), offs_i, mask_i, sC,
-                    o_pos, 0.5 * acc, accumulate, ACC)
+    _store_channels(_pick(d, dv0, dv1), seq_off, offs_c, mask_c & (((need_v >> d) & 1) != 0), offs_i, mask_i, sC,
+                    s_pos, 0.5 * acc, accumulate, ACC)
 
 
 @triton.jit
@@ -634,11 +555,11 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
                           stats_ptr, omega_ptr, lse_ptr, drow_ptr, B, C, H, W, sB, sC, sH, sW, NG, sample,
                           accumulate, need_q, need_k, IS_DK: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, RESIDENT: tl.constexpr,
-                          PRECISION: tl.constexpr, ACC: tl.constexpr, COL_T: tl.constexpr):
+                          PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dq[c, i] (+)= sum_j dS[i, j] k[c, j] for a strip of rows i, or with IS_DK
     dk[c, j] (+)= sum_i dS[i, j] q[c, i] for a strip of columns j. dq and dk are separate
-    launches, each compiled for one of them: one kernel holding both bodies spilled twice as
-    much on sm90 and took 6-8% more device time (H100, bf16, 64x64 maps and up).
+    launches, each compiled for one of them: one kernel holding both bodies needs the
+    registers of both loops at once and spills more (epban.testing.kernel_resources).
 
     need_q, need_k: bit d set when direction d's dq (dk) is wanted; the other direction's
     programs skip their loop and store nothing (a loss through one input of each direction
@@ -652,8 +573,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
     else:
         outp = _pick(d, dq0, dq1)
         need = (need_q >> d) & 1
-    b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(
-        tl.program_id(0), H, W, sB, sH, sW, PASS, BLOCK, COL_T)
+    b, L, s_pos, seq_off, offs_t, mask_t, rows = _tile_setup(tl.program_id(0), H, W, sB, sH, sW, PASS, BLOCK)
     st = (d * 2 + PASS) * NG + b * sample
     mu = tl.load(stats_ptr + st * 3)
     inv_sigma = 1.0 / tl.load(stats_ptr + st * 3 + 1)
@@ -690,7 +610,7 @@ def _axial_bwd_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, dk1,
                                   C, sC, s_pos, lse, d_i, mu, inv_sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
                                   ACC)
             acc = _dot(k_blk, tl.trans(ds).to(k_blk.dtype), acc, PRECISION)
-    _store_channels(outp, out_off, offs_c, mask_c & (need != 0), offs_t, mask_t, sC, o_pos, acc, accumulate, ACC)
+    _store_channels(outp, seq_off, offs_c, mask_c & (need != 0), offs_t, mask_t, sC, s_pos, acc, accumulate, ACC)
 
 
 @_sized_jit
@@ -698,8 +618,7 @@ def _axial_bwd_single_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, 
                                  dpart_ptr, B, C, H, W, sB, sC, sH, sW, NG, n_row_progs, n_progs, per_row, per_col,
                                  eps, sample, accumulate, need_q, need_k, PASS: tl.constexpr, BLOCK: tl.constexpr,
                                  BLOCK_C: tl.constexpr, BLOCK_CK: tl.constexpr, BLOCK_P: tl.constexpr,
-                                 RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                                 COL_T: tl.constexpr):
+                                 RESIDENT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """Sequences of one tile (L <= BLOCK), one per program: the omega, dq and dk kernels in one.
 
     The program sums its group's (E - D F) partials itself, contracts S and dA once, and
@@ -712,8 +631,7 @@ def _axial_bwd_single_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, 
     want_q = (need_q >> d) & 1
     want_k = (need_k >> d) & 1
     if (want_q | want_k) != 0:
-        b, L, s_pos, seq_off, offs_t, mask_t, rows, out_off, o_pos = _tile_setup(local, H, W, sB, sH, sW, PASS,
-                                                                                 BLOCK, COL_T)
+        b, L, s_pos, seq_off, offs_t, mask_t, rows = _tile_setup(local, H, W, sB, sH, sW, PASS, BLOCK)
         g, start, count, _ = _own_group(local, b, B, sample, n_row_progs, per_row, per_col, PASS)
         st = stats_ptr + ((d * 2 + PASS) * NG + g) * 3
         mu = tl.load(st)
@@ -733,219 +651,15 @@ def _axial_bwd_single_dqk_kernel(q0, k0, v0, g0, dq0, dk0, q1, k1, v1, g1, dq1, 
                               C, sC, s_pos, lse, d_i, mu, 1.0 / sigma, omega, BLOCK, BLOCK_CK, RESIDENT, PRECISION,
                               ACC)
         zero = tl.zeros([BLOCK_C, BLOCK], dtype=ACC)
-        # the chunked contraction loads whole q and k tiles only now, after dS (sm90, float32
-        # tf32x3, 32x32 maps: 772 spill bytes when they were live across it)
+        # the chunked contraction loads whole q and k tiles only now, after dS: live across
+        # its loop they would spill
         if want_q != 0:
             k_all = _whole(k_blk, kp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, True, RESIDENT)
             dq = _dot(k_all, tl.trans(ds).to(k_all.dtype), zero, PRECISION)
-            _store_channels(_pick(d, dq0, dq1), out_off, offs_c, mask_c, offs_t, mask_t, sC, o_pos, dq, accumulate,
+            _store_channels(_pick(d, dq0, dq1), seq_off, offs_c, mask_c, offs_t, mask_t, sC, s_pos, dq, accumulate,
                             ACC)
         if want_k != 0:
             q_all = _whole(q_blk, qp, seq_off, offs_t, mask_t, offs_c, mask_c, s_pos, sC, False, RESIDENT)
             dk = _dot(tl.trans(q_all), ds.to(q_all.dtype), zero, PRECISION)
-            _store_channels(_pick(d, dk0, dk1), out_off, offs_c, mask_c, offs_t, mask_t, sC, o_pos, dk, accumulate,
+            _store_channels(_pick(d, dk0, dk1), seq_off, offs_c, mask_c, offs_t, mask_t, sC, s_pos, dk, accumulate,
                             ACC)
-
-
-# ----------------------------------------------------------------------------- launchers
-
-
-class _Plan:
-    """Grid geometry and tile configuration shared by the forward and backward launches."""
-
-    def __init__(self, shape, dtype, sigma_scope, precision, config=None, channels_last=False):
-        cfg = {**CONFIG, **(config or {})}
-        B, C, H, W = shape
-        self.B, self.C, self.H, self.W = B, C, H, W
-        self.sample = int(sigma_scope == "sample")
-        self.NG = B if self.sample else 1
-        self.block_c = max(16, next_power_of_2(C))
-        if precision not in FP32_PRECISIONS:
-            raise ValueError(f"precision must be one of {FP32_PRECISIONS}, got {precision!r}")
-        self.precision = precision if dtype == torch.float32 else "ieee"
-        half = dtype in (torch.float16, torch.bfloat16)
-        self.resident = cfg["resident"]
-        if self.resident is None:
-            self.resident = (half or self.precision == "tf32") and self.block_c <= 512
-        # resident float32 tiles of 64 positions need more shared memory than an SM has on
-        # some strides (scripts/kernel_resources.py)
-        block = 64 if self.resident and half else 32
-        self.block_row = max(16, min(cfg["block_row"] or block, next_power_of_2(W)))
-        self.block_col = max(16, min(cfg["block_col"] or block, next_power_of_2(H)))
-        self.block_ck = max(16, min(cfg["block_ck"], self.block_c))
-        if cfg["col_layout"] not in ("strided", "transposed"):
-            raise ValueError(f"col_layout must be 'strided' or 'transposed', got {cfg['col_layout']!r}")
-        # channels_last tiles load contiguous channels in both passes: no transposed copies
-        self.col_t = cfg["col_layout"] == "transposed" and not channels_last
-        self.per_row = H * cdiv(W, self.block_row)
-        self.per_col = W * cdiv(H, self.block_col)
-        self.n_row = B * self.per_row
-        self.n_col = B * self.per_col
-        self.n_progs = self.n_row + self.n_col
-        group_partials = max(self.per_row, self.per_col) * (1 if self.sample else B)
-        self.single_tile = bool(cfg["single_tile"]) and W <= self.block_row and H <= self.block_col \
-            and group_partials <= SINGLE_TILE_MAX_PARTIALS
-        self.block_p = max(16, min(1024, next_power_of_2(group_partials)))
-        self.acc = tl.float64 if dtype == torch.float64 else tl.float32
-        self.acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
-        self.num_warps = cfg["num_warps"] if self.block_c >= 128 else 4
-        self.launch = dict(num_warps=self.num_warps)
-        num_stages = cfg.get("num_stages")
-        if num_stages is None and self.resident and dtype == torch.float32:
-            num_stages = 1  # measured fastest for resident float32 tiles (H100, 2026-11-27)
-        if num_stages is not None:
-            self.launch["num_stages"] = num_stages
-
-    def passes(self):
-        """(PASS, BLOCK, number of programs, first program id, accumulate) for the row then column pass."""
-        return ((0, self.block_row, self.n_row, 0, 0), (1, self.block_col, self.n_col, self.n_row, 1))
-
-    def both(self):
-        return dict(BLOCK_ROW=self.block_row, BLOCK_COL=self.block_col, **self.tiles())
-
-    def tiles(self):
-        return dict(BLOCK_C=self.block_c, BLOCK_CK=self.block_ck, RESIDENT=self.resident, PRECISION=self.precision,
-                    ACC=self.acc, COL_T=self.col_t, **self.launch)
-
-    def col_inputs(self, ts):
-        """The column pass's copies of ``ts``: (B, C, W, H) contiguous under col_layout "transposed"."""
-        return [t.transpose(2, 3).contiguous() for t in ts] if self.col_t else list(ts)
-
-
-_PLANS: dict = {}
-
-
-def _plan(shape, dtype, sigma_scope, precision, config=None, channels_last=False) -> _Plan:
-    """The _Plan of these arguments, built once (it is host time on every call otherwise)."""
-    key = (tuple(shape), dtype, sigma_scope, precision, tuple(sorted({**CONFIG, **(config or {})}.items())),
-           channels_last)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        plan = _PLANS[key] = _Plan(shape, dtype, sigma_scope, precision, config, channels_last)
-    return plan
-
-
-def layout_strides(tensors, channels_last: bool) -> tuple:
-    """(sB, sC, sH, sW) of every tensor of a call: all contiguous NCHW, or all channels_last.
-    ValueError otherwise (epban.ops.axial_attention converts before calling)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    shape = tensors[0].shape
-    for t in tensors:
-        if t.shape != shape or not t.is_contiguous(memory_format=fmt):
-            raise ValueError("the fused axial kernels need tensors of one shape, all contiguous NCHW or all "
-                             f"channels_last; got {tuple(t.shape)} with strides {t.stride()}")
-    B, C, H, W = shape
-    return (H * W * C, 1, W * C, C) if channels_last else (C * H * W, H * W, W, 1)
-
-
-def _pair(ts):
-    return (ts[0], ts[-1])
-
-
-def axial_forward(qs, ks, vs, sigma_scope, *, precision="ieee", outs=None, config=None):
-    """Run axial(qs[d], ks[d], vs[d]) for one or two directions d (same shape, dtype, device).
-
-    Inputs must all be contiguous NCHW or all channels_last (the outputs are made in the
-    same layout). ``outs`` (optional, in that layout) are overwritten entirely. ``config``
-    overrides entries of ``CONFIG``. Returns (outs, lse, stats): the state the backward needs.
-    """
-    channels_last = is_channels_last(qs[0])
-    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config, channels_last)
-    ndir = len(qs)
-    dev = qs[0].device
-    if outs is None:
-        outs = tuple(torch.empty_like(q) for q in qs)
-    strides = layout_strides(list(qs) + list(ks) + list(vs) + list(outs), channels_last)
-    part = torch.empty((ndir, plan.n_progs, 3), dtype=plan.acc_torch, device=dev)
-    stats = torch.empty((ndir, 2, plan.NG, 3), dtype=plan.acc_torch, device=dev)
-    lse = torch.empty((ndir, 2, plan.B * plan.H * plan.W), dtype=plan.acc_torch, device=dev)
-    B, C, H, W = plan.B, plan.C, plan.H, plan.W
-    qts, kts, vts = plan.col_inputs(qs), plan.col_inputs(ks), plan.col_inputs(vs)
-    q0, q1 = _pair(qs)
-    k0, k1 = _pair(ks)
-    qt0, qt1 = _pair(qts)
-    kt0, kt1 = _pair(kts)
-    o0, o1 = _pair(outs)
-    launch(_axial_fwd_stats_kernel, (plan.n_progs, ndir),
-        q0, k0, q1, k1, qt0, kt0, qt1, kt1, part, C, H, W, *strides, plan.n_row, plan.n_progs, **plan.both())
-    if plan.single_tile:
-        for pass_, block, n, _, accumulate in plan.passes():
-            q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
-            launch(_axial_fwd_single_kernel, (n, ndir),
-                q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, part, stats, lse, B, C, H, W, *strides, plan.NG,
-                plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample, accumulate,
-                PASS=pass_, BLOCK=block, BLOCK_P=plan.block_p, **plan.tiles())
-        return outs, lse, stats
-    launch(_axial_fwd_sigma_kernel, (ndir * 2 * plan.NG,),
-        part, stats, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS, plan.sample,
-        BLOCK_P=1024, ACC=plan.acc, num_warps=4)
-    launch(_axial_fwd_lse_kernel, (plan.n_progs, ndir),
-        q0, k0, q1, k1, qt0, kt0, qt1, kt1, stats, lse, B, C, H, W, *strides, plan.NG, plan.n_row, plan.sample,
-        **plan.both())
-    for pass_, block, n, _, accumulate in plan.passes():
-        q_, k_, v_ = (qs, ks, vs) if pass_ == 0 else (qts, kts, vts)
-        launch(_axial_fwd_out_kernel, (n, ndir),
-            q_[0], k_[0], v_[0], o0, q_[-1], k_[-1], v_[-1], o1, stats, lse, B, C, H, W, *strides, plan.NG, plan.sample,
-            accumulate, PASS=pass_, BLOCK=block, **plan.tiles())
-    return outs, lse, stats
-
-
-def axial_backward(qs, ks, vs, grads, lse, stats, sigma_scope, *, precision="ieee", config=None, needs=None):
-    """Gradients (dqs, dks, dvs) of axial_forward for the upstream gradients ``grads`` (in the
-    inputs' layout; the gradients are made in it too).
-
-    needs[d] = (dq wanted, dk wanted, dv wanted) for direction d (default: all); an unwanted
-    gradient is returned as None and costs no work beyond what the others need.
-    """
-    channels_last = is_channels_last(qs[0])
-    plan = _plan(qs[0].shape, qs[0].dtype, sigma_scope, precision, config, channels_last)
-    strides = layout_strides(list(qs) + list(ks) + list(vs) + list(grads), channels_last)
-    ndir = len(qs)
-    dev = qs[0].device
-    needs = needs or [(True, True, True)] * ndir
-    dqs = tuple(torch.empty_like(q) if needs[d][0] else None for d, q in enumerate(qs))
-    dks = tuple(torch.empty_like(q) if needs[d][1] else None for d, q in enumerate(qs))
-    dvs = tuple(torch.empty_like(q) if needs[d][2] else None for d, q in enumerate(qs))
-    need_q, need_k, need_v = (sum(1 << d for d in range(ndir) if needs[d][r]) for r in range(3))
-    drow = torch.empty_like(lse)
-    dpart = torch.empty((ndir, plan.n_progs), dtype=plan.acc_torch, device=dev)
-    B, C, H, W = plan.B, plan.C, plan.H, plan.W
-    # an unwanted gradient's pointer is never written through: any tensor of the dtype will do
-    dq0, dq1 = _pair([t if t is not None else q for t, q in zip(dqs, qs)])
-    dk0, dk1 = _pair([t if t is not None else q for t, q in zip(dks, qs)])
-    dv0, dv1 = _pair([t if t is not None else q for t, q in zip(dvs, qs)])
-    common = plan.tiles()
-    row_in = (qs, ks, vs, grads)
-    col_in = tuple(plan.col_inputs(ts) for ts in row_in)
-    for pass_, block, n, first, accumulate in plan.passes():
-        q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
-        launch(_axial_bwd_dv_kernel, (n, ndir),
-            q_[0], k_[0], v_[0], g_[0], dv0, q_[-1], k_[-1], v_[-1], g_[-1], dv1, stats, lse, drow, dpart, first,
-            B, C, H, W, *strides, plan.NG, plan.n_progs, plan.sample, accumulate, need_v, PASS=pass_,
-            BLOCK=block,
-            **common)
-    if plan.single_tile:
-        for pass_, block, n, _, accumulate in plan.passes() if need_q or need_k else ():
-            q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
-            launch(_axial_bwd_single_dqk_kernel, (n, ndir),
-                q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, lse, drow,
-                dpart, B, C, H, W, *strides, plan.NG, plan.n_row, plan.n_progs, plan.per_row, plan.per_col,
-                SIGMA_EPS, plan.sample, accumulate, need_q, need_k, PASS=pass_, BLOCK=block, BLOCK_P=plan.block_p,
-                **common)
-        return dqs, dks, dvs
-    omega = torch.empty((ndir, 2, plan.NG), dtype=plan.acc_torch, device=dev)
-    launch(_axial_bwd_omega_kernel, (ndir * 2 * plan.NG,),
-        dpart, stats, omega, plan.NG, B, plan.n_row, plan.n_progs, plan.per_row, plan.per_col, SIGMA_EPS,
-        plan.sample, BLOCK_P=1024, ACC=plan.acc, num_warps=4)
-    for pass_, block, n, _, accumulate in plan.passes():
-        q_, k_, v_, g_ = row_in if pass_ == 0 else col_in
-        for is_dk, needed in ((False, need_q), (True, need_k)):
-            if not needed:
-                continue
-            launch(_axial_bwd_dqk_kernel, (n, ndir),
-                q_[0], k_[0], v_[0], g_[0], dq0, dk0, q_[-1], k_[-1], v_[-1], g_[-1], dq1, dk1, stats, omega, lse,
-                drow, B, C, H, W, *strides, plan.NG, plan.sample, accumulate, need_q, need_k, IS_DK=is_dk,
-                PASS=pass_, BLOCK=block, **common)
-    return dqs, dks, dvs

@@ -29,21 +29,20 @@ Backward, with G = dL/dout and dS[c, g, p] = sum_o weight[g, c, o] G[b * OB + o,
 with (y0, x0) = floor(y, x'), ly = y - y0, lx = x' - x0; the offset gradient is torchvision's
 ``get_coordinate_weight`` (per-corner validity, so a sample exactly on -1 has a gradient).
 
-Floor, GMDC of the official model at 1x256x64x64 (the 1024x1024 input's feature map),
+Work, GMDC of the official model at 1x256x64x64 (the 1024x1024 input's feature map),
 4 branches k = 3, 5, 7, 9 (T = 164 taps), OB = 64:
     forward GEMM   2 * 4096 * 64 * 256 * 164 = 22.0 GFLOP; bilinear blend 7 FLOP per
                    (p, g, c) sample = 1.2 GFLOP; 172 M samples, 688 M corner reads (L1/L2).
     backward data  the same GEMM (22.0 GFLOP) + blend/offset terms ~3 GFLOP + 688 M fp32
-                   atomic adds into dL/dx (4 per sample) — the atomics, not DRAM, bound it.
-    DRAM           x 4.2 MB + offsets 5.4 MB + weight 10.7 MB + out 4.2 MB = 24.5 MB (fp32),
-                   7 us at 3.35 TB/s: not the bound.
+                   atomic adds into dL/dx (4 per sample): the atomics, not DRAM, bound it.
+    DRAM           x 4.2 MB + offsets 5.4 MB + weight 10.7 MB + out 4.2 MB = 24.5 MB (fp32):
+                   not the bound.
     on-chip        the corner gathers move 2.75 GB (fp32; 1.4 GB bf16) through L1: neighbouring
-                   pixels share corners, so most hit L1; were they all L2 reads (~5.5 TB/s) they
-                   would take 0.5 ms.
-    so             fp32 (IEEE, FMA at 67 TFLOP/s): 0.33 ms of GEMM per pass, compute-bound;
-                   bf16 (tensor cores, ~990 TFLOP/s): 0.022 ms of GEMM, gather-bound instead.
+                   pixels share corners, so most hit L1.
+    so             float32 with IEEE dots (FMA) is compute-bound on the GEMM; bf16 on tensor
+                   cores is bound by the gathers instead (docs/performance.md has the figures).
 fp32 uses ``input_precision="ieee"`` by default (no TF32: matches torchvision to ~1e-6; "tf32x3"
-is the faster near-fp32 choice, see ``epban.ops.deform_conv.FP32_PRECISION``); bf16 multiplies
+is the faster near-fp32 choice, the op's ``fp32_precision`` argument); bf16 multiplies
 bf16 tiles with fp32 accumulation; bilinear weights and coordinates are always fp32.
 """
 from __future__ import annotations

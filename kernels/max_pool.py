@@ -31,7 +31,7 @@ the indices; here it is 2 bytes read forward and 2 written backward, plus the po
 import triton
 import triton.language as tl
 
-from epban.kernels.layout import decode_nchw, flat_offsets
+from .layout import decode_nchw, flat_offsets
 
 
 @triton.jit

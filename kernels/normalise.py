@@ -20,7 +20,7 @@ layout change and a division backward. Here each direction is one read and one w
 import triton
 import triton.language as tl
 
-from epban.kernels.layout import decode_nchw, flat_offsets
+from .layout import decode_nchw, flat_offsets
 
 
 @triton.jit

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from epban.ops import bias_act as ops
-from epban.ops._checks import triton_unavailable_reason
-from epban.ops.bias_act import bias_act, bias_act_reference, fused_bias_act_serves
+from epban.ops.bias_act import bias_act, bias_act_reference, fused_bias_act_serves, relu_grad_sum
+from epban.ops.max_pool import bias_relu_max_pool2d
+from epban.ops.normalise import normalise
+from epban.ops.registry import REGISTRY, triton_unavailable_reason
+from epban.testing import poisoned_allocations
 from helpers import count_calls
-from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_fused = pytest.mark.skipif(
@@ -91,6 +93,50 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.epban.bias_act.default, (y.detach(), b.detach(), None, False))
 
 
+@needs_fused
+def test_no_grad_and_inference_mode_give_the_same_values(launches):
+    """Scoring without gradients (the metric's evaluation): the same values, no graph."""
+    y, b, r = _inputs((2, 5, 6, 7), "contiguous", torch.float32, True, seed=7)
+    expected = bias_act(y, b, r, backend="fused").detach()
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            out = bias_act(y, b, r, backend="fused")
+        assert out.grad_fn is None and torch.equal(out, expected)
+
+
+@needs_fused
+def test_torch_compile_traces_the_custom_ops():
+    """Under torch.compile each loss-mode op is one node of the captured graph, with no graph
+    break (Dynamo does not trace into the launchers)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    mean = torch.tensor([0.4, 0.5, 0.6], device=DEVICE)
+    std = torch.tensor([0.2, 0.25, 0.3], device=DEVICE)
+    bias = torch.zeros(3, device=DEVICE)
+
+    def f(x):
+        y = normalise(x, mean, std, dtype=torch.float32, channels_last=True, backend="fused")
+        return bias_relu_max_pool2d(bias_act(y, bias, backend="fused"), bias, 3, 2, 1, backend="fused")[0]
+
+    x = torch.randn(1, 3, 9, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    out = torch.compile(f, backend=backend, fullgraph=True)(x)
+    assert torch.equal(out, f(x))
+    assert len(graphs) == 1
+    for name in ("epban.normalise", "epban.bias_act", "epban.bias_relu_max_pool2d"):
+        assert name in graphs[0], graphs[0]
+
+
+def test_registered():
+    entry = REGISTRY["bias_act"]
+    assert "Triton" in entry.kernels
+    assert entry.auto_backend(torch.device("cpu")) == "reference"  # the interpreter is for tests, not speed
+
+
 def test_mixed_layouts_take_the_reference():
     y = torch.randn(1, 4, 5, 6)
     r = torch.randn(1, 4, 5, 6).to(memory_format=torch.channels_last)
@@ -164,6 +210,20 @@ def test_relu_grad_sum_passes_the_gradient_where_out_is_nan(sum_launches):
     res = ops.relu_grad_sum(grad, grad, out, backend="fused")
     assert res.flatten().tolist() == torch.ops.aten.threshold_backward(grad + grad, out, 0).flatten().tolist()
     assert res.flatten().tolist() == [0.0, 0.0, 2.0, 2.0]
+
+
+@needs_fused
+def test_relu_grad_sum_refuses_a_backward_through_it():
+    """relu_grad_sum is a backward helper with no autograd formula: a backward through it raises
+    instead of giving a silent zero."""
+    grad, other, out = _three((1, 2, 3, 4), "contiguous", torch.float32, seed=1)
+    grad.requires_grad_()
+    res = relu_grad_sum(grad, other, out, backend="fused")
+    with pytest.raises(RuntimeError, match="autograd"):
+        res.sum().backward()
+    with torch.no_grad():
+        assert torch.equal(relu_grad_sum(grad, other, out, backend="fused"),
+                           torch.ops.aten.threshold_backward(grad + other, out, 0))
 
 
 @needs_fused

@@ -3,23 +3,23 @@
 Without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set by
 conftest.py before anything imports triton): small shapes only.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from epban._extension import triton_interpret
+from epban import settings
 from epban.models.pban import GMDC
+from epban.ops import deform_conv as ops
 from epban.ops.deform_conv import (
-    fused_deform_conv_available,
+    deform_path,
     multi_branch_deform_conv,
     multi_branch_deform_conv_gather,
     multi_branch_deform_conv_reference,
 )
+from epban.ops.registry import REGISTRY, triton_unavailable_reason
 
 needs_fused = pytest.mark.skipif(
-    not (torch.cuda.is_available() or fused_deform_conv_available("cpu")),
+    not (torch.cuda.is_available() or triton_unavailable_reason("deform_conv", "cpu", torch.float32) is None),
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 before triton is imported",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,13 +167,41 @@ def test_gmdc_fused_backend_matches_reference():
 
 @needs_fused
 def test_opcheck_of_the_registered_op():
-    from epban.ops.deform_conv import pack_weights
-
     x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, seed=9)
-    args = (x, torch.cat(offsets, 1).detach().requires_grad_(), pack_weights(weights).detach().requires_grad_(),
+    args = (x, torch.cat(offsets, 1).detach().requires_grad_(), ops.pack_weights(weights).detach().requires_grad_(),
             torch.cat(biases).detach().requires_grad_(), [3], "ieee")
-    torch.library.opcheck(torch.ops.epban.multi_branch_deform_conv.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.epban.multi_branch_deform_conv.default, args, test_utils=utils)
+    grad = torch.randn(1, 2, 4, 5, device=DEVICE)
+    backward_args = (grad, x.detach(), args[1].detach(), args[2].detach(), [3], "ieee")
+    torch.library.opcheck(torch.ops.epban.multi_branch_deform_conv_backward_data.default, backward_args,
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.epban.multi_branch_deform_conv_backward_weight.default, backward_args,
+                          test_utils=utils)
+
+
+@needs_fused
+def test_no_grad_and_inference_mode_give_the_same_values():
+    x, offsets, weights, biases = _inputs(1, 3, 5, 6, 2, (1, 3), offset_scale=0.7, seed=13)
+    expected = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused").detach()
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            out = multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
+        assert out.grad_fn is None and torch.equal(out, expected)
+
+
+def test_which_path_serves(monkeypatch):
+    x = torch.empty(1, 3, 4, 5)
+    assert deform_path(x, "auto") == "gather" and REGISTRY["deform_conv"].auto_backend(torch.device("cpu")) == "gather"
+    assert deform_path(x, "gather") == "gather" and deform_path(x, "reference") == "reference"
+    assert deform_path(torch.empty(0, device="meta"), "auto") == "reference"  # no kernels for that device
+    if triton_unavailable_reason("deform_conv", "cpu", torch.float32) is None:
+        assert deform_path(x, "fused") == "fused"
+        with pytest.raises(ValueError, match="float16"):
+            deform_path(x.half(), "fused")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        deform_path(x, "fused")
 
 
 def test_auto_is_the_gather_path_on_cpu():
@@ -249,16 +277,26 @@ def test_gmdc_gather_and_reference_backends_agree():
 
 def test_fused_on_cpu_without_interpreter_is_a_value_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not fused_deform_conv_available("cpu")
     x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, device="cpu")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         multi_branch_deform_conv(x, offsets, weights, biases, backend="fused")
 
 
-def test_unknown_fp32_precision_is_a_value_error():
+def test_unknown_fp32_precision_is_a_value_error(monkeypatch):
     x, offsets, weights, biases = _inputs(1, 3, 4, 5, 2, (3,), offset_scale=1.0, device="cpu")
     with pytest.raises(ValueError, match="fp32_precision"):
         multi_branch_deform_conv(x, offsets, weights, biases, fp32_precision="fp16")
+    monkeypatch.setenv("EPBAN_FP32_PRECISION", "fp16")  # read at each call
+    with pytest.raises(ValueError, match="EPBAN_FP32_PRECISION"):
+        multi_branch_deform_conv(x, offsets, weights, biases)
+
+
+def test_fp32_precision_default_and_setting(monkeypatch):
+    monkeypatch.delenv("EPBAN_FP32_PRECISION", raising=False)
+    assert ops.check_fp32_precision(None) == "ieee"
+    monkeypatch.setenv("EPBAN_FP32_PRECISION", "tf32x3")
+    assert ops.check_fp32_precision(None) == "tf32x3"
+    assert ops.check_fp32_precision("tf32") == "tf32"  # the argument wins over the setting
 
 
 @pytest.mark.parametrize(
@@ -287,14 +325,9 @@ def test_cuda_gather_matches_torchvision():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("bwd_data_block_c", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_official_width_matches_torchvision(dtype, bwd_data_block_c, monkeypatch):
-    """The official width, both dtypes, and both channel blocks of the input-gradient kernel
-    (BWD_DATA_BLOCK_C: 32 by default, 16 through EPBAN_DEFORM_BWD_DATA_BLOCK_C)."""
-    from epban.ops import deform_conv as ops
-
-    monkeypatch.setattr(ops, "BWD_DATA_BLOCK_C", bwd_data_block_c)
+def test_cuda_official_width_matches_torchvision(dtype):
+    """The official width (256 channels, four branches, 64 outputs each), both dtypes."""
     x, offsets, weights, biases = _inputs(2, 256, 13, 17, 64, (3, 5, 7, 9), offset_scale=2.0, device="cuda")
     # The reference sees the same (rounded) values as the kernel: rounding offsets to bf16
     # moves the samples, which alone changes the offset gradient by ~10%.
@@ -318,12 +351,10 @@ def test_cuda_official_width_matches_torchvision(dtype, bwd_data_block_c, monkey
 
 
 def _packed_loss_cuda():
-    from epban.ops.deform_conv import fused_deform_conv_packed, pack_weights
-
     x, offsets, weights, biases = _inputs(1, 64, 16, 16, 16, (3, 5, 7, 9), offset_scale=1.0, device="cuda")
-    off, w, b = torch.cat(offsets, 1).detach(), pack_weights(weights).detach(), torch.cat(biases).detach()
+    off, w, b = torch.cat(offsets, 1).detach(), ops.pack_weights(weights).detach(), torch.cat(biases).detach()
     xs = x.detach().clone().requires_grad_()
-    f = lambda t: fused_deform_conv_packed(t, off, w, b, (3, 5, 7, 9)).square().sum()  # noqa: E731
+    f = lambda t: ops.fused_deform_conv_packed(t, off, w, b, (3, 5, 7, 9)).square().sum()  # noqa: E731
     return f, xs, torch.autograd.grad(f(xs), [xs])[0]
 
 
@@ -344,8 +375,7 @@ def test_cuda_graph_capture():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(os.environ.get("EPBAN_TEST_COMPILE") != "1",
-                    reason="set EPBAN_TEST_COMPILE=1 (Inductor compiles for a while)")
+@pytest.mark.skipif(not settings.test_compile(), reason="set EPBAN_TEST_COMPILE=1 (Inductor compiles for a while)")
 def test_cuda_torch_compile_fullgraph():
     f, xs, expected = _packed_loss_cuda()
     compiled = torch.compile(f, fullgraph=True)
@@ -353,10 +383,8 @@ def test_cuda_torch_compile_fullgraph():
 
 
 def test_pixel_tile_policy(monkeypatch):
-    """32-pixel tiles below 16,384 pixels; above, 64 pixels with 8 warps in float32, and with 4
-    warps in bf16 under the Triton the GPU timings were taken with (3.6; 3.8 spills there)."""
-    from epban.ops import deform_conv as ops
-
+    """32-pixel tiles below 16,384 pixels; above, 64 pixels with 8 warps in float32, and in bf16
+    with 4 warps under Triton before 3.7 (later Tritons spill there)."""
     assert ops._pixel_tile(16 * 16 * 16, torch.bfloat16) == (32, 4)
     assert ops._pixel_tile(128 * 128, torch.float32) == (64, 8)
     monkeypatch.setattr(ops, "_TRITON_BEFORE_3_7", True)

@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from epban.ops import max_pool as ops
-from epban.ops._checks import triton_unavailable_reason
 from epban.ops.max_pool import (
     bias_relu_max_pool2d,
     bias_relu_max_pool2d_reference,
+    fused_stem_pool_serves,
     max_pool2d_relu_grad,
     max_pool2d_relu_grad_reference,
 )
+from epban.ops.registry import REGISTRY, triton_unavailable_reason
+from epban.testing import poisoned_allocations
 from helpers import compile_for_sm90, count_calls
-from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_fused = pytest.mark.skipif(
@@ -189,6 +190,26 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.epban.max_pool2d_relu_grad.default, (torch.randn_like(out), None, out, argmax, 9, 11, 3, 2, 1))
 
 
+@needs_fused
+def test_no_grad_and_inference_mode_give_the_same_values(launches):
+    y, b = _inputs((2, 4, 9, 11), "channels_last", seed=7)
+    expected = bias_relu_max_pool2d(y, b, 3, 2, 1, backend="fused")[0].detach()
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            out = bias_relu_max_pool2d(y, b, 3, 2, 1, backend="fused")[0]
+        assert out.grad_fn is None and torch.equal(out, expected)
+
+
+def test_which_path_serves(monkeypatch):
+    y = torch.randn(1, 2, 4, 4)
+    assert not fused_stem_pool_serves(y, backend="reference")
+    assert not fused_stem_pool_serves(y, backend="auto")  # CPU: auto never takes the interpreter
+    assert REGISTRY["stem_pool"].auto_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        bias_relu_max_pool2d(y, torch.zeros(2), 3, 2, 1, backend="fused")
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_reference_matches_pytorch(backend):
     y, b = _inputs((2, 5, 13, 17), "channels_last", seed=4)
@@ -234,14 +255,14 @@ for dtype, index_64 in (("bf16", False), ("fp32", False), ("bf16", True)):  # in
             cx = dict(CHANNELS_LAST=cl, HAS_OTHER=True, K=3, S=2, P=1, INDEX_64=index_64, BLOCK=512)
             pointers = {n: "*" + dtype for n in ("y_ptr", "out_ptr", "grad_ptr", "other_ptr", "res_ptr")}
             pointers["argmax_ptr"] = "*i8"
-            r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
+            r = kr.resources(fn, kr.signature(fn, cx, pointers), cx, num_warps=4)
             assert r["spill"] == 0 and r["blocks_by_regs"] >= (2 if index_64 else 4), (fn.__name__, dtype, index_64, cl, r)
             print(fn.__name__, dtype, index_64, cl, r["regs"], "compiled")
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100, as the
+    """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for sm_90, as the
     ops launch them: no spills with 32- and 64-bit offsets; at least 4 programs per SM by registers
     with 32-bit ones (2 with 64-bit ones, which only tensors of 2^31 elements or more take)."""
     compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 12)

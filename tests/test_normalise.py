@@ -4,12 +4,13 @@ Without a GPU the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (co
 """
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from epban.ops import normalise as ops
-from epban.ops._checks import triton_unavailable_reason
-from epban.ops.normalise import normalise, normalise_reference
+from epban.ops.normalise import fused_normalise_serves, normalise, normalise_reference
+from epban.ops.registry import REGISTRY, triton_unavailable_reason
+from epban.testing import poisoned_allocations
 from helpers import compile_for_sm90, count_calls
-from test_ssim import poisoned_allocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_fused = pytest.mark.skipif(
@@ -109,6 +110,39 @@ def test_opcheck():
                                                        False))
 
 
+@needs_fused
+def test_fake_tensors_take_the_fake_kernel():
+    """Under FakeTensorMode (shape inference, memory estimates) the custom op's fake kernel
+    answers, with the real op's shape, dtype and layout, and no kernel runs."""
+    mean, std = MEAN.to(DEVICE), STD.to(DEVICE)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.empty(2, 3, 7, 9, device=DEVICE))
+        out = normalise(x, mean, std, dtype=torch.bfloat16, channels_last=True, backend="fused")
+        assert out.shape == (2, 3, 7, 9) and out.dtype == torch.bfloat16
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_fused
+def test_no_grad_and_inference_mode_give_the_same_values(launches):
+    x = torch.rand(2, 3, 7, 9, device=DEVICE).requires_grad_()
+    f = lambda: normalise(x, MEAN.to(DEVICE), STD.to(DEVICE), dtype=torch.float32, channels_last=True,  # noqa: E731
+                          backend="fused")
+    expected = f().detach()
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            out = f()
+        assert out.grad_fn is None and torch.equal(out, expected)
+
+
+def test_which_path_serves():
+    x = torch.rand(1, 3, 2, 2)
+    assert not fused_normalise_serves(x, backend="reference")
+    assert not fused_normalise_serves(x, torch.bfloat16, backend="auto")  # CPU: auto never takes the interpreter
+    with pytest.raises(ValueError, match="output"):  # no kernel writes int64
+        fused_normalise_serves(x, torch.int64, backend="fused")
+    assert REGISTRY["normalise"].auto_backend(torch.device("cpu")) == "reference"
+
+
 def test_reference_and_auto_on_cpu():
     x = torch.rand(2, 3, 6, 5)
     for backend in ("reference", "auto"):
@@ -140,14 +174,14 @@ for src, dst, index_64 in (("fp32", "bf16", False), ("bf16", "fp32", False), ("f
             fn = K.normalise_kernel
             cx = dict(HAS_MEAN=has_mean, CHANNELS_LAST=cl, INDEX_64=index_64, BLOCK=1024)
             pointers = {"src_ptr": "*" + src, "dst_ptr": "*" + dst}
-            r = kr.resources(fn, kr._signature(fn, cx, pointers), cx, num_warps=4)
+            r = kr.resources(fn, kr.signature(fn, cx, pointers), cx, num_warps=4)
             assert r["spill"] == 0 and r["blocks_by_regs"] >= (2 if index_64 else 4), (has_mean, src, dst, index_64, cl, r)
             print(has_mean, src, dst, index_64, cl, r["regs"], "compiled")
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for an H100: no
+    """Both kernels through Triton's whole NVIDIA pipeline (ptxas included) for sm_90: no
     spills with 32- and 64-bit offsets; at least 4 programs per SM by registers with 32-bit ones
     (2 with 64-bit ones, which only tensors of 2^31 elements or more take)."""
     compile_for_sm90(_COMPILE_SCRIPT, tmp_path, 16)

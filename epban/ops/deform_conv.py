@@ -9,27 +9,33 @@ with torchvision's semantics: stride 1, dilation 1, one offset group, no mask, b
 sampling reading 0 outside the image, offset channels 2 (i k + j) = dy and 2 (i k + j) + 1 = dx.
 The reference is that loop. ``multi_branch_deform_conv_gather`` computes the same function
 with ``grid_sample`` (bilinear, zeros outside) and one matmul per branch: the CPU default,
-~8x faster than torchvision's CPU kernels forward + backward. The fused op
+several times faster than torchvision's CPU kernels forward + backward. The fused op
 (``kernels/deform_conv.py``) computes all branches in one launch as an implicit GEMM. It is
-registered as ``torch.ops.epban.multi_branch_deform_conv`` (a ``torch.library`` custom op with
-autograd and a fake implementation), so it works under ``torch.compile`` and CUDA-graph capture;
-eager calls skip the dispatcher (``epban.ops._fused_op``).
+the custom op ``torch.ops.epban.multi_branch_deform_conv`` (``torch.library``: schema, fake
+kernel, autograd), so it works under ``torch.compile`` and CUDA-graph capture.
+
+``backend``: "auto" (the fused kernels on CUDA, the gather path on the CPU, the reference
+elsewhere), "reference", "gather" (any device) or "fused" (CUDA, or CPU under
+``TRITON_INTERPRET=1``). float32 dots of the fused kernels: ``fp32_precision`` = "ieee" (exact
+float32, the default), "tf32x3" (tensor cores, about float32's accuracy) or "tf32" (fastest,
+about 1e-3); ``None`` takes ``epban.settings.fp32_precision("ieee")`` (the
+``EPBAN_FP32_PRECISION`` variable, read at each call).
 """
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
+from epban import settings
 from epban._extension import BACKENDS, triton_interpret
-from epban.ops._checks import cdiv, fused_requested, next_power_of_2, triton_unavailable_reason
-from epban.ops._fused_op import fused_op
+from epban.ops._checks import cdiv, is_channels_last, memory_format, next_power_of_2
+from epban.ops.registry import register, triton_auto_ok, triton_unavailable_reason, use_fused
 
 try:
     import triton
-except Exception:  # the reference path needs no Triton
+except Exception:  # the reference and gather paths need no Triton
     triton = None
 
 
@@ -76,7 +82,7 @@ def multi_branch_deform_conv_gather(x, offsets, weights, biases):
     one matmul with the (OB, C*k*k) weight contracts them.
 
     Its autograd is PyTorch's (grid_sample's backward gives the input and offset gradients),
-    which on the CPU is ~8x faster than torchvision's deform_conv2d backward. Non-finite
+    which on the CPU is several times faster than torchvision's deform_conv2d backward. Non-finite
     offsets give NaN at their pixel (as the fused kernels). Half types are computed in float32.
     """
     dtype = x.dtype
@@ -91,21 +97,6 @@ def multi_branch_deform_conv_gather(x, offsets, weights, biases):
         out = torch.matmul(up(weight).reshape(weight.shape[0], c * k * k), samples.reshape(b, c * k * k, h * w))
         outs.append((out + up(bias).view(1, -1, 1)).view(b, -1, h, w))
     return torch.cat(outs, dim=1).to(dtype)
-
-
-def _fused_unavailable_reason(device, dtype=None) -> str | None:
-    """Why the fused kernels cannot serve tensors on ``device`` (None when they can)."""
-    return triton_unavailable_reason(
-        "the fused deformable convolution", device, dtype,
-        interpreter_refuses={torch.float16: "the Triton interpreter does not take float16 on CPU; use float32 or bfloat16"})
-
-
-def fused_deform_conv_available(device) -> bool:
-    """Whether ``backend="fused"`` can run on ``device`` (CUDA with Triton; CPU under TRITON_INTERPRET=1).
-
-    ``backend="auto"`` uses it on CUDA only: the interpreter is for tests.
-    """
-    return _fused_unavailable_reason(device) is None
 
 
 def pack_weights(weights) -> torch.Tensor:
@@ -144,12 +135,8 @@ def check_deform_args(x, offsets, weights, biases) -> None:
 def multi_branch_deform_conv(x, offsets, weights, biases, *, backend="auto", fp32_precision=None):
     """All branches' deformable convolutions concatenated: (B, C, H, W) -> (B, NB * OB, H, W).
 
-    ``offsets``, ``weights``, ``biases``: one tensor per branch (see the module docstring).
-    ``backend``: ``"auto"`` (fused on CUDA with Triton, the gather path on the CPU, else the
-    reference), ``"reference"`` (torchvision), ``"gather"`` (grid_sample + matmul, any device), or
-    ``"fused"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; ValueError elsewhere).
-    ``fp32_precision``: the fused kernels' float32 dots, "ieee", "tf32x3" or "tf32" (None: the
-    default, ``FP32_PRECISION``).
+    ``offsets``, ``weights``, ``biases``: one tensor per branch; ``backend`` and
+    ``fp32_precision``: see the module docstring (ValueError for an impossible "fused").
     """
     check_deform_args(x, offsets, weights, biases)
     path = deform_path(x, backend)
@@ -183,46 +170,41 @@ def fused_deform_conv_packed(x, offsets, weight, bias, kernel_sizes, *, fp32_pre
 
 
 DEFORM_BACKENDS = BACKENDS + ("gather",)
+_INTERPRETER_FLOAT16 = "the Triton interpreter does not take float16 on CPU; use float32 or bfloat16"
 
 
 def deform_path(x, backend) -> str:
     """Which computation serves ``x`` for ``backend``: "fused", "gather" or "reference".
 
-    "auto": the fused kernels on CUDA with Triton, the gather path on the CPU, else the
-    reference. ValueError for an unknown backend or an impossible "fused".
+    "auto": the gather path on the CPU, elsewhere the registry's rule (the fused kernels on
+    CUDA with Triton, else the reference). ValueError for an unknown backend or an impossible
+    "fused".
     """
     if backend not in DEFORM_BACKENDS:
         raise ValueError(f"backend must be one of {DEFORM_BACKENDS}, got {backend!r}")
     if backend == "gather" or (backend == "auto" and x.device.type == "cpu"):
         return "gather"
-    if backend == "auto" and x.device.type != "cuda":
-        return "reference"
-    return "fused" if fused_requested(backend, _fused_unavailable_reason(x.device, x.dtype)) else "reference"
-
-
-# ---------------------------------------------------------------------------------- launch helpers
-# float32 dots: "ieee" (exact fp32, the default), "tf32x3" (tensor cores, ~fp32 accuracy) or
-# "tf32" (fastest, ~1e-3). Overridable with EPBAN_DEFORM_FP32_PRECISION.
-FP32_PRECISION = os.environ.get("EPBAN_DEFORM_FP32_PRECISION", "ieee")
-_FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
-_BLOCK_P = 64
-_BLOCK_C = 32
-# The Triton the tiles were timed with (see _pixel_tile).
-_TRITON_BEFORE_3_7 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
-# Channel block of the input-gradient kernel. 16 takes the bf16 kernel from 195 to 118
-# registers under Triton 3.6 (2 programs per SM instead of 1) for twice the loop steps; timed on
-# an H100 (2026-11-27, fwd+bwd of the four branches, bf16) it is slower: 2.79 vs 2.74 ms at
-# 1x256x64x64, 2.98 vs 2.59 ms at 16x256x16x16. So 32 stays; EPBAN_DEFORM_BWD_DATA_BLOCK_C overrides.
-BWD_DATA_BLOCK_C = int(os.environ.get("EPBAN_DEFORM_BWD_DATA_BLOCK_C", _BLOCK_C))
+    unavailable = triton_unavailable_reason("the fused deformable convolution", x.device, x.dtype,
+                                            interpreter_refuses={torch.float16: _INTERPRETER_FLOAT16})
+    return "fused" if use_fused(backend, unavailable, auto_ok=triton_auto_ok(x.device)) else "reference"
 
 
 def check_fp32_precision(fp32_precision) -> str:
-    """``None`` -> the module default (``FP32_PRECISION``); ValueError for an unknown name."""
-    precision = FP32_PRECISION if fp32_precision is None else fp32_precision
-    if precision not in _FP32_PRECISIONS:
-        raise ValueError(f"fp32_precision (or EPBAN_DEFORM_FP32_PRECISION) must be one of {_FP32_PRECISIONS}, "
-                         f"got {precision!r}")
-    return precision
+    """``None`` -> ``epban.settings.fp32_precision("ieee")``; ValueError for an unknown name."""
+    if fp32_precision is None:
+        return settings.fp32_precision("ieee")
+    if fp32_precision not in settings.FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {settings.FP32_PRECISIONS}, got {fp32_precision!r}")
+    return fp32_precision
+
+
+# ---------------------------------------------------------------------------------- launchers
+_BLOCK_P = 64
+# Channel block of the kernels' gathers and dots. 16 in the input-gradient kernel would halve
+# its registers (two programs per SM instead of one) for twice the loop steps: it was slower.
+_BLOCK_C = 32
+# The 64-pixel bf16 tile's warps depend on the Triton version (see _pixel_tile).
+_TRITON_BEFORE_3_7 = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
 
 
 def _precision(dtype, fp32_precision: str) -> str:
@@ -238,10 +220,9 @@ def _pixel_tile(pixels: int, dtype=torch.float32) -> tuple[int, int]:
     A program runs all k^2 taps of one branch, so the k = 9 programs set the critical path:
     below ~1000 programs, 32-pixel tiles cut it and fill the SMs; above, 64-pixel tiles halve
     the weight traffic. float32 64-pixel tiles need 8 warps to stay within registers (ptxas,
-    sm_90). bf16/fp16 ones with 4 warps ran faster on an H100 under Triton 3.6 (2026-11-27,
-    scripts/deform_tile_sweep.py, bf16 fwd + bwd at 1x256x128x128: 5.40 ms against 6.22 ms with
-    8 warps); Triton 3.8 compiles them with spills (700 and 1,308 bytes, scripts/kernel_resources.py)
-    and is untimed there, so it keeps 8 warps.
+    sm_90). bf16/fp16 ones run faster with 4 warps under Triton before 3.7; later Tritons
+    compile those with spills, so they keep 8 warps (``scripts/dev/deform_tile_sweep.py`` times
+    the tiles).
     """
     if pixels < 256 * _BLOCK_P:
         return 32, 4
@@ -250,9 +231,9 @@ def _pixel_tile(pixels: int, dtype=torch.float32) -> tuple[int, int]:
     return _BLOCK_P, 8
 
 
-def _block_c(c: int, compiled: int = _BLOCK_C) -> int:
+def _block_c(c: int) -> int:
     # The interpreter runs each tile op as one numpy call: fewer, wider tiles are faster there.
-    return max(16, min(128, next_power_of_2(c))) if triton_interpret() else compiled
+    return max(16, min(128, next_power_of_2(c))) if triton_interpret() else _BLOCK_C
 
 
 def _block_o(ob: int) -> int:
@@ -288,15 +269,13 @@ def _strides(t):
 
 
 def _out_like(x, channels, dtype):
-    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
     b, _, h, w = x.shape
+    fmt = memory_format(is_channels_last(x))
     return torch.empty((b, channels, h, w), device=x.device, dtype=dtype, memory_format=fmt)
 
 
 def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
     from epban.kernels.deform_conv import mbdc_fwd_kernel
-    from epban.kernels.launch import launch
 
     b, c, h, w = x.shape
     nb, ob = len(kernel_sizes), weight.shape[-1]
@@ -305,7 +284,7 @@ def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
     (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
     n_pblocks = cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b, cdiv(ob, block_o))
-    launch(mbdc_fwd_kernel, grid,
+    mbdc_fwd_kernel[grid](
         x, offsets, weight, bias, out, ks, tap0, order,
         c, h, w, ob, n_pblocks,
         *_strides(x), *_strides(offsets), *_strides(out),
@@ -317,7 +296,6 @@ def _launch_forward(x, offsets, weight, bias, kernel_sizes, precision):
 
 def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
     from epban.kernels.deform_conv import mbdc_bwd_data_kernel
-    from epban.kernels.launch import launch
 
     b, c, h, w = x.shape
     nb, ob = len(kernel_sizes), weight.shape[-1]
@@ -327,12 +305,12 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
     (block_p, warps), block_o = _pixel_tile(b * h * w, x.dtype), _block_o(ob)
     n_pblocks = cdiv(h * w, block_p)
     grid = (nb * n_pblocks, b)
-    launch(mbdc_bwd_data_kernel, grid,
+    mbdc_bwd_data_kernel[grid](
         x, offsets, weight, grad, grad_x, grad_off, ks, tap0, order,
         c, h, w, ob, n_pblocks,
         *_strides(x), *_strides(offsets), *_strides(grad), *_strides(grad_off),
         PRECISION=_precision(x.dtype, precision), UPCAST=triton_interpret(),
-        BLOCK_P=block_p, BLOCK_C=_block_c(c, BWD_DATA_BLOCK_C), BLOCK_O=block_o, ONE_OBLOCK=ob <= block_o,
+        BLOCK_P=block_p, BLOCK_C=_block_c(c), BLOCK_O=block_o, ONE_OBLOCK=ob <= block_o,
         num_warps=warps,
     )
     return grad_x.to(x.dtype), grad_off
@@ -340,7 +318,6 @@ def _launch_backward_data(grad, x, offsets, weight, kernel_sizes, precision):
 
 def _launch_backward_weight(grad, x, offsets, weight, kernel_sizes, precision):
     from epban.kernels.deform_conv import mbdc_bwd_weight_kernel
-    from epban.kernels.launch import launch
 
     b, c, h, w = x.shape
     ob = weight.shape[-1]
@@ -350,7 +327,7 @@ def _launch_backward_weight(grad, x, offsets, weight, kernel_sizes, precision):
     # fp32 (FMA) tiles need 8 warps at 32 pixels to stay within registers; bf16 fits 64 in 4.
     block_p, warps = (32, 8) if x.dtype == torch.float32 else (_BLOCK_P, 4)
     grid = (weight.shape[0], cdiv(c, _block_c(c)), cdiv(ob, block_o))
-    launch(mbdc_bwd_weight_kernel, grid,
+    mbdc_bwd_weight_kernel[grid](
         x, offsets, grad, grad_w, ks, tap0, tap_branch,
         b, c, h, w, ob,
         *_strides(x), *_strides(offsets), *_strides(grad),
@@ -368,7 +345,7 @@ def _dense(t):
     return t.contiguous()
 
 
-@fused_op("epban::multi_branch_deform_conv")
+@torch.library.custom_op("epban::multi_branch_deform_conv", mutates_args=())
 def _mbdc_op(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
              kernel_sizes: list[int], fp32_precision: str) -> torch.Tensor:
     return _launch_forward(_dense(x), _dense(offsets), weight.contiguous(), bias.contiguous(), kernel_sizes,
@@ -380,7 +357,7 @@ def _(x, offsets, weight, bias, kernel_sizes, fp32_precision):
     return _out_like(x, len(kernel_sizes) * weight.shape[-1], x.dtype)
 
 
-@fused_op("epban::multi_branch_deform_conv_backward_data")
+@torch.library.custom_op("epban::multi_branch_deform_conv_backward_data", mutates_args=())
 def _mbdc_bwd_data_op(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                       kernel_sizes: list[int], fp32_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_backward_data(_dense(grad), _dense(x), _dense(offsets), weight.contiguous(), kernel_sizes,
@@ -392,7 +369,7 @@ def _(grad, x, offsets, weight, kernel_sizes, fp32_precision):
     return torch.empty_like(x), torch.empty_like(offsets)
 
 
-@fused_op("epban::multi_branch_deform_conv_backward_weight")
+@torch.library.custom_op("epban::multi_branch_deform_conv_backward_weight", mutates_args=())
 def _mbdc_bwd_weight_op(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
                         kernel_sizes: list[int], fp32_precision: str) -> torch.Tensor:
     return _launch_backward_weight(_dense(grad), _dense(x), _dense(offsets), weight, kernel_sizes, fp32_precision)
@@ -428,3 +405,11 @@ def _backward(ctx, grad):
 
 
 _mbdc_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _auto_backend(device: torch.device) -> str:
+    return deform_path(torch.empty(0, device=device), "auto")
+
+
+register("deform_conv", kernels="Triton (kernels/deform_conv.py); gather: grid_sample + matmul in PyTorch",
+         auto_backend=_auto_backend)

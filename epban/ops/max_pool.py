@@ -10,10 +10,11 @@ window's maximum (max-pool), one gather pass.
 The loss mode runs its stem conv without bias and finishes it here (its largest tensor: the
 stem's output, 64 channels at half the input's resolution). PyTorch takes bias + ReLU, then
 max_pool2d with int64 indices, and backward a threshold_backward, then a zero-fill and a
-scatter: ~5 passes over the stem output's size and 8 bytes of index per pooled element, which
-the loss mode's profile put at ~5% of a bf16 step (H100, 16x3x256x256). Fused: the stem's
-output is read once forward and written once backward, and no full-size ReLU output or index
-tensor is kept (``epban.kernels.max_pool`` holds the math).
+scatter: ~5 passes over the stem output's size and 8 bytes of index per pooled element. Fused
+(``epban.kernels.max_pool`` holds the math, behind the custom ops
+``torch.ops.epban.bias_relu_max_pool2d`` and ``max_pool2d_relu_grad``): the stem's output is
+read once forward and written once backward, and no full-size ReLU output or index tensor is
+kept.
 
 ``backend``: "auto" (Triton on CUDA, the reference elsewhere), "reference", or "fused" (CUDA, or
 CPU under ``TRITON_INTERPRET=1``). Pooling: dilation 1, ``ceil_mode=False``, ``padding <=
@@ -31,18 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from epban.ops._checks import (
-    cdiv,
-    check_nchw_float,
-    fused_triton_available,
-    is_channels_last,
-    memory_format,
-    needs_int64_offsets,
-)
-from epban.ops._fused_op import fused_op
+from epban.ops._checks import cdiv, check_nchw_float, is_channels_last, memory_format, needs_int64_offsets
 from epban.ops.bias_act import bias_act_reference, check_bias_act_args
+from epban.ops.registry import register, triton_auto_ok, triton_unavailable_reason, use_fused
 
-_BLOCK = 512  # 4 elements a thread (4 warps): ~80-90 registers on sm90, 5-6 programs per SM
+_BLOCK = 512  # 4 elements a thread with 4 warps: the window loop's registers leave several programs per SM
 MAX_KERNEL = 11  # kernel positions kh * K + kw fit int8
 
 
@@ -69,10 +63,12 @@ def pooled_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
-def fused_max_pool_available(device, dtype, backend="auto") -> bool:
-    """Whether ``backend`` runs the Triton kernels for this device and dtype (ValueError for an
-    impossible "fused"): the rule of ``epban.ops.bias_act``, whose epilogue this extends."""
-    return fused_triton_available("the fused stem pool", device, dtype, backend)
+def fused_stem_pool_serves(t, backend="auto") -> bool:
+    """Whether the stem pool's ops take the Triton kernels for tensors of ``t``'s device and
+    dtype (``y`` forward, ``out`` backward; any strides): the registry's rule. ValueError for an
+    unknown backend or an impossible "fused"."""
+    unavailable = triton_unavailable_reason("the fused stem pool", t.device, t.dtype)
+    return use_fused(backend, unavailable, auto_ok=triton_auto_ok(t.device))
 
 
 # ----------------------------------------------------------------------------- reference
@@ -118,7 +114,7 @@ def bias_relu_max_pool2d(y, bias, kernel_size, stride=None, padding=0, *, backen
     k, s, p = pool_geometry(kernel_size, stride, padding)
     if y.shape[2] + 2 * p < k or y.shape[3] + 2 * p < k:
         raise ValueError(f"y's {tuple(y.shape[2:])} pixels (padded by {p}) are smaller than the {k}x{k} window")
-    if fused_max_pool_available(y.device, y.dtype, backend):
+    if fused_stem_pool_serves(y, backend):
         return _bias_relu_max_pool_op(y, bias, k, s, p)
     return bias_relu_max_pool2d_reference(y, bias, k, s, p)
 
@@ -142,16 +138,15 @@ def max_pool2d_relu_grad(grad, other, out, argmax, input_size, kernel_size, stri
     if (pooled_size(h, k, s, p), pooled_size(w, k, s, p)) != tuple(out.shape[2:]):
         raise ValueError(f"input_size {(h, w)} does not pool to out's {tuple(out.shape[2:])} with "
                          f"kernel {k}, stride {s}, padding {p}")
-    if fused_max_pool_available(out.device, out.dtype, backend):
+    if fused_stem_pool_serves(out, backend):
         return _max_pool_relu_grad_op(grad, other, out, argmax, h, w, k, s, p)
     return max_pool2d_relu_grad_reference(grad, other, out, argmax, (h, w), k, s, p)
 
 
-# ----------------------------------------------------------------------------- fused path
+# ----------------------------------------------------------------------------- launchers
 
 
 def _launch_pool(y, bias, k, s, p):
-    from epban.kernels.launch import launch
     from epban.kernels.max_pool import bias_relu_max_pool_kernel
 
     n, c, h, w = y.shape
@@ -161,15 +156,15 @@ def _launch_pool(y, bias, k, s, p):
     argmax = torch.empty(size, dtype=torch.int8, device=y.device, memory_format=memory_format(cl))
     numel = out.numel()
     if numel:
-        launch(bias_relu_max_pool_kernel, (cdiv(numel, _BLOCK),),
+        bias_relu_max_pool_kernel[(cdiv(numel, _BLOCK),)](
             y, bias.contiguous(), out, argmax, numel, c, h, w, size[2], size[3], *y.stride(),
             CHANNELS_LAST=cl, K=k, S=s, P=p, INDEX_64=needs_int64_offsets(y, out, slack=_BLOCK), BLOCK=_BLOCK,
-            num_warps=4)
+            num_warps=4,
+        )
     return out, argmax
 
 
 def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
-    from epban.kernels.launch import launch
     from epban.kernels.max_pool import max_pool_relu_grad_kernel
 
     cl = is_channels_last(out)
@@ -182,14 +177,18 @@ def _launch_grad(grad, other, out, argmax, h, w, k, s, p):
     res = torch.empty((n, c, h, w), dtype=out.dtype, device=out.device, memory_format=fmt)
     numel = res.numel()
     if numel:
-        launch(max_pool_relu_grad_kernel, (cdiv(numel, _BLOCK),),
+        max_pool_relu_grad_kernel[(cdiv(numel, _BLOCK),)](
             grad, grad if other is None else other, out, argmax, res, numel, c, h, w, out.shape[2], out.shape[3],
             *out.stride(), CHANNELS_LAST=cl, HAS_OTHER=other is not None, K=k, S=s, P=p,
-            INDEX_64=needs_int64_offsets(res, out, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4)
+            INDEX_64=needs_int64_offsets(res, out, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4,
+        )
     return res
 
 
-@fused_op("epban::bias_relu_max_pool2d")
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("epban::bias_relu_max_pool2d", mutates_args=())
 def _bias_relu_max_pool_op(y: torch.Tensor, bias: torch.Tensor, k: int, s: int,
                            p: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_pool(y, bias, k, s, p)
@@ -204,7 +203,7 @@ def _(y, bias, k, s, p):
             torch.empty(size, dtype=torch.int8, device=y.device, memory_format=fmt))
 
 
-@fused_op("epban::max_pool2d_relu_grad")
+@torch.library.custom_op("epban::max_pool2d_relu_grad", mutates_args=())
 def _max_pool_relu_grad_op(grad: torch.Tensor, other: Optional[torch.Tensor], out: torch.Tensor,
                            argmax: torch.Tensor, h: int, w: int, k: int, s: int, p: int) -> torch.Tensor:
     return _launch_grad(grad, other, out, argmax, h, w, k, s, p)
@@ -232,3 +231,10 @@ def _backward(ctx, grad, _grad_argmax):
 
 
 _bias_relu_max_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _auto_backend(device: torch.device) -> str:
+    return "fused" if fused_stem_pool_serves(torch.empty(0, device=device)) else "reference"
+
+
+register("stem_pool", kernels="Triton (kernels/max_pool.py)", auto_backend=_auto_backend)

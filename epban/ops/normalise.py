@@ -3,30 +3,25 @@
 ``normalise(x, mean, std, dtype=torch.bfloat16, channels_last=True)`` equals
 ``((x.float() - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(dtype,
 memory_format=torch.channels_last)``, bit for bit on CUDA; differentiable in ``x``, twice and
-more (``mean`` and ``std`` are constants: they get no gradient). The loss mode prepares both images with it:
-PyTorch takes a subtraction, a division and a cast with a layout change (three passes over the
-image per input, and a float32 copy first when the SR network's output is bf16), and backward
-a layout change and a division; fused, each direction is one read and one write
-(``epban.kernels.normalise``; the backward reads the stem's input gradient through its
-strides, so the cut from 8 padded channels back to 3 needs no copy).
+more (``mean`` and ``std`` are constants: they get no gradient). The loss mode prepares both
+images with it: PyTorch takes a subtraction, a division and a cast with a layout change (three
+passes over the image per input, and a float32 copy first when the SR network's output is bf16),
+and backward a layout change and a division; fused, each direction is one read and one write
+(``epban.kernels.normalise``, behind the custom ops ``torch.ops.epban.normalise`` and
+``normalise_backward``; the backward reads the stem's input gradient through its strides, so
+the cut from 8 padded channels back to 3 needs no copy).
 
 ``backend``: "auto" (Triton on CUDA, the reference elsewhere), "reference", or "fused" (CUDA, or
-CPU under ``TRITON_INTERPRET=1``). The output is dense channels_last or contiguous NCHW; the
-gradient is dense in x's layout (channels_last or contiguous).
+CPU under ``TRITON_INTERPRET=1``, where float64 is taken too, for gradcheck). The output is
+dense channels_last or contiguous NCHW; the gradient is dense in x's layout (channels_last or
+contiguous).
 """
 from __future__ import annotations
 
 import torch
 
-from epban.ops._checks import (
-    cdiv,
-    check_nchw_float,
-    fused_triton_available,
-    is_channels_last,
-    memory_format,
-    needs_int64_offsets,
-)
-from epban.ops._fused_op import fused_op
+from epban.ops._checks import cdiv, check_nchw_float, is_channels_last, memory_format, needs_int64_offsets
+from epban.ops.registry import register, triton_auto_ok, triton_unavailable_reason, use_fused
 
 _BLOCK = 1024
 
@@ -42,13 +37,18 @@ def normalise_reference(x, mean, std, *, dtype=None, channels_last=False):
     return out.to(dtype or x.dtype, memory_format=memory_format(channels_last))
 
 
-def fused_normalise_available(device, dtype, out_dtype=None, backend="auto") -> bool:
-    """Whether ``backend`` runs the Triton kernels for inputs of this device and dtype (and this
-    output dtype); ValueError for an impossible "fused". float64 under the interpreter only
-    (for gradcheck); CUDA takes the three Triton dtypes."""
-    return all(fused_triton_available(f"the fused normalisation ({role})", device, t, backend,
-                                      interpreter_also=(torch.float64,))
-               for role, t in (("input", dtype), ("output", out_dtype or dtype)))
+# ----------------------------------------------------------------------------- checks and dispatch
+
+
+def fused_normalise_serves(x, dtype=None, backend="auto") -> bool:
+    """Whether ``normalise`` takes the Triton kernels for ``x`` and the output ``dtype`` (None:
+    x's): the registry's rule for x's device and both dtypes. ValueError for an unknown backend
+    or an impossible "fused"."""
+    unavailable = None
+    for role, t in (("input", x.dtype), ("output", dtype or x.dtype)):
+        unavailable = unavailable or triton_unavailable_reason(
+            f"the fused normalisation ({role})", x.device, t, interpreter_also=(torch.float64,))
+    return use_fused(backend, unavailable, auto_ok=triton_auto_ok(x.device))
 
 
 def _check_stats(x, name, t):
@@ -67,24 +67,27 @@ def normalise(x, mean, std, *, dtype=None, channels_last=False, backend="auto"):
     _check_stats(x, "mean", mean)
     _check_stats(x, "std", std)
     dtype = dtype or x.dtype
-    if fused_normalise_available(x.device, x.dtype, dtype, backend):
+    if fused_normalise_serves(x, dtype, backend):
         acc = _compute_dtype(x.dtype)
         return _normalise_op(x, mean.to(acc).reshape(-1).contiguous(), std.to(acc).reshape(-1).contiguous(), dtype,
                              channels_last)
     return normalise_reference(x, mean, std, dtype=dtype, channels_last=channels_last)
 
 
+# ----------------------------------------------------------------------------- launchers
+
+
 def _launch(src, mean, std, dst):
     """One pass of the kernel: dst = (src - mean) / std, or src / std when mean is None."""
-    from epban.kernels.launch import launch
     from epban.kernels.normalise import normalise_kernel
 
     numel = dst.numel()
     if numel:
-        launch(normalise_kernel, (cdiv(numel, _BLOCK),),
+        normalise_kernel[(cdiv(numel, _BLOCK),)](
             src, std if mean is None else mean, std, dst, numel, *dst.shape[1:], *src.stride(),
             HAS_MEAN=mean is not None, CHANNELS_LAST=is_channels_last(dst),
-            INDEX_64=needs_int64_offsets(src, dst, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4)
+            INDEX_64=needs_int64_offsets(src, dst, slack=_BLOCK), BLOCK=_BLOCK, num_warps=4,
+        )
     return dst
 
 
@@ -98,7 +101,10 @@ def _launch_grad(grad, std, dtype, channels_last):
     return _launch(grad, None, std, res)
 
 
-@fused_op("epban::normalise")
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("epban::normalise", mutates_args=())
 def _normalise_op(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
                   channels_last: bool) -> torch.Tensor:
     return _launch_normalise(x, mean, std, dtype, channels_last)
@@ -109,7 +115,7 @@ def _(x, mean, std, dtype, channels_last):
     return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format(channels_last))
 
 
-@fused_op("epban::normalise_backward")
+@torch.library.custom_op("epban::normalise_backward", mutates_args=())
 def _normalise_backward_op(grad: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
                            channels_last: bool) -> torch.Tensor:
     return _launch_grad(grad, std, dtype, channels_last)
@@ -150,3 +156,10 @@ def _double_backward(ctx, grad_grad_x):
 
 
 _normalise_backward_op.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+def _auto_backend(device: torch.device) -> str:
+    return "fused" if fused_normalise_serves(torch.empty(0, 0, 0, 0, device=device)) else "reference"
+
+
+register("normalise", kernels="Triton (kernels/normalise.py)", auto_backend=_auto_backend)

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
-
 
 
 @contextlib.contextmanager
@@ -21,6 +19,7 @@ def poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
 
 def randomise_inference_state(model: torch.nn.Module, *, seed: int = 1, affine: bool = False) -> torch.nn.Module:
     """Give a freshly initialised model non-trivial BatchNorm statistics (and, with
@@ -81,95 +80,3 @@ def ssim_loss_forms(weight: float = 0.5) -> dict:
         f"epban ssim_loss(w={weight:g})": lambda x, y: ssim_loss(x, y, weight=weight),
         f"epban {weight:g} * (1 - ssim)": lambda x, y: weight * (1 - ssim(x, y, backend="fused")),
     }
-
-
-class StandInCudaDriver:
-    """A Triton driver for machines without a GPU: kernels compile for an H100 (sm_90) through
-    Triton's whole pipeline, and each launch is handed to ``record(function, grid, args)``
-    instead of the GPU (``function`` is a distinct object per compiled kernel). Lets the CPU
-    test and time everything Triton does on the host around a launch."""
-
-    def __init__(self, record=None):
-        self.record = record
-        driver = self
-
-        class Utils:
-            def load_binary(self, name, kernel, shared, device):
-                return object(), object(), 0, 0, 1024  # module, function, registers, spills, max threads
-
-            def get_device_properties(self, device):
-                return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
-                        "warpSize": 32, "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
-
-        class Launcher:
-            def __init__(self, src, metadata):
-                pass
-
-            def __call__(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter_hook,
-                         exit_hook, *args):
-                if driver.record is not None:
-                    driver.record(function, (grid_x, grid_y, grid_z), args)
-
-        self.utils = Utils()
-        self.launcher_cls = Launcher
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def is_active(self):
-        return True
-
-
-KERNEL_MODULES = ("layout", "bias_act", "max_pool", "normalise", "deform_conv", "axial_attention")
-
-
-@contextlib.contextmanager
-def compiled_kernels_without_gpu(record=None):
-    """Inside: ``epban.kernels.*`` are compiled (not interpreted) Triton kernels on the
-    ``StandInCudaDriver``; CPU tensors stand for the GPU's (the ops' availability checks take
-    them as CUDA tensors). The modules are fresh copies loaded
-    with TRITON_INTERPRET=0 (Triton decides interpretation when a kernel is defined); on exit the
-    interpreted modules, the environment and Triton's driver are put back. Compiling needs no
-    GPU: the first launch of each kernel takes seconds, later runs read Triton's cache."""
-    import importlib
-    import importlib.util
-    import sys
-    from unittest import mock
-
-    import triton.language as tl
-    from triton.runtime.driver import driver
-    from triton.runtime.jit import JITFunction
-
-    import epban.ops._checks as checks
-
-    if not isinstance(tl.standard.sigmoid, JITFunction):
-        raise RuntimeError("Triton was imported under TRITON_INTERPRET=1 in this process, so its own library "
-                           "functions are interpreted and nothing can be compiled: use a process without it")
-    package = importlib.import_module("epban.kernels")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(driver, "_active", StandInCudaDriver(record)))
-        stack.enter_context(mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}))
-        # the ops' availability checks take CPU tensors as they take CUDA ones (they stand for them)
-        stack.enter_context(mock.patch.object(checks, "triton_interpret", lambda: True))
-        for short in KERNEL_MODULES:
-            name = f"epban.kernels.{short}"
-            spec = importlib.util.find_spec(name)
-            module = importlib.util.module_from_spec(spec)
-            # sys.modules entry by entry: modules imported meanwhile (Triton's own) stay imported
-            previous = sys.modules.get(name)
-            stack.callback(lambda n=name, m=previous: sys.modules.__setitem__(n, m) if m else sys.modules.pop(n, None))
-            sys.modules[name] = module  # the next modules' imports of it find this copy
-            spec.loader.exec_module(module)
-            stack.enter_context(mock.patch.object(package, short, module, create=True))
-        yield

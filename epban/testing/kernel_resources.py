@@ -1,6 +1,6 @@
 """Registers, spills, shared memory and MMA kind of epban's Triton kernels on sm90 — without a GPU.
 
-    python scripts/kernel_resources.py [--dtype fp32|bf16] [--precision tf32x3|tf32|ieee]
+    python -m epban.testing.kernel_resources [--dtype fp32|bf16] [--precision tf32x3|tf32|ieee]
 
 Each kernel is compiled through Triton's whole NVIDIA pipeline for an H100 (sm_90a) with the
 launch configuration the ops use (axial attention: ``CONFIG``; deformable convolution: the
@@ -64,7 +64,7 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int, num_stages:
                 cp_async="cp.async" in ptx)
 
 
-def _signature(fn, constexprs, pointer_types, default_pointer="*fp32"):
+def signature(fn, constexprs, pointer_types, default_pointer="*fp32"):
     return {a: "constexpr" if a in constexprs else pointer_types.get(a, default_pointer if a.endswith("_ptr")
                                                                      else "fp32" if a == "eps" else "i32")
             for a in fn.arg_names}
@@ -101,7 +101,7 @@ def axial_rows(dtype: str, precision: str):
             fn = getattr(K, name)
             c = dict(cx, IS_DK=is_dk, **{unit: 1})
             label = name + ((" dk" if is_dk else " dq") if name == "_axial_bwd_dqk_kernel" else "")
-            yield label, desc, launch["num_warps"], resources(fn, _signature(fn, c, pointers), c, launch["num_warps"],
+            yield label, desc, launch["num_warps"], resources(fn, signature(fn, c, pointers), c, launch["num_warps"],
                                                               launch.get("num_stages"))
 
 
@@ -121,7 +121,7 @@ def deform_rows(dtype: str, precision: str):
                          ("mbdc_bwd_weight_kernel", 32 if not low else block_p, 8 if not low else 4)):
         fn = getattr(K, name)
         c = dict(cx, BLOCK_P=bp)
-        yield name, f"C=256 OB=64 block_p {bp} {c['PRECISION']}", nw, resources(fn, _signature(fn, c, pointers), c, nw)
+        yield name, f"C=256 OB=64 block_p {bp} {c['PRECISION']}", nw, resources(fn, signature(fn, c, pointers), c, nw)
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,12 @@
 """Times the fused deformable convolution's forward + input-gradient kernels (bf16, GMDC's four
 branches, fwd + bwd to x and offsets) for each pixel tile (BLOCK_P, num_warps), on a GPU.
 
-    python scripts/deform_tile_sweep.py [--budget 45]
+    python scripts/dev/deform_tile_sweep.py [--budget 45]
 
 The default tile is ``epban.ops.deform_conv._pixel_tile``: (32, 4) below 16,384 pixels per
-launch, else (64, 4) in bf16 (64, 8 in float32). Each configuration compiles both kernels once (a few seconds); rows that
-would start after --budget seconds are skipped. Prints a markdown table; the default's rows are
-marked. For a GPU session's lease, so it is short and changes nothing.
+launch, else (64, 8), or (64, 4) in bf16 under Triton before 3.7. Each configuration compiles
+both kernels once (a few seconds); rows that would start after --budget seconds are skipped.
+Prints a markdown table; the default's rows are marked. Changes nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 from epban.ops import deform_conv as ops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TILES = [(32, 4), (64, 8), (32, 8), (64, 4), (16, 4)]
 SHAPES = [(16, 256, 16, 16), (1, 256, 64, 64), (1, 256, 128, 128)]
 
