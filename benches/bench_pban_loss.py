@@ -1,28 +1,26 @@
 """The whole Efficient-PBAN loss: forward + backward to the SR input, reference vs loss mode.
 
-Rows (issue 7's table): the model's reference path (torchvision deformable conv, reference
-attention) in eager float32; the model with its fused ops ("auto"); the loss mode
-(``pban_for_loss``) in float32 and bfloat16, eager and CUDA graphs, float32 with the
-deformable convolution's dots in tf32x3, and bf16 + graph with PyTorch's conv epilogues
-instead of the fused ones (``fused_epilogue=False``). Columns: median ms,
-megapixels per second (B * H * W of the input), peak memory (weights + inputs + step).
-The official architecture with random weights (timings do not depend on the values).
+Rows: the model's reference path (torchvision deformable conv, reference attention) in eager
+float32; the model with its fused ops ("auto"); the loss mode (``pban_for_loss``) in float32
+and bfloat16, eager and CUDA graphs, float32 with the deformable convolution's dots in
+tf32x3, and bf16 + graph with PyTorch's conv epilogues instead of the fused ones
+(``fused_epilogue=False``). A variant's further words turn one loss-mode option off for A/B
+rows in one run (``SWITCH_WORDS``). Columns: median ms, megapixels per second (B * H * W of
+the input), peak memory (weights + inputs + step). The official architecture with random
+weights (timings do not depend on the values).
 
     pytest benches/bench_pban_loss.py --benchmark-only        (pytest-benchmark rows)
-    python benches/bench_pban_loss.py [--sizes 16x256x256,1x1024x1024]   (a markdown table)
+    python benches/bench_pban_loss.py [--sizes 16x256x256,1x1024x1024] [--variants "loss bf16 graph,..."]
 
 CUDA timings follow the usual defaults (cuDNN may use TF32 for float32 convolutions);
-scripts/pban_gpu_check.py checks correctness with TF32 off.
+scripts/dev/pban_gpu_check.py checks correctness with TF32 off.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import statistics
 import time
-from unittest import mock
 
 import pytest
 import torch
@@ -30,14 +28,22 @@ import torch
 from epban import EfficientPBAN, PBANConfig
 from epban.models.loss_mode import pban_for_loss
 
-ISSUE_SIZES = [(16, 256, 256), (1, 512, 512), (1, 1024, 1024), (1, 2048, 2048)]
+SIZES = [(16, 256, 256), (1, 512, 512), (1, 1024, 1024), (1, 2048, 2048)]
 CPU_SIZES = [(1, 64, 64)]
 VARIANTS = ["reference fp32", "auto fp32", "loss fp32", "loss fp32 graph", "loss tf32x3 graph", "loss bf16",
             "loss bf16 graph", "loss bf16 graph unfused-epilogue"]
-# Issue 7, H100, torch 2.11, eager fp32 reference: ms and MiB.
-ISSUE_REFERENCE = {(16, 256, 256): (23.3, 958), (1, 512, 512): (18.1, None), (1, 1024, 1024): (23.9, 958),
-                   (1, 2048, 2048): (76.4, 3832)}
-ISSUE_TARGET_MS = {(16, 256, 256): 6.0, (1, 512, 512): 4.5, (1, 1024, 1024): 6.0, (1, 2048, 2048): 19.0}
+# A loss variant's words -> the LossModeOptions fields each sets (the default otherwise).
+SWITCH_WORDS = {
+    "unfused-epilogue": {"fused_epilogue": False},  # PyTorch's bias add, ReLU and residual add
+    "unpadded-stem": {"stem_pad": False},  # the stem conv's input gradient on 3 channels
+    "separate-gates": {"batch_gates": False},  # one SE call per direction
+    "unfused-residual-grad": {"fused_residual_grad": False},  # the ResNet layers' backward left to autograd
+    "unfused-stem-pool": {"fused_stem_pool": False},  # bias + ReLU, max_pool2d and their backward apart
+    "unfused-input": {"fused_input": False},  # normalisation, cast and layout change as PyTorch's ops
+    "cudnn-benchmark": {"cudnn_benchmark": True},  # cuDNN times its algorithms at capture (graph variants)
+}
+# "looped-attention": the axial attention's general tile loops where its one-tile kernels would
+# serve (CONFIG single_tile; set around each call, so in a graph variant around the capture).
 
 
 def make_model(device, preset="official", seed=0) -> EfficientPBAN:
@@ -68,74 +74,31 @@ def make_variant(name: str, model: EfficientPBAN):
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
     set_reference_backends(model, "auto")  # the loss mode inherits the model's backends
     precision = "tf32x3" if "tf32x3" in name else None
-    # Words that switch one loss-mode default off, for A/B rows in one run:
-    # "unfused-epilogue": the ResNet convs with PyTorch's bias add, ReLU and residual add
-    # (pban_for_loss(fused_epilogue=False)); "separate-gates": one SE call per direction
-    # (batch_gates=False); "unfused-residual-grad": the ResNet layers' backward left to autograd
-    # (fused_residual_grad=False); "unfused-stem-pool": the stem's bias + ReLU, max_pool2d and
-    # their backward as separate kernels (fused_stem_pool=False); "unfused-input": the images'
-    # normalisation, cast and layout change as PyTorch's ops (fused_input=False);
-    # "cudnn-benchmark": cuDNN times its algorithms at capture
-    # (cudnn_benchmark=True, graph variants); "looped-attention": the axial attention's general tile loops where
-    # its one-tile kernels would serve (CONFIG single_tile; set around each call, so in a graph
-    # variant around the capture, which runs forward and backward); "dispatcher": every fused op
-    # called through its torch.library custom op, as before eager calls took an autograd.Function
-    # (epban.ops._fused_op; matters in eager variants, where the host issues each call);
-    # "triton-launch": every Triton launch through Triton's own launch path instead of epban's
-    # (EPBAN_TRITON_FAST_LAUNCH=0, epban.kernels.launch; also host time, eager variants).
-    scorer = pban_for_loss(model, dtype=dtype, cuda_graph=_graphed(name), fp32_precision=precision,
-                           fused_epilogue="unfused-epilogue" not in name,
-                           batch_gates="separate-gates" not in name,
-                           fused_residual_grad="unfused-residual-grad" not in name,
-                           fused_stem_pool="unfused-stem-pool" not in name,
-                           fused_input="unfused-input" not in name,
-                           cudnn_benchmark="cudnn-benchmark" in name.split())
+    options = dict(dtype=dtype, cuda_graph=_graphed(name), fp32_precision=precision)
+    for word in name.split():
+        if word not in SWITCH_WORDS and word not in ("loss", "fp32", "bf16", "tf32x3", "graph", "looped-attention"):
+            raise ValueError(f"unknown word {word!r} in variant {name!r}")
+        options.update(SWITCH_WORDS.get(word, {}))
+    scorer = pban_for_loss(model, **options)
     run = scorer
     if "looped-attention" in name.split():
         run = _with_axial_config(run, single_tile=False)
-    if "dispatcher" in name.split():
-        from epban.ops._fused_op import EAGER_DOOR_VARIABLE
-
-        run = _with_environment(run, EAGER_DOOR_VARIABLE, "0")
-    if "triton-launch" in name.split():
-        from epban.kernels.launch import FAST_LAUNCH_VARIABLE
-
-        run = _with_environment(run, FAST_LAUNCH_VARIABLE, "0")
     return run, scorer
-
-
-def _with_environment(f, variable, value):
-    """f, marked to run its whole step (forward and backward, see loss_step) with the
-    environment variable set (a switch read on every call): "dispatcher" sends every fused op's
-    call through its custom op, "triton-launch" every launch through Triton's own path."""
-    outer = getattr(f, "step_context", contextlib.nullcontext)
-
-    def run(sr, hr):
-        return f(sr, hr)
-
-    def step_context():
-        stack = contextlib.ExitStack()
-        stack.enter_context(outer())
-        stack.enter_context(mock.patch.dict(os.environ, {variable: value}))
-        return stack
-
-    run.step_context = step_context
-    return run
 
 
 def _with_axial_config(f, **config):
     """f with the axial kernels' CONFIG overridden during each call."""
 
     def run(sr, hr):
-        from epban.kernels import axial_attention as kernels
+        from epban.ops import axial_attention
 
-        saved = dict(kernels.CONFIG)
-        kernels.CONFIG.update(config)
+        saved = dict(axial_attention.CONFIG)
+        axial_attention.CONFIG.update(config)
         try:
             return f(sr, hr)
         finally:
-            kernels.CONFIG.clear()
-            kernels.CONFIG.update(saved)
+            axial_attention.CONFIG.clear()
+            axial_attention.CONFIG.update(saved)
 
     return run
 
@@ -158,8 +121,7 @@ def inputs(size, device, seed=0):
 
 def loss_step(f, sr, hr):
     sr.grad = None
-    with getattr(f, "step_context", contextlib.nullcontext)():
-        f(sr, hr).sum().backward()
+    f(sr, hr).sum().backward()
 
 
 def time_variant(f, module, size, device, *, min_reps=3, max_reps=20, target_s=0.3):
@@ -200,18 +162,15 @@ def time_variant(f, module, size, device, *, min_reps=3, max_reps=20, target_s=0
 def table(rows, device_name: str) -> str:
     out = [f"Efficient-PBAN loss, forward + backward to sr, {device_name}, torch {torch.__version__}",
            "",
-           "| input | variant | ms | MP/s | peak MiB | vs reference | issue ref ms | target ms |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| input | variant | ms | MP/s | peak MiB | vs reference |",
+           "|---|---|---|---|---|---|"]
     ref_ms = {r["size"]: r["ms"] for r in rows if r["variant"] == "reference fp32"}
     for r in rows:
         b, h, w = r["size"]
         mp_s = b * h * w / 1e6 / (r["ms"] / 1e3)
         speedup = f"{ref_ms[r['size']] / r['ms']:.2f}x" if r["size"] in ref_ms else "-"
         peak = f"{r['peak']:.0f}" if r["peak"] is not None else "-"
-        issue = ISSUE_REFERENCE.get(r["size"], (None, None))[0]
-        target = ISSUE_TARGET_MS.get(r["size"])
-        out.append(f"| {b}x3x{h}x{w} | {r['variant']} | {r['ms']:.2f} | {mp_s:.1f} | {peak} | {speedup} "
-                   f"| {issue if issue else '-'} | {target if target else '-'} |")
+        out.append(f"| {b}x3x{h}x{w} | {r['variant']} | {r['ms']:.2f} | {mp_s:.1f} | {peak} | {speedup} |")
     return "\n".join(out)
 
 
@@ -246,7 +205,7 @@ def _cases():
     if torch.cuda.is_available():
         cases += [pytest.param("cuda", s, v, id=f"{v.replace(' ', '-')}-cuda-{'x'.join(map(str, s))}",
                                marks=pytest.mark.cuda)
-                  for s in ISSUE_SIZES for v in VARIANTS]
+                  for s in SIZES for v in VARIANTS]
     return cases
 
 
@@ -281,7 +240,7 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes = args.sizes or (ISSUE_SIZES if device == "cuda" else CPU_SIZES)
+    sizes = args.sizes or (SIZES if device == "cuda" else CPU_SIZES)
     variants = args.variants.split(",")
     if device == "cpu":
         variants = [v for v in variants if not _graphed(v)]

@@ -1,4 +1,4 @@
-"""An independent, functional transcription of the authors' forward pass (ARCHITECTURE.md).
+"""An independent, functional transcription of the authors' forward pass (docs/architecture.md).
 
 Written from the specification without the package's modules: plain functional calls on
 a state dict with the authors' names, and their whole-batch attention std. Used only by

@@ -1,5 +1,5 @@
 import json
-import sys
+import math
 from pathlib import Path
 
 import pytest
@@ -9,11 +9,8 @@ from epban import EfficientPBAN, PBANConfig
 from epban.models import pban as pban_module
 from epban.testing import randomise_inference_state
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict.json"
-if not REFERENCE.exists():  # a fresh clone beside no shared/ folder: the copy kept in tests/
-    REFERENCE = Path(__file__).parent / "data" / "official_state_dict.json"
+# The names and shapes of the authors' state dict, in their order.
+REFERENCE = Path(__file__).parent / "data" / "official_state_dict.json"
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +181,10 @@ def test_imagenet_backbone_from_a_local_file_only(tmp_path, monkeypatch):
         (lambda sr, hr: (sr.to("meta"), hr), "same device"),
         (lambda sr, hr: (sr.index_fill(3, torch.tensor([5]), float("nan")), hr), "NaN"),
         (lambda sr, hr: (sr, hr.index_fill(2, torch.tensor([1]), float("inf"))), "NaN or infinite"),
+        (lambda sr, hr: (sr[:0], hr[:0]), "no image \\(batch size 0"),
+        (lambda sr, hr: (255 * sr, 255 * hr), "sr has values in .*look like 0..255"),
+        (lambda sr, hr: (sr, 2 * hr), "hr has values in .*look like 0..255"),
+        (lambda sr, hr: (sr - 1.0, hr), "sr has values in \\[-1"),
     ],
 )
 def test_bad_inputs_raise_value_error(tiny, make, message):
@@ -197,15 +198,135 @@ def test_check_finite_can_be_skipped(tiny):
     sr[0, 0, 0, 0] = float("nan")
     with torch.no_grad():
         assert torch.isnan(tiny(sr, hr, check_finite=False)).all()
+        assert torch.isfinite(tiny(255 * sr.nan_to_num(), 255 * hr, check_finite=False)).all()
+
+
+def test_value_check_is_one_reduction_and_one_sync(tiny, monkeypatch):
+    """Finite values and the range come from one min/max reduction per image batch, read
+    together; an overshoot of [0, 1] within [-0.5, 1.5] is scored."""
+    calls = []
+    real = pban_module.value_bounds
+    monkeypatch.setattr(pban_module, "value_bounds", lambda *t: calls.append(len(t)) or real(*t))
+    sr, hr = images()
+    with torch.no_grad():
+        tiny(1.4 * sr - 0.2, hr)
+        assert calls == [2]
+        tiny(sr, hr, check_finite=False)
+        assert calls == [2]
+    assert pban_module.value_bounds(torch.tensor([[0.5, -2.0]]), torch.tensor([float("nan"), 1.0]))[0] == (-2.0, 0.5)
+    assert all(math.isnan(v) for v in pban_module.value_bounds(torch.tensor([float("nan"), 1.0]))[0])
+
+
+def test_float64_and_bfloat16_inputs_are_scored_in_the_models_dtype(tiny):
+    sr, hr = images(b=2)
+    with torch.no_grad():
+        expected = tiny(sr, hr)
+        torch.testing.assert_close(tiny(sr.double(), hr.double()), expected, rtol=0, atol=0)
+        assert tiny(sr.bfloat16(), hr).dtype == torch.float32
+    x = sr.double().requires_grad_(True)
+    tiny(x, hr.double()).sum().backward()
+    assert x.grad.dtype == torch.float64 and torch.isfinite(x.grad).all()
+
+
+def test_score_direction_and_range(tiny):
+    assert EfficientPBAN.higher_is_better is True and tiny.higher_is_better and not tiny.lower_better
+    assert tiny.score_range == (0.0, 1.0)
+    assert EfficientPBAN(PBANConfig.tiny(score_range=(1, 5))).score_range == (1, 5)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="sigma_scope"):
-        EfficientPBAN(PBANConfig.tiny(sigma_scope="global"))
+        PBANConfig.tiny(sigma_scope="global")
     with pytest.raises(ValueError, match="unknown config preset"):
         PBANConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown PBANConfig fields"):
         PBANConfig.from_dict({"width": 3})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("stem_width", 0), ("stem_width", -4), ("stem_width", 6), ("stem_width", 8.0), ("stem_width", True),
+        ("blocks", (0, 0, 0)), ("blocks", (1, 1)), ("blocks", (1, 1, 1.5)), ("blocks", 3),
+        ("gmdc_kernel_sizes", (2, 4)), ("gmdc_kernel_sizes", (3, 4)), ("gmdc_kernel_sizes", ()),
+        ("gmdc_kernel_sizes", (3, 5, 7)), ("gmdc_kernel_sizes", (-3,)),
+        ("pixel_gate_width", 0), ("head_widths", (64, 0, 32)), ("head_widths", (64, 32)),
+        ("dropout", (0.5,)), ("dropout", (0.5, 1.5)), ("dropout", (float("nan"), 0.1)), ("dropout", 0.3),
+        ("sr_mean", (0.5, 0.5)), ("hr_std", (0.2, 0.0, 0.2)), ("sr_std", (0.2, float("inf"), 0.2)),
+        ("score_range", (1.0, 1.0)), ("score_range", (0.0, float("inf"))), ("score_range", (1.0,)),
+        ("name", 3),
+    ],
+)
+def test_config_fields_are_checked_when_made(field, value):
+    """Each fault is a ValueError naming the field, at construction (not a raw error in a
+    layer, an IndexError, or a model that cannot score)."""
+    with pytest.raises(ValueError, match=f"PBANConfig.{field} must be"):
+        PBANConfig.tiny(**{field: value})
+    with pytest.raises(ValueError, match=f"PBANConfig.{field} must be"):
+        PBANConfig.from_dict({**PBANConfig.tiny().to_dict(), field: value})
+
+
+def test_config_lists_become_tuples():
+    config = PBANConfig.tiny(blocks=[1, 2, 1], gmdc_kernel_sizes=[3, 5])
+    assert config.blocks == (1, 2, 1) and config.gmdc_kernel_sizes == (3, 5)
+    assert PBANConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# ------------------------------------------------------------ malformed checkpoint folders
+
+
+@pytest.fixture
+def folder(tmp_path, tiny):
+    return tiny.save_pretrained(tmp_path / "ckpt")
+
+
+def _edit_config(folder, edit):
+    path = folder / pban_module.CONFIG_FILE
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(meta)))
+
+
+@pytest.mark.parametrize(
+    "damage, file, message",
+    [
+        (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
+         "model.safetensors", "not a readable safetensors file"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"not a tensor file"),
+         "model.safetensors", "not a readable safetensors file"),
+        (lambda f: (f / "config.json").write_text('{"format": "epban.EfficientPBAN",'), "config.json", "not valid JSON"),
+        (lambda f: (f / "config.json").write_bytes(b"\xff\xfe\x00"), "config.json", "not valid JSON"),
+        (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json", "expected a JSON object.*got a list"),
+        (lambda f: _edit_config(f, lambda m: {k: v for k, v in m.items() if k != "config"}),
+         "config.json", "no 'config' entry"),
+        (lambda f: _edit_config(f, lambda m: {**m, "config": [16, 1]}), "config.json", "dict of its fields"),
+        (lambda f: _edit_config(f, lambda m: {**m, "config": {**m["config"], "stem_width": 0}}),
+         "config.json", "PBANConfig.stem_width"),
+        (lambda f: _edit_config(f, lambda m: {**m, "config": {**m["config"], "width": 3}}),
+         "config.json", "unknown PBANConfig fields"),
+        (lambda f: _edit_config(f, lambda m: {**m, "format_version": 99}), "config.json", "format_version 99"),
+        (lambda f: _edit_config(f, lambda m: {k: v for k, v in m.items() if k != "format_version"}),
+         "config.json", "format_version None"),
+        (lambda f: _edit_config(f, lambda m: {**m, "format": "other"}), "config.json", "not an epban.EfficientPBAN"),
+        (lambda f: _edit_config(f, lambda m: {**m, "config": {**m["config"], "head_widths": [64, 32, 16]}}),
+         "model.safetensors", "shapes differ"),
+    ],
+    ids=["truncated_weights", "foreign_weights", "invalid_json", "not_utf8", "json_list", "no_config",
+         "config_list", "bad_field", "unknown_field", "format_version_99", "no_format_version", "other_format",
+         "weights_of_another_config"],
+)
+def test_malformed_checkpoint_folders_name_the_file(folder, damage, file, message):
+    damage(folder)
+    with pytest.raises(ValueError, match=message) as err:
+        EfficientPBAN.from_checkpoint(folder)
+    assert str(folder / file) in str(err.value)
+
+
+def test_checkpoint_folder_refuses_preset_and_config(folder):
+    with pytest.raises(ValueError, match="carries its own config"):
+        EfficientPBAN.from_checkpoint(folder, preset="official")
+    with pytest.raises(ValueError, match="carries its own config"):
+        EfficientPBAN.from_checkpoint(folder, config=PBANConfig.tiny())
+    assert EfficientPBAN.from_checkpoint(folder).config.name == "tiny"
 
 
 def test_score_equals_an_independent_transcription_of_the_authors_network(tmp_path, official):

@@ -10,7 +10,7 @@ import epban
 from epban import weights
 from epban.data.procedural import dead_leaves, degraded_pair, random_degradation
 from epban.models.pban import EfficientPBAN, PBANConfig
-from epban.train.trainer import _initial_model, _resolve_init
+from epban.metric.trainer import _initial_model, _resolve_init
 
 
 def test_dead_leaves_deterministic_in_range():

@@ -1,4 +1,4 @@
-"""Efficient-PBAN, following ../shared/reference/ARCHITECTURE.md; module names are the authors' state-dict names.
+"""Efficient-PBAN, as docs/architecture.md describes it; module names are the authors' state-dict names.
 
     sr, hr ─ normalise ─ stem (shared ResNet-34 conv1..layer2) ─ layer2_1 / layer2_2 (one shared ResNet layer3)
            ─ block2: q/k/v convs, GMDC on the queries, bi-directional axial attention, SE gate,
@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from epban.ops.deform_conv import multi_branch_deform_conv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The authors' RealSRQ statistics (ARCHITECTURE.md, "Preprocessing used by the authors").
+# The authors' RealSRQ statistics (docs/architecture.md, "Normalisation").
 REALSRQ_SR_MEAN = (0.05605867, 0.050786886, 0.04435081)
 REALSRQ_SR_STD = (0.028125687, 0.027141795, 0.02876606)
 REALSRQ_HR_MEAN = (0.05608858, 0.050779864, 0.044556625)
@@ -40,11 +41,20 @@ FORMAT_VERSION = 1
 # per-image std has two logits to work with.
 FEATURE_STRIDE = 16
 MIN_INPUT_SIZE = 2 * FEATURE_STRIDE
+# Scoring refuses inputs beyond this range (with its finite check): values there are not an
+# image in [0, 1] with some overshoot but, most likely, one in 0..255.
+INPUT_RANGE = (-0.5, 1.5)
 
 
 @dataclass
 class PBANConfig:
-    """Architecture and preprocessing of an EfficientPBAN; saved beside its weights."""
+    """Architecture and preprocessing of an EfficientPBAN; saved beside its weights.
+
+    Checked when made (``ValueError`` naming the field): widths and block counts positive,
+    ``stem_width`` a multiple of 4, GMDC kernel sizes odd, two dropout rates in [0, 1], three
+    normalisation values per image (std positive), ``score_range`` = (low, high) with
+    high > low. Lists are stored as tuples.
+    """
 
     stem_width: int = 64  # ResNet conv1/layer1 width; layer2 = 2x, layer3 (the attention's C) = 4x
     blocks: tuple[int, int, int] = (3, 4, 6)  # BasicBlocks in ResNet layer1, layer2, layer3
@@ -59,6 +69,13 @@ class PBANConfig:
     hr_std: tuple[float, float, float] = IMAGENET_STD
     score_range: tuple[float, float] = (0.0, 1.0)  # the scale of the training scores; PBANLoss rescales by it
     name: str = "custom"
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+        self.validate()
 
     @property
     def channels(self) -> int:
@@ -99,29 +116,62 @@ class PBANConfig:
         return presets[name](**overrides)
 
     def validate(self) -> None:
+        """ValueError naming the first field that cannot make a model."""
+
+        def fail(name: str, expected: str):
+            raise ValueError(f"PBANConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        if not _is_positive_int(self.stem_width) or self.stem_width % 4:
+            fail("stem_width", "a positive multiple of 4 (the SE gate's 16 groups divide 4 * stem_width)")
+        for name, count in (("blocks", 3), ("head_widths", 3)):
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == count and all(map(_is_positive_int, value))):
+                fail(name, f"{count} positive integers")
+        if not _is_positive_int(self.pixel_gate_width):
+            fail("pixel_gate_width", "a positive integer")
+        k = self.gmdc_kernel_sizes
+        if not (isinstance(k, (tuple, list)) and k and all(_is_positive_int(v) and v % 2 == 1 for v in k)):
+            fail("gmdc_kernel_sizes", "one or more odd positive integers")
+        if self.channels % len(k):
+            fail("gmdc_kernel_sizes", f"as many branches as divide 4 * stem_width = {self.channels}")
+        d = self.dropout
+        if not (isinstance(d, (tuple, list)) and len(d) == 2 and all(_is_finite(p) and 0 <= p <= 1 for p in d)):
+            fail("dropout", "2 rates in [0, 1] (after fc11/fc12 and after fc21/fc22)")
         if self.sigma_scope not in SIGMA_SCOPES:
-            raise ValueError(f"sigma_scope must be one of {SIGMA_SCOPES}, got {self.sigma_scope!r}")
-        if self.channels % 4 or self.channels % len(self.gmdc_kernel_sizes):
-            raise ValueError(f"4 * stem_width ({self.channels}) must be divisible by 4 and by the GMDC branch count")
+            fail("sigma_scope", f"one of {SIGMA_SCOPES}")
         for name in ("sr_mean", "sr_std", "hr_mean", "hr_std"):
-            if len(getattr(self, name)) != 3:
-                raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)!r}")
-        if min(self.sr_std + self.hr_std) <= 0:
-            raise ValueError("normalisation std values must be positive")
-        if not self.score_range[1] > self.score_range[0]:
-            raise ValueError(f"score_range must be (low, high) with high > low, got {self.score_range!r}")
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 3 and all(map(_is_finite, value))):
+                fail(name, "3 finite numbers (RGB)")
+            if name.endswith("std") and min(value) <= 0:
+                fail(name, "positive")
+        r = self.score_range
+        if not (isinstance(r, (tuple, list)) and len(r) == 2 and all(map(_is_finite, r)) and r[1] > r[0]):
+            fail("score_range", "(low, high), finite, with high > low")
+        if not isinstance(self.name, str):
+            fail("name", "a string")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PBANConfig":
+        """The config of ``to_dict`` (JSON lists become tuples); ValueError for unknown or bad fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a PBANConfig is a dict of its fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown PBANConfig fields {unknown}")
-        tuples = {f.name for f in dataclasses.fields(cls) if f.name not in ("sigma_scope", "name", "stem_width", "pixel_gate_width")}
-        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})
+        return cls(**d)
+
+
+def _is_positive_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class GMDC(nn.Module):
@@ -188,12 +238,8 @@ class SE(nn.Module):
             nn.Sigmoid(),
         )
 
-    # The spatial mean of the channel gate; the loss mode swaps in one whose backward keeps
-    # channels_last (epban.models.loss_mode.spatial_mean).
-    spatial_mean = staticmethod(lambda x: F.adaptive_avg_pool2d(x, 1))
-
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.spatial_mean(x)
+        y = F.adaptive_avg_pool2d(x, 1)
         return self.subchannel_after(self.shuffle(self.subchannel_before(y)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +251,7 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class BiAttentionBlock(nn.Module):
-    """block2: SR queries attend to HR keys and HR queries to SR keys (ARCHITECTURE.md, step 3)."""
+    """block2: SR queries attend to HR keys and HR queries to SR keys (docs/architecture.md, on block2)."""
 
     def __init__(self, channels: int, config: PBANConfig):
         super().__init__()
@@ -224,9 +270,6 @@ class BiAttentionBlock(nn.Module):
         self.after_block4 = _conv_bn_relu(channels, channels, 1)
         self.sigma_scope = config.sigma_scope
         self.attention_backend = "auto"
-        # One SE call on both directions' outputs stacked along the batch (SE works image by
-        # image: the same values), for half its launches; the loss mode sets it.
-        self.batch_gates = False
 
     def forward(self, f_sr: torch.Tensor, f_hr: torch.Tensor):
         q1, k1, v1 = self.br1(self.q1(f_sr)), self.k1(f_sr), self.v1(f_sr)
@@ -234,11 +277,7 @@ class BiAttentionBlock(nn.Module):
         out1, out2 = bi_axial_attention(
             q1, k1, v1, q2, k2, v2, sigma_scope=self.sigma_scope, backend=self.attention_backend
         )
-        if self.batch_gates and out1.shape == out2.shape:
-            # split, not slicing: its backward is one cat of the halves' gradients
-            out1, out2 = self.SE(torch.cat([out1, out2])).split(len(out1))
-        else:
-            out1, out2 = self.SE(out1), self.SE(out2)
+        out1, out2 = self.SE(out1), self.SE(out2)
         return self.after_block1(out1 + f_sr), self.after_block2(out2 + f_hr)
 
 
@@ -254,9 +293,14 @@ def _resnet_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Se
 class EfficientPBAN(nn.Module):
     """Full-reference quality of a super-resolved image: ``model(sr, hr) -> scores (B,)``, higher is better.
 
-    Inputs are RGB in [0, 1], (B, 3, H, W) with H, W >= 32; each is normalised with its
-    own statistics from the config.
+    Inputs are RGB in [0, 1], (B, 3, H, W) with B >= 1 and H, W >= 32, any float dtype (cast
+    to the model's after normalisation); each is normalised with its own statistics from the
+    config. ``higher_is_better`` (pyiqa: ``lower_better``) and ``score_range`` (the scale of
+    the scores it was trained on, from its config) describe the scores.
     """
+
+    higher_is_better = True
+    lower_better = False  # pyiqa's name for the same fact
 
     def __init__(self, config: PBANConfig | None = None):
         super().__init__()
@@ -290,16 +334,15 @@ class EfficientPBAN(nn.Module):
         for name in ("sr_mean", "sr_std", "hr_mean", "hr_std"):
             self.register_buffer(name, torch.tensor(getattr(config, name)).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def score_range(self) -> tuple[float, float]:
+        """(low, high) of the scores the metric was trained on (``config.score_range``); a
+        score may fall outside it."""
+        return tuple(self.config.score_range)
+
     # -- the parts of the stem the authors keep frozen while training the metric --
     def frozen_stem_modules(self) -> list[nn.Module]:
         return [self.stem[0], self.stem[1], self.stem[4]]
-
-    def for_loss(self, **kwargs) -> nn.Module:
-        """A frozen, fast scorer ``f(sr, hr) -> (B,)`` for use as a loss: BatchNorm folded,
-        channels_last, optional bf16 and CUDA-graph capture; see ``epban.models.loss_mode.pban_for_loss``."""
-        from epban.models.loss_mode import pban_for_loss
-
-        return pban_for_loss(self, **kwargs)
 
     @property
     def deform_backend(self) -> str:
@@ -318,22 +361,18 @@ class EfficientPBAN(nn.Module):
         self.block2.attention_backend = backend
 
     def check_inputs(self, sr: torch.Tensor, hr: torch.Tensor, check_finite: bool = True) -> None:
-        for name, t in (("sr", sr), ("hr", hr)):
-            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] != 3:
-                raise ValueError(f"{name} must have 3 (RGB) channels, got shape {tuple(t.shape)}")
-        check_image_pair(sr, hr, name_x="sr", name_y="hr", same_dtype=False)  # an SR net under autocast may give bf16
-        h, w = sr.shape[-2:]
-        if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
-            raise ValueError(f"images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, got {h}x{w}")
-        if check_finite:
-            for name, t in (("sr", sr), ("hr", hr)):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{name} contains NaN or infinite values")
+        """``check_score_inputs``: shapes always; with ``check_finite``, also the values (finite
+        and within ``INPUT_RANGE``), in one host sync."""
+        check_score_inputs(sr, hr, check_finite=check_finite)
 
     def normalise(self, sr: torch.Tensor, hr: torch.Tensor):
-        return (sr - self.sr_mean) / self.sr_std, (hr - self.hr_mean) / self.hr_std
+        """Each image normalised by its statistics, in the dtype of the model's weights."""
+        dtype = self.stem[0].weight.dtype
+        return ((sr - self.sr_mean) / self.sr_std).to(dtype), ((hr - self.hr_mean) / self.hr_std).to(dtype)
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
+        """Scores (B,). ``check_finite=False`` skips the value check (NaN, inf, and values beyond
+        ``INPUT_RANGE``, which look like 0..255 images): the one host sync of a call."""
         self.check_inputs(sr, hr, check_finite)
         sr, hr = self.normalise(sr, hr)
         f_sr = self.layer2_1(self.stem(sr))
@@ -411,16 +450,24 @@ class EfficientPBAN(nn.Module):
     ) -> "EfficientPBAN":
         """Load our format (a directory from ``save_pretrained``) or the authors' ``.pth`` file.
 
-        The authors' file is a dict with ``model_state_dict`` or a bare state dict with their
-        358 names. ``preset="official"`` uses their RealSRQ normalisation; otherwise the
-        config is ``config`` or the official architecture with ImageNet statistics.
-        ``trusted=True`` allows unpickling arbitrary objects (only for files you trust).
+        A directory carries its own config (``preset`` and ``config`` are refused with one);
+        every malformed file in it is a ``ValueError`` naming the file. The authors' file is a
+        dict with ``model_state_dict`` or a bare state dict with their 358 names.
+        ``preset="official"`` uses their RealSRQ normalisation; otherwise the config is
+        ``config`` or the official architecture with ImageNet statistics. ``trusted=True``
+        allows unpickling arbitrary objects (only for files you trust). The model is returned
+        on the CPU, in eval mode.
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         if path.is_dir():
-            return cls._from_pretrained_dir(path, map_location)
+            if preset is not None or config is not None:
+                raise ValueError(
+                    f"{path} is a checkpoint directory, which carries its own config ({CONFIG_FILE}); "
+                    "preset= and config= apply to the authors' .pth files only"
+                )
+            return cls._from_pretrained_dir(path)
         if preset is not None and config is not None:
             raise ValueError("give either preset or config, not both")
         try:
@@ -432,24 +479,30 @@ class EfficientPBAN(nn.Module):
         if config is None:
             config = PBANConfig.preset(preset) if preset else PBANConfig.resnet34()
         model = cls(config)
-        model.load_authors_state_dict(state_dict)
+        try:
+            model.load_authors_state_dict(state_dict)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         return model.eval()
 
     @classmethod
-    def _from_pretrained_dir(cls, directory: Path, map_location) -> "EfficientPBAN":
+    def _from_pretrained_dir(cls, directory: Path) -> "EfficientPBAN":
         from safetensors.torch import load_file
 
         cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for p in (cfg_path, w_path):
             if not p.exists():
                 raise FileNotFoundError(f"{directory} is not an epban checkpoint: {p.name} is missing")
-        meta = json.loads(cfg_path.read_text())
-        if meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{cfg_path} is not an {FORMAT_NAME} config (format={meta.get('format')!r})")
-        model = cls(PBANConfig.from_dict(meta["config"]))
-        tensors = load_file(str(w_path), device=str(map_location))
+        model = cls(_read_config_file(cfg_path))
+        try:
+            tensors = load_file(str(w_path), device="cpu")  # the model is made on the CPU
+        except Exception as exc:  # safetensors' own error type for a truncated or foreign file
+            raise ValueError(f"{w_path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
         tensors.update({"layer2_2." + k[len("layer2_1."):]: v for k, v in tensors.items() if k.startswith("layer2_1.")})
-        model.load_authors_state_dict(tensors)
+        try:
+            model.load_authors_state_dict(tensors)
+        except ValueError as exc:
+            raise ValueError(f"{w_path}: {exc}") from None
         return model.eval()
 
     def load_imagenet_backbone(self, path: str | os.PathLike | None = None) -> None:
@@ -475,6 +528,66 @@ class EfficientPBAN(nn.Module):
                 for prefix, target in mapping.items():
                     if key.startswith(prefix):
                         own[target + key[len(prefix):]].copy_(value)
+
+
+def check_score_inputs(sr: torch.Tensor, hr: torch.Tensor, *, check_finite: bool = True,
+                       check_range: bool | None = None) -> None:
+    """ValueError unless sr and hr are one shape of RGB float images, at least one image of
+    ``MIN_INPUT_SIZE`` square, on one device. With ``check_finite``, also free of NaN and inf;
+    with ``check_range`` (default: as ``check_finite``), within ``INPUT_RANGE``. The values are
+    checked in one host sync (one min/max reduction per image batch)."""
+    for name, t in (("sr", sr), ("hr", hr)):
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] != 3:
+            raise ValueError(f"{name} must have 3 (RGB) channels, got shape {tuple(t.shape)}")
+    check_image_pair(sr, hr, name_x="sr", name_y="hr", same_dtype=False)  # an SR net under autocast may give bf16
+    if sr.shape[0] == 0:
+        raise ValueError(f"sr and hr hold no image (batch size 0, shape {tuple(sr.shape)})")
+    h, w = sr.shape[-2:]
+    if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
+        raise ValueError(f"images must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, got {h}x{w}")
+    check_range = check_finite if check_range is None else check_range
+    if not (check_finite or check_range):
+        return
+    bounds = value_bounds(sr, hr)
+    for name, (lo, hi) in zip(("sr", "hr"), bounds):
+        if check_finite and not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if check_range and (lo < INPUT_RANGE[0] or hi > INPUT_RANGE[1]):
+            raise ValueError(
+                f"{name} has values in [{lo:.4g}, {hi:.4g}]: the model expects RGB in [0, 1], and values beyond "
+                f"[{INPUT_RANGE[0]}, {INPUT_RANGE[1]}] look like 0..255 images (divide by 255); "
+                "check_finite=False skips this check"
+            )
+
+
+def value_bounds(*tensors: torch.Tensor) -> list[tuple[float, float]]:
+    """(min, max) of each tensor (NaN if it holds one), read in one host sync; each must be non-empty."""
+    ends = [end.float() for t in tensors for end in torch.aminmax(t.detach())]
+    flat = torch.stack(ends).tolist()
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _read_config_file(path: Path) -> PBANConfig:
+    """The PBANConfig of a checkpoint directory's config.json; ValueError naming the file and the fault."""
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object with format, format_version and config, "
+                         f"got a {type(meta).__name__}")
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an {FORMAT_NAME} config (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is not one this epban reads ({FORMAT_VERSION}); "
+                         "was it written by a newer epban?")
+    if "config" not in meta:
+        raise ValueError(f"{path}: no 'config' entry (the model's PBANConfig fields)")
+    try:
+        return PBANConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: 'config': {exc}") from None
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict:

@@ -1,6 +1,6 @@
 """GPU check of the fused multi-branch deformable convolution and of Efficient-PBAN's loss mode.
 
-    python scripts/pban_gpu_check.py [--quick] [--no-timing] [--compile] [--budget 100]
+    python scripts/dev/pban_gpu_check.py [--quick] [--no-timing] [--compile] [--budget 100] [--profile]
 
 1. Correctness (exit status 1 on a failure), TF32 off everywhere:
    a. the fused deformable convolution (GMDC's branches k = 3, 5, 7, 9, C = 256, OB = 64, map
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench(name):
@@ -268,7 +268,7 @@ def main():
 
     deadline = t0 + args.budget
     loss_bench, deform_bench = _load_bench("bench_pban_loss"), _load_bench("bench_deform_conv")
-    sizes = loss_bench.ISSUE_SIZES[:3] if args.quick else loss_bench.ISSUE_SIZES
+    sizes = loss_bench.SIZES[:3] if args.quick else loss_bench.SIZES
     loss_rows = loss_bench.run_rows(sizes, loss_bench.VARIANTS, "cuda", deadline=deadline,
                                     log=lambda m: print("  " + m, flush=True))
     deform_rows = []
