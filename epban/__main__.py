@@ -1,3 +1,4 @@
+"""``python -m epban``: the ``epban`` command (``torchrun -m epban train-metric ...`` for DDP)."""
 import sys
 
 from epban.cli import main

@@ -1,4 +1,8 @@
-"""The ``epban`` command: ``score``, ``info``, and the metric-training commands when installed."""
+"""The ``epban`` command: ``score`` and ``info`` here; ``make-dataset``, ``train-metric`` and
+``eval-metric`` from ``epban.metric.cli``; ``train-sr`` from ``epban.sr.cli``.
+
+This module dispatches; the command modules it imports import nothing from it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+from epban.cli_errors import CLIError
+from epban.metric import cli as metric_cli
+from epban.sr import cli as sr_cli
 
 
 def _pairs(sr: Path, hr: Path) -> list[tuple[str, Path, Path]]:
@@ -106,12 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("info", help="versions and which backend serves each op")
     p.set_defaults(func=cmd_info)
-    import importlib.util
-
-    if importlib.util.find_spec("epban.train.cli") is not None:
-        from epban.train.cli import register as register_train
-
-        register_train(sub)
+    metric_cli.register(sub)
+    sr_cli.register(sub)
     return parser
 
 

@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from epban.sr import SRTrainConfig, SRFolderDataset, build_network, evaluate, train_sr
-    from epban.sr.report import comparison_crops, save_grid, write_json
+    from epban.losses import PBANLoss
+    from epban.metric import make_toy_dataset, train_metric
+    from epban.models.pban import EfficientPBAN
+    from epban.sr import SRFolderDataset, SRTrainConfig, build_network, evaluate, train_sr
     from epban.sr.evaluate import super_resolve
     from epban.sr.imresize import bicubic_upsample, quantize
-    from epban.losses import PBANLoss
-    from epban.models.pban import EfficientPBAN
-    from epban.train import make_toy_dataset, train_metric
+    from epban.sr.report import comparison_crops, save_grid
+    from epban.training.records import write_json
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)

@@ -2,9 +2,9 @@
 
 Why: the tiny preset has no ImageNet backbone to start from, and a randomly initialised
 two-stream network needs far more than a few CPU epochs to learn to compare its SR and HR
-streams (see README, "Training a metric"). This script gives it a starting point the way
-ImageNet gives the full model one — on data with no photo of the toy set in it, and with a
-target (SSIM of the pair) that is not the toy set's score formula:
+streams. This script gives it a starting point the way ImageNet gives the full model one:
+on data with no photo of the toy set in it, and with a target (SSIM of the pair) that is
+not the toy set's score formula. The bundled weights were made in four stages:
 
     python scripts/pretrain_tiny.py --minutes 22 --out /tmp/stage1
     python scripts/pretrain_tiny.py --minutes 15 --lr 5e-4 --seed 1 --init /tmp/stage1 --out /tmp/stage2
@@ -12,29 +12,18 @@ target (SSIM of the pair) that is not the toy set's score formula:
     python scripts/pretrain_tiny.py --init /tmp/stage3 --pairs 10000 --lr 3e-4 --minutes 14 --seed 4 \
         --out epban/weights/tiny-ssim
 
-(how the bundled weights were made; their pretrain.json records every stage — the first
-ran on an earlier version of the dead-leaves generator, the last two with the CPU
-deformable convolution's grid_sample path, five times as many steps per minute. Val SRCC
-against SSIM after each stage: 0.87, 0.89, 0.93, 0.95; zero-shot toy test SRCC 0.52, 0.62,
-0.68, 0.74; fine-tuned by scripts/bench_train_metric.py, seeds 0-4, stage 2 gave mean 0.75,
-stage 4 0.79. A variant of stage 4 at lr 1e-4 reached 0.957 against SSIM but fine-tuned to
-0.77: the SSIM fit is a guide, not the goal; a fifth stage (lr 3e-4 or 1.5e-4, 0.967 or 0.962
-against SSIM) fine-tuned to means 0.777 and 0.787: a plateau, so four stages are bundled.)
+Their ``pretrain.json`` records every stage (data, steps, learning rate, validation SRCC
+against SSIM). The fit to SSIM is a guide, not the goal: what counts is how well the
+weights fine-tune on scored pairs (``scripts/dev/bench_train_metric.py``), and more stages
+or a closer SSIM fit stopped helping there.
 
 ``--images scenes`` pretrains on ``leaf_scene`` instead (photo-like variety between
-images) and ``--per-image K`` degrades each image K times. A third stage on scenes instead,
+images) and ``--per-image K`` degrades each image K times; such weights predict SSIM on
+photos better but fine-tune worse on the toy set. ``--images leaves --per-image 1`` (the
+defaults) reproduce the bundled weights' data.
 
-    python scripts/pretrain_tiny.py --init /tmp/stage2 --images scenes --per-image 2 \
-        --pairs 4000 --size 128 --crop 96 --lr 5e-4 --minutes 20 --seed 2 --out /tmp/pt3
-
-(961 steps, val SRCC vs SSIM 0.916), learned to predict SSIM on photos much better, but
-fine-tuned on the toy set it did worse than stage 2 itself (bench test SRCC over
-seeds 0/1/2: 0.757/0.558/0.712 against 0.761/0.700/0.788); a 14-minute scenes stage with
---per-image 2 and 10000 pairs did no better (0.759/0.703/0.799).
-``--images leaves --per-image 1`` (the defaults) reproduce the bundled weights' data.
-
-The result is stored in float16 (about 2.7 MB) and is what ``train-metric --config tiny``
-starts from by default (``--init random`` to start from scratch).
+The result is stored in float16 and is what ``train-metric --config tiny`` starts from by
+default (``--init random`` to start from scratch).
 """
 from __future__ import annotations
 
@@ -183,7 +172,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "python": platform.python_version(),
     }
     if args.toy:
-        from epban.train import evaluate_metric
+        from epban.metric import evaluate_metric
 
         report = evaluate_metric(args.toy, weights=out, split="test", quiet=True, num_workers=0)
         stage["zero_shot_toy_test_srcc"] = round(report["srcc"], 4)

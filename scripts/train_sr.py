@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train an SR network with L1 + SSIM + Efficient-PBAN losses (see ``--help``); the logic is in ``epban.sr``.
+"""``epban train-sr`` as a script: train an SR network with L1 + SSIM + Efficient-PBAN losses (see ``--help``).
 
     python scripts/train_sr.py --train DIV2K/HR --val Set5/HR --scale 4 --net edsr \
         --ssim 1 --pban 0.1 --pban-weights runs/metric/best
@@ -8,7 +8,7 @@
 """
 import sys
 
-from epban.sr.cli import main
+from epban.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train-sr", *sys.argv[1:]]))

@@ -303,20 +303,52 @@ def test_config_errors(data_dirs, tiny_pban, tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    from epban.sr.cli import main
+    from epban.cli import main
 
-    assert main(["--train", str(tmp_path), "--device", "cpu"]) == 2
+    assert main(["train-sr", "--train", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds no images" in err[0]
+    assert len(err) == 1 and err[0].startswith("epban train-sr: error:") and "holds no images" in err[0]
+
+
+def test_cli_train_sr_runs_the_config_it_was_given(data_dirs, tiny_pban, tmp_path, capsys):
+    """``epban train-sr`` builds the same ``SRTrainConfig`` as the API and trains it."""
+    import dataclasses
+    import json
+
+    from epban.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-sr", "--help"])
+    assert exit_info.value.code == 0
+    assert "--pban-weights" in capsys.readouterr().out
+
+    train, _ = data_dirs
+    out = tmp_path / "run"
+    assert main(["train-sr", "--train", str(train), "--out", str(out), "--net", "tiny", "--scale", "2",
+                 "--patch-size", "32", "--batch-size", "2", "--steps", "2", "--lr", "5e-4", "--ssim", "1",
+                 "--pban", "0.5", "--pban-weights", str(tiny_pban), "--device", "cpu", "--quiet"]) == 0
+    expected = _config(data_dirs, tiny_pban, out, steps=2)
+    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(expected)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert (out / "net.pt").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_train_sr_script_is_the_command():
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_sr.py"), "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "train-sr" in result.stdout and "--ablation" in result.stdout
 
 
 # ---------------------------------------------------------------------------- the demo
 def test_demo_runs_end_to_end_with_a_stub_metric_trainer(tmp_path, monkeypatch, tiny_pban):
-    """The demo's own path (SR data, training, figures, metrics.json) with epban.train stubbed."""
-    stub = types.ModuleType("epban.train")
+    """The demo's own path (SR data, training, figures, metrics.json) with epban.metric stubbed."""
+    stub = types.ModuleType("epban.metric")
     stub.make_toy_dataset = lambda out_dir, *, seed=0, quiet=False: Path(out_dir) / "manifest.csv"
     stub.train_metric = lambda data, **kw: tiny_pban
-    monkeypatch.setitem(sys.modules, "epban.train", stub)
+    monkeypatch.setitem(sys.modules, "epban.metric", stub)
     spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)

@@ -14,7 +14,8 @@ import torch
 from epban.cli import main as epban_main
 from epban.data import load_manifest, make_toy_dataset
 from epban.models.pban import EfficientPBAN
-from epban.train import TrainingInterrupted, evaluate_metric, train_metric
+from epban.metric import TrainingInterrupted, evaluate_metric, train_metric
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -4,7 +4,7 @@ Two formats are read:
 
 - a CSV with a header ``sr_path,hr_path,score[,method][,split]``; paths relative to the
   CSV's folder (or absolute); lines starting with ``#`` are comments.
-- the authors' list files (ARCHITECTURE.md): one ``SR_NAME#SCORE#<unused>#HR_NAME`` per
+- the authors' list files (docs/architecture.md): one ``SR_NAME#SCORE#<unused>#HR_NAME`` per
   line, paths relative to ``<root>/SR_results/`` and ``<root>/HR/``, one file per split
   (``train.txt``, ``val.txt``, ``test.txt``).
 

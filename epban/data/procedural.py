@@ -12,10 +12,9 @@ illumination field shades the whole image.
 
 ``leaf_scene`` varies the scene from image to image the way photos vary (scale and
 clutter, key and contrast, grey-level or colour, straight-edged shapes, depth-of-field
-softness). A network pretrained on it predicts SSIM on photos far better (SRCC against
-SSIM on the toy set's test photos 0.87 vs 0.39 for the bundled weights), yet it is a
-worse starting point for the toy set's pseudo-scores (README, "Training a metric"); the
-bundled weights stay on ``dead_leaves``.
+softness). A network pretrained on it predicts SSIM on photos far better than one
+pretrained on ``dead_leaves``, yet it is a worse starting point for fine-tuning on the toy
+set's pseudo-scores; the bundled weights stay on ``dead_leaves``.
 
 ``degraded_pair`` applies a random mixture of the toy set's degradations (resampling, blur,
 ringing, over-sharpening, noise, JPEG) with strengths drawn from continuous ranges. Its

@@ -77,6 +77,12 @@ JPEG_CURVE = ((4, 8, 15, 25, 40, 60, 80, 95, 100), (1.19, 0.85, 0.56, 0.40, 0.31
 SHARPEN_CURVE = ((0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0), (0.0, 0.10, 0.28, 0.67, 0.92, 1.08, 1.33))
 
 
+def is_toy(data) -> bool:
+    """True when the manifest ``data`` (a file or a folder) belongs to a toy set: its scores are synthetic."""
+    path = Path(data)
+    return ((path if path.is_dir() else path.parent) / TOY_MARKER).exists()
+
+
 def _curve(x: float, curve) -> float:
     knots, values = curve
     return float(np.interp(float(x), knots, values))

@@ -84,7 +84,8 @@ class DataPolicy:
 
     @classmethod
     def authors(cls) -> "DataPolicy":
-        """ARCHITECTURE.md: random 768/900/1080 crops resized to 768, flips; evaluation at 512x512."""
+        """The authors' recipe (docs/architecture.md): random 768/900/1080 crops resized to 768,
+        flips; evaluation at 512x512."""
         return cls(crop_sizes=(768, 900, 1080), train_size=768, hflip=True, eval_size=512)
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Training SR networks with the Efficient-PBAN loss (``scripts/train_sr.py``).
+"""Training SR networks with the Efficient-PBAN loss (``epban train-sr``, ``scripts/train_sr.py``).
 
     networks   EDSR-baseline, RRDBNet (narrow by default), TinySR; ``build_network``
     imresize   MATLAB-compatible antialiased bicubic resizing (how LR images are made)
@@ -6,7 +6,8 @@
     metrics    PSNR / SSIM on BT.601 Y with a border crop
     evaluate   validation metrics, the bicubic baseline, LPIPS when available
     report     side-by-side crops, the ablation table and figure
-    trainer    ``train_sr(SRTrainConfig)`` and ``run_ablation``; cli: scripts/train_sr.py
+    trainer    ``train_sr(SRTrainConfig)`` and ``run_ablation``
+    cli        the ``epban train-sr`` command
 """
 from epban.sr.data import SRFolderDataset, StepSampler
 from epban.sr.evaluate import evaluate

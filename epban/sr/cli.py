@@ -1,21 +1,21 @@
-"""``scripts/train_sr.py``: train an SR network with L1 + SSIM + Efficient-PBAN losses, or run the ablation."""
+"""The ``epban train-sr`` command: train an SR network with L1 + SSIM + Efficient-PBAN losses, or run the ablation.
+
+``scripts/train_sr.py`` is the same command.
+"""
 from __future__ import annotations
 
 import argparse
-import sys
 
-import torch.distributed as dist
-
+from epban.cli_errors import CLIError
 from epban.sr.networks import NETWORKS
-from epban.sr.trainer import ABLATION_WEIGHTS, SRTrainConfig, run_ablation, train_sr
+from epban.sr.trainer import ABLATION_WEIGHTS, PBAN_MODES, SRTrainConfig, run_ablation, train_sr
+
+DESCRIPTION = "Train an SR network against L1, SSIM and a frozen Efficient-PBAN metric."
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``epban train-sr``; their defaults are ``SRTrainConfig``'s."""
     defaults = SRTrainConfig(train="")
-    p = argparse.ArgumentParser(
-        prog="train_sr.py",
-        description="Train an SR network against L1, SSIM and a frozen Efficient-PBAN metric.",
-    )
     g = p.add_argument_group("data")
     g.add_argument("--train", required=True, help="folder of HR training images")
     g.add_argument("--train-lr", help="paired LR folder (default: LR by MATLAB bicubic downsampling)")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssim", type=float, default=None, help=f"weight of 1 - SSIM (default 0; with --ablation: {ABLATION_WEIGHTS['ssim']:g})")
     g.add_argument("--pban", type=float, default=None, help=f"weight of the PBAN loss (default 0; with --ablation: {ABLATION_WEIGHTS['pban']:g})")
     g.add_argument("--pban-weights", help="trained metric: an epban checkpoint directory or the authors' .pth")
-    g.add_argument("--pban-mode", default=defaults.pban_mode, choices=("fast", "fast-bf16", "reference"),
+    g.add_argument("--pban-mode", default=defaults.pban_mode, choices=PBAN_MODES,
                    help="the metric as a loss: fast = loss mode in float32 (BatchNorm folded, channels_last, fused "
                         "kernels, CUDA graphs for crops on CUDA; scores within 1e-5), fast-bf16 = the same in "
                         "bfloat16 (~1e-2), reference = the model's own forward (default: %(default)s)")
@@ -62,16 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels_last memory format (default: on CUDA)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> SRTrainConfig:
-    fields = {k: v for k, v in vars(args).items() if k not in ("ablation", "ssim", "pban")}
+    fields = {k: v for k, v in vars(args).items() if k in SRTrainConfig.__dataclass_fields__ and k not in ("ssim", "pban")}
     return SRTrainConfig(ssim=args.ssim or 0.0, pban=args.pban or 0.0, **fields)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def cmd_train_sr(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         if args.ablation:
@@ -80,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_sr(config)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"train_sr.py: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        raise CLIError(str(exc)) from None
+    except KeyboardInterrupt:  # the trainer saved a checkpoint and said so
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
+
+
+def register(sub) -> None:
+    """Add ``train-sr`` to ``sub``, the subparsers of the ``epban`` command."""
+    p = sub.add_parser("train-sr", help="train an SR network with the L1, SSIM and PBAN losses",
+                       description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=cmd_train_sr)

@@ -1,7 +1,6 @@
 """Pictures and tables of SR results: side-by-side crops, the ablation table and figure."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -103,11 +102,3 @@ def ablation_markdown(results: list[dict], baseline: dict) -> str:
         vals = " | ".join(f"{r['eval']['mean'][k]:.4f}" for k in keys)
         lines.append(f"| {r['setting']} | {w['l1']:g} | {w['ssim']:g} | {w['pban']:g} | {vals} |")
     return "\n".join(lines) + "\n"
-
-
-def write_json(path, obj) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from epban.losses import PBANLoss, SRLoss
@@ -30,7 +26,9 @@ from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN
 from epban.sr.data import SRFolderDataset, StepSampler, collate, image_size
 from epban.sr.evaluate import autocast_for, evaluate, load_lpips
 from epban.sr.networks import build_network
-from epban.sr.report import ablation_markdown, comparison_crops, save_grid, save_side_by_side, write_json
+from epban.sr.report import ablation_markdown, comparison_crops, save_grid, save_side_by_side
+from epban.training import checkpoint, distributed
+from epban.training.records import write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
 ABLATION_WEIGHTS = {"ssim": 1.0, "pban": 0.1}  # the term weights of --ablation unless given
@@ -96,81 +94,31 @@ class SRTrainConfig:
             raise ValueError(f"the PBAN loss needs crops of at least {MIN_INPUT_SIZE} pixels, got --patch-size {self.patch_size}")
 
 
-# ---------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1; choose the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist()
-    if device_arg is None:
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
-    if world > 1:
-        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-        if device.type == "cuda":
-            device = torch.device("cuda", d.local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
-
-
-def _barrier(d: Dist) -> None:
-    if d.world_size > 1:
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------- state
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path: Path, net, optimizer, scheduler, step: int, config: SRTrainConfig) -> None:
-    """Written to a temporary name and renamed: never a half-written checkpoint."""
+    """Everything ``resume`` needs (network, optimiser, schedule, step, RNG states, config), written atomically."""
     state = {
         "net": net.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
-        "rng": rng_state(),
+        "rng": checkpoint.capture_rng(),
         "config": dataclasses.asdict(config),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    checkpoint.save_atomic(state, path)
 
 
 RESUME_MUST_MATCH = ("net", "scale", "batch_size", "seed", "patch_size", "full_res", "train", "train_lr")
 
 
 def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig) -> int:
+    """Restore a ``save_checkpoint`` into ``net``, ``optimizer``, ``scheduler`` and the RNGs; return its step.
+
+    The settings that fix the data order and the network (``RESUME_MUST_MATCH``) must equal the saved ones.
+    """
     if not path.exists():
         raise ValueError(f"nothing to resume: {path} does not exist")
-    # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file; it holds numpy RNG state
+    state = checkpoint.load_state(path)
     saved = state["config"]
     changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
     if changed:
@@ -178,7 +126,7 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig
     net.load_state_dict(state["net"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    checkpoint.restore_rng(state["rng"])
     return int(state["step"])
 
 
@@ -217,12 +165,20 @@ def pban_loss_mode(config: "SRTrainConfig", device: torch.device) -> bool | dict
 def train_sr(config: SRTrainConfig) -> dict:
     """Train (or resume) one SR run; returns the summary also written to ``out/metrics.json``."""
     config.validate()
-    d, device = setup_distributed(config.device)
+    ctx = distributed.setup(config.device)
+    try:
+        return _train(config, ctx)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
+    device = ctx.device
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     workers = (4 if device.type == "cuda" else 0) if config.workers is None else config.workers
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda *a: None) if (config.quiet or not d.main) else print
+    say = (lambda *a: None) if (config.quiet or not ctx.is_main) else print
 
     train_set = SRFolderDataset(config.train, config.scale, lr_folder=config.train_lr,
                                 patch_size=None if config.full_res else config.patch_size, modcrop=config.modcrop)
@@ -250,32 +206,32 @@ def train_sr(config: SRTrainConfig) -> dict:
 
     ckpt_path = out / CHECKPOINT_FILE
     step = load_checkpoint(ckpt_path, net, optimizer, scheduler, config) if config.resume else 0
-    if d.main:
+    if ctx.is_main:
         write_json(out / "config.json", dataclasses.asdict(config))
     model = net
-    if d.world_size > 1:
+    if ctx.distributed:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     lpips_fn, lpips_note = (None, None)
     baseline = None
-    if val_set is not None and d.main:
+    if val_set is not None and ctx.is_main:
         lpips_fn, lpips_note = load_lpips(device)
         if lpips_note:
             say(lpips_note)
         baseline = evaluate(None, val_set, device, config.scale, scorer=scorer, lpips_fn=lpips_fn, bicubic=True)
 
     sampler = StepSampler(len(train_set), config.batch_size, config.steps, seed=config.seed, start_step=step,
-                          rank=d.rank, world_size=d.world_size)
+                          rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
-    loss_log = _CsvLog(out / "log.csv", ["step", "loss", "l1", "ssim", "pban", "lr", "seconds"], config.resume) if d.main else None
+    loss_log = _CsvLog(out / "log.csv", ["step", "loss", "l1", "ssim", "pban", "lr", "seconds"], config.resume) if ctx.is_main else None
     eval_log = None
     history = []
     last_eval = None
 
     def run_eval():
         nonlocal eval_log, last_eval
-        if val_set is None or not d.main:
+        if val_set is None or not ctx.is_main:
             return
         # float32 even with --amp: bf16 outputs are coarser than the 8-bit levels the metrics see
         m = evaluate(net, val_set, device, config.scale, scorer=scorer, lpips_fn=lpips_fn, channels_last=channels_last)
@@ -294,7 +250,7 @@ def train_sr(config: SRTrainConfig) -> dict:
     criterion.train()
     start = time.time()
     bar = None
-    if d.main and not config.quiet:
+    if ctx.is_main and not config.quiet:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, desc=f"train {config.net} x{config.scale}", unit="step")
@@ -323,18 +279,18 @@ def train_sr(config: SRTrainConfig) -> dict:
                 bar.update(1)
             if step % config.eval_every == 0 or step == config.steps:
                 run_eval()
-                _barrier(d)
+                distributed.barrier(ctx)
             if step % config.save_every == 0 or step == config.steps:
-                if d.main:
+                if ctx.is_main:
                     save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
-                _barrier(d)
+                distributed.barrier(ctx)
             if config.stop_at is not None and step >= config.stop_at:
-                if d.main:
+                if ctx.is_main:
                     save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
                     say(f"stopped at step {step} (--stop-at); continue with --resume")
                 break
     except KeyboardInterrupt:
-        if d.main:
+        if ctx.is_main:
             save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
             print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (resume with --resume)")
         raise
@@ -346,14 +302,14 @@ def train_sr(config: SRTrainConfig) -> dict:
                 log.close()
 
     summary = {"config": dataclasses.asdict(config), "steps": step, "seconds": round(time.time() - start, 2)}
-    if d.main:
-        torch.save(net.state_dict(), out / "net.pt")
+    if ctx.is_main:
+        checkpoint.save_atomic(net.state_dict(), out / "net.pt")
         if val_set is not None:
             if last_eval is None:  # resumed at the end: nothing was evaluated in this process
                 run_eval()
             summary.update({"final": last_eval, "bicubic": baseline, "history": history, "lpips": lpips_note or "computed"})
         write_json(out / "metrics.json", summary)
-    _barrier(d)
+    distributed.barrier(ctx)
     return summary
 
 
@@ -369,6 +325,14 @@ def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS
         raise ValueError("--ablation needs --pban-weights (the L1+PBAN settings use it, all settings are scored with it)")
     if not config.val:
         raise ValueError("--ablation needs a validation folder (--val)")
+    ctx = distributed.setup(config.device)  # one process group for the four runs
+    try:
+        return _ablation(config, ctx, ssim_weight, pban_weight)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _ablation(config: SRTrainConfig, ctx: distributed.DistContext, ssim_weight: float, pban_weight: float) -> dict:
     out = Path(config.out)
     results = []
     for name, use_ssim, use_pban in ABLATION_SETTINGS:
@@ -378,9 +342,9 @@ def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS
         results.append({"setting": name, "out": run_cfg.out,
                         "weights": {"l1": run_cfg.l1, "ssim": run_cfg.ssim, "pban": run_cfg.pban},
                         "eval": summary.get("final"), "bicubic": summary.get("bicubic")})
-    d, device = setup_distributed(config.device)
-    if not d.main:
+    if not ctx.is_main:
         return {}
+    device = ctx.device
     baseline = results[0]["bicubic"]
     table = ablation_markdown(results, baseline)
     (out / "ablation.md").write_text(table)

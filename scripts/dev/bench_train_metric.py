@@ -1,16 +1,15 @@
 """Benchmark: the tiny metric trained 3 epochs on the SYNTHETIC toy set; test SRCC and wall time.
 
-Target (issue 5): test SRCC >= 0.8 within 5 minutes on a 2-core CPU.
+Target: test SRCC >= 0.8 within 5 minutes on a 2-core CPU.
 
-    .venv/bin/python scripts/bench_train_metric.py [--out bench_out] [--threads 1] [--crop 96] [--lr 1e-4]
+    .venv/bin/python scripts/dev/bench_train_metric.py [--out bench_out] [--threads 1] [--crop 96] [--lr 1e-4]
         [--init auto|random|DIR] [--seed 0] [--crops-per-image 1] [--lr-schedule step|cosine] [--warmup-steps 0]
 
 ``--seed`` seeds the training and also draws the toy set, hence which photos are tested:
-results move a lot between seeds (README, "Training a metric"); compare configurations
-over several.
+results move a lot between seeds; compare configurations over several.
 
 The tiny model starts from the bundled SSIM-pretrained weights (``epban.weights``) unless
-``--init random``; see scripts/pretrain_tiny.py for how they were made.
+``--init random``; scripts/pretrain_tiny.py made them.
 
 On a shared CPU, one intra-op thread is much faster than two (OpenMP threads spin when
 the cores are oversubscribed): hence the default ``--threads 1``.
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from epban.train import evaluate_metric, make_toy_dataset, train_metric
+    from epban.metric import evaluate_metric, make_toy_dataset, train_metric
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

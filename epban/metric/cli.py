@@ -1,21 +1,18 @@
-"""``epban make-dataset``, ``epban train-metric``, ``epban eval-metric`` (registered by ``epban/cli.py``)."""
+"""The ``epban make-dataset``, ``epban train-metric`` and ``epban eval-metric`` commands (``register``)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from epban.cli import CLIError
+from epban.cli_errors import CLIError, one_line
+
+# How exceptions raised in a DataLoader worker name themselves in their message.
+_WORKER_PREFIXES = ("epban.data.manifest.ManifestError: ", "epban.imageio.ImageReadError: ", "ValueError: ")
 
 
 def _user_error(exc: BaseException) -> CLIError:
-    """One line for the user; an error raised in a DataLoader worker arrives wrapped in a traceback."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    message = lines[-1] if lines else type(exc).__name__
-    for prefix in ("epban.data.manifest.ManifestError: ", "epban.imageio.ImageReadError: ", "ValueError: "):
-        if message.startswith(prefix):
-            message = message[len(prefix):]
-    return CLIError(message)
+    return one_line(exc, _WORKER_PREFIXES)
 
 
 def _size_or_none(text: str):
@@ -47,7 +44,7 @@ def cmd_make_dataset(args) -> int:
 def cmd_train_metric(args) -> int:
     from epban.data.manifest import ManifestError
     from epban.imageio import ImageReadError
-    from epban.train.trainer import TrainingInterrupted, train_metric
+    from epban.metric.trainer import TrainingInterrupted, train_metric
 
     try:
         best = train_metric(
@@ -72,7 +69,7 @@ def cmd_train_metric(args) -> int:
 def cmd_eval_metric(args) -> int:
     from epban.data.manifest import ManifestError
     from epban.imageio import ImageReadError
-    from epban.train.evaluate import evaluate_metric
+    from epban.metric.evaluate import evaluate_metric
 
     try:
         report = evaluate_metric(
@@ -99,6 +96,7 @@ def cmd_eval_metric(args) -> int:
 
 
 def register(sub) -> None:
+    """Add the three commands to ``sub``, the subparsers of the ``epban`` command."""
     p = sub.add_parser("make-dataset", help="write the SYNTHETIC toy SR-quality set (demos and tests)")
     p.add_argument("--toy", metavar="OUT", help="folder to write the toy set to")
     p.add_argument("--seed", type=int, default=0)

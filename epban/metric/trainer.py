@@ -1,4 +1,4 @@
-"""Training the metric on scored SR/HR pairs: the authors' recipe (ARCHITECTURE.md), resumable.
+"""Training the metric on scored SR/HR pairs: the authors' recipe (docs/architecture.md), resumable.
 
 Recipe defaults: MSE between predicted and manifest score, Adam (lr 1e-4, weight decay
 1e-4), StepLR(5, 0.5) per epoch, batch 8, the stem's conv1/bn1/layer1 frozen (their
@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader
 
 from epban.data.dataset import EpochBatchSampler, PairDataset
 from epban.data.manifest import ManifestError, check_images, load_manifest, select_split
-from epban.data.toy import SYNTHETIC_WARNING, TOY_MARKER
+from epban.data.toy import SYNTHETIC_WARNING, is_toy
 from epban.data.transforms import DataPolicy
+from epban.metric.evaluate import MIN_EVAL_SIZE, build_report, default_workers, no_sigint_in_worker, predict
 from epban.models.pban import EfficientPBAN, PBANConfig
-from epban.train import checkpoint, distributed
-from epban.train.evaluate import MIN_EVAL_SIZE, _no_sigint_in_worker, build_report, default_workers, predict
+from epban.training import checkpoint, distributed
+from epban.training.records import write_json
 
 LOG_FIELDS = ["epoch", "step", "train_loss", "lr", "val_srcc", "val_plcc", "val_krcc", "val_rmse",
               "images_per_s", "elapsed_s"]
@@ -79,7 +80,7 @@ class _StopSignal:
 
 
 def _unused_modules(model: EfficientPBAN) -> list[nn.Module]:
-    """Modules kept for the authors' state dict but not used by the forward (ARCHITECTURE.md).
+    """Modules kept for the authors' state dict but not used by the forward (docs/architecture.md).
 
     Their parameters must not require gradients, or DDP waits for gradients that never come.
     """
@@ -220,7 +221,7 @@ def train_metric(
     scores = np.array([s.score for s in train_samples], dtype=np.float64)
     if scores.max() <= scores.min():
         raise ManifestError(f"{data}: all training scores are equal ({scores[0]}); nothing to learn")
-    synthetic = _is_toy(data)
+    synthetic = is_toy(data)
 
     last_dir = checkpoint.resolve(out / "last") if resume else None
     if resume and last_dir is None:
@@ -288,11 +289,6 @@ def _remove_run(out: Path) -> None:
     (out / "log.csv").unlink(missing_ok=True)
 
 
-def _is_toy(data) -> bool:
-    path = Path(data)
-    return ((path if path.is_dir() else path.parent) / TOY_MARKER).exists()
-
-
 def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, resume, backbone_weights, max_steps,
            init_dir, quiet, lr_step, lr_gamma, crops_per_image, lr_schedule, warmup_steps, accum_steps, amp,
            num_workers, freeze_stem, callback, policy, train_samples, val_samples, val_sizes, scores, synthetic, last_dir, ctx, **_unused) -> Path:
@@ -333,7 +329,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
     dataset = PairDataset(train_samples, policy.train_transform())
     loader = DataLoader(dataset if crops_per_image == 1 else _Repeated(dataset, crops_per_image),
                         batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=loader_gen, worker_init_fn=_no_sigint_in_worker if workers else None)
+                        generator=loader_gen, worker_init_fn=no_sigint_in_worker if workers else None)
     generators = {"loader": loader_gen}
 
     # The authors' StepLR steps once per epoch; warmup and cosine step once per optimiser step.
@@ -406,7 +402,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                     "best_srcc": None if not math.isfinite(best_srcc) else best_srcc,
                     "world_size": ctx.world_size, "batch_size": batch_size, "rng": rng_all,
                 }, tmp / checkpoint.TRAINING_STATE_FILE)
-            checkpoint.write_json(tmp / checkpoint.TRAINING_INFO_FILE, {
+            write_json(tmp / checkpoint.TRAINING_INFO_FILE, {
                 **run_info, "epoch": epoch, "step": step, "val": metrics})
         return checkpoint.write_dir_atomic(target, write)
 

@@ -1,4 +1,4 @@
-"""DDP set-up under ``torchrun`` (NCCL on CUDA, gloo on CPU) and the few collectives training needs."""
+"""DDP set-up under ``torchrun`` (NCCL on CUDA, gloo on the CPU) and the few collectives training needs."""
 from __future__ import annotations
 
 import os
@@ -29,8 +29,11 @@ def setup(device: str | torch.device | None = None) -> DistContext:
     """Join the process group described by torchrun's environment (or one already initialised).
 
     Without ``WORLD_SIZE > 1`` this is a single process. ``device=None`` picks CUDA (the
-    local rank's GPU) when available, else the CPU.
+    local rank's GPU) when available, else the CPU; ``"cuda"`` without an index is the local
+    rank's GPU. Asking for CUDA where there is none is a ``ValueError``.
     """
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
     if dist.is_available() and dist.is_initialized():
         rank, world, owns = dist.get_rank(), dist.get_world_size(), False
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -54,6 +57,7 @@ def setup(device: str | torch.device | None = None) -> DistContext:
 
 
 def cleanup(ctx: DistContext) -> None:
+    """Leave the process group if ``setup`` created it."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -86,5 +90,6 @@ def sync_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
 
 
 def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (nothing without DDP)."""
     if ctx.distributed:
         dist.barrier()

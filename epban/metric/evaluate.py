@@ -14,10 +14,12 @@ from torch.utils.data import DataLoader
 
 from epban.data.dataset import PairDataset, SizeGroupedBatchSampler
 from epban.data.manifest import ManifestError, Sample, check_images, load_manifest, select_split
+from epban.data.toy import is_toy
 from epban.data.transforms import DataPolicy, PairedEvalTransform
 from epban.iqa_stats import iqa_report, logistic4
-from epban.train import distributed
-from epban.train.checkpoint import TRAINING_INFO_FILE, write_json
+from epban.training import distributed
+from epban.training.checkpoint import TRAINING_INFO_FILE
+from epban.training.records import json_safe, write_json
 
 MIN_EVAL_SIZE = 32
 
@@ -28,8 +30,9 @@ def default_workers(device: torch.device) -> int:
     return min(4, cpus // 2) if device.type == "cuda" else min(4, max(0, cpus - 2))
 
 
-def _no_sigint_in_worker(_worker_id: int) -> None:
-    # Ctrl-C goes to the whole process group: the main process saves and stops; workers must not die first.
+def no_sigint_in_worker(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C goes to the whole process group; the main process
+    saves and stops, so its workers must not die first."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -50,7 +53,7 @@ def predict(model, samples: list[Sample], *, eval_size: int | None, batch_size: 
     dataset = PairDataset(samples, PairedEvalTransform(eval_size))
     sampler = SizeGroupedBatchSampler(sizes, batch_size, rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=_no_sigint_in_worker if num_workers else None,
+                        worker_init_fn=no_sigint_in_worker if num_workers else None,
                         generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
@@ -74,16 +77,6 @@ def predict(model, samples: list[Sample], *, eval_size: int | None, batch_size: 
         bad = int(np.flatnonzero(~np.isfinite(out))[0])
         raise ValueError(f"{samples[bad].where}: the metric's score is not finite ({out[bad]})")
     return out
-
-
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def build_report(samples: list[Sample], preds: np.ndarray) -> dict:
@@ -173,10 +166,10 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
         preds = predict(model, samples, eval_size=size, batch_size=batch_size, ctx=ctx, num_workers=workers,
                         progress=not quiet and ctx.is_main)
         report = build_report(samples, preds)
-        synthetic = _is_synthetic(data)
+        synthetic = is_toy(data)
         report.update({"split": split or "all", "manifest": str(data), "weights": str(weights),
                        "eval_size": size, "synthetic_scores": synthetic})
-        report = _json_safe(report)
+        report = json_safe(report)
         if out is not None and ctx.is_main:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
@@ -189,14 +182,6 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
         return report
     finally:
         distributed.cleanup(ctx)
-
-
-def _is_synthetic(data) -> bool:
-    path = Path(data)
-    folder = path if path.is_dir() else path.parent
-    from epban.data.toy import TOY_MARKER
-
-    return (folder / TOY_MARKER).exists()
 
 
 def _write_predictions(path: Path, samples: list[Sample], preds: np.ndarray) -> None:

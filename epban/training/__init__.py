@@ -1,0 +1,6 @@
+"""What metric training (``epban.metric``) and SR training (``epban.sr``) share.
+
+    distributed   the process group under ``torchrun`` (NCCL on CUDA, gloo on the CPU), the device, collectives
+    checkpoint    RNG states, atomic writes of checkpoint files and directories
+    records       JSON records (strict JSON, written atomically)
+"""
