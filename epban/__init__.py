@@ -1,8 +1,11 @@
 """epban: Efficient-PBAN, a learned perceptual quality metric for image super-resolution.
 
-Public API (see README.md):
+Public API (README.md; docs/design.md for how the ops are built):
     ssim, ssim_loss, SSIMLoss      structural similarity (reference and fused kernels), and
                                    weight * (1 - SSIM) as a loss
+    ms_ssim, ms_ssim_loss, MSSSIMLoss
+                                   multi-scale SSIM (as pytorch-msssim), and
+                                   l1 * L1 + weight * (1 - MS-SSIM) as a loss
     axial_attention, bi_axial_attention
                                    the bi-directional axial attention of the metric
     EfficientPBAN, PBANConfig      the quality network
@@ -10,6 +13,7 @@ Public API (see README.md):
     info                           versions, and which backend serves each op
 """
 from epban.ops.ssim import ssim, ssim_loss
+from epban.ops.ms_ssim import ms_ssim, ms_ssim_loss, MSSSIMLoss
 from epban.ops.axial_attention import axial_attention, bi_axial_attention
 from epban.models.pban import EfficientPBAN, PBANConfig
 from epban.losses import SSIMLoss, PBANLoss, SRLoss
@@ -21,6 +25,9 @@ __all__ = [
     "ssim",
     "ssim_loss",
     "SSIMLoss",
+    "ms_ssim",
+    "ms_ssim_loss",
+    "MSSSIMLoss",
     "axial_attention",
     "bi_axial_attention",
     "EfficientPBAN",

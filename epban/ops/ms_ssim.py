@@ -1,0 +1,231 @@
+"""MS-SSIM: multi-scale structural similarity (Wang, Simoncelli and Bovik, 2003), as
+pytorch-msssim computes it, and the MS-SSIM (+ L1) loss.
+
+Per image and channel, over M = len(weights) scales (x_1 = x, y_1 = y):
+
+    x_{j+1} = avgpool_2x2(x_j)          odd sides are first zero-padded by one on each side,
+                                        and the zeros count in the average (pytorch-msssim's
+                                        ``F.avg_pool2d(x, 2, padding=[s % 2 for s in x.shape[2:]])``)
+    cs_j    = mean over window centres of (2 s_xy + C2) / (s_xx + s_yy + C2)
+    ssim_M  = mean over window centres of (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
+                                          * (2 s_xy + C2) / (s_xx + s_yy + C2)      (at the last scale)
+
+    MS-SSIM = relu(cs_1)^w_1 * ... * relu(cs_{M-1})^w_{M-1} * relu(ssim_M)^w_M
+
+with the local moments of ``epban.ops.ssim`` (a Gaussian window, ``win_size`` / ``sigma``,
+"valid" filtering: only centres whose window lies inside the image), C1 = (k1 data_range)^2
+and C2 = (k2 data_range)^2. The value is then averaged over channels (reduction "none": one value per
+image) and over images (reduction "mean"). The last scale must still hold a window: each side
+needs at least (win_size - 1) * 2^(M-1) + 1 pixels (161 for the default 5 scales and window 11).
+
+Only the reference serves for now: ``backend="auto"`` takes it and ``backend="fused"`` raises.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from epban.ops._checks import check_image_pair
+from epban.ops.registry import use_fused
+from epban.ops.ssim import gaussian_window_1d
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al.'s five scales
+REDUCTIONS = ("mean", "none")
+FUSED_UNAVAILABLE = "the fused MS-SSIM is not built yet (use backend='auto' or 'reference')"
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def gaussian_filter(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable depthwise filter of (B, C, H, W), unpadded ("valid"): the window is (K,), or
+    one row per channel (C, K)."""
+    c, k = x.shape[1], window.shape[-1]
+    x = F.conv2d(x, window.reshape(-1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+    return F.conv2d(x, window.reshape(-1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+
+
+def ssim_and_cs(x, y, window, c1, c2):
+    """Per image and channel (B, C): the mean SSIM and the mean contrast-structure term."""
+    mu_x = gaussian_filter(x, window)
+    mu_y = gaussian_filter(y, window)
+    s_xx = gaussian_filter(x * x, window) - mu_x**2
+    s_yy = gaussian_filter(y * y, window) - mu_y**2
+    s_xy = gaussian_filter(x * y, window) - mu_x * mu_y
+    cs_map = (2 * s_xy + c2) / (s_xx + s_yy + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
+    return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling; an odd side is zero-padded by one on each side first."""
+    return F.avg_pool2d(x, kernel_size=2, padding=[s % 2 for s in x.shape[2:]])
+
+
+def ms_ssim_per_channel(x, y, window, weights, c1, c2):
+    """MS-SSIM per image and channel (B, C); ``weights`` a 1-D tensor, one per scale."""
+    cs_levels = []
+    for _ in range(weights.numel() - 1):
+        cs_levels.append(ssim_and_cs(x, y, window, c1, c2)[1])
+        x, y = downsample(x), downsample(y)
+    last_ssim = ssim_and_cs(x, y, window, c1, c2)[0]
+    levels = torch.relu(torch.stack(cs_levels + [last_ssim]))  # (M, B, C)
+    return torch.prod(levels ** weights.view(-1, 1, 1), dim=0)
+
+
+def ms_ssim_with_window(x, y, window, *, data_range, weights, k1, k2, reduction):
+    """MS-SSIM with an explicit 1-D window (``(K,)`` or ``(C, K)``), without input checks
+    (``ms_ssim`` checks, then calls this). Half types are computed and returned in float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast would run the convolutions in half precision, where the variances
+        # E[x^2] - mu^2 cancel to noise.
+        with torch.autocast(x.device.type, enabled=False):
+            return ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
+                                       reduction=reduction)
+    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    x, y = x.to(compute_dtype), y.to(compute_dtype)
+    window = window.to(device=x.device, dtype=compute_dtype)
+    weights = torch.as_tensor(weights, dtype=compute_dtype, device=x.device)
+    c1 = (k1 * data_range) ** 2
+    c2 = (k2 * data_range) ** 2
+    per_image = ms_ssim_per_channel(x, y, window, weights, c1, c2).mean(dim=1)
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def ms_ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS, k1=0.01, k2=0.03,
+                      reduction="mean", check_finite=True):
+    """Plain PyTorch MS-SSIM; equals pytorch-msssim's ``ms_ssim`` (module docstring)."""
+    check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                       reduction=reduction, check_finite=check_finite)
+    window = gaussian_window_1d(win_size, sigma, torch.float64, x.device)
+    return ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
+                               reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def ms_ssim_min_side(win_size: int, scales: int) -> int:
+    """The smallest image side MS-SSIM takes: the last scale, ceil(side / 2^(scales-1)) pixels,
+    must still hold a window."""
+    return (win_size - 1) * 2 ** (scales - 1) + 1
+
+
+def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction, check_finite) -> None:
+    """ValueError, saying what was expected, for anything ``ms_ssim`` cannot take."""
+    check_image_pair(x, y)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
+        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
+    if not (_is_real(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    if not (_is_real(data_range) and data_range > 0):
+        raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
+    if not (_is_real(k1) and _is_real(k2) and k1 >= 0 and k2 >= 0):
+        raise ValueError(f"k1 and k2 must be finite non-negative numbers, got {k1!r} and {k2!r}")
+    try:
+        w = torch.as_tensor(weights, dtype=torch.float64) if not isinstance(weights, torch.Tensor) else weights
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"weights must be a 1-D sequence of numbers, one per scale, got {weights!r}") from None
+    if w.dim() != 1 or w.numel() == 0:
+        raise ValueError(f"weights must be a non-empty 1-D sequence, one per scale, got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w.detach()).all()):
+        raise ValueError(f"weights must be finite, got {weights!r}")
+    scales = w.numel()
+    side = ms_ssim_min_side(win_size, scales)
+    h, w_ = x.shape[-2:]
+    if min(h, w_) < side:
+        raise ValueError(f"MS-SSIM with {scales} scales and win_size {win_size} needs images of at least "
+                         f"{side}x{side} (each side > (win_size - 1) * 2^{scales - 1}), got {h}x{w_}")
+    if check_finite and not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError("x and y must be finite (they hold NaN or inf; check_finite=False skips this check)")
+
+
+def _check_loss_weight(name: str, value) -> float:
+    if not (_is_real(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def ms_ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS, k1=0.01, k2=0.03,
+            reduction="mean", backend="auto", check_finite=True):
+    """Multi-scale SSIM of two image batches (B, C, H, W); see the module docstring.
+
+    Args:
+        data_range: the value range of the images (1.0 for [0, 1], 255 for 8-bit values).
+        win_size, sigma: the Gaussian window of each scale.
+        weights: one exponent per scale (its length is the number of scales).
+        k1, k2: the stabilising constants, C1 = (k1 data_range)^2, C2 = (k2 data_range)^2.
+        reduction: "mean" (a scalar) or "none" (one value per image, shape (B,)).
+        backend: "auto" or "reference" (the PyTorch reference); "fused" raises ValueError
+            (the fused MS-SSIM is not built yet).
+        check_finite: raise ValueError on NaN or inf inputs (a device sync on CUDA).
+
+    Half-type inputs give float32 results, float64 inputs float64. Images must have sides of at
+    least ``(win_size - 1) * 2 ** (len(weights) - 1) + 1`` pixels.
+
+    Example:
+        >>> x = torch.rand(2, 3, 192, 192)
+        >>> y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+        >>> epban.ms_ssim(x, y)  # doctest: +SKIP
+    """
+    use_fused(backend, FUSED_UNAVAILABLE)  # ValueError for an unknown backend or for "fused"
+    return ms_ssim_reference(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
+                             k2=k2, reduction=reduction, check_finite=check_finite)
+
+
+def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS,
+                 k1=0.01, k2=0.03, reduction="mean", backend="auto", check_finite=True):
+    """``l1 * mean|x - y| + weight * (1 - MS-SSIM(x, y))`` (Zhao et al., 2017, with l1 > 0);
+    reduction "mean" (a scalar) or "none" (one value per image, the L1 mean taken per image).
+    A term whose weight is 0 is not computed."""
+    weight = _check_loss_weight("weight", weight)
+    l1 = _check_loss_weight("l1", l1)
+    use_fused(backend, FUSED_UNAVAILABLE)
+    check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                       reduction=reduction, check_finite=check_finite)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = x.new_zeros((x.shape[0],) if reduction == "none" else (), dtype=out_dtype)
+    if l1 > 0:
+        if reduction == "none":
+            total = total + l1 * F.l1_loss(x, y, reduction="none").flatten(1).mean(dim=1)
+        else:
+            total = total + l1 * F.l1_loss(x, y)
+    if weight > 0:
+        window = gaussian_window_1d(win_size, sigma, torch.float64, x.device)
+        value = ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
+                                    reduction=reduction)
+        total = total + weight * (1 - value)
+    return total
+
+
+class MSSSIMLoss(nn.Module):
+    """``l1 * mean|x - y| + weight * (1 - MS-SSIM(x, y))``, averaged over the batch
+    (``reduction="none"``: one value per image). The arguments are those of ``ms_ssim``."""
+
+    def __init__(self, weight=1.0, l1=0.0, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS,
+                 k1=0.01, k2=0.03, reduction="mean", backend="auto", check_finite=True):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"MSSSIMLoss reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        use_fused(backend, FUSED_UNAVAILABLE)
+        self.kwargs = dict(weight=_check_loss_weight("weight", weight), l1=_check_loss_weight("l1", l1),
+                           data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                           reduction=reduction, backend=backend, check_finite=check_finite)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ms_ssim_loss(x, y, **self.kwargs)
+
+
+__all__ = ["ms_ssim", "ms_ssim_loss", "MSSSIMLoss", "ms_ssim_reference", "MS_SSIM_WEIGHTS", "ms_ssim_min_side"]

@@ -1,0 +1,351 @@
+"""MS-SSIM (epban.ops.ms_ssim): the reference against pytorch-msssim (values and gradients of
+both inputs, several sizes, odd sides, weights given, photos with SR-like degradations),
+gradcheck, the MS-SSIM + L1 loss against PyTorch's l1_loss, and bad inputs."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from epban.ops import registry
+from epban.ops.ms_ssim import MS_SSIM_WEIGHTS, MSSSIMLoss, ms_ssim, ms_ssim_loss, ms_ssim_min_side, ms_ssim_reference
+from epban.ops.ssim import gaussian_window_1d, ssim_reference
+
+pytorch_msssim = pytest.importorskip("pytorch_msssim")
+the_ssim_module = pytest.importorskip("pytorch_msssim.ssim")  # the package re-exports a function of that name
+
+
+def image_pair(shape, *, dtype=torch.float64, seed=0, noise=0.1):
+    """x in [0, 1] with some structure, y a noisy, slightly darkened copy."""
+    gen = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    coarse = torch.rand((b, c, max(h // 8, 2), max(w // 8, 2)), generator=gen, dtype=torch.float64)
+    x = 0.7 * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    x = x + 0.3 * torch.rand(shape, generator=gen, dtype=torch.float64)
+    y = (0.9 * x + noise * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    return x.to(dtype), y.to(dtype)
+
+
+def float64_window(channels, win_size=11, sigma=1.5):
+    """Our float64 window in pytorch-msssim's layout (it builds its own in float32, about 1e-7
+    away on MS-SSIM): with it, the comparison is of the formulas alone."""
+    return gaussian_window_1d(win_size, sigma, torch.float64, "cpu").view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+
+
+def their_ms_ssim(x, y, *, weights=MS_SSIM_WEIGHTS, win_size=11, sigma=1.5, data_range=1.0, k=(0.01, 0.03)):
+    """pytorch-msssim's ms_ssim loop on its own ``_ssim`` (per image, shape (B,)), without its
+    fixed minimum side of (win_size - 1) * 16, so that fewer scales can run on smaller images."""
+    win = float64_window(x.shape[1], win_size, sigma)
+    weights = x.new_tensor(weights)
+    mcs = []
+    for i in range(len(weights)):
+        ssim_per_channel, cs = the_ssim_module._ssim(x, y, data_range=data_range, win=win, size_average=False, K=k)
+        if i < len(weights) - 1:
+            mcs.append(torch.relu(cs))
+            padding = [s % 2 for s in x.shape[2:]]
+            x = F.avg_pool2d(x, kernel_size=2, padding=padding)
+            y = F.avg_pool2d(y, kernel_size=2, padding=padding)
+    levels = torch.stack(mcs + [torch.relu(ssim_per_channel)], dim=0)
+    return torch.prod(levels ** weights.view(-1, 1, 1), dim=0).mean(1)
+
+
+def grads(fn, x, y, seed=3):
+    """fn's output and the gradients of <output, u> for a fixed random u, w.r.t. both inputs."""
+    x = x.detach().clone().requires_grad_(True)
+    y = y.detach().clone().requires_grad_(True)
+    out = fn(x, y)
+    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    gx, gy = torch.autograd.grad((out * u).sum(), (x, y))
+    return out.detach(), gx, gy
+
+
+# ---------------------------------------------------------------- against pytorch-msssim
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 161, 161), (1, 1, 175, 213), (2, 1, 199, 162)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matches_pytorch_msssim(shape):
+    x, y = image_pair(shape, seed=shape[-1])
+    ours = ms_ssim(x, y, reduction="none")
+    assert ours.shape == (shape[0],) and ours.dtype == torch.float64
+    same_window = pytorch_msssim.ms_ssim(x, y, data_range=1.0, size_average=False, win=float64_window(shape[1]))
+    assert torch.allclose(ours, same_window, atol=1e-12, rtol=0)
+    their_window = pytorch_msssim.ms_ssim(x, y, data_range=1.0, size_average=False)
+    assert torch.allclose(ours, their_window, atol=1e-5, rtol=0)
+    assert torch.allclose(ms_ssim(x, y), their_window.mean(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weights", [(0.2, 0.3, 0.5), (0.5, 0.5), (0.1, 0.2, 0.3, 0.4), (1.0,)])
+def test_weights_given_on_pytorch_msssims_sizes(weights):
+    x, y = image_pair((1, 1, 167, 181), seed=1)
+    expected = pytorch_msssim.ms_ssim(x, y, data_range=1.0, size_average=False, weights=list(weights),
+                                      win=float64_window(1))
+    assert torch.allclose(ms_ssim(x, y, weights=weights, reduction="none"), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape, win_size, weights", [
+    ((2, 3, 41, 47), 11, (0.2, 0.3, 0.5)),         # 3 scales need 41 px
+    ((1, 2, 26, 33), 7, (0.25, 0.25, 0.5)),
+    ((2, 1, 50, 37), 5, (0.1, 0.2, 0.3, 0.4)),      # 4 scales of window 5 need 33 px
+    ((1, 3, 11, 12), 11, (1.0,)),                   # one scale: relu(SSIM)
+])
+def test_weights_given_on_smaller_images(shape, win_size, weights):
+    x, y = image_pair(shape, seed=2)
+    assert min(shape[-2:]) >= ms_ssim_min_side(win_size, len(weights))
+    expected = their_ms_ssim(x, y, weights=weights, win_size=win_size)
+    ours = ms_ssim(x, y, win_size=win_size, weights=weights, reduction="none")
+    assert torch.allclose(ours, expected, atol=1e-12, rtol=0)
+    if len(weights) == 1:
+        assert torch.allclose(ours, ssim_reference(x, y, reduction="none").clamp_min(0), atol=1e-12, rtol=0)
+
+
+def test_the_minimum_side_is_pytorch_msssims():
+    # pytorch-msssim: min(H, W) > (win_size - 1) * 2 ** 4 for its 5 scales.
+    assert ms_ssim_min_side(11, 5) == 161
+    assert ms_ssim_min_side(7, 5) == 97
+    x, y = image_pair((1, 1, 161, 170))
+    ms_ssim(x, y)
+    with pytest.raises(ValueError, match="at least 161x161"):
+        ms_ssim(x[..., :160, :], y[..., :160, :])
+    with pytest.raises(ValueError, match="at least 41x41"):
+        ms_ssim(x[..., :40, :40], y[..., :40, :40], weights=(0.3, 0.3, 0.4))
+
+
+@pytest.mark.parametrize("data_range, k", [(255.0, (0.01, 0.03)), (1.0, (0.02, 0.4)), (2, (0.01, 0.03))])
+def test_data_range_and_constants(data_range, k):
+    x, y = image_pair((1, 1, 163, 170), seed=4)
+    x, y = x * data_range, y * data_range
+    expected = pytorch_msssim.ms_ssim(x, y, data_range=data_range, size_average=False, win=float64_window(1), K=k)
+    ours = ms_ssim(x, y, data_range=data_range, k1=k[0], k2=k[1], reduction="none")
+    assert torch.allclose(ours, expected, atol=1e-12, rtol=0)
+
+
+def test_window_size_and_sigma():
+    x, y = image_pair((2, 2, 120, 111), seed=5)
+    expected = pytorch_msssim.ms_ssim(x, y, data_range=1.0, size_average=False, win=float64_window(2, 7, 2.0))
+    assert torch.allclose(ms_ssim(x, y, win_size=7, sigma=2.0, reduction="none"), expected, atol=1e-12, rtol=0)
+
+
+def test_gradients_of_both_inputs_match_pytorch_msssim():
+    x, y = image_pair((1, 2, 165, 171), seed=6)
+    ours = grads(lambda a, b: ms_ssim(a, b, reduction="none"), x, y)
+    theirs = grads(lambda a, b: pytorch_msssim.ms_ssim(a, b, data_range=1.0, size_average=False,
+                                                       win=float64_window(2)), x, y)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("win_size, shape", [(5, (1, 2, 17, 19)), (7, (1, 1, 25, 28))])
+def test_gradcheck_three_scales(win_size, shape):
+    x, y = image_pair(shape, seed=7, noise=0.2)
+    fn = lambda a, b: ms_ssim(a, b, win_size=win_size, weights=(0.3, 0.3, 0.4), reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
+
+
+def test_identical_images_score_one():
+    x, _ = image_pair((2, 1, 161, 165))
+    assert torch.allclose(ms_ssim(x, x, reduction="none"), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(ms_ssim(x.float(), x.float()), torch.tensor(1.0), atol=1e-6)
+
+
+def test_weights_may_be_a_tensor_and_take_gradients():
+    x, y = image_pair((1, 2, 48, 50), seed=8)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64, requires_grad=True)
+    value = ms_ssim(x, y, weights=w)
+    assert torch.allclose(value, ms_ssim(x, y, weights=(0.2, 0.3, 0.5)), atol=1e-15, rtol=0)
+    value.backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_lower_precisions(dtype):
+    x, y = image_pair((1, 1, 170, 161), seed=9)
+    value = ms_ssim(x.to(dtype), y.to(dtype))
+    assert value.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert abs(value.item() - ms_ssim(x.to(dtype).double(), y.to(dtype).double()).item()) <= tolerance
+
+
+def test_autocast_keeps_the_filters_in_float32():
+    x, y = image_pair((1, 1, 161, 161), dtype=torch.float32, seed=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = ms_ssim(x, y)
+    assert value.dtype == torch.float32
+    assert abs(value.item() - ms_ssim(x, y).item()) <= 1e-6
+
+
+# ---------------------------------------------------------------- photos
+
+
+def degraded_photos():
+    """Crops (161 x 169: the smallest the 5 scales take, one side odd) of scikit-image's photos,
+    as one batch, and SR-like partners: noise, blur, JPEG."""
+    skdata = pytest.importorskip("skimage.data")
+    image_module = pytest.importorskip("PIL.Image")
+    image_filter = pytest.importorskip("PIL.ImageFilter")
+    to_tensor = lambda images: torch.stack([  # noqa: E731
+        torch.tensor(np.asarray(image), dtype=torch.float64).permute(2, 0, 1) / 255 for image in images])
+    photos = [image_module.fromarray(getattr(skdata, name)()[60:221, 90:259]) for name in ("astronaut", "coffee",
+                                                                                            "chelsea")]
+    jpegs = []
+    for photo in photos:
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", quality=15)
+        jpegs.append(image_module.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    clean = to_tensor(photos)
+    noise = 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    return clean, {
+        "noise": (clean + noise).clamp(0, 1),
+        "blur": to_tensor([photo.filter(image_filter.GaussianBlur(radius=1.5)) for photo in photos]),
+        "jpeg": to_tensor(jpegs),
+    }
+
+
+def test_photos_match_pytorch_msssim():
+    clean, degraded = degraded_photos()
+    assert clean.shape == (3, 3, 161, 169)
+    for kind, other in degraded.items():
+        ours = ms_ssim(clean, other, reduction="none")
+        assert ((0.3 < ours) & (ours < 1.0)).all(), (kind, ours)
+        same_window = pytorch_msssim.ms_ssim(clean, other, data_range=1.0, size_average=False, win=float64_window(3))
+        assert torch.allclose(ours, same_window, atol=1e-12, rtol=0), kind
+    # pytorch-msssim with its defaults (its float32 window, data_range 255) on 8-bit values
+    their_defaults = pytorch_msssim.ms_ssim(clean * 255, degraded["jpeg"] * 255)
+    assert abs(ms_ssim(clean * 255, degraded["jpeg"] * 255, data_range=255).item() - their_defaults.item()) <= 1e-5
+
+
+def test_photo_gradients_match_pytorch_msssim():
+    clean, degraded = degraded_photos()
+    clean, jpeg = clean[:1], degraded["jpeg"][:1]
+    ours = grads(lambda a, b: ms_ssim(a, b), jpeg, clean)
+    theirs = grads(lambda a, b: pytorch_msssim.ms_ssim(a, b, data_range=1.0, win=float64_window(3)), jpeg, clean)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weight, l1", [(1.0, 0.0), (0.84, 0.16), (0.0, 2.0), (3.0, 1.0)])
+def test_loss_matches_l1_plus_one_minus_ms_ssim(weight, l1, reduction):
+    x, y = image_pair((2, 3, 44, 51), seed=12)
+    kwargs = dict(weights=(0.2, 0.3, 0.5), reduction=reduction)
+
+    def expected(a, b):
+        l1_part = F.l1_loss(a, b) if reduction == "mean" else F.l1_loss(a, b, reduction="none").mean(dim=(1, 2, 3))
+        return l1 * l1_part + weight * (1 - ms_ssim_reference(a, b, **kwargs))
+
+    loss = MSSSIMLoss(weight=weight, l1=l1, **kwargs)
+    ours, theirs = grads(loss, x, y), grads(expected, x, y)
+    assert ours[0].shape == (() if reduction == "mean" else (2,))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-14, rtol=1e-12)
+
+
+def test_loss_l1_part_against_pytorch_including_equal_images():
+    x, y = image_pair((1, 2, 17, 17), seed=13)
+    y[..., :5, :] = x[..., :5, :]  # x == y on some pixels: the L1 gradient there is 0, as PyTorch's
+    for a, b in ((x, y), (x, x.clone())):
+        ours = grads(lambda p, q: ms_ssim_loss(p, q, weight=0.0, l1=1.5, win_size=5, weights=(0.5, 0.5)), a, b)
+        theirs = grads(lambda p, q: 1.5 * F.l1_loss(p, q), a, b)
+        for u, v in zip(ours, theirs):
+            assert torch.equal(u, v)
+    _, gx, gy = grads(lambda p, q: ms_ssim_loss(p, q, weight=0.0, l1=1.0, win_size=5, weights=(1.0,)), x, y)
+    assert (gx[..., :5, :] == 0).all() and (gy[..., :5, :] == 0).all()
+
+
+def test_loss_at_equal_images_is_zero_with_zero_gradient():
+    x, _ = image_pair((2, 3, 41, 45), seed=14)
+    loss, gx, gy = grads(MSSSIMLoss(weight=0.8, l1=0.2, weights=(0.2, 0.3, 0.5)), x, x.clone())
+    assert abs(loss.item()) <= 1e-12
+    assert gx.abs().max() <= 1e-9 and gy.abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weight=-1.0), "weight"),
+    (dict(weight=float("nan")), "weight"),
+    (dict(l1=float("inf")), "l1"),
+    (dict(l1=-0.5), "l1"),
+    (dict(l1=True), "l1"),
+    (dict(reduction="sum"), "reduction"),
+    (dict(backend="fused"), "not built yet"),
+])
+def test_loss_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MSSSIMLoss(**kwargs)
+    x, y = image_pair((1, 1, 161, 161))
+    with pytest.raises(ValueError, match=match):
+        ms_ssim_loss(x, y, **kwargs)
+
+
+def test_loss_checks_inputs_even_without_the_ms_ssim_term():
+    x, y = image_pair((1, 1, 40, 40))
+    with pytest.raises(ValueError, match="at least 161x161"):
+        ms_ssim_loss(x, y, weight=0.0, l1=1.0)
+
+
+# ---------------------------------------------------------------- backends and bad inputs
+
+
+def test_backends():
+    x, y = image_pair((1, 1, 161, 161))
+    assert torch.equal(ms_ssim(x, y, backend="auto"), ms_ssim(x, y, backend="reference"))
+    with pytest.raises(ValueError, match="the fused MS-SSIM is not built yet"):
+        ms_ssim(x, y, backend="fused")
+    with pytest.raises(ValueError, match="backend"):
+        ms_ssim(x, y, backend="triton")
+    assert "ms_ssim" not in registry.REGISTRY  # nothing to list until the fused path exists
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: (torch.rand(3, 170, 170), torch.rand(3, 170, 170)), "4-D"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 171)), "same shape"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170).double()), "dtype"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170, device="meta")), "device"),
+    (lambda: (torch.randint(0, 255, (1, 3, 170, 170)),) * 2, "floating"),
+    (lambda: (torch.rand(1, 3, 170, 160), torch.rand(1, 3, 170, 160)), "at least 161x161"),
+    (lambda: (torch.rand(1, 3, 100, 170), torch.rand(1, 3, 100, 170)), "at least 161x161"),
+    (lambda: (torch.full((1, 1, 170, 170), float("nan")), torch.rand(1, 1, 170, 170)), "finite"),
+    (lambda: (torch.rand(1, 1, 170, 170), torch.full((1, 1, 170, 170), float("inf"))), "finite"),
+])
+def test_bad_inputs_raise_value_error(make, match):
+    x, y = make()
+    with pytest.raises(ValueError, match=match):
+        ms_ssim(x, y)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weights=()), "non-empty 1-D"),
+    (dict(weights=[[0.5, 0.5]]), "non-empty 1-D"),
+    (dict(weights=torch.ones(2, 2)), "non-empty 1-D"),
+    (dict(weights=(0.5, float("nan"))), "finite"),
+    (dict(weights=(0.5, float("inf"))), "finite"),
+    (dict(weights=("a", "b")), "weights"),
+    (dict(weights=(0.2,) * 6), "at least 321x321"),
+    (dict(win_size=10), "win_size"),
+    (dict(win_size=0), "win_size"),
+    (dict(win_size=11.0), "win_size"),
+    (dict(sigma=0.0), "sigma"),
+    (dict(sigma=float("nan")), "sigma"),
+    (dict(data_range=0.0), "data_range"),
+    (dict(data_range=-1.0), "data_range"),
+    (dict(data_range=float("inf")), "data_range"),
+    (dict(data_range=True), "data_range"),
+    (dict(k1=-0.01), "k1"),
+    (dict(k2=float("nan")), "k2"),
+    (dict(reduction="map"), "reduction"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    x, y = image_pair((1, 1, 170, 170))
+    with pytest.raises(ValueError, match=match):
+        ms_ssim(x, y, **kwargs)
+
+
+def test_check_finite_false_lets_nan_through():
+    x, y = image_pair((1, 1, 161, 161))
+    x[0, 0, 80, 80] = float("nan")
+    assert torch.isnan(ms_ssim(x, y, check_finite=False))
