@@ -37,7 +37,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     # The quick start's results are what its comments say they are.
     sr, hr = namespace["sr"], namespace["hr"]
     assert namespace["scores"].shape == (4,)
-    assert set(namespace["parts"]) == {"l1", "ssim", "pban"}
+    assert set(namespace["parts"]) == {"l1", "ssim_loss", "pban_loss"}
     assert namespace["s"].shape == () and 0 < float(namespace["s"].detach()) < 1
     torch.testing.assert_close(namespace["ssim_term"], 0.2 * (1 - namespace["s"]))
     assert sr.grad is not None and torch.isfinite(sr.grad).all() and sr.grad.abs().sum() > 0

@@ -372,7 +372,7 @@ class EfficientPBAN(nn.Module):
 
     def forward(self, sr: torch.Tensor, hr: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """Scores (B,). ``check_finite=False`` skips the value check (NaN, inf, and values beyond
-        ``INPUT_RANGE``, which look like 0..255 images): the one host sync of a call."""
+        ``INPUT_RANGE``, which look like 0..255 images), which costs a host sync."""
         self.check_inputs(sr, hr, check_finite)
         sr, hr = self.normalise(sr, hr)
         f_sr = self.layer2_1(self.stem(sr))
@@ -455,8 +455,8 @@ class EfficientPBAN(nn.Module):
         dict with ``model_state_dict`` or a bare state dict with their 358 names.
         ``preset="official"`` uses their RealSRQ normalisation; otherwise the config is
         ``config`` or the official architecture with ImageNet statistics. ``trusted=True``
-        allows unpickling arbitrary objects (only for files you trust). The model is returned
-        on the CPU, in eval mode.
+        allows unpickling arbitrary objects (only for files you trust); ``map_location`` is
+        ``torch.load``'s, for that file. The model is returned on the CPU, in eval mode.
         """
         path = Path(path)
         if not path.exists():
