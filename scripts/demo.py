@@ -57,7 +57,7 @@ def write_photos(root: Path, scale: int) -> tuple[Path, Path]:
 
 
 def _row(label: str, m: dict) -> str:
-    return f"  {label:<22}{m['psnr_y']:>10.2f}{m['ssim_y']:>10.4f}{m['pban']:>12.4f}"
+    return f"  {label:<22}{m['psnr_y']:>10.2f}{m['ssim_y']:>10.4f}{m['pban_score']:>12.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         name = item["name"]
         labels.append(name)
         captions.append({
-            k: f"{m['images'][name]['psnr_y']:.2f} dB / PBAN {m['images'][name]['pban']:.3f}"
+            k: f"{m['images'][name]['psnr_y']:.2f} dB / PBAN {m['images'][name]['pban_score']:.3f}"
             for k, m in (("bicubic", bicubic), ("SR, before", before), ("SR, after", after))
         })
     figure = save_grid(out / "comparison.png", rows, row_labels=labels, captions=captions,

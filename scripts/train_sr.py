@@ -5,6 +5,8 @@
         --ssim 1 --pban 0.1 --pban-weights runs/metric/best
     torchrun --nproc_per_node 4 scripts/train_sr.py ...            # DDP
     python scripts/train_sr.py ... --ablation                       # the paper's four loss settings
+    python scripts/train_sr.py --train DIV2K/HR --net-weights RealESRGAN_x4plus.pth \
+        --pban 0.1 --pban-weights runs/metric/best                  # fine-tune any SR model spandrel reads
 """
 import sys
 

@@ -1,7 +1,9 @@
 """SR training: the bicubic downsampler, Y-channel metrics, loss terms, training, resume, bad input, the demo."""
 from __future__ import annotations
 
+import csv
 import importlib.util
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -214,16 +216,96 @@ def test_few_steps_lower_the_training_loss(data_dirs, tiny_pban, tmp_path):
     assert after < before
 
 
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_resume_equals_uninterrupted_run(data_dirs, tiny_pban, tmp_path):
     # The frozen metric is deterministic; what resume must restore is the network, Adam, the schedule, the data order.
-    kw = dict(steps=4, pban=0.0)
+    kw = dict(steps=4, pban=0.0, log_every=1)
     train_sr(_config(data_dirs, tiny_pban, tmp_path / "straight", **kw))
     train_sr(_config(data_dirs, tiny_pban, tmp_path / "resumed", stop_at=2, **kw))
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    # A run that died after logging step 3 but before its next checkpoint: resuming from step 2
+    # writes step 3 again, so the row logged after the checkpoint must go.
+    log = tmp_path / "resumed" / "log.csv"
+    stale = _csv(log)[-1] | {"step": "3", "loss": "123.0"}
+    with log.open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(stale)).writerow(stale)
     train_sr(_config(data_dirs, tiny_pban, tmp_path / "resumed", resume=True, **kw))
     a, b = _load(tmp_path / "straight" / "net.pt"), _load(tmp_path / "resumed" / "net.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    # log.csv continues as the uninterrupted run's: the same steps and values; time keeps counting
+    straight, resumed = _csv(tmp_path / "straight" / "log.csv"), _csv(log)
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == ["1", "2", "3", "4"]
+    for r, s in zip(resumed, straight):
+        for key in ("loss", "l1", "ssim_loss", "lr"):
+            assert float(r[key]) == pytest.approx(float(s[key]), rel=1e-5), (r["step"], key)
+    seconds = [float(r["seconds"]) for r in resumed]
+    assert seconds == sorted(seconds)
+
+
+def test_log_columns_say_what_they_hold(data_dirs, tiny_pban, tmp_path):
+    """log.csv holds the loss and its unweighted parts under SRLoss's names (ssim_loss = 1 - SSIM,
+    pban_loss = the negated rescaled score); eval.csv the metrics, pban_score the raw score."""
+    _, val = data_dirs
+    cfg = _config(data_dirs, tiny_pban, tmp_path, steps=2, log_every=1, eval_every=2, val=str(val))
+    summary = train_sr(cfg)
+    log = _csv(tmp_path / "log.csv")
+    assert list(log[0]) == ["step", "loss", "l1", "ssim_loss", "pban_loss", "lr", "seconds"]
+    for row in log:
+        parts = {k: float(row[k]) for k in ("l1", "ssim_loss", "pban_loss")}
+        total = cfg.l1 * parts["l1"] + cfg.ssim * parts["ssim_loss"] + cfg.pban * parts["pban_loss"]
+        assert float(row["loss"]) == pytest.approx(total, rel=1e-5)
+        assert 0 < parts["ssim_loss"] < 2
+    evals = _csv(tmp_path / "eval.csv")
+    assert list(evals[0])[:4] == ["step", "psnr_y", "ssim_y", "pban_score"] and "pban" not in evals[0]
+    assert float(evals[-1]["pban_score"]) == pytest.approx(summary["final"]["mean"]["pban_score"])
+
+
+def test_every_image_is_opened_before_the_first_step(data_dirs, tiny_pban, tmp_path):
+    """A damaged PNG whose header reads fine, in the training or the validation folder, stops the
+    run before anything is written, naming the file."""
+    train, val = data_dirs
+    for role, source, name in (("train", train, "img1.png"), ("val", val, "val0.png")):
+        folder = tmp_path / f"{role}_data"
+        shutil.copytree(source, folder)
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+        out = tmp_path / f"{role}_out"
+        cfg = _config(data_dirs, tiny_pban, out, steps=1, **{role: str(folder)})
+        with pytest.raises(ValueError, match=rf"{role}_data/{name}: cannot read as an image"):
+            train_sr(cfg)
+        assert not out.exists()
+
+
+def test_out_must_be_new_empty_or_a_run_of_ours(data_dirs, tiny_pban, tmp_path, capsys):
+    from epban.cli import main
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty and holds no SR run"):
+        train_sr(_config(data_dirs, tiny_pban, other, steps=1, pban=0.0))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    train, _ = data_dirs
+    assert main(["train-sr", "--train", str(train), "--out", str(other), "--net", "tiny", "--scale", "2",
+                 "--patch-size", "32", "--steps", "1", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no SR run" in err[0]
+
+    # A run of ours is replaced by a new run (not resumed); files it did not write stay.
+    run = tmp_path / "run"
+    train_sr(_config(data_dirs, tiny_pban, run, steps=3, pban=0.0, log_every=1))
+    (run / "notes.txt").write_text("keep")
+    train_sr(_config(data_dirs, tiny_pban, run, steps=1, pban=0.0, log_every=1))
+    assert [r["step"] for r in _csv(run / "log.csv")] == ["1"]
+    assert (run / "notes.txt").read_text() == "keep"
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
+    (tmp_path / "empty").mkdir()
+    train_sr(_config(data_dirs, tiny_pban, tmp_path / "empty", steps=1, pban=0.0))
 
 
 def test_ablation_writes_one_table_and_figure(data_dirs, tiny_pban, tmp_path):
@@ -233,7 +315,7 @@ def test_ablation_writes_one_table_and_figure(data_dirs, tiny_pban, tmp_path):
                           ssim_weight=1.0, pban_weight=0.5)
     assert [s["setting"] for s in report["settings"]] == ["L1", "L1+SSIM", "L1+PBAN", "L1+SSIM+PBAN"]
     assert [s["weights"]["pban"] for s in report["settings"]] == [0.0, 0.0, 0.5, 0.5]
-    assert {"psnr_y", "ssim_y", "pban"} <= set(report["settings"][0]["mean"])
+    assert {"psnr_y", "ssim_y", "pban_score"} <= set(report["settings"][0]["mean"])
     assert report["bicubic"]["mean"]["psnr_y"] > 20
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert len(table) == 2 + 5 and table[2].startswith("| bicubic")

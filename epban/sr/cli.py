@@ -1,5 +1,7 @@
 """The ``epban train-sr`` command: train an SR network with L1 + SSIM + Efficient-PBAN losses, or run the ablation.
 
+The network is one of ours (``--net``) or an SR model file of another project
+(``--net-weights``, read through spandrel: ``pip install epban[sr]``), fine-tuned.
 ``scripts/train_sr.py`` is the same command.
 """
 from __future__ import annotations
@@ -8,6 +10,7 @@ import argparse
 
 from epban.cli_errors import CLIError
 from epban.sr.networks import NETWORKS
+from epban.sr.spandrel_models import SpandrelMissing
 from epban.sr.trainer import ABLATION_WEIGHTS, PBAN_MODES, SRTrainConfig, run_ablation, train_sr
 
 DESCRIPTION = "Train an SR network against L1, SSIM and a frozen Efficient-PBAN metric."
@@ -21,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-lr", help="paired LR folder (default: LR by MATLAB bicubic downsampling)")
     g.add_argument("--val", help="folder of HR validation images (whole images)")
     g.add_argument("--val-lr", help="paired LR folder for --val")
-    g.add_argument("--scale", type=int, default=defaults.scale, choices=(2, 3, 4), help="upscaling factor (default: %(default)s)")
+    g.add_argument("--scale", type=int, default=defaults.scale, choices=(2, 3, 4),
+                   help="upscaling factor (default: the model's with --net-weights, else 4)")
     g.add_argument("--patch-size", type=int, default=defaults.patch_size, help="HR crop side (default: %(default)s)")
     g.add_argument("--full-res", action="store_true", help="train on whole images instead of crops")
     g.add_argument("--modcrop", action="store_true", help="trim HR images to a multiple of the scale")
@@ -29,7 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-val-images", type=int, default=None, help="validate on the first N images only")
 
     g = p.add_argument_group("model and loss")
-    g.add_argument("--net", default=defaults.net, choices=sorted(NETWORKS), help="edsr = EDSR-baseline, rrdb = narrow RRDBNet, tiny = demo net (default: %(default)s)")
+    g.add_argument("--net", default=defaults.net, choices=sorted(NETWORKS),
+                   help="edsr = EDSR-baseline, rrdb = narrow RRDBNet, tiny = demo net (default: edsr, unless --net-weights)")
+    g.add_argument("--net-weights", metavar="MODEL",
+                   help="fine-tune this SR model file (.pth, .safetensors, ...) of any architecture spandrel "
+                        "recognises (Real-ESRGAN, SwinIR, HAT, SPAN, ...); the result, OUT/net.pth, keeps its "
+                        "state-dict names (needs spandrel: pip install 'epban[sr]')")
+    g.add_argument("--freeze", action="append", default=None, metavar="PATTERN",
+                   help="keep the parameters whose name matches this fnmatch pattern fixed (repeatable; "
+                        "with --net-weights the names in the file match too), e.g. 'body.*'")
     g.add_argument("--l1", type=float, default=defaults.l1, help="weight of L1 (default: %(default)s)")
     g.add_argument("--ssim", type=float, default=None, help=f"weight of 1 - SSIM (default 0; with --ablation: {ABLATION_WEIGHTS['ssim']:g})")
     g.add_argument("--pban", type=float, default=None, help=f"weight of the PBAN loss (default 0; with --ablation: {ABLATION_WEIGHTS['pban']:g})")
@@ -65,8 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SRTrainConfig:
-    fields = {k: v for k, v in vars(args).items() if k in SRTrainConfig.__dataclass_fields__ and k not in ("ssim", "pban")}
-    return SRTrainConfig(ssim=args.ssim or 0.0, pban=args.pban or 0.0, **fields)
+    fields = {k: v for k, v in vars(args).items()
+              if k in SRTrainConfig.__dataclass_fields__ and k not in ("ssim", "pban", "freeze")}
+    return SRTrainConfig(ssim=args.ssim or 0.0, pban=args.pban or 0.0, freeze=list(args.freeze or []), **fields)
 
 
 def cmd_train_sr(args: argparse.Namespace) -> int:
@@ -77,7 +90,7 @@ def cmd_train_sr(args: argparse.Namespace) -> int:
                          pban_weight=args.pban or ABLATION_WEIGHTS["pban"])
         else:
             train_sr(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, SpandrelMissing) as exc:
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:  # the trainer saved a checkpoint and said so
         return 130

@@ -21,13 +21,23 @@ from epban.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_imag
 from epban.sr.imresize import bicubic_downsample, quantize
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
+def image_size(path: Path, *, verify: bool = False) -> tuple[int, int]:
+    """(H, W) from the file header, without decoding the pixels.
+
+    ``verify=True`` also reads the rest of the file through Pillow's ``verify`` (for PNG: every
+    chunk and its checksum, so a truncated or damaged file is found; other formats are checked
+    by their header only). Either way a file that cannot be read is an ``ImageReadError``
+    naming it.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if verify:
+                im.verify()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot read as an image ({exc})") from None
     return h, w
@@ -71,6 +81,10 @@ class SRFolderDataset(Dataset):
     (``--full-res``). ``modcrop`` trims each HR image to a multiple of ``scale`` instead of
     refusing it. Items are dicts with ``lr``, ``hr`` (float32, [0, 1]) and ``name``.
 
+    Every image (HR and paired LR) is opened when the dataset is made (``image_size`` with
+    ``verify``): a file that cannot be read, or sizes that do not fit, stop a run before its
+    first step, with the file's name. ``sizes`` holds each HR image's (H, W) after ``modcrop``.
+
     The key is an image index (whole image, or a centre crop when ``patch_size`` is set,
     no augmentation) or ``(index, sample_seed)`` (a random crop and augmentation drawn
     from ``sample_seed``; what :class:`StepSampler` yields).
@@ -85,24 +99,25 @@ class SRFolderDataset(Dataset):
         self.scale, self.patch_size, self.augment, self.modcrop, self.quantize_lr = scale, patch_size, augment, modcrop, quantize_lr
         self.hr_paths = _images_in(hr_folder, "HR")
         self.lr_paths = _pair_lr(self.hr_paths, lr_folder, scale) if lr_folder is not None else None
-        for i, hr in enumerate(self.hr_paths):
-            self._check_sizes(i, hr)
+        self.sizes = [self._check(i, hr) for i, hr in enumerate(self.hr_paths)]
 
-    def _check_sizes(self, i: int, hr: Path) -> None:
+    def _check(self, i: int, hr: Path) -> tuple[int, int]:
+        """Open the i-th HR image (and its LR) and check their sizes; the HR (H, W) after ``modcrop``."""
         s = self.scale
-        h, w = image_size(hr)
+        h, w = image_size(hr, verify=True)
         if (h % s or w % s) and not self.modcrop:
             raise ValueError(
                 f"{hr} is {h}x{w}, not divisible by the scale {s}; pass --modcrop to trim it, or crop it yourself"
             )
         if self.lr_paths is not None:
-            lh, lw = image_size(self.lr_paths[i])
+            lh, lw = image_size(self.lr_paths[i], verify=True)
             if (lh * s, lw * s) != (h - h % s, w - w % s):
                 raise ValueError(f"{self.lr_paths[i]} is {lh}x{lw} but its HR {hr} is {h}x{w}; at x{s} they do not pair")
         h, w = h - h % s, w - w % s
         p = self.patch_size
         if p is not None and (h < p or w < p):
             raise ValueError(f"{hr} is {h}x{w}, smaller than the {p}x{p} crop; lower --patch-size or drop the image")
+        return h, w
 
     def __len__(self) -> int:
         return len(self.hr_paths)
@@ -110,6 +125,7 @@ class SRFolderDataset(Dataset):
     def limit(self, n: int) -> None:
         """Keep the first ``n`` images (by file name)."""
         self.hr_paths = self.hr_paths[:n]
+        self.sizes = self.sizes[:n]
         if self.lr_paths is not None:
             self.lr_paths = self.lr_paths[:n]
 

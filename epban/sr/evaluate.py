@@ -49,10 +49,11 @@ def super_resolve(net, lr: torch.Tensor, *, amp: bool = False, channels_last: bo
 
 @torch.no_grad()
 def image_metrics(sr: torch.Tensor, hr: torch.Tensor, scale: int, scorer=None, lpips_fn=None) -> dict:
-    """Per-image metrics of one (1, 3, H, W) pair: psnr_y, ssim_y, pban (when a scorer), lpips (when available)."""
+    """Per-image metrics of one (1, 3, H, W) pair: ``psnr_y``, ``ssim_y``, ``pban_score`` (the metric's raw
+    score, higher is better; when a scorer is given), ``lpips`` (when available)."""
     out = {"psnr_y": float(psnr_y(sr, hr, crop=scale)[0]), "ssim_y": float(ssim_y(sr, hr, crop=scale)[0])}
     if scorer is not None:
-        out["pban"] = float(scorer.score(sr, hr)[0])
+        out["pban_score"] = float(scorer.score(sr, hr)[0])
     if lpips_fn is not None:
         out["lpips"] = float(lpips_fn(sr * 2 - 1, hr * 2 - 1).flatten()[0])
     return out

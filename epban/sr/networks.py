@@ -6,6 +6,9 @@ their layouts are recognisable.
 """
 from __future__ import annotations
 
+import fnmatch
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -153,3 +156,28 @@ def build_network(name: str, scale: int, **kwargs) -> nn.Module:
     if name not in NETWORKS:
         raise ValueError(f"unknown SR network {name!r}; expected one of {sorted(NETWORKS)}")
     return NETWORKS[name](scale=scale, **kwargs)
+
+
+def freeze_parameters(module: nn.Module, patterns, other_name: Callable[[str], str] | None = None) -> list[str]:
+    """Stop training the parameters whose name matches one of the fnmatch ``patterns``
+    (``requires_grad=False``); returns their names.
+
+    ``other_name(name)`` gives a second name a parameter is matched by (a model loaded
+    through spandrel: the name in its file). Each pattern must match a parameter, and at
+    least one parameter must stay trainable (``ValueError`` otherwise).
+    """
+    named = list(module.named_parameters())
+    names = {n: {n, other_name(n)} if other_name else {n} for n, _ in named}
+    frozen = set()
+    for pattern in patterns:
+        hits = {n for n, aliases in names.items() if any(fnmatch.fnmatchcase(a, pattern) for a in aliases)}
+        if not hits:
+            examples = ", ".join(sorted({a for aliases in names.values() for a in aliases})[:4])
+            raise ValueError(f"--freeze {pattern!r} matches no parameter (names look like {examples}, ...)")
+        frozen |= hits
+    if frozen and len(frozen) == len(named):
+        raise ValueError(f"--freeze {' '.join(patterns)} freezes every parameter: nothing would train")
+    for n, p in named:
+        if n in frozen:
+            p.requires_grad_(False)
+    return [n for n, _ in named if n in frozen]

@@ -7,7 +7,7 @@ import torch
 
 from epban.sr.imresize import bicubic_upsample, quantize
 
-METRIC_LABELS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "pban": "PBAN score", "lpips": "LPIPS"}
+METRIC_LABELS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "pban_score": "PBAN score", "lpips": "LPIPS"}
 
 
 def centre_crop_box(h: int, w: int, size: int, scale: int) -> tuple[int, int, int]:
@@ -63,8 +63,8 @@ def _caption(m: dict | None) -> str:
     if not m:
         return ""
     parts = [f"{m['psnr_y']:.2f} dB", f"SSIM {m['ssim_y']:.3f}"]
-    if "pban" in m:
-        parts.append(f"PBAN {m['pban']:.3f}")
+    if "pban_score" in m:
+        parts.append(f"PBAN {m['pban_score']:.3f}")
     return " / ".join(parts)
 
 

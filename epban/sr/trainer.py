@@ -1,9 +1,22 @@
 """Training an SR network with ``SRLoss`` (L1 + SSIM + the frozen Efficient-PBAN), and the paper's ablation.
 
-One run writes to ``out/``: ``config.json``, ``log.csv`` (losses), ``eval.csv`` (validation
-metrics), ``samples/step_XXXXXX.png`` (bicubic / SR / HR crops), ``checkpoint.pt`` (model,
-optimiser, scheduler, step, RNG states: ``resume=True`` continues exactly where it
-stopped), ``net.pt`` (final weights) and ``metrics.json`` (final and bicubic metrics).
+The network is one of ours (``net``: EDSR-baseline, RRDBNet, tiny) or any SR model file that
+spandrel recognises (``net_weights``: Real-ESRGAN, SwinIR, HAT, SPAN, ...; see
+``epban.sr.spandrel_models``), fine-tuned; ``freeze`` patterns keep some of its parameters fixed.
+
+One run writes to ``out/``: ``config.json``, ``log.csv`` (the loss and its unweighted parts,
+named as ``SRLoss`` names them: ``l1``, ``ssim_loss`` = 1 - SSIM, ``pban_loss`` = the negated,
+rescaled metric score; lower is better), ``eval.csv`` (validation metrics: ``psnr_y``,
+``ssim_y``, ``pban_score`` = the metric's raw score, higher is better, ``lpips``),
+``samples/step_XXXXXX.png`` (bicubic / SR / HR crops), ``checkpoint.pt`` (model, optimiser,
+scheduler, step, RNG states: ``resume=True`` continues exactly where it stopped, and
+``log.csv`` / ``eval.csv`` continue as an uninterrupted run's would), the final weights
+(``net.pt``; for a spandrel model ``net.pth`` or ``net.safetensors`` in its input file's
+layout and names) and ``metrics.json`` (final and bicubic metrics).
+
+Everything is checked before anything is written: every training and validation image is
+opened (``SRFolderDataset``), the networks load, and ``out`` must be empty, new, or a run of
+ours (its ``config.json`` says so); a run of ours is replaced unless resumed.
 
 The network trains in bf16 autocast on CUDA (``amp``); the loss is computed in float32
 (SSIM's variances cancel catastrophically in bf16), and validation runs in float32 (bf16
@@ -14,8 +27,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,14 +37,18 @@ from torch.utils.data import DataLoader
 
 from epban.losses import PBANLoss, SRLoss
 from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN
-from epban.sr.data import SRFolderDataset, StepSampler, collate, image_size
+from epban.sr.data import SRFolderDataset, StepSampler, collate
 from epban.sr.evaluate import autocast_for, evaluate, load_lpips
-from epban.sr.networks import build_network
+from epban.sr.networks import NETWORKS, build_network, freeze_parameters
 from epban.sr.report import ablation_markdown, comparison_crops, save_grid, save_side_by_side
 from epban.training import checkpoint, distributed
 from epban.training.records import write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"
+# What a run writes (a rerun without resume removes these first; other files stay).
+RUN_OUTPUTS = ("log.csv", "eval.csv", "metrics.json", CHECKPOINT_FILE, "net.pt", "net.pth", "net.safetensors",
+               "ablation.md", "ablation.json", "ablation.png")
 ABLATION_WEIGHTS = {"ssim": 1.0, "pban": 0.1}  # the term weights of --ablation unless given
 ABLATION_SETTINGS = (("L1", False, False), ("L1+SSIM", True, False), ("L1+PBAN", False, True), ("L1+SSIM+PBAN", True, True))
 
@@ -47,8 +65,10 @@ class SRTrainConfig:
     train_lr: str | None = None  # paired LR folder (else LR is made by bicubic downsampling)
     val_lr: str | None = None
     out: str = "runs/sr"
-    net: str = "edsr"  # edsr (EDSR-baseline) | rrdb (narrow RRDBNet) | tiny
-    scale: int = 4
+    net: str | None = None  # edsr (EDSR-baseline) | rrdb (narrow RRDBNet) | tiny; default edsr, none with net_weights
+    net_weights: str | None = None  # an SR model file spandrel recognises: its architecture and weights, fine-tuned
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names to keep fixed
+    scale: int | None = None  # default: the model's with net_weights, else 4
     patch_size: int = 96  # HR crop side; ignored with full_res
     full_res: bool = False  # train on whole images (the case the fused loss is for)
     batch_size: int = 16  # per process
@@ -79,6 +99,12 @@ class SRTrainConfig:
     quiet: bool = False
 
     def validate(self) -> None:
+        if self.net is not None and self.net_weights:
+            raise ValueError(f"give a built-in network (--net {self.net}) or a model file (--net-weights), not both")
+        if self.net is not None and self.net not in NETWORKS:
+            raise ValueError(f"unknown SR network {self.net!r}; expected one of {sorted(NETWORKS)}")
+        if self.scale is not None and self.scale not in (2, 3, 4):
+            raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
         for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -93,26 +119,108 @@ class SRTrainConfig:
         if self.pban > 0 and not self.full_res and self.patch_size < MIN_INPUT_SIZE:
             raise ValueError(f"the PBAN loss needs crops of at least {MIN_INPUT_SIZE} pixels, got --patch-size {self.patch_size}")
 
+    @property
+    def net_label(self) -> str:
+        """The network's name in titles and messages."""
+        return self.net or Path(self.net_weights or "").name or "edsr"
+
+
+# ---------------------------------------------------------------------------- the network
+def load_network(config: SRTrainConfig):
+    """``(config with net and scale filled in, SpandrelNet or None)``; the model file, when one is
+    given, is read and checked (architecture, RGB, scale) here."""
+    if config.net_weights:
+        from epban.sr.spandrel_models import load_spandrel
+
+        loaded = load_spandrel(config.net_weights, scale=config.scale)
+        return dataclasses.replace(config, scale=loaded.scale), loaded
+    return dataclasses.replace(config, net=config.net or "edsr", scale=config.scale or 4), None
+
+
+def build_sr_network(config: SRTrainConfig, loaded=None) -> torch.nn.Module:
+    """The network a run trains: ``loaded.module`` (a spandrel model), else ``config.net`` initialised
+    from ``config.seed``; ``config.freeze`` applied. Call with a ``load_network`` config."""
+    if loaded is not None:
+        net = loaded.module
+        if config.freeze:
+            freeze_parameters(net.net, config.freeze, loaded.file_name)
+        return net
+    torch.manual_seed(config.seed)
+    net = build_network(config.net, config.scale)
+    if config.freeze:
+        freeze_parameters(net, config.freeze)
+    return net
+
+
+def load_trained(config: SRTrainConfig, run_dir: Path) -> torch.nn.Module:
+    """The final network of a finished run in ``run_dir`` (``config`` as ``load_network`` returns it)."""
+    run_dir = Path(run_dir)
+    if config.net_weights:
+        from epban.sr.spandrel_models import load_spandrel
+
+        saved = next((run_dir / f for f in ("net.pth", "net.safetensors") if (run_dir / f).exists()), run_dir / "net.pth")
+        return load_spandrel(saved, scale=config.scale).module
+    net = build_network(config.net, config.scale)
+    net.load_state_dict(torch.load(run_dir / "net.pt", map_location="cpu", weights_only=True))
+    return net
+
+
+# ---------------------------------------------------------------------------- the run folder
+def is_sr_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run (or an ablation) of ``train_sr``: its config.json says so."""
+    try:
+        saved = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"train", "scale", "steps", "l1"} <= set(saved)
+
+
+def check_out(out: Path) -> None:
+    """``out`` must not exist, be empty, or hold a run of ours; ``ValueError`` otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_sr_run(out):
+        raise ValueError(f"--out {out} is not empty and holds no SR run of ours (no {CONFIG_FILE} of train-sr); "
+                         "choose another --out or empty it")
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run wrote in ``out`` (``RUN_OUTPUTS`` and its samples); other files stay."""
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    samples = out / "samples"
+    if samples.is_dir():
+        for png in samples.glob("step_*.png"):
+            png.unlink()
+        if not any(samples.iterdir()):
+            samples.rmdir()
+
 
 # ---------------------------------------------------------------------------- state
-def save_checkpoint(path: Path, net, optimizer, scheduler, step: int, config: SRTrainConfig) -> None:
-    """Everything ``resume`` needs (network, optimiser, schedule, step, RNG states, config), written atomically."""
+def save_checkpoint(path: Path, net, optimizer, scheduler, step: int, config: SRTrainConfig,
+                    seconds: float = 0.0) -> None:
+    """Everything ``resume`` needs (network, optimiser, schedule, step, RNG states, config, training
+    time so far), written atomically."""
     state = {
         "net": net.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": step,
+        "seconds": seconds,
         "rng": checkpoint.capture_rng(),
         "config": dataclasses.asdict(config),
     }
     checkpoint.save_atomic(state, path)
 
 
-RESUME_MUST_MATCH = ("net", "scale", "batch_size", "seed", "patch_size", "full_res", "train", "train_lr")
+RESUME_MUST_MATCH = ("net", "net_weights", "freeze", "scale", "batch_size", "seed", "patch_size", "full_res",
+                     "train", "train_lr")
 
 
-def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig) -> int:
-    """Restore a ``save_checkpoint`` into ``net``, ``optimizer``, ``scheduler`` and the RNGs; return its step.
+def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig) -> tuple[int, float]:
+    """Restore a ``save_checkpoint`` into ``net``, ``optimizer``, ``scheduler`` and the RNGs; return
+    its step and the training seconds before it.
 
     The settings that fix the data order and the network (``RESUME_MUST_MATCH``) must equal the saved ones.
     """
@@ -120,23 +228,54 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig
         raise ValueError(f"nothing to resume: {path} does not exist")
     state = checkpoint.load_state(path)
     saved = state["config"]
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(config, k)]
+    defaults = dataclasses.asdict(SRTrainConfig(train=""))
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(config, k)]
     if changed:
-        raise ValueError(f"cannot resume {path} with different {', '.join(changed)} (saved: {[saved[k] for k in changed]})")
+        raise ValueError(f"cannot resume {path} with different {', '.join(changed)} "
+                         f"(saved: {[saved.get(k, defaults[k]) for k in changed]})")
     net.load_state_dict(state["net"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.restore_rng(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("seconds", 0.0))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of a CSV log up to ``step``: a resumed run writes the later ones again."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if r.get("step") and int(float(r["step"])) <= step]
+    if not fields:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
 
 
 class _CsvLog:
+    """Rows appended to a CSV file under the header ``fields``, flushed as written. With
+    ``append`` an existing file is continued (its rows rewritten under ``fields`` first if its
+    header differs); otherwise it is replaced."""
+
     def __init__(self, path: Path, fields: list[str], append: bool):
-        new = not (append and path.exists())
-        self.file = path.open("a" if not new else "w", newline="")
+        rows = None
+        if append and path.exists():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != fields:
+                    rows = list(reader)
+        else:
+            rows = []
+        self.file = path.open("w" if rows is not None else "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-        if new:
+        if rows is not None:
             self.writer.writeheader()
+            self.writer.writerows(rows)
 
     def write(self, row: dict) -> None:
         self.writer.writerow(row)
@@ -165,21 +304,16 @@ def pban_loss_mode(config: "SRTrainConfig", device: torch.device) -> bool | dict
 def train_sr(config: SRTrainConfig) -> dict:
     """Train (or resume) one SR run; returns the summary also written to ``out/metrics.json``."""
     config.validate()
+    config, loaded = load_network(config)
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, ctx)
+        return _train(config, ctx, loaded)
     finally:
         distributed.cleanup(ctx)
 
 
-def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
-    device = ctx.device
-    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    workers = (4 if device.type == "cuda" else 0) if config.workers is None else config.workers
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = (lambda *a: None) if (config.quiet or not ctx.is_main) else print
-
+def _datasets(config: SRTrainConfig):
+    """The training and validation sets (every image opened and checked)."""
     train_set = SRFolderDataset(config.train, config.scale, lr_folder=config.train_lr,
                                 patch_size=None if config.full_res else config.patch_size, modcrop=config.modcrop)
     val_set = None
@@ -188,29 +322,55 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
                                   augment=False, modcrop=config.modcrop)
         if config.max_val_images:
             val_set.limit(config.max_val_images)
-    pban_model = _load_pban(config, device)
-    if pban_model is not None and val_set is not None:
-        small = [p for p in val_set.hr_paths if min(image_size(p)) < MIN_INPUT_SIZE]
-        if small:
-            raise ValueError(f"{small[0]} is smaller than the {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} the PBAN score needs")
+        if config.pban_weights:
+            small = [p for p, hw in zip(val_set.hr_paths, val_set.sizes) if min(hw) < MIN_INPUT_SIZE]
+            if small:
+                raise ValueError(f"{small[0]} is smaller than the {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} the PBAN score needs")
+    return train_set, val_set
 
-    torch.manual_seed(config.seed)
-    net = build_network(config.net, config.scale).to(device)
+
+def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
+    device = ctx.device
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    workers = (4 if device.type == "cuda" else 0) if config.workers is None else config.workers
+    out = Path(config.out)
+    say = (lambda *a: None) if (config.quiet or not ctx.is_main) else print
+
+    # -- everything is checked before anything is written ----------------------------------
+    train_set, val_set = _datasets(config)
+    pban_model = _load_pban(config, device)
+    net = build_sr_network(config, loaded).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    amp = config.amp
+    if loaded is not None:
+        say(f"fine-tuning {loaded.description}")
+        if amp and device.type == "cuda" and not loaded.supports_bfloat16:
+            say(f"{loaded.architecture} does not run in bfloat16: training in float32")
+            amp = False
     criterion = SRLoss(config.l1, config.ssim, config.pban, pban_model=pban_model,
                        pban_loss_mode=pban_loss_mode(config, device)).to(device)
     scorer = PBANLoss(pban_model).to(device) if pban_model is not None else None
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=config.lr * 0.01)
 
     ckpt_path = out / CHECKPOINT_FILE
-    step = load_checkpoint(ckpt_path, net, optimizer, scheduler, config) if config.resume else 0
+    check_out(out)
+    step, seconds_before = load_checkpoint(ckpt_path, net, optimizer, scheduler, config) if config.resume else (0, 0.0)
     if ctx.is_main:
-        write_json(out / "config.json", dataclasses.asdict(config))
+        out.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            for name in ("log.csv", "eval.csv"):
+                truncate_log(out / name, step)
+        else:
+            clear_run(out)
+        write_json(out / CONFIG_FILE, dataclasses.asdict(config))
+    distributed.barrier(ctx)
     model = net
     if ctx.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # a spandrel model may hold parameters its training forward does not use (SPAN's eval_conv)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=loaded is not None)
 
     lpips_fn, lpips_note = (None, None)
     baseline = None
@@ -224,7 +384,8 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
                           rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
-    loss_log = _CsvLog(out / "log.csv", ["step", "loss", "l1", "ssim", "pban", "lr", "seconds"], config.resume) if ctx.is_main else None
+    log_fields = ["step", "loss", *SRLoss.PART_NAMES.values(), "lr", "seconds"]
+    loss_log = _CsvLog(out / "log.csv", log_fields, config.resume) if ctx.is_main else None
     eval_log = None
     history = []
     last_eval = None
@@ -243,24 +404,24 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
         last_eval = m
         save_side_by_side(out / "samples" / f"step_{step:06d}.png", net, val_set, device, config.scale,
                           crop=config.sample_crop, metrics=m, baseline=baseline, channels_last=channels_last,
-                          title=f"{config.net} x{config.scale}, step {step}")
+                          title=f"{config.net_label} x{config.scale}, step {step}")
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m["mean"].items()))
 
     net.train()
     criterion.train()
-    start = time.time()
+    start = time.time() - seconds_before  # log.csv's seconds count the whole run, across resumes
     bar = None
     if ctx.is_main and not config.quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.net} x{config.scale}", unit="step")
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.net_label} x{config.scale}", unit="step")
     try:
         for batch in loader:
             lr = batch["lr"].to(device, non_blocking=True)
             hr = batch["hr"].to(device, non_blocking=True)
             if channels_last:
                 lr = lr.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, config.amp):
+            with autocast_for(device, amp):
                 sr = model(lr)
             with torch.autocast(device.type, enabled=False):
                 loss, parts = criterion(sr.float(), hr)
@@ -282,16 +443,16 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
                 distributed.barrier(ctx)
             if step % config.save_every == 0 or step == config.steps:
                 if ctx.is_main:
-                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
+                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
                 distributed.barrier(ctx)
             if config.stop_at is not None and step >= config.stop_at:
                 if ctx.is_main:
-                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
+                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
                     say(f"stopped at step {step} (--stop-at); continue with --resume")
                 break
     except KeyboardInterrupt:
         if ctx.is_main:
-            save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config)
+            save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
             print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (resume with --resume)")
         raise
     finally:
@@ -303,7 +464,14 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext) -> dict:
 
     summary = {"config": dataclasses.asdict(config), "steps": step, "seconds": round(time.time() - start, 2)}
     if ctx.is_main:
-        checkpoint.save_atomic(net.state_dict(), out / "net.pt")
+        if loaded is not None:
+            from epban.sr.spandrel_models import save_spandrel
+
+            summary["net_file"] = save_spandrel(loaded, out).name
+            summary["architecture"] = loaded.architecture
+        else:
+            checkpoint.save_atomic(net.state_dict(), out / "net.pt")
+            summary["net_file"] = "net.pt"
         if val_set is not None:
             if last_eval is None:  # resumed at the end: nothing was evaluated in this process
                 run_eval()
@@ -325,8 +493,20 @@ def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS
         raise ValueError("--ablation needs --pban-weights (the L1+PBAN settings use it, all settings are scored with it)")
     if not config.val:
         raise ValueError("--ablation needs a validation folder (--val)")
+    config.validate()
+    config, _ = load_network(config)
+    _datasets(config)  # bad images stop the ablation before anything is written
+    out = Path(config.out)
+    check_out(out)
     ctx = distributed.setup(config.device)  # one process group for the four runs
     try:
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if not config.resume:
+                clear_run(out)
+            weights = {"ssim": ssim_weight, "pban": pban_weight}
+            write_json(out / CONFIG_FILE, dataclasses.asdict(config) | {"ablation": weights})
+        distributed.barrier(ctx)
         return _ablation(config, ctx, ssim_weight, pban_weight)
     finally:
         distributed.cleanup(ctx)
@@ -350,7 +530,8 @@ def _ablation(config: SRTrainConfig, ctx: distributed.DistContext, ssim_weight: 
     (out / "ablation.md").write_text(table)
     report = {"settings": [{k: r[k] for k in ("setting", "out", "weights")} | {"mean": r["eval"]["mean"], "images": r["eval"]["images"]}
                            for r in results],
-              "bicubic": baseline, "steps": config.steps, "seed": config.seed, "net": config.net, "scale": config.scale}
+              "bicubic": baseline, "steps": config.steps, "seed": config.seed, "net": config.net,
+              "net_weights": config.net_weights, "scale": config.scale}
     write_json(out / "ablation.json", report)
     save_ablation_figure(out / "ablation.png", config, results, device)
     if not config.quiet:
@@ -366,26 +547,22 @@ def save_ablation_figure(path: Path, config: SRTrainConfig, results: list[dict],
 
     val_set = SRFolderDataset(config.val, config.scale, lr_folder=config.val_lr, patch_size=None, augment=False,
                               modcrop=config.modcrop)
-    nets = {}
-    for r in results:
-        net = build_network(config.net, config.scale)
-        net.load_state_dict(torch.load(Path(r["out"]) / "net.pt", map_location="cpu", weights_only=True))
-        nets[r["setting"]] = net.to(device).eval()
+    nets = {r["setting"]: load_trained(config, Path(r["out"])).to(device).eval() for r in results}
     rows, labels, captions = [], [], []
     for i in range(min(max_images, len(val_set))):
         item = val_set[i]
         lr, hr = item["lr"][None].to(device), item["hr"][None].to(device)
         cols = {"bicubic": quantize(bicubic_upsample(lr, config.scale))[0]}
         b = results[0]["bicubic"]["images"][item["name"]]
-        cap = {"bicubic": f"{b['psnr_y']:.2f} dB" + (f" / PBAN {b['pban']:.3f}" if "pban" in b else "")}
+        cap = {"bicubic": f"{b['psnr_y']:.2f} dB" + (f" / PBAN {b['pban_score']:.3f}" if "pban_score" in b else "")}
         for name, net in nets.items():
             cols[name] = super_resolve(net, lr)[0]
         cols["HR"] = hr[0]
         rows.append(comparison_crops(cols, config.sample_crop, config.scale))
         for r in results:
             m = r["eval"]["images"][item["name"]]
-            cap[r["setting"]] = f"{m['psnr_y']:.2f} dB" + (f" / PBAN {m['pban']:.3f}" if "pban" in m else "")
+            cap[r["setting"]] = f"{m['psnr_y']:.2f} dB" + (f" / PBAN {m['pban_score']:.3f}" if "pban_score" in m else "")
         labels.append(item["name"])
         captions.append(cap)
-    title = f"{config.net} x{config.scale}, {config.steps} steps, seed {config.seed}: same data and budget for each loss"
+    title = f"{config.net_label} x{config.scale}, {config.steps} steps, seed {config.seed}: same data and budget for each loss"
     return save_grid(path, rows, title=title, row_labels=labels, captions=captions)
