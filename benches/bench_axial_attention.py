@@ -2,7 +2,7 @@
 
 Rows: the reference, the fused Triton kernels (CUDA; also in bfloat16 channels_last, the loss
 mode's case, which takes the kernels' resident-tile path), torch.compile of the reference (CUDA,
-only with EPBAN_BENCH_COMPILE=1: it compiles for minutes), and
+only with EPBAN_TEST_COMPILE=1: it compiles for minutes), and
 torch.nn.functional.scaled_dot_product_attention on the same row and column tokens: a speed
 yardstick that computes a different function (textbook attention, 1/sqrt(C), no std).
 On CPU only small shapes and the plain PyTorch rows run: the Triton interpreter is not a
@@ -10,12 +10,11 @@ speed path.
 
     pytest benches/bench_axial_attention.py --benchmark-only
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from epban import settings
 from epban.ops.axial_attention import bi_axial_attention, fused_axial_available
 
 CUDA_SHAPES = [(1, 256, 64, 64), (1, 256, 128, 128), (16, 256, 16, 16), (1, 256, 135, 240)]
@@ -53,8 +52,8 @@ def _cases():
         for s in CUDA_SHAPES:
             for impl in IMPLS:
                 marks = [pytest.mark.cuda]
-                if impl == "compiled-reference" and os.environ.get("EPBAN_BENCH_COMPILE") != "1":
-                    marks.append(pytest.mark.skip(reason="set EPBAN_BENCH_COMPILE=1 (compiles for minutes)"))
+                if impl == "compiled-reference" and not settings.test_compile():
+                    marks.append(pytest.mark.skip(reason="set EPBAN_TEST_COMPILE=1 (compiles for minutes)"))
                 if impl.startswith("fused") and not fused_axial_available("cuda"):
                     marks.append(pytest.mark.skip(reason="Triton is not available"))
                 cases.append(pytest.param("cuda", s, impl, id=f"{impl}-cuda-{'x'.join(map(str, s))}", marks=marks))

@@ -1,37 +1,33 @@
 """Axial attention: the reference against a direct loop, its batch (in)dependence and
-gradients, and the fused Triton kernels against the reference.
+gradients, the custom op (opcheck, torch.compile), and the fused Triton kernels against the
+reference.
 
-Without a GPU the fused kernels run on CPU tensors under the Triton interpreter; it must be
-switched on before epban.kernels.axial_attention is imported (the kernels are decorated at
-import), hence the environment variable at the top of this module. With a GPU it is left
-alone, the interpreter tests skip and the ``cuda`` tests run the compiled kernels.
+Without a GPU the fused kernels run on CPU tensors under the Triton interpreter
+(tests/conftest.py switches it on before anything imports Triton). With a GPU the
+interpreter tests skip and the ``cuda`` tests run the compiled kernels.
 """
 import math
 import os
-import warnings
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from epban._extension import triton_available  # noqa: E402
-from epban.ops import axial_attention as ops  # noqa: E402
-from epban.ops.axial_attention import (  # noqa: E402
+from epban._extension import triton_available
+from epban.ops import axial_attention as ops
+from epban.ops.axial_attention import (
     axial_attention,
     axial_attention_reference,
     bi_axial_attention,
     fused_axial_available,
 )
+from epban.testing import poisoned_allocations
 
 cuda = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _loop_axial(q, k, v, sigma_scope):
-    """axial(q, k, v) written element by element, straight from ARCHITECTURE.md."""
+    """axial(q, k, v) written element by element, straight from docs/architecture.md."""
     B, C, H, W = q.shape
 
     def one_pass(n_seq, length, at):  # at(t, b, c, s, i): element i of sequence s
@@ -150,27 +146,22 @@ def test_fused_without_interpreter_on_cpu_raises(monkeypatch):
 
 
 def test_auto_on_cpu_is_the_reference(monkeypatch):
-    def boom(*args):
+    def boom(*args, **kwargs):
         raise AssertionError("auto must not take the fused path on CPU")
 
-    monkeypatch.setattr(ops._AxialFunction, "apply", boom)
+    monkeypatch.setattr(ops, "axial_forward", boom)
     q, k, v = _qkv((1, 3, 4, 5))
     axial_attention(q, k, v)
     bi_axial_attention(q, k, v, q, k, v)
 
 
-def test_auto_falls_back_to_the_reference_when_the_kernels_fail(monkeypatch):
-    monkeypatch.setattr(ops, "_FUSED_FAILED", set())
-    t = torch.zeros(1)
+def test_registered_with_its_auto_backend():
+    from epban.ops.registry import REGISTRY
 
-    def broken():
-        raise RuntimeError("out of resource: shared memory")
-
-    with pytest.warns(RuntimeWarning, match="using the reference"):
-        assert ops._run_fused(t, "auto", broken, lambda: "reference") == "reference"
-    assert ("cpu", torch.float32) in ops._FUSED_FAILED
-    with pytest.raises(RuntimeError):
-        ops._run_fused(t, "fused", broken, lambda: "reference")
+    entry = REGISTRY["axial_attention"]
+    assert entry.kernels == "Triton"
+    assert entry.auto_backend(torch.device("cpu")) == "reference"
+    assert entry.auto_backend(torch.device("cuda")) == ("fused" if triton_available() else "reference")
 
 
 # ----------------------------------------------------------------------------- fused, interpreted on CPU
@@ -216,9 +207,7 @@ def _check_against_reference(q, k, v, sigma_scope, fused_fn, tol):
 def test_fused_matches_reference(shape, sigma_scope, dtype, tile_mode, rng_seed, monkeypatch):
     """Every sequence here fits one tile: the one-tile kernels ("single", the default) and the
     general tile loops with their separate sigma, lse and omega launches ("looped")."""
-    from epban.kernels import axial_attention as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
+    monkeypatch.setitem(ops.CONFIG, "single_tile", tile_mode == "single")
     q, k, v = _qkv(shape, dtype, seed=rng_seed)
     fused = lambda *t: axial_attention(*t, sigma_scope=sigma_scope, backend="fused")  # noqa: E731
     _check_against_reference(q, k, v, sigma_scope, fused, TOL[dtype])
@@ -260,10 +249,8 @@ def test_fused_bi_axial_matches_reference(rng_seed, layouts, sigma_scope):
 def test_fused_reads_channels_last_as_it_is(shape, sigma_scope, dtype, rng_seed, monkeypatch):
     """channels_last inputs (the loss mode's layout) go through the kernels' strides with no
     copy, in both passes, and give channels_last outputs and gradients."""
-    from epban.kernels import axial_attention as kernels
-
     q, k, v = _in_layout(_qkv(shape, dtype, seed=rng_seed), "channels_last")
-    assert kernels.is_channels_last(q)
+    assert ops.is_channels_last(q)
     copies = []
     real_contiguous = torch.Tensor.contiguous
 
@@ -282,59 +269,63 @@ def test_fused_reads_channels_last_as_it_is(shape, sigma_scope, dtype, rng_seed,
 
 
 def test_kernels_refuse_mixed_layouts():
-    pytest.importorskip("triton")
-    from epban.kernels import axial_attention as kernels
-
     a = torch.zeros(1, 3, 4, 5)
     with pytest.raises(ValueError, match="one shape"):
-        kernels.layout_strides([a, a.contiguous(memory_format=torch.channels_last)], False)
+        ops.layout_strides([a, a.contiguous(memory_format=torch.channels_last)], False)
     with pytest.raises(ValueError, match="one shape"):
-        kernels.layout_strides([a.contiguous(memory_format=torch.channels_last), a], True)
-    assert kernels.layout_strides([a], False) == (60, 20, 5, 1)
-    assert kernels.layout_strides([a.contiguous(memory_format=torch.channels_last)], True) == (60, 1, 15, 3)
+        ops.layout_strides([a.contiguous(memory_format=torch.channels_last), a], True)
+    assert ops.layout_strides([a], False) == (60, 20, 5, 1)
+    assert ops.layout_strides([a.contiguous(memory_format=torch.channels_last)], True) == (60, 1, 15, 3)
+
+
+def test_auto_takes_the_fused_kernels_where_they_win(monkeypatch):
+    """On CUDA: half-precision channels_last maps at every size (resident tiles); float32 or
+    NCHW up to AUTO_FUSED_MAX_WORK (B H W (H + W)). Elsewhere never."""
+    small = torch.empty(16, 8, 16, 16)
+    assert not ops._auto_takes_fused(small)
+    monkeypatch.setattr(ops, "triton_auto_ok", lambda device: True)  # these CPU tensors stand for CUDA ones
+    big = torch.empty(1, 8, 135, 240)
+    assert not ops._auto_takes_fused(big)
+    assert not ops._auto_takes_fused(big.bfloat16())
+    assert ops._auto_takes_fused(big.bfloat16().contiguous(memory_format=torch.channels_last))
+    assert not ops._auto_takes_fused(big.contiguous(memory_format=torch.channels_last))
+    assert ops._auto_takes_fused(small)
 
 
 @interpreted
-@pytest.mark.parametrize("shape, sigma_scope", [((2, 5, 7, 13), "sample"), ((3, 4, 13, 6), "batch"),
-                                                ((1, 18, 19, 3), "sample"), ((2, 3, 9, 1), "batch")])
-def test_fused_column_pass_on_transposed_copies(shape, sigma_scope, rng_seed, monkeypatch):
-    """col_layout="transposed": the column pass reads (B, C, W, H) copies and writes NCHW."""
-    from epban.kernels import axial_attention as kernels
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_a_failing_kernel_raises(backend, monkeypatch):
+    """A failure of the kernels reaches the caller, under "auto" too: no silent fallback."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
 
-    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed")
-    monkeypatch.setitem(kernels.CONFIG, "block_col", 16)
-    q, k, v = _qkv(shape, seed=rng_seed)
-    fused = lambda *t: axial_attention(*t, sigma_scope=sigma_scope, backend="fused")  # noqa: E731
-    _check_against_reference(q, k, v, sigma_scope, fused, TOL[torch.float32])
-
-
-def test_auto_takes_the_fused_kernels_where_they_win():
-    """Half-precision channels_last maps: at every size (resident tiles); float32 or NCHW: up to
-    AUTO_FUSED_MAX_WORK (B H W (H + W))."""
-    big = torch.empty(1, 8, 135, 240)
-    assert not ops._fused_pays_off(big)
-    assert not ops._fused_pays_off(big.bfloat16())
-    assert ops._fused_pays_off(big.bfloat16().contiguous(memory_format=torch.channels_last))
-    assert not ops._fused_pays_off(big.contiguous(memory_format=torch.channels_last))
-    assert ops._fused_pays_off(torch.empty(16, 8, 16, 16))
+    monkeypatch.setattr(ops, "triton_auto_ok", lambda device: True)  # auto takes the kernels on CPU
+    monkeypatch.setattr(ops, "axial_forward", broken)
+    q, k, v = _qkv((1, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="out of resource"):
+        axial_attention(q, k, v, backend=backend)
+    with pytest.raises(RuntimeError, match="out of resource"):
+        bi_axial_attention(q, k, v, q, k, v, backend=backend)
 
 
-def test_unknown_column_layout_is_refused(monkeypatch):
-    pytest.importorskip("triton")
-    from epban.kernels import axial_attention as kernels
-
-    with pytest.raises(ValueError, match="col_layout"):
-        kernels._Plan((1, 2, 3, 4), torch.float32, "sample", "ieee", {"col_layout": "diagonal"})
+def test_bad_precision_raises_value_error(monkeypatch):
+    q = torch.randn(1, 3, 4, 5)
+    with pytest.raises(ValueError, match="precision"):
+        ops.fused_axial_attention(q, q, q, precision="fp8")
+    monkeypatch.setenv("EPBAN_FP32_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="EPBAN_FP32_PRECISION"):
+        ops.fused_axial_attention(q, q, q)
+    with pytest.raises(ValueError, match="3 or 6"):
+        ops.fused_axial_attention(q, q)
 
 
 def test_one_tile_kernels_serve_maps_that_fit_one_tile(monkeypatch):
     """The plan takes the one-tile kernels when both passes' sequences fit one tile and the
     group's partials are few enough for every program to merge them."""
     pytest.importorskip("triton")
-    from epban.kernels import axial_attention as kernels
 
     def plan(shape, dtype=torch.bfloat16, scope="sample", **config):
-        return kernels._Plan(shape, dtype, scope, "ieee", config, channels_last=True)
+        return ops._Plan(shape, dtype, scope, "ieee", config, channels_last=True)
 
     assert plan((16, 256, 16, 16)).single_tile and plan((1, 256, 64, 64)).single_tile
     assert plan((1, 256, 64, 33), torch.float32, block_row=64, block_col=64).single_tile
@@ -361,7 +352,7 @@ class _Refused:
 def test_each_tile_mode_launches_only_its_kernels(tile_mode, rng_seed, monkeypatch):
     from epban.kernels import axial_attention as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
+    monkeypatch.setitem(ops.CONFIG, "single_tile", tile_mode == "single")
     refused = (["_axial_fwd_sigma_kernel", "_axial_fwd_lse_kernel", "_axial_fwd_out_kernel",
                 "_axial_bwd_omega_kernel", "_axial_bwd_dqk_kernel"] if tile_mode == "single"
                else ["_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel"])
@@ -380,8 +371,6 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, r
     """Sequences longer than one tile (every loop runs several times, with tails) and more
     channels than one chunk of the logits' contraction; both ways of contracting them (whole-C
     tiles held in registers, the GPU's bfloat16 and "tf32" path, or chunks of channels)."""
-    from epban.kernels import axial_attention as kernels
-
     SMALL_TILES = dict(block_row=16, block_col=16, block_ck=16, resident=resident)
     q, k, v = _in_layout(_qkv(shape, seed=rng_seed), layout)
 
@@ -389,7 +378,7 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, r
         class F(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v):
-                outs, lse, stats = kernels.axial_forward((q,), (k,), (v,), "sample", config=SMALL_TILES)
+                outs, lse, stats = ops.axial_forward((q,), (k,), (v,), "sample", config=SMALL_TILES)
                 ctx.save_for_backward(q, k, v, lse, stats)
                 return outs[0]
 
@@ -397,8 +386,8 @@ def test_fused_tiles_long_sequences_and_many_channels(shape, layout, resident, r
             def backward(ctx, g):
                 q, k, v, lse, stats = ctx.saved_tensors
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-                dq, dk, dv = kernels.axial_backward((q,), (k,), (v,), (g.contiguous(memory_format=fmt),), lse, stats,
-                                                    "sample", config=SMALL_TILES)
+                dq, dk, dv = ops.axial_backward((q,), (k,), (v,), (g.contiguous(memory_format=fmt),), lse, stats,
+                                                "sample", config=SMALL_TILES)
                 return dq[0], dk[0], dv[0]
 
         return F.apply(q, k, v)
@@ -414,10 +403,8 @@ def test_fused_bi_axial_some_gradients_only(rng_seed, resident, tile_mode, wante
     """Only some of q1, k1, v1, q2, k2, v2 (indices ``wanted``) want gradients, e.g. q1, k1, v2
     (the loss mode's: one direction's dq, the other's dk): the kernels skip the rest (a
     direction wanting neither dq nor dk, or no dq or dk at all) and the wanted ones stay exact."""
-    from epban.kernels import axial_attention as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "resident", resident)
-    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
+    monkeypatch.setitem(ops.CONFIG, "resident", resident)
+    monkeypatch.setitem(ops.CONFIG, "single_tile", tile_mode == "single")
     tensors = _qkv((2, 5, 5, 7), seed=rng_seed) + _qkv((2, 5, 5, 7), seed=rng_seed + 1)
     q1, k1, v1, q2, k2, v2 = (t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors))
     out1, out2 = bi_axial_attention(q1, k1, v1, q2, k2, v2, backend="fused")
@@ -455,29 +442,16 @@ def _value_and_grads(fn, inputs, grad):
 
 
 @interpreted
-@pytest.mark.parametrize("col_layout, tile_mode", [("strided", "single"), ("strided", "looped"),
-                                                   ("transposed", "single"), ("transposed", "looped"),
-                                                   ("channels_last inputs", "single")])
-def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, col_layout, tile_mode):
+@pytest.mark.parametrize("layout, tile_mode", [("nchw", "single"), ("nchw", "looped"), ("channels_last", "single"),
+                                               ("channels_last", "looped")])
+def test_fused_overwrites_poisoned_memory(monkeypatch, rng_seed, layout, tile_mode):
     """Every buffer the op allocates starts as NaN (the statistics the one-tile kernels store
     for the backward too): the results must still be exact."""
-    from epban.kernels import axial_attention as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed" if col_layout == "transposed" else "strided")
-    monkeypatch.setitem(kernels.CONFIG, "single_tile", tile_mode == "single")
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned_empty(*args, **kwargs):
-        return real_empty(*args, **kwargs).fill_(float("nan"))
-
-    def poisoned_empty_like(*args, **kwargs):
-        return real_empty_like(*args, **kwargs).fill_(float("nan"))
-
-    q, k, v = _in_layout(_qkv((2, 3, 5, 6), seed=rng_seed), "channels_last" if "channels_last" in col_layout else "nchw")
+    monkeypatch.setitem(ops.CONFIG, "single_tile", tile_mode == "single")
+    q, k, v = _in_layout(_qkv((2, 3, 5, 6), seed=rng_seed), layout)
     fused = lambda *t: axial_attention(*t, backend="fused")  # noqa: E731
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
-    _check_against_reference(q, k, v, "sample", fused, TOL[torch.float32])
+    with poisoned_allocations():
+        _check_against_reference(q, k, v, "sample", fused, TOL[torch.float32])
 
 
 @interpreted
@@ -518,6 +492,52 @@ def test_model_score_fused_equals_reference(rng_seed, sigma_scope="sample"):
         model.attention_backend = "fused"
         got = model(sr, hr)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+
+@interpreted
+@pytest.mark.parametrize("ndir, layout, sigma_scope", [(1, "nchw", "sample"), (2, "channels_last", "batch")])
+def test_opcheck_custom_ops(ndir, layout, sigma_scope):
+    """Schema, fake kernels, autograd registration and AOT dispatch of the forward and backward
+    ops (float64 under the interpreter)."""
+    qkv = [t for d in range(ndir) for t in _in_layout(_qkv((2, 3, 4, 5), torch.float64, seed=d), layout)]
+    torch.library.opcheck(ops._axial_op, (qkv, sigma_scope, "ieee"))
+    out = ops._axial_op([t.detach() for t in qkv], sigma_scope, "ieee")
+    lse, stats = out[ndir], out[ndir + 1]
+    grads = [torch.randn_like(o) for o in out[:ndir]]
+    needs = [True, False, True] + [False, True, True] * (ndir - 1)
+    torch.library.opcheck(ops._axial_backward_op,
+                          ([t.detach() for t in qkv], grads, lse, stats, sigma_scope, "ieee", needs))
+
+
+@interpreted
+def test_gradcheck_fused(rng_seed):
+    """Both directions through the op, float64 (fast mode: random directions, few interpreted calls)."""
+    tensors = _qkv((2, 2, 3, 4), torch.float64, seed=rng_seed) + _qkv((2, 2, 3, 4), torch.float64, seed=rng_seed + 1)
+    assert torch.autograd.gradcheck(lambda *t: bi_axial_attention(*t, backend="fused"), tensors, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _interpreted(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[cuda, needs_gpu]),
+])
+def test_compile_traces_the_custom_op(device, rng_seed):
+    """torch.compile traces both directions, forward and backward, with no graph break: the
+    fused op is one node of the graph (aot_eager: no Inductor compile)."""
+    tensors = [t.to(device).detach().requires_grad_() for t in _qkv((2, 3, 5, 7), seed=rng_seed)
+               + _qkv((2, 3, 5, 7), seed=rng_seed + 1)]
+
+    def step(*t):
+        out1, out2 = bi_axial_attention(*t, backend="fused")
+        return out1.square().sum() + out2.sum()
+
+    eager = torch.autograd.grad(step(*tensors), tensors)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*tensors), tensors)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- fused, compiled on CUDA
@@ -568,20 +588,16 @@ def _check_rel_l2(q, k, v, sigma_scope, tol):
 
 @cuda
 @needs_gpu
-@pytest.mark.parametrize("shape, sigma_scope, dtype, col_layout", [
-    ((3, 256, 7, 13), "sample", torch.float32, "strided"),
-    ((3, 256, 13, 7), "batch", torch.float32, "strided"),
-    ((2, 256, 40, 1), "sample", torch.float32, "strided"),
-    ((2, 256, 33, 47), "batch", torch.bfloat16, "strided"),
-    ((2, 256, 47, 33), "sample", torch.bfloat16, "strided"),
-    ((3, 256, 7, 13), "batch", torch.float16, "strided"),
-    ((4, 256, 64, 64), "sample", torch.float32, "strided"),
-    ((1, 256, 135, 240), "sample", torch.float32, "strided"),
-    ((1, 256, 135, 240), "batch", torch.bfloat16, "strided"),
-    # The column pass on transposed copies (CONFIG["col_layout"]).
-    ((3, 256, 7, 13), "batch", torch.float32, "transposed"),
-    ((2, 256, 33, 47), "sample", torch.bfloat16, "transposed"),
-    ((1, 256, 135, 240), "sample", torch.float32, "transposed"),
+@pytest.mark.parametrize("shape, sigma_scope, dtype, layout", [
+    ((3, 256, 7, 13), "sample", torch.float32, "nchw"),
+    ((3, 256, 13, 7), "batch", torch.float32, "nchw"),
+    ((2, 256, 40, 1), "sample", torch.float32, "nchw"),
+    ((2, 256, 33, 47), "batch", torch.bfloat16, "nchw"),
+    ((2, 256, 47, 33), "sample", torch.bfloat16, "nchw"),
+    ((3, 256, 7, 13), "batch", torch.float16, "nchw"),
+    ((4, 256, 64, 64), "sample", torch.float32, "nchw"),
+    ((1, 256, 135, 240), "sample", torch.float32, "nchw"),
+    ((1, 256, 135, 240), "batch", torch.bfloat16, "nchw"),
     # channels_last inputs, read through their strides (the loss mode's layout).
     ((3, 256, 7, 13), "sample", torch.float32, "channels_last"),
     ((2, 256, 33, 47), "batch", torch.bfloat16, "channels_last"),
@@ -592,13 +608,10 @@ def _check_rel_l2(q, k, v, sigma_scope, tol):
     ((1, 256, 64, 64), "sample", torch.bfloat16, "channels_last"),
     ((2, 256, 33, 47), "sample", torch.bfloat16, "looped"),
 ])
-def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, col_layout, rng_seed, warm_cuda_kernels, monkeypatch):
-    from epban.kernels import axial_attention as kernels
-
-    monkeypatch.setitem(kernels.CONFIG, "col_layout", "transposed" if col_layout == "transposed" else "strided")
-    monkeypatch.setitem(kernels.CONFIG, "single_tile", col_layout != "looped")
+def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, layout, rng_seed, warm_cuda_kernels, monkeypatch):
+    monkeypatch.setitem(ops.CONFIG, "single_tile", layout != "looped")
     q, k, v = _qkv(shape, dtype, "cuda", seed=rng_seed, scale=0.1)
-    if col_layout == "channels_last":
+    if layout == "channels_last":
         q, k, v = _in_layout((q, k, v), "channels_last")
     _check_rel_l2(q, k, v, sigma_scope, 1e-5 if dtype == torch.float32 else 3e-2)
 
@@ -610,7 +623,7 @@ def test_cuda_fused_matches_reference(shape, sigma_scope, dtype, col_layout, rng
 def test_cuda_fused_tf32_dots_with_resident_tiles(shape, layout, rng_seed, warm_cuda_kernels, monkeypatch):
     """float32 with "tf32" dots takes the resident-tile kernels (as bfloat16 does): TF32's
     10-bit mantissa bounds the accuracy."""
-    monkeypatch.setattr(ops, "FP32_PRECISION", "tf32")
+    monkeypatch.setenv("EPBAN_FP32_PRECISION", "tf32")
     q, k, v = _in_layout(_qkv(shape, torch.float32, "cuda", seed=rng_seed, scale=0.1), layout)
     _check_rel_l2(q, k, v, "sample", 1e-2)
 
@@ -619,32 +632,11 @@ def test_cuda_fused_tf32_dots_with_resident_tiles(shape, layout, rng_seed, warm_
 @needs_gpu
 def test_cuda_auto_uses_the_fused_kernels(monkeypatch, warm_cuda_kernels):
     called = []
-    real = ops._AxialFunction.apply
-    monkeypatch.setattr(ops._AxialFunction, "apply", lambda *a: called.append(1) or real(*a))
+    real = ops.axial_forward
+    monkeypatch.setattr(ops, "axial_forward", lambda *a, **k: called.append(len(a[0])) or real(*a, **k))
     q, k, v = _qkv((1, 256, 7, 13), torch.float32, "cuda")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        bi_axial_attention(q, k, v, q, k, v)
-    assert called == [1]
-    assert not ops._FUSED_FAILED
-
-
-@cuda
-@needs_gpu
-def test_cuda_dynamo_traces_the_kernel_launches(warm_cuda_kernels):
-    """torch.compile traces the fused forward with its Triton launches in one graph: the
-    launches go through epban.kernels.launch, which hands Dynamo kernel[grid](...) to record
-    (Dynamo recognises Triton kernels only where CUDA is available, so only here)."""
-    q, k, v = _qkv((2, 8, 5, 7), torch.float32, "cuda")
-
-    def forward(a, b, c):
-        with torch.no_grad():
-            return ops._AxialFunction.apply("sample", "ieee", a, b, c)[0]
-
-    eager = forward(q, k, v)  # also builds the launch plan, so the trace reads it from the cache
-    compiled = torch.compile(forward, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), eager, atol=0, rtol=0)
-    torch.testing.assert_close(eager, axial_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+    bi_axial_attention(q, k, v, q, k, v)
+    assert called == [2]
 
 
 # ----------------------------------------------------------------------------- compiled for a GPU, without one
@@ -655,31 +647,29 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from epban.kernels import axial_attention as K
 
-pointers = {"q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1",
-            "dv0", "dv1", "dq0", "dq1", "dk0", "dk1", "qt0", "kt0", "qt1", "kt1"}
+pointers = {"q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1", "dv0", "dv1", "dq0", "dq1", "dk0", "dk1"}
 kernels = sorted(n for n in dir(K) if n.startswith("_axial_") and n.endswith("_kernel"))
-# every kernel, the column pass of the out kernel, bfloat16, then the column pass's transposed-input variants
+# every kernel; the column pass of the kernels with a PASS; bfloat16
 # (chunked contraction: float32 "ieee"/"tf32x3"; resident tiles: bfloat16 and "tf32")
-variants = [("fp32", 0, False, False, name) for name in kernels]
-variants += [("fp32", 1, False, False, "_axial_fwd_out_kernel"), ("bf16", 0, False, True, "_axial_bwd_dqk_kernel")]
-variants += [("fp32", 1, True, False, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_out_kernel",
-                                                          "_axial_bwd_dv_kernel", "_axial_bwd_dqk_kernel",
-                                                          "_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel")]
-variants += [("bf16", 1, False, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel",
-                                                          "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel",
-                                                          "_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel")]
+variants = [("fp32", 0, False, name) for name in kernels]
+variants += [("fp32", 1, False, name) for name in ("_axial_fwd_out_kernel", "_axial_bwd_dv_kernel",
+                                                    "_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel")]
+variants += [("bf16", 0, True, "_axial_bwd_dqk_kernel")]
+variants += [("bf16", 1, True, name) for name in ("_axial_fwd_stats_kernel", "_axial_fwd_lse_kernel",
+                                                   "_axial_fwd_out_kernel", "_axial_bwd_dv_kernel",
+                                                   "_axial_fwd_single_kernel", "_axial_bwd_single_dqk_kernel")]
 # the dqk kernel compiles for dq and (below) for dk
 variants = [v + (False,) for v in variants]
-variants += [("bf16", 0, False, True, "_axial_bwd_dqk_kernel", True), ("fp32", 1, False, False, "_axial_bwd_dqk_kernel", True)]
-for dtype, pass_, col_t, resident, name, is_dk in variants:
+variants += [("bf16", 0, True, "_axial_bwd_dqk_kernel", True), ("fp32", 1, False, "_axial_bwd_dqk_kernel", True)]
+for dtype, pass_, resident, name, is_dk in variants:
     constexprs = dict(PASS=pass_, BLOCK=16, BLOCK_ROW=16, BLOCK_COL=16, BLOCK_C=32, BLOCK_CK=16, RESIDENT=resident,
-                      IS_DK=is_dk, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32, COL_T=col_t)
+                      IS_DK=is_dk, BLOCK_P=256, PRECISION="ieee", ACC=tl.float32)
     fn = getattr(K, name)
     signature = {a: "constexpr" if a in constexprs else ("*" + dtype) if a in pointers
                  else "*fp32" if a.endswith("_ptr") else "fp32" if a == "eps" else "i32" for a in fn.arg_names}
     given = {a: v for a, v in constexprs.items() if a in fn.arg_names}
     compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print(name, dtype, pass_, col_t, resident, is_dk, "compiled")
+    print(name, dtype, pass_, resident, is_dk, "compiled")
 """
 
 
@@ -695,7 +685,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 25, result.stdout
+    assert result.stdout.count("compiled") == 22, result.stdout
 
 
 _RESOURCES_SCRIPT = r"""
@@ -705,7 +695,7 @@ from epban.kernels import axial_attention as K
 
 fn = K._axial_fwd_sigma_kernel
 cx = dict(BLOCK_P=1024, ACC=tl.float32)
-r = kr.resources(fn, kr._signature(fn, cx, {}), cx, num_warps=4)
+r = kr.resources(fn, kr.signature(fn, cx, {}), cx, num_warps=4)
 assert 0 < r["regs"] <= 255 and r["spill"] == 0 and r["blocks_by_regs"] >= 1 and r["mma"] == "fma", r
 # the axial rows take their tiles from the ops' own plan (first row only: one compile)
 name, desc, warps, r = next(kr.axial_rows("bf16", "tf32x3"))
@@ -715,7 +705,7 @@ print("ok", r)
 
 
 def test_kernel_resources_script_reads_ptxas(tmp_path):
-    """scripts/kernel_resources.py (registers and spills of the kernels on sm90, no GPU needed) keeps working."""
+    """epban.testing.kernel_resources (registers and spills of the kernels on sm90, no GPU needed) keeps working."""
     import subprocess
     import sys
 

@@ -2,7 +2,7 @@
 
     python -m epban.testing.kernel_resources [--dtype fp32|bf16] [--precision tf32x3|tf32|ieee]
 
-Each kernel is compiled through Triton's whole NVIDIA pipeline for an H100 (sm_90a) with the
+Each kernel is compiled through Triton's whole NVIDIA pipeline for sm_90a (Hopper) with the
 launch configuration the ops use (axial attention: ``CONFIG``; deformable convolution: the
 official model's C = 256, OB = 64 on a map of >= 16K pixels), then ``ptxas -v`` reports its
 registers and spill bytes. ``blocks/SM`` is how many programs fit on one SM by registers
@@ -72,9 +72,10 @@ def signature(fn, constexprs, pointer_types, default_pointer="*fp32"):
 
 def axial_rows(dtype: str, precision: str):
     from epban.kernels import axial_attention as K
+    from epban.ops import axial_attention as ops
 
     pointers = {n: "*" + dtype for n in ("q0", "k0", "v0", "o0", "q1", "k1", "v1", "o1", "g0", "g1", "dv0", "dv1",
-                                         "dq0", "dq1", "dk0", "dk1", "qt0", "kt0", "qt1", "kt1")}
+                                         "dq0", "dq1", "dk0", "dk1")}
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     # Triton specialises an int argument equal to 1: the unit stride of each layout (sW in
     # NCHW, sC in channels_last) is a compile-time constant at launch, so here too.
@@ -89,7 +90,7 @@ def axial_rows(dtype: str, precision: str):
     cases.append(("channels_last", "sC", one_tile, (("_axial_fwd_single_kernel", False),
                                                     ("_axial_bwd_single_dqk_kernel", False))))
     for layout, unit, shape, kernels in cases:
-        plan = K._Plan(shape, torch_dtype, "sample", precision, channels_last=layout != "NCHW")
+        plan = ops._Plan(shape, torch_dtype, "sample", precision, channels_last=layout != "NCHW")
         tiles = plan.tiles()
         launch = {k: tiles.pop(k) for k in ("num_warps", "num_stages") if k in tiles}
         cx = dict(PASS=0, BLOCK=plan.block_row, BLOCK_ROW=plan.block_row, BLOCK_COL=plan.block_col, BLOCK_P=1024,
@@ -133,9 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--axial-config", help='JSON overrides of the axial kernels\' CONFIG, e.g. \'{"num_stages": 2}\'')
     args = p.parse_args(argv)
     if args.axial_config:
-        from epban.kernels import axial_attention as K
+        from epban.ops import axial_attention as ops
 
-        K.CONFIG.update(json.loads(args.axial_config))
+        ops.CONFIG.update(json.loads(args.axial_config))
     print(f"Triton {triton.__version__}, sm_90a, dtype {args.dtype}\n")
     print("| kernel | configuration | warps | registers | spill bytes | smem KB | blocks/SM (regs, smem) | MMA |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,12 +1,13 @@
 """GPU check of the fused axial attention: correctness against the reference, then timings.
 
-    python scripts/axial_gpu_check.py [--quick] [--no-timing] [--extra] [--sweep] [--no-warm]
-    python scripts/axial_gpu_check.py --dry-run     (CPU, Triton interpreter: tests this script)
+    python scripts/dev/axial_gpu_check.py [--quick] [--no-timing] [--extra] [--sweep] [--no-warm]
+    python scripts/dev/axial_gpu_check.py --dry-run     (CPU, Triton interpreter: tests this script)
 
 1. Correctness (exit status 1 on any failure): forward and q/k/v gradients of the fused
    kernels (both directions of the block through ``bi_axial_attention``) against the
    float64 reference, both sigma scopes, float32 and bfloat16, odd shapes, C=256 and
-   1x256x135x240, with every buffer the op allocates poisoned with NaN.
+   1x256x135x240, with every buffer the op allocates poisoned with NaN
+   (``epban.testing.poisoned_allocations``).
 2. Timings of forward+backward of both directions: reference, fused (float32 with ieee and
    tf32x3 dots, NCHW and channels_last; bfloat16 channels_last, the resident-tile path), and
    scaled_dot_product_attention on the same row and column tokens (a different function:
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from epban.ops import axial_attention as ops  # noqa: E402
+from epban.testing import poisoned_allocations  # noqa: E402
 
 TARGETS_MS = {(1, 256, 64, 64): 0.15, (1, 256, 128, 128): 0.30, (16, 256, 16, 16): 0.15, (1, 256, 135, 240): 0.50}
 REFERENCE_ISSUE_MS = {(1, 256, 64, 64): 3.31, (1, 256, 128, 128): 3.22, (16, 256, 16, 16): 3.15,
@@ -52,9 +54,10 @@ CHECK_CASES = [  # shape, scope, dtype, input scale[, channels_last inputs]
 WARM_CASES = [((1, 256, 7, 13), torch.float32), ((1, 256, 40, 1), torch.float32),
               ((1, 256, 33, 47), torch.float32), ((1, 256, 33, 47), torch.bfloat16)]
 # Tile configurations timed by --sweep (tf32x3 dots, the CUDA default; "precision" picks another;
-# "layout": "channels_last" makes the inputs channels_last, which the kernels read as they are).
+# "layout": "channels_last" makes the inputs channels_last, which the kernels read as they are;
+# the other keys override entries of epban.ops.axial_attention.CONFIG).
 # Under Triton 3.6 on sm90, channels_last with 4 warps is the first layout/warp combination
-# where no kernel spills at 2-3 programs per SM (scripts/kernel_resources.py).
+# where no kernel spills at 2-3 programs per SM (python -m epban.testing.kernel_resources).
 SWEEP = [
     dict(precision="tf32x3", layout="channels_last"),
     dict(precision="tf32", layout="channels_last"),
@@ -76,7 +79,7 @@ DEVICE = "cuda"
 
 
 def _split_config(cfg):
-    """A sweep entry -> (precision, channels_last inputs, the kernels' CONFIG overrides)."""
+    """A sweep entry -> (precision, channels_last inputs, the plan's CONFIG overrides)."""
     cfg = dict(cfg)
     precision = cfg.pop("precision", "tf32x3")
     layout = cfg.pop("layout", "nchw")
@@ -95,29 +98,19 @@ def _inputs(shape, dtype, scale, seed=0, channels_last=False):
             .requires_grad_() for _ in range(6)]
 
 
-class _Poisoned:
-    """Every torch.empty / empty_like inside the block returns NaN-filled memory."""
-
-    def __enter__(self):
-        self.empty, self.empty_like = torch.empty, torch.empty_like
-        torch.empty = lambda *a, **k: self.empty(*a, **k).fill_(float("nan"))
-        torch.empty_like = lambda *a, **k: self.empty_like(*a, **k).fill_(float("nan"))
-
-    def __exit__(self, *exc):
-        torch.empty, torch.empty_like = self.empty, self.empty_like
-
-
 def _rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item(), (a - b).abs().max().item()
 
 
-def check_case(shape, scope, dtype, scale, channels_last=False):
+def check_case(shape, scope, dtype, scale, channels_last=False, precision=None):
+    """Both directions through the fused op (``precision``: its float32 dots, default the op's)."""
     x = _inputs(shape, dtype, scale, channels_last=channels_last)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     grads = [torch.randn(shape, generator=g, device=DEVICE) for _ in range(2)]
-    with _Poisoned():
-        outs = ops.bi_axial_attention(*x, sigma_scope=scope, backend="fused")
+    q1, k1, v1, q2, k2, v2 = x
+    with poisoned_allocations():
+        outs = ops.fused_axial_attention(q1, k2, v1, q2, k1, v2, sigma_scope=scope, precision=precision)
         got = torch.autograd.grad(outs, x, [gr.to(dtype) for gr in grads])
     xr = [t.detach().double().requires_grad_() for t in x]
     refs = ops.bi_axial_attention(*xr, sigma_scope=scope, backend="reference")
@@ -146,18 +139,16 @@ def _sdpa_axial(q, k, v):
 
 
 def _fused(precision="ieee", config=None):
-    from epban.kernels import axial_attention as kernels
+    """bi_axial_attention's fused path with these float32 dots and CONFIG overrides."""
 
-    def run(*t):
-        old_precision, old_config = ops.FP32_PRECISION, dict(kernels.CONFIG)
-        ops.FP32_PRECISION = precision
-        kernels.CONFIG.update(config or {})
+    def run(q1, k1, v1, q2, k2, v2):
+        old_config = dict(ops.CONFIG)
+        ops.CONFIG.update(config or {})
         try:
-            return ops.bi_axial_attention(*t, backend="fused")
+            return ops.fused_axial_attention(q1, k2, v1, q2, k1, v2, precision=precision)
         finally:
-            ops.FP32_PRECISION = old_precision
-            kernels.CONFIG.clear()
-            kernels.CONFIG.update(old_config)
+            ops.CONFIG.clear()
+            ops.CONFIG.update(old_config)
     return run
 
 
@@ -381,7 +372,7 @@ def main():
         print("no CUDA GPU: nothing to check")
         return 1
     if not ops.fused_axial_available("cuda"):
-        print(f"fused axial attention unavailable: {ops._fused_unavailable_reason('cuda')}")
+        print(f"fused axial attention unavailable: {ops._unavailable_reason('cuda')}")
         return 1
     import triton
 
@@ -408,12 +399,9 @@ def _run(args, check_cases, timing_shapes, device):
     ok = all([check_case(*case) for case in cases])
     print(f"correctness: {'PASS' if ok else 'FAIL'} ({time.time() - t0:.1f} s incl. JIT)", flush=True)
     if args.extra:  # informational: how close tensor-core fp32 dots come to the fp64 reference
-        old, ops.FP32_PRECISION = ops.FP32_PRECISION, "tf32x3"
-        try:
-            print("with tf32x3 dots (does not affect the exit status):")
-            check_case(*cases[-2])
-        finally:
-            ops.FP32_PRECISION = old
+        print("with tf32x3 dots (does not affect the exit status):")
+        shape, scope, dtype, scale, *rest = cases[-2]
+        check_case(shape, scope, dtype, scale, *(rest or [False]), precision="tf32x3")
     if args.quick or args.no_timing:
         return 0 if ok else 1
 
