@@ -5,12 +5,14 @@ The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension`` (nin
   CUDA_HOME defaults to /usr/local/cuda when unset and present (the ``nvcc`` on some
   PATHs is a wrapper script from which torch would guess the wrong home).
 - ``EPBAN_BUILD_EXT=0`` skips the extension; ``import epban`` then serves every op
-  from its PyTorch reference path.
+  from its PyTorch reference path. ``EPBAN_BUILD_CUDA=0`` builds it for the CPU only. Both
+  are read through ``epban/settings.py`` (loaded by path: it needs only the standard library).
 - With no GPU visible, the CUDA architectures default to ``DEFAULT_CUDA_ARCHS``
   (one real target plus PTX keeps CI's compile short); ``TORCH_CUDA_ARCH_LIST``
   overrides it.
 """
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -18,6 +20,14 @@ from setuptools import find_packages, setup
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _settings():
+    """epban/settings.py, loaded by path: the package itself cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("_epban_settings", os.path.join(ROOT, "epban", "settings.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _packages():
@@ -34,7 +44,8 @@ def _find_nvcc():
 
 
 def _extension():
-    if os.environ.get("EPBAN_BUILD_EXT", "1") == "0":
+    settings = _settings()
+    if not settings.build_extension():
         print("epban: EPBAN_BUILD_EXT=0, skipping the C++/CUDA extension")
         return [], {}
     import torch
@@ -44,9 +55,7 @@ def _extension():
     cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     if not cpp_sources:
         return [], {}
-    with_cuda = torch.version.cuda is not None and bool(cu_sources) and _find_nvcc()
-    if os.environ.get("EPBAN_BUILD_CUDA", "1") == "0":
-        with_cuda = False
+    with_cuda = settings.build_cuda() and torch.version.cuda is not None and bool(cu_sources) and _find_nvcc()
     openmp = ["-fopenmp"]
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 on torch 2.14).
     extra_compile_args = {
@@ -57,7 +66,7 @@ def _extension():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
-        define_macros.append(("EPBAN_WITH_CUDA", None))
+        define_macros.append(("WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
         sources = cpp_sources + cu_sources
     else:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from epban.ops import ssim as ssim_module
-from epban.ops.ssim import fused_ssim_available
+from epban.ops.ssim import fused_unavailable_reason
 from epban.testing import ssim_implementations, ssim_loss_forms
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
@@ -48,7 +48,7 @@ def test_ssim(benchmark, device, shape, mode, impl):
         pytest.skip("4K is a GPU shape")
     if impl in LOSSES and mode == "fwd":
         pytest.skip("the loss rows are training's")
-    if (impl.startswith("epban fused") or impl in LOSSES) and not fused_ssim_available(device):
+    if (impl.startswith("epban fused") or impl in LOSSES) and fused_unavailable_reason(device) is not None:
         pytest.skip(f"epban._C does not serve {device}")
     benchmark.group = f"ssim {device} {_shape_id(shape)} {mode}"
     benchmark.name = impl

@@ -50,7 +50,7 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cpu);
 }
 
-#ifdef EPBAN_WITH_CUDA
+#ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_per_image", &epban::ssim::ssim_per_image_cuda);
   m.impl("ssim_map", &epban::ssim::ssim_map_cuda);
@@ -68,4 +68,12 @@ constexpr bool kWithCuda = false;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "epban's compiled kernels; the operators live in torch.ops.epban";
   m.attr("WITH_CUDA") = kWithCuda;
+#ifdef WITH_CUDA
+  m.def("ssim_set_cuda_backward", &epban::ssim::set_cuda_backward,
+        "The SSIM CUDA backward kernel of later calls: auto, tile32, tile64 or strip (EPBAN_SSIM_CUDA_BACKWARD, "
+        "handed over by epban.ops.ssim)");
+  m.def("ssim_force_strip_plan", &epban::ssim::force_strip_plan,
+        "For checks and tests: the SSIM strip backward's plan (centre columns a thread, threads, rows a band; 0: the "
+        "planner's)");
+#endif
 }

@@ -8,18 +8,21 @@ import torch
 import torch.nn.functional as F
 
 import epban
+from epban import _extension
 from epban.ops import ssim as ssim_module
-from epban.ops.ssim import SSIM_FUSED_WINDOW, fused_ssim_available, gaussian_window_1d, ssim_reference
+from epban.ops.ssim import SSIM_FUSED_WINDOW, fused_unavailable_reason, gaussian_window_1d, ssim_reference
+from epban.testing import poisoned_allocations
 
 PADDINGS = ("valid", "same")
 REDUCTIONS = ("mean", "none", "map")
 ODD_SHAPES = [(3, 1, 13, 29), (2, 4, 57, 31), (1, 3, 257, 131)]
 
-needs_cpu_kernel = pytest.mark.skipif(not fused_ssim_available("cpu"), reason="epban._C is not built")
+needs_cpu_kernel = pytest.mark.skipif(fused_unavailable_reason("cpu") is not None, reason="epban._C is not built")
 needs_cuda_kernel = [
     pytest.mark.cuda,
     pytest.mark.skipif(
-        not (torch.cuda.is_available() and fused_ssim_available("cuda")), reason="needs a GPU and epban._C with CUDA"
+        not (torch.cuda.is_available() and fused_unavailable_reason("cuda") is None),
+        reason="needs a GPU and epban._C with CUDA",
     ),
 ]
 DEVICES = [
@@ -80,26 +83,35 @@ def assert_close_rel(actual, expected, rel, what):
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} x {scale:.3g}"
 
 
-# The backward kernels of csrc/ssim/ssim_cuda.cu and the settings that select each: both
-# tiles (32 or 64 gradient rows a block; tile_rows_for picks one per launch from the image
-# height; a tile setting also selects the tiles where the strip kernel is the default, on images
-# of 512 x 512 and more), the strip kernel's two builds (two centre columns a thread, the default, and one)
-# with their own plans (plan_strips), and a forced plan of 32 threads and 7-row bands (many
-# strips and bands, a last band of fewer rows). Also used by test_ssim_cuda_emu.py.
+# The backward kernels of the CUDA extension (csrc/ssim/ssim_cuda.cuh) and how each is forced:
+# the value of EPBAN_SSIM_CUDA_BACKWARD (which epban.ssim hands to the extension at each call),
+# and the strip kernel's plan (centre columns a thread, threads, rows a band; 0: the planner's),
+# forced through the extension's ssim_force_strip_plan. Both tiles (32 or 64 gradient rows a
+# block; a tile setting selects the tiles also where the strip kernel is the default, on images
+# of 512 x 512 and more), the strip kernel's two builds (two centre columns a thread, the
+# default, and one) with their own plans (plan_strips), and a forced plan of 32 threads and
+# 7-row bands (many strips and bands, a last band of fewer rows). Also used by
+# test_ssim_cuda_emu.py.
 CUDA_BACKWARD_KERNELS = {
-    "tile-32x32": {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"},
-    "tile-32x64": {"EPBAN_SSIM_CUDA_TILE_ROWS": "64"},
-    "strip": {"EPBAN_SSIM_CUDA_BACKWARD": "strip"},
-    "strip-1col": {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "1"},
-    "strip-32x7": {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_THREADS": "32",
-                   "EPBAN_SSIM_CUDA_STRIP_ROWS": "7"},
+    "tile-32x32": ("tile32", (0, 0, 0)),
+    "tile-32x64": ("tile64", (0, 0, 0)),
+    "strip": ("strip", (0, 0, 0)),
+    "strip-1col": ("strip", (1, 0, 0)),
+    "strip-32x7": ("strip", (0, 32, 7)),
 }
 
 
-def clear_cuda_kernel_settings(monkeypatch):
-    """No backward-kernel setting of CUDA_BACKWARD_KERNELS: the extension's own choice."""
-    for name in {name for settings in CUDA_BACKWARD_KERNELS.values() for name in settings}:
-        monkeypatch.delenv(name, raising=False)
+@contextlib.contextmanager
+def cuda_backward_forced(monkeypatch, kernel):
+    """Within the block, epban.ssim's CUDA gradients run ``kernel`` (a CUDA_BACKWARD_KERNELS
+    name, or None: the extension's own choice)."""
+    setting, plan = CUDA_BACKWARD_KERNELS[kernel] if kernel else ("auto", (0, 0, 0))
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", setting)
+    _extension._C.ssim_force_strip_plan(*plan)
+    try:
+        yield
+    finally:
+        _extension._C.ssim_force_strip_plan(0, 0, 0)
 
 
 def check_fused(x, y, padding, reduction, tols=(1e-5, 1e-4, 1e-4), grad_atol=0.0, **kw):
@@ -126,20 +138,6 @@ def assert_as_accurate(ours, exact, theirs, bound, name):
     err = (ours.double() - exact).abs().max().item()
     ref_err = (theirs.double() - exact).abs().max().item()
     assert err <= max(bound, 2 * ref_err), f"{name}: error {err:.3g} > {bound:.3g} (float32 reference: {ref_err:.3g})"
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty's memory is filled with NaN, so every unwritten output element shows."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 # ---------------------------------------------------------------- reference
@@ -256,7 +254,7 @@ def test_fused_backend_raises_when_it_cannot_serve():
     x, y = image_pair((1, 1, 16, 16))
     with pytest.raises(ValueError, match="fused"):
         epban.ssim(x, y, win_size=7, backend="fused")
-    if not fused_ssim_available("cpu"):
+    if fused_unavailable_reason("cpu") is not None:
         with pytest.raises(ValueError, match="fused"):
             epban.ssim(x, y, backend="fused")
 
@@ -306,10 +304,8 @@ def test_cuda_backward_kernels(kernel, shape, ssim_path, monkeypatch):
     """Each CUDA backward kernel (CUDA_BACKWARD_KERNELS; map gradients stay on the tiles), on
     sizes that leave partial tiles, strips and bands, both training paths, from NaN-poisoned
     allocations."""
-    for name, value in CUDA_BACKWARD_KERNELS[kernel].items():
-        monkeypatch.setenv(name, value)
     x, y = image_pair(shape, device="cuda", seed=sum(shape))
-    with poisoned_allocations():
+    with cuda_backward_forced(monkeypatch, kernel), poisoned_allocations():
         check_fused(x, y, "valid", "mean")
         check_fused(x, y, "same", "none")
 
@@ -319,12 +315,24 @@ def test_cuda_backward_kernels(kernel, shape, ssim_path, monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 2, 512, 517), (2, 1, 530, 1100)], ids=lambda s: "x".join(map(str, s)))
 def test_cuda_default_backward_on_large_images(shape, ssim_path, monkeypatch):
     """Images of 512 x 512 and more take the strip kernel with its own plan by default
-    (strip_backward_selected; the emulator tests check which kernel runs)."""
-    clear_cuda_kernel_settings(monkeypatch)
+    (the emulator tests check which kernel runs)."""
     x, y = image_pair(shape, device="cuda", seed=sum(shape))
-    with poisoned_allocations():
+    with cuda_backward_forced(monkeypatch, None), poisoned_allocations():
         check_fused(x, y, "valid", "mean")
         check_fused(x, y, "same", "none")
+
+
+@needs_cuda_kernel[0]
+@needs_cuda_kernel[1]
+def test_cuda_backward_setting_is_checked(monkeypatch):
+    """A value of EPBAN_SSIM_CUDA_BACKWARD outside auto|tile32|tile64|strip is refused when a
+    CUDA call reads it; the extension refuses one too."""
+    x, y = image_pair((1, 1, 16, 16), device="cuda")
+    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "tile")
+    with pytest.raises(ValueError, match="EPBAN_SSIM_CUDA_BACKWARD"):
+        epban.ssim(x, y, backend="fused")
+    with pytest.raises(RuntimeError, match="auto, tile32, tile64, strip"):
+        _extension._C.ssim_set_cuda_backward("tile")
 
 
 @pytest.mark.parametrize("device", DEVICES)

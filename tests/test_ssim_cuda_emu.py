@@ -1,6 +1,6 @@
-"""The CUDA SSIM kernels (csrc/ssim/ssim_cuda.cu) run on the CPU by tests/cuda_emu.
+"""The CUDA SSIM kernels (csrc/ssim/ssim_cuda*.cu) run on the CPU by tests/cuda_emu.
 
-CI has no GPU, so the CUDA tests of test_ssim.py skip there; these build the same .cu file
+CI has no GPU, so the CUDA tests of test_ssim.py skip there; these build the same .cu files
 with g++ against a CPU emulation of the CUDA built-ins (a fiber per CUDA thread, barriers,
 warp shuffles, NaN-filled dynamic shared memory) and check every entry point against the
 PyTorch reference: forward (per image, map), the backward with every kind of upstream
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import epban
+from epban.testing import poisoned_allocations
 from test_ssim import (CUDA_BACKWARD_KERNELS, assert_as_accurate, assert_close_rel, check_map_accuracy_on_photos,
-                       check_scale_gradient, clear_cuda_kernel_settings, image_pair, poisoned_allocations)
+                       check_scale_gradient, image_pair)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "cuda_emu"
@@ -45,7 +46,7 @@ def emu():
         sources=[str(EMU_DIR / "ssim_cuda_emu.cpp"), str(EMU_DIR / "emu_selftest.cpp"),
                  str(ROOT / "csrc" / "ssim" / "ssim_geometry.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(EMU_DIR)],
-        extra_cflags=["-O2", "-DEPBAN_WITH_CUDA", "-DEPBAN_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+        extra_cflags=["-O2", "-DWITH_CUDA", "-DSSIM_CUDA_EMULATION", "-Wno-unknown-pragmas"],
         build_directory=str(build),
         is_python_module=False,
         with_cuda=False,
@@ -54,6 +55,15 @@ def emu():
     ops.set_schedule(LANE_ORDER, 0)
     yield ops
     ops.set_schedule(LANE_ORDER, 0)
+
+
+@pytest.fixture
+def kernel_choice(emu):
+    """The emulated extension's backward kernel and strip plan, put back to its own choice
+    (auto, the planner's plan) after the test."""
+    yield emu
+    emu.set_cuda_backward("auto")
+    emu.force_strip_plan(0, 0, 0)
 
 
 @pytest.fixture(params=[LANE_ORDER, REVERSE, SHUFFLE], ids=["lane-order", "reverse", "shuffle"])
@@ -71,9 +81,10 @@ EMULATED_SMS = 132  # cuda_emu.h's cudaDevAttrMultiProcessorCount
 
 
 @pytest.fixture(params=list(CUDA_BACKWARD_KERNELS))
-def backward_kernel(request, monkeypatch):
-    for name, value in CUDA_BACKWARD_KERNELS[request.param].items():
-        monkeypatch.setenv(name, value)
+def backward_kernel(request, kernel_choice):
+    setting, plan = CUDA_BACKWARD_KERNELS[request.param]
+    kernel_choice.set_cuda_backward(setting)
+    kernel_choice.force_strip_plan(*plan)
     return request.param
 
 
@@ -355,41 +366,34 @@ def test_bad_inputs(emu):
         emu.gradient_pass(torch.ones(3), x, y, C1, C2, False, True, True)
 
 
-def test_bad_tile_rows_setting(emu, monkeypatch):
-    x, y = image_pair((1, 1, 16, 16))
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_TILE_ROWS", "48")
-    with pytest.raises(RuntimeError, match="must be 32 or 64"):
-        emu.gradient_pass(None, x, y, C1, C2, False, True, False)
+@pytest.mark.parametrize("kernel", ["tile", "stripe", ""])
+def test_bad_backward_kernel(kernel_choice, kernel):
+    with pytest.raises(RuntimeError, match="must be one of auto, tile32, tile64, strip"):
+        kernel_choice.set_cuda_backward(kernel)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"EPBAN_SSIM_CUDA_BACKWARD": "stripe"}, "must be 'auto', 'tile' or 'strip'"),
-    ({"EPBAN_SSIM_CUDA_STRIP_COLUMNS": "3"}, "must be 1 or 2"),
-    ({"EPBAN_SSIM_CUDA_STRIP_THREADS": "48"}, r"multiple of 32 in \[32, 128\] with 2 column"),
-    ({"EPBAN_SSIM_CUDA_STRIP_THREADS": "256"}, r"multiple of 32 in \[32, 128\] with 2 column"),
-    ({"EPBAN_SSIM_CUDA_STRIP_COLUMNS": "1", "EPBAN_SSIM_CUDA_STRIP_THREADS": "32"}, r"\[64, 256\] with 1 column"),
-    ({"EPBAN_SSIM_CUDA_STRIP_ROWS": "0"}, "positive integer"),
-    ({"EPBAN_SSIM_CUDA_STRIP_ROWS": "7x"}, "positive integer"),
+@pytest.mark.parametrize("plan, message", [
+    ((3, 0, 0), "columns must be 0 .the planner's., 1 or 2"),
+    ((-1, 0, 0), "columns must be"),
+    ((0, 48, 0), r"multiple of 32 in \[32, 128\] with 2 column"),
+    ((2, 256, 0), r"multiple of 32 in \[32, 128\] with 2 column"),
+    ((1, 32, 0), r"\[64, 256\] with 1 column"),
+    ((0, 0, -1), "rows must be 0 .the planner's. or positive"),
 ])
-def test_bad_strip_settings(emu, monkeypatch, env, message):
-    x, y = image_pair((1, 1, 16, 16))
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "strip")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+def test_bad_strip_plans(kernel_choice, plan, message):
     with pytest.raises(RuntimeError, match=message):
-        emu.gradient_pass(None, x, y, C1, C2, False, True, False)
+        kernel_choice.force_strip_plan(*plan)
 
 
 @pytest.mark.parametrize("columns, threads, rows", [(2, 32, 1), (2, 64, 3), (2, 128, 200), (1, 64, 3),
                                                     (1, 256, 200)])
-def test_strip_plans_partition_the_image(emu, monkeypatch, columns, threads, rows):
+def test_strip_plans_partition_the_image(kernel_choice, columns, threads, rows):
     """Forced strip plans of both builds: bands of one row, of three over a height that leaves
     a shorter last band, and one band taller than the image; strips narrower and wider than it.
     Every gradient pixel is written (poisoned allocations) and every centre summed once."""
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "strip")
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_COLUMNS", str(columns))
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_THREADS", str(threads))
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_ROWS", str(rows))
+    emu = kernel_choice
+    emu.set_cuda_backward("strip")
+    emu.force_strip_plan(columns, threads, rows)
     x, y = image_pair((2, 2, 23, 131), seed=threads + rows)
     for padding in PADDINGS:
         with poisoned_allocations():
@@ -408,23 +412,21 @@ def test_empty_batch(emu, backward_kernel):
     assert gx.shape == x.shape
 
 
-@pytest.mark.parametrize("shape, env, expected", [
-    ((1, 1, 512, 520), {}, "strip"),
-    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "auto"}, "strip"),
-    ((1, 1, 511, 600), {}, "tile-32x64"),
-    ((1, 1, 600, 511), {}, "tile-32x64"),
-    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}, "tile-32x64"),
-    ((1, 1, 512, 520), {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}, "tile-32x32"),
-    ((1, 1, 13, 29), {"EPBAN_SSIM_CUDA_BACKWARD": "strip"}, "strip"),
+@pytest.mark.parametrize("shape, kernel, expected", [
+    ((1, 1, 512, 520), "auto", "strip"),
+    ((1, 1, 511, 600), "auto", "tile-32x64"),
+    ((1, 1, 600, 511), "auto", "tile-32x64"),
+    ((1, 1, 512, 520), "tile64", "tile-32x64"),
+    ((1, 1, 512, 520), "tile32", "tile-32x32"),
+    ((1, 1, 13, 29), "strip", "strip"),
 ])
-def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
-    """With no setting (or auto) a per-image gradient takes the strip kernel on images of at
-    least 512 x 512 and the tiles below (ssim_cuda.cu strip_backward_selected: the H100 figures);
-    a setting forces either; a map gradient takes the tiles at any size. Each run against the
-    reference, from poisoned allocations."""
-    clear_cuda_kernel_settings(monkeypatch)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+def test_backward_kernel_by_image_size(kernel_choice, shape, kernel, expected):
+    """With auto (the default) a per-image gradient takes the strip kernel on images of at
+    least 512 x 512 and the tiles below (ssim_cuda.cu kStripMinSide); a choice forces either;
+    a map gradient takes the tiles at any size. Each run against the reference, from
+    poisoned allocations."""
+    emu = kernel_choice
+    emu.set_cuda_backward(kernel)
     x, y = image_pair(shape, seed=shape[2])
     b, c, h, w = shape
     with poisoned_allocations():
@@ -443,13 +445,13 @@ def test_backward_kernel_by_image_size(emu, monkeypatch, shape, env, expected):
 
 @pytest.mark.parametrize("height, threads", [(32, 256), (64, 512), (96, 256), (128, 512), (160, 256),
                                             (192, 512), (256, 512)])
-def test_tile_rows_by_image_height(emu, monkeypatch, height, threads):
-    """tile_rows_for: the tile with fewer warp instructions in all (~15 K per 32-row tile, ~26 K
-    per 64-row one), so 32 rows (256 threads) where 64-row tiles would leave half a tile
-    outside the image (96, 160 rows) and 64 rows (512 threads) on multiples of 64 (SR crops;
-    16x3x256x256). Each run against the reference, from poisoned allocations."""
-    clear_cuda_kernel_settings(monkeypatch)
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_BACKWARD", "tile")
+def test_tile_rows_by_image_height(kernel_choice, height, threads):
+    """tile_rows_for (auto, below 512 rows): the tile with fewer warp instructions in all (~15 K
+    per 32-row tile, ~26 K per 64-row one), so 32 rows (256 threads) where 64-row tiles would
+    leave half a tile outside the image (96, 160 rows) and 64 rows (512 threads) on multiples of
+    64 (SR crops; 16x3x256x256). Each run against the reference, from poisoned allocations."""
+    emu = kernel_choice
+    emu.set_cuda_backward("auto")
     x, y = image_pair((1, 1, height, 23), seed=height)
     with poisoned_allocations():
         value, gx, _ = ran_kernels(emu, lambda: emu.gradient_pass(None, x, y, C1, C2, True, True, False))
@@ -463,12 +465,12 @@ def test_tile_rows_by_image_height(emu, monkeypatch, height, threads):
     ((1, 3, 1080, 1920), [2, 128, 99, 8, 11], 1.25),
     ((1, 3, 2160, 3840), [2, 128, 197, 16, 11], 1.15),
 ])
-def test_strip_plans_of_the_benchmark_shapes(emu, monkeypatch, shape, plan, halo):
-    """The plans the README and the kernel's comments quote for an H100's 132 SMs (columns a
-    thread, threads, rows a band, strips, bands), and the halo factor each costs: a gradient
-    pixel's column-steps, (rows + 20) / rows x centres / (centres - 10)."""
-    for name in ("EPBAN_SSIM_CUDA_STRIP_COLUMNS", "EPBAN_SSIM_CUDA_STRIP_THREADS", "EPBAN_SSIM_CUDA_STRIP_ROWS"):
-        monkeypatch.delenv(name, raising=False)
+def test_strip_plans_of_the_benchmark_shapes(kernel_choice, shape, plan, halo):
+    """The plans the kernel's comments quote for 132 SMs (columns a thread, threads, rows a
+    band, strips, bands), and the halo factor each costs: a gradient pixel's column-steps,
+    (rows + 20) / rows x centres / (centres - 10)."""
+    emu = kernel_choice
+    emu.force_strip_plan(0, 0, 0)
     b, c, h, w = shape
     got = emu.strip_plan(b * c, h, w, 132)
     assert got == plan
@@ -476,5 +478,5 @@ def test_strip_plans_of_the_benchmark_shapes(emu, monkeypatch, shape, plan, halo
     centres = columns * threads
     assert strips * (centres - 10) >= w > (strips - 1) * (centres - 10) and bands * rows >= h
     assert (rows + 20) / rows * centres / (centres - 10) == pytest.approx(halo, abs=0.005)
-    monkeypatch.setenv("EPBAN_SSIM_CUDA_STRIP_COLUMNS", "1")
+    emu.force_strip_plan(1, 0, 0)
     assert emu.strip_plan(b * c, h, w, 132)[0] == 1

@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include "ssim/ssim_math.h"
@@ -59,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
 // re-reads it on each replay; on the CPU the factors are read on the host.
 void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& upstream);
 
-#ifdef EPBAN_WITH_CUDA
+#ifdef WITH_CUDA
+// The CUDA kernels (ssim_cuda*.cu; ssim_cuda.cuh describes them).
 at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tensor& grad, const at::Tensor& x,
@@ -67,6 +69,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
                                                                   bool same_padding, bool grad_x, bool grad_y,
                                                                   bool batch_mean, double scale);
 void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream);
+// The CUDA backward kernel of every later gradient pass (epban/ops/ssim.py hands over the
+// setting EPBAN_SSIM_CUDA_BACKWARD at each call on CUDA tensors): "auto" (the strip kernel for
+// per-image upstream gradients on images of at least 512 x 512, the tiles below, 32 or 64 rows
+// by tile_rows_for), "tile32" or "tile64" (those tiles for every gradient), "strip" (the strip
+// kernel for every per-image gradient). Map gradients always take the tiles.
+void set_cuda_backward(const std::string& kernel);
+// For checks and tests: forces the strip kernel's plan of every later launch, centre columns a
+// thread (1 or 2), threads a block and rows a band; 0 leaves each to the planner.
+void force_strip_plan(int64_t columns, int64_t threads, int64_t rows);
 #endif
 
 // The ops ssim_backward and ssim_per_image_and_grad of one device, from its gradient pass.

@@ -16,8 +16,7 @@
 // About 2.5x the forward's FLOPs; the only full-size buffers are the gradients.
 // One pass (ssim_per_image_and_grad, training with reduction mean/none): the backward with
 // an upstream gradient of 1 per image also sums the SSIM values of the centre rows each
-// band owns, from the moments it computes anyway: the forward's work is saved (measured on
-// the 2-core CPU, fwd+bwd 16x3x256x256: 14.8 -> 9.8 ms; 1x3x1080x1920: 28.9 -> 20.5 ms).
+// band owns, from the moments it computes anyway: the forward's work is saved.
 // Half inputs are converted to float32 first; float32 accumulates in float32 (rows are
 // summed in double for the per-image mean), float64 in float64.
 #include "ssim/ssim.h"
@@ -34,15 +33,15 @@ namespace ssim {
 namespace {
 
 #if defined(__GNUC__)
-#define EPBAN_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define SSIM_ALWAYS_INLINE __attribute__((always_inline)) inline
 #else
-#define EPBAN_ALWAYS_INLINE inline
+#define SSIM_ALWAYS_INLINE inline
 #endif
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define EPBAN_CPU_DISPATCH_AVX2 1
-#define EPBAN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define EPBAN_TARGET_AVX512 \
+#define SSIM_CPU_DISPATCH_AVX2 1
+#define SSIM_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define SSIM_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #endif
 
@@ -67,7 +66,7 @@ struct Plane {
 
 // Vertical 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y) for centre row r, all columns.
 template <typename T>
-EPBAN_ALWAYS_INLINE void vertical_moments(const Plane<T>& p, int64_t r, const T* zero_row, const Taps<T>& taps,
+SSIM_ALWAYS_INLINE void vertical_moments(const Plane<T>& p, int64_t r, const T* zero_row, const Taps<T>& taps,
                                           T* __restrict vu, T* __restrict vv, T* __restrict vuu, T* __restrict vvv) {
   const T* xr[kWin];
   const T* yr[kWin];
@@ -101,7 +100,7 @@ EPBAN_ALWAYS_INLINE void vertical_moments(const Plane<T>& p, int64_t r, const T*
 
 // Horizontal 11-tap sum at centre column c of a padded row buffer.
 template <typename T>
-EPBAN_ALWAYS_INLINE T horizontal_tap(const T* v, int64_t c, const Taps<T>& taps) {
+SSIM_ALWAYS_INLINE T horizontal_tap(const T* v, int64_t c, const Taps<T>& taps) {
   T s = 0;
 #pragma GCC unroll 11
   for (int k = 0; k < kWin; ++k) s += taps.w[k] * v[c + k];
@@ -116,7 +115,7 @@ struct ForwardBuffers {
 
 // Centre rows [r0, r1) of one plane. Writes the map rows (map != nullptr) or returns the sum.
 template <typename T>
-EPBAN_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
+SSIM_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
                                              ForwardBuffers<T>& buf) {
   const Taps<T> taps;
   T* vu = buf.v.data();
@@ -163,7 +162,7 @@ struct BackwardBuffers {
 // returns the row's sum of SSIM values (the forward's work, from the same moments).
 // (A function, not a lambda: lambdas do not inherit the caller's target ISA.)
 template <bool kValue, typename T>
-EPBAN_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
+SSIM_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
                                    BackwardBuffers<T>& buf) {
   const int64_t pitch = p.pitch;
   T* vu = buf.v.data();
@@ -195,7 +194,7 @@ EPBAN_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, 
 // Centre row r's partials and, when the band owns the row (with_value), its SSIM values
 // added to `values`. A function, not a lambda, for the reason above.
 template <typename T>
-EPBAN_ALWAYS_INLINE void centre_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
+SSIM_ALWAYS_INLINE void centre_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
                                     BackwardBuffers<T>& buf, bool with_value, double& values) {
   if (with_value) {
     values += static_cast<double>(partials_row<true>(p, r, grow, taps, buf));
@@ -210,7 +209,7 @@ EPBAN_ALWAYS_INLINE void centre_row(const Plane<T>& p, int64_t r, const T* grow,
 // one pass gives the per-image value and its gradient (bands partition the rows: every
 // centre is summed once).
 template <typename T>
-EPBAN_ALWAYS_INLINE void backward_rows_impl(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
+SSIM_ALWAYS_INLINE void backward_rows_impl(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
                                             T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf, double* value_sum) {
   const Taps<T> taps;
   const int64_t pitch = p.pitch;
@@ -281,24 +280,24 @@ void backward_rows_base(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_ma
                         T* gy, BackwardBuffers<T>& buf, double* value_sum) {
   backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
 }
-#ifdef EPBAN_CPU_DISPATCH_AVX2
+#ifdef SSIM_CPU_DISPATCH_AVX2
 template <typename T>
-EPBAN_TARGET_AVX2 double forward_rows_avx2(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
+SSIM_TARGET_AVX2 double forward_rows_avx2(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
                                            ForwardBuffers<T>& buf) {
   return forward_rows_impl(p, r0, r1, map, map_w, buf);
 }
 template <typename T>
-EPBAN_TARGET_AVX2 void backward_rows_avx2(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
+SSIM_TARGET_AVX2 void backward_rows_avx2(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
                                           T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf, double* value_sum) {
   backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
 }
 template <typename T>
-EPBAN_TARGET_AVX512 double forward_rows_avx512(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
+SSIM_TARGET_AVX512 double forward_rows_avx512(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
                                                ForwardBuffers<T>& buf) {
   return forward_rows_impl(p, r0, r1, map, map_w, buf);
 }
 template <typename T>
-EPBAN_TARGET_AVX512 void backward_rows_avx512(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map,
+SSIM_TARGET_AVX512 void backward_rows_avx512(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map,
                                               int64_t map_w, T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf,
                                               double* value_sum) {
   backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
@@ -316,7 +315,7 @@ bool cpu_has_avx2() {
 
 template <typename T>
 double forward_rows(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w, ForwardBuffers<T>& buf) {
-#ifdef EPBAN_CPU_DISPATCH_AVX2
+#ifdef SSIM_CPU_DISPATCH_AVX2
   if (cpu_has_avx512()) return forward_rows_avx512(p, r0, r1, map, map_w, buf);
   if (cpu_has_avx2()) return forward_rows_avx2(p, r0, r1, map, map_w, buf);
 #endif
@@ -326,7 +325,7 @@ double forward_rows(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t m
 template <typename T>
 void backward_rows(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w, T g_scalar, T* gx, T* gy,
                    BackwardBuffers<T>& buf, double* value_sum) {
-#ifdef EPBAN_CPU_DISPATCH_AVX2
+#ifdef SSIM_CPU_DISPATCH_AVX2
   if (cpu_has_avx512()) return backward_rows_avx512(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
   if (cpu_has_avx2()) return backward_rows_avx2(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
 #endif

@@ -46,11 +46,11 @@ constexpr double kSigma = 1.5;
 // The normalised 1-D Gaussian (win 11, sigma 1.5) in double, as the reference's
 // gaussian_window_1d computes it before casting to the compute dtype. A macro so that
 // the CUDA kernels can put the same literals in __constant__ memory.
-#define EPBAN_SSIM_GAUSS_11                                                            \
+#define SSIM_GAUSS_11                                                            \
   0.00102838008447911, 0.007598758135239185, 0.03600077212843083, 0.10936068950970002, \
       0.2130055377112537, 0.26601172486179436, 0.2130055377112537, 0.10936068950970002, \
       0.03600077212843083, 0.007598758135239185, 0.00102838008447911
-constexpr double kGauss[kWin] = {EPBAN_SSIM_GAUSS_11};
+constexpr double kGauss[kWin] = {SSIM_GAUSS_11};
 
 // The four terms of S = A1 A2 / (B1 B2) from the moments of u = x + y and v = x - y.
 template <typename T>

@@ -20,25 +20,32 @@ the first gives the batch mean from the same pass): one kernel pass
 gives the value and the gradient of each image's SSIM, the moments computed once, and the
 backward only scales that gradient by the upstream one (in place: still one image-sized
 buffer per input; nothing is written where that factor is exactly 1, which ``ssim_loss``
-arranges by folding the loss weight into the pass). The kernels filter u = x + y and v = x - y (four moments, not five;
-more accurate in float32 where x ~ y: csrc/ssim/ssim_math.h) and return the partials in
-x, y terms. The gradient, with g the upstream gradient per window centre:
+arranges by folding the loss weight into the pass). The kernels filter u = x + y and
+v = x - y (four moments, not five; more accurate in float32 where x ~ y:
+csrc/ssim/ssim_math.h) and return the partials in x, y terms. The gradient, with g the
+upstream gradient per window centre:
 
     dL/dx = G*(g dS/dmu_x) + 2 x G*(g dS/dE[x^2]) + y G*(g dS/dE[xy])
     dL/dy = G*(g dS/dmu_y) + 2 y G*(g dS/dE[y^2]) + x G*(g dS/dE[xy])
+
+On CUDA the gradient runs one of two kernel families (csrc/ssim/ssim_cuda.cuh): tiles of 32
+columns by 32 or 64 rows, or column strips streamed down row bands (per-image upstream
+gradients on images of 512 x 512 and more). The setting ``EPBAN_SSIM_CUDA_BACKWARD``
+(auto, tile32, tile64, strip; ``epban.settings``) forces one, for checks.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from epban._extension import check_backend, extension_has_cuda, extension_loaded
+from epban import _extension, settings
+from epban._extension import extension_loaded
 from epban.ops._checks import check_image_pair
+from epban.ops.registry import extension_unavailable_reason, register, use_fused
 
 PADDINGS = ("valid", "same")
 REDUCTIONS = ("mean", "none", "map")
@@ -52,9 +59,9 @@ _FUSED_DTYPES = {
 # takes the one-pass op. On CUDA it is the backward kernel plus a per-block sum of values,
 # run instead of the forward and backward kernels: less work by construction. Its logic is
 # checked in CI on the CPU (tests/test_ssim_cuda_emu.py) and on a GPU by
-# scripts/gpu_check.sh, whose "epban two-pass" row times the alternative.
-# EPBAN_SSIM_ONE_PASS="cpu" keeps CUDA on the two-pass ops, "" opts out everywhere.
-ONE_PASS_DEVICES = frozenset(d for d in os.environ.get("EPBAN_SSIM_ONE_PASS", "cpu,cuda").split(",") if d)
+# scripts/dev/ssim_gpu_check.py, whose "epban two-pass" row times the alternative
+# (one_pass_devices below switches it off for such comparisons).
+ONE_PASS_DEVICES = frozenset({"cpu", "cuda"})
 _ONE_PASS_DTYPES = (torch.float32, torch.float64)  # half types: the unscaled gradient could underflow
 
 
@@ -135,27 +142,36 @@ def ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=
     return _reduce(ssim_map, reduction)
 
 
-def fused_ssim_available(device: str | torch.device) -> bool:
-    """Whether the compiled SSIM kernel serves tensors on ``device`` (for window 11, sigma 1.5)."""
-    kind = torch.device(device).type
-    if kind == "cpu":
-        return extension_loaded()
-    if kind == "cuda":
-        return extension_has_cuda()
-    return False
-
-
-def _fused_unavailable(x, data_range, win_size, sigma) -> str | None:
-    """Why the fused kernel cannot serve these arguments, or None when it can."""
-    if not fused_ssim_available(x.device):
-        return f"the compiled extension does not serve {x.device.type} tensors (see epban.info())"
-    if x.dtype not in _FUSED_DTYPES[x.device.type]:
-        return f"dtype {x.dtype} is not supported on {x.device.type}"
+def fused_unavailable_reason(device, dtype=None, *, win_size=11, sigma=1.5, data_range=1.0) -> str | None:
+    """Why the compiled kernels cannot serve SSIM of ``dtype`` tensors on ``device`` with these
+    arguments, or None when they can (window 11 / sigma 1.5, a Python-number data_range)."""
+    device = torch.device(device)
+    unavailable = extension_unavailable_reason("ssim", device)
+    if unavailable is not None:
+        return unavailable
+    if dtype is not None and dtype not in _FUSED_DTYPES[device.type]:
+        return f"dtype {dtype} is not supported on {device.type}"
     if (win_size, float(sigma)) != SSIM_FUSED_WINDOW:
         return f"the kernel implements win_size={SSIM_FUSED_WINDOW[0]}, sigma={SSIM_FUSED_WINDOW[1]}"
     if not isinstance(data_range, (int, float)):
         return "data_range must be a Python number"
     return None
+
+
+def _auto_backend(device: torch.device) -> str:
+    return "fused" if fused_unavailable_reason(device, torch.float32) is None else "reference"
+
+
+register("ssim", kernels="C++/OpenMP (cpu), CUDA (cuda), epban._C", auto_backend=_auto_backend)
+
+
+def _hand_over_cuda_backward() -> None:
+    """Hands the setting EPBAN_SSIM_CUDA_BACKWARD to the extension before a call on CUDA
+    tensors: the gradient passes of that call (and later ones) run the chosen kernel. A host
+    call only, so CUDA graphs capture whichever kernel it picked; skipped while torch.compile
+    traces (the extension keeps its last choice)."""
+    if not torch.compiler.is_compiling():
+        _extension._C.ssim_set_cuda_backward(settings.ssim_cuda_backward())
 
 
 def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction, scale=1.0):
@@ -165,6 +181,8 @@ def _ssim_fused(x, y, *, data_range, k1, k2, padding, reduction, scale=1.0):
     c2 = float((k2 * data_range) ** 2)
     same = padding == "same"
     x, y = x.contiguous(), y.contiguous()
+    if x.is_cuda:
+        _hand_over_cuda_backward()
     if reduction == "map":
         return torch.ops.epban.ssim_map(x, y, c1, c2, same)
     if _one_pass(x, y):
@@ -257,15 +275,12 @@ def ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padd
 def _scaled_ssim(x, y, scale, *, data_range, win_size, sigma, k1, k2, padding, reduction, backend):
     """scale x SSIM: the fused kernels when they serve (the one-pass ops fold scale into their
     pass), else the reference. ssim() is scale 1, ssim_loss() scale -weight."""
-    check_backend(backend)
     check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
-    if backend != "reference":
-        reason = _fused_unavailable(x, data_range, win_size, sigma)
-        if reason is None:
-            return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
-                               scale=scale)
-        if backend == "fused":
-            raise ValueError(f"backend='fused' cannot serve these inputs: {reason}")
+    reason = None if backend == "reference" else fused_unavailable_reason(
+        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
+    if use_fused(backend, reason):
+        return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
+                           scale=scale)
     ssim_map = ssim_map_reference(
         x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding
     )

@@ -1,6 +1,6 @@
 """GPU check of the fused SSIM kernel: correctness against the reference, then timings.
 
-    python scripts/ssim_gpu_check.py [--seed N] [--skip-timings] [--strip-sweep] [--device cpu]
+    python scripts/dev/ssim_gpu_check.py [--seed N] [--skip-timings] [--strip-sweep] [--device cpu]
 
 1. Correctness on CUDA, fresh random odd shapes (the seed is printed; --seed repeats a
    run): forward and both gradients for float32/bfloat16/float16, every reduction, both
@@ -37,24 +37,14 @@ from unittest import mock
 import torch
 
 import epban
+from epban import _extension, settings
 from epban.ops import ssim as ssim_module
-from epban.ops.ssim import fused_ssim_available, ssim_reference
-from epban.testing import ssim_implementations, ssim_loss_forms
+from epban.ops.ssim import fused_unavailable_reason, ssim_reference
+from epban.testing import poisoned_allocations, ssim_implementations, ssim_loss_forms
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
-TARGETS_MS = {(16, 3, 256, 256): 0.07, (1, 3, 1080, 1920): 0.12, (1, 3, 2160, 3840): 0.44}  # fwd+bwd, issue 3
+TARGETS_MS = {(16, 3, 256, 256): 0.07, (1, 3, 1080, 1920): 0.12, (1, 3, 2160, 3840): 0.44}  # fwd+bwd targets
 BANDWIDTH = 3.0e12  # bytes/s for the floor column
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty (the kernels' outputs included) starts as NaN."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 DEVICE = "cuda"
@@ -70,26 +60,33 @@ def two_pass_ssim(x, y):
         return epban.ssim(x, y, backend="fused")
 
 
-def settings(**env):
-    """Environment settings the CUDA kernels read at each launch (csrc/ssim/ssim_cuda.cu)."""
-    return mock.patch.dict(os.environ, env)
+@contextlib.contextmanager
+def cuda_backward(kernel: str, plan=(0, 0, 0)):
+    """Within the block the CUDA gradients run ``kernel`` (auto, tile32, tile64 or strip; strip
+    also on small images) with the strip plan ``plan`` (centre columns a thread, threads, rows a
+    band; 0: the planner's): the setting EPBAN_SSIM_CUDA_BACKWARD for epban.ssim, handed to the
+    extension at once too for the bare ops, and the plan through its test-only
+    ssim_force_strip_plan. Afterwards the setting of the environment holds again."""
+    with mock.patch.dict(os.environ, {"EPBAN_SSIM_CUDA_BACKWARD": kernel}):
+        _extension._C.ssim_set_cuda_backward(kernel)
+        _extension._C.ssim_force_strip_plan(*plan)
+        try:
+            yield
+        finally:
+            _extension._C.ssim_force_strip_plan(0, 0, 0)
+    _extension._C.ssim_set_cuda_backward(settings.ssim_cuda_backward())
 
 
-def with_settings(**env):
-    """epban fused with the CUDA backward forced by settings: the tile's rows
-    (EPBAN_SSIM_CUDA_TILE_ROWS=32 or 64) or the strip kernel (EPBAN_SSIM_CUDA_BACKWARD=strip).
-    The settings go on fn.settings, for the caller to apply around a whole timing: patching
-    os.environ on every call cost ~0.4 ms of host time, more than the kernels at 16x3x256x256
-    (the H100 table of 2026-11-27 showed 0.59 ms for the 32x32 tile against 0.16 ms)."""
+def with_backward(kernel: str):
+    """epban fused with the CUDA backward forced to ``kernel`` (tile32, tile64, strip). The
+    choice goes on fn.backward, for the caller to apply around a whole timing: patching
+    os.environ on every call costs more host time than the kernels take on small images."""
 
     def fn(x, y):
         return epban.ssim(x, y, backend="fused")
 
-    fn.settings = env
+    fn.backward = kernel
     return fn
-
-
-STRIP = dict(EPBAN_SSIM_CUDA_BACKWARD="strip")  # also forces it on small images
 
 
 def strip_sweep() -> list[str]:
@@ -103,15 +100,15 @@ def strip_sweep() -> list[str]:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     failures = []
     c1, c2 = 1e-4, 9e-4
-    # (columns a thread, threads, rows); "plan": plan_strips' choice
+    # (columns a thread, threads, rows); threads and rows 0: plan_strips' choice
     # Forced plans: blocks of 4 warps (two blocks an SM with the two-column build's ~230
-    # registers) or 2 warps (four); 32- and 96-thread blocks leave schedulers idle (H100 sweep of
-    # 2026-11-27: 1.2-1.6x slower). Rows that fill whole waves of 264 or 528 blocks: 99 at
-    # 1080p, 197 and 432 at 4K with 128 threads; 86, 216 and 432 with 64.
-    plans = [(2, "plan", "plan"), (1, "plan", "plan")]
-    plans += [(2, "128", str(r)) for r in (64, 99, 128, 197, 432)]
-    plans += [(2, "64", str(r)) for r in (64, 86, 216, 432)]
-    plans += [(1, "128", "128"), (1, "256", "99"), (1, "256", "197")]
+    # registers) or 2 warps (four); 32- and 96-thread blocks leave schedulers idle. Rows that
+    # fill whole waves of 264 or 528 blocks on 132 SMs: 99 at 1080p, 197 and 432 at 4K with
+    # 128 threads; 86, 216 and 432 with 64.
+    plans = [(2, 0, 0), (1, 0, 0)]
+    plans += [(2, 128, r) for r in (64, 99, 128, 197, 432)]
+    plans += [(2, 64, r) for r in (64, 86, 216, 432)]
+    plans += [(1, 128, 128), (1, 256, 99), (1, 256, 197)]
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(0)
         x, y = image_pair(shape, torch.float32, gen)
@@ -120,18 +117,16 @@ def strip_sweep() -> list[str]:
         def one_pass():
             return torch.ops.epban.ssim_per_image_and_grad(x, y, c1, c2, False, True, False)
 
-        with settings(EPBAN_SSIM_CUDA_BACKWARD="tile"):  # the tiles (the strip kernel is the default from 512 x 512)
+        with cuda_backward("tile64"):  # the tall tile (the strip kernel is the default from 512 x 512)
             tile_ms = median_ms(one_pass)
             _, tile_gx, _ = one_pass()
         scale = tile_gx.abs().max().item()
         print(f"| {name} | tile | | | | {tile_ms:.3f} | 1.00 | |", flush=True)
         for columns, threads, rows in plans:
-            env = dict(STRIP, EPBAN_SSIM_CUDA_STRIP_COLUMNS=str(columns))
-            if threads != "plan":
-                env.update(EPBAN_SSIM_CUDA_STRIP_THREADS=threads, EPBAN_SSIM_CUDA_STRIP_ROWS=rows)
-            with settings(**env):
+            with cuda_backward("strip", (columns, threads, rows)):
                 ms = median_ms(one_pass)
                 _, gx, _ = one_pass()
+            threads, rows = threads or "plan", rows or "plan"
             diff = (gx - tile_gx).abs().max().item() / scale
             if diff > 1e-4:
                 failures.append(f"strip {columns} column(s) {threads}x{rows} at {name}: gradient differs by {diff:.1e}")
@@ -342,9 +337,9 @@ LOSS_FORMS = ssim_loss_forms(0.5)
 def timings() -> None:
     impls = ssim_implementations(on_missing=lambda name: print(f"{name} not installed: skipped"))
     impls = {"epban fused": impls.pop("epban fused"),
-             "epban fused, tile 32x32": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="32"),
-             "epban fused, tile 32x64": with_settings(EPBAN_SSIM_CUDA_TILE_ROWS="64"),
-             "epban fused, strip": with_settings(**STRIP), "epban two-pass": two_pass_ssim,
+             "epban fused, tile 32x32": with_backward("tile32"),
+             "epban fused, tile 32x64": with_backward("tile64"),
+             "epban fused, strip": with_backward("strip"), "epban two-pass": two_pass_ssim,
              **LOSS_FORMS, **impls}
     rows = []
     for shape in SHAPES:
@@ -369,7 +364,8 @@ def timings() -> None:
                         xg.grad = None
                         fn(xg, y).backward()
 
-                with settings(**getattr(fn, "settings", {})):
+                forced = getattr(fn, "backward", None)
+                with cuda_backward(forced) if forced else contextlib.nullcontext():
                     ms = median_ms(run)
                     mem = ""
                     if mode == "fwd+bwd" and shape == SHAPES[-1]:
@@ -416,16 +412,15 @@ def main() -> int:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("ssim_gpu_check: no CUDA device")
         return 1
-    if not fused_ssim_available(DEVICE):
-        from epban._extension import EXTENSION_ERROR
-
-        print(f"ssim_gpu_check: epban._C has no {DEVICE} kernels ({EXTENSION_ERROR or 'built without CUDA'})")
+    unavailable = fused_unavailable_reason(DEVICE)
+    if unavailable is not None:
+        print(f"ssim_gpu_check: {unavailable} ({_extension.EXTENSION_ERROR or 'built without CUDA'})")
         return 1
     start = time.perf_counter()
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     failures = check_correctness(seed)
     if DEVICE == "cuda":
-        with settings(**STRIP):
+        with cuda_backward("strip"):
             print("\ncorrectness with the strip backward kernel (EPBAN_SSIM_CUDA_BACKWARD=strip)")
             failures += check_correctness(seed)
     if args.strip_sweep and DEVICE == "cuda":

@@ -6,8 +6,8 @@
 The one-pass op (value and dL/dx, float32, valid) at 16x3x256x256, 1x3x1080x1920 and
 1x3x2160x3840 with the tall tile, and at 4K with the 32x32 tile, the strip kernel with a
 forced plan (2 columns, 128 threads x 64 rows) and with its own plan, and its one-column
-build; the forward alone at 4K. (These found, on an H100 on 2026-11-27, that the strip
-kernel waited on loads issued just before its barrier: ssim_cuda.cu.) The
+build; the forward alone at 4K. (These found that the strip kernel waited on loads issued
+just before its barrier: csrc/ssim/ssim_cuda_strip_backward.cu.) The
 summary puts, per kernel: duration, issue slots busy (how near it runs to one instruction a
 scheduler cycle), warps per scheduler (occupancy), registers, and the warp stall reasons
 that take the most cycles per issued instruction (barrier, short scoreboard = shared memory,
@@ -24,20 +24,17 @@ import subprocess
 import sys
 
 C1, C2 = 1e-4, 9e-4
-# (label, shape, settings): one launch each, in this order
+# (label, shape, (backward kernel, strip plan: columns a thread, threads, rows; 0 the planner's)):
+# one launch each, in this order
 LAUNCHES = [
-    ("one-pass tall tile 16x3x256x256", (16, 3, 256, 256), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}),
-    ("one-pass tall tile 1x3x1080x1920", (1, 3, 1080, 1920), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}),
-    ("one-pass tall tile 1x3x2160x3840", (1, 3, 2160, 3840), {"EPBAN_SSIM_CUDA_BACKWARD": "tile"}),
-    ("one-pass 32x32 tile 1x3x2160x3840", (1, 3, 2160, 3840), {"EPBAN_SSIM_CUDA_TILE_ROWS": "32"}),
-    ("one-pass strip 2 col 128x64 1x3x2160x3840", (1, 3, 2160, 3840),
-     {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "2",
-      "EPBAN_SSIM_CUDA_STRIP_THREADS": "128", "EPBAN_SSIM_CUDA_STRIP_ROWS": "64"}),
-    ("one-pass strip plan 1x3x2160x3840", (1, 3, 2160, 3840), {"EPBAN_SSIM_CUDA_BACKWARD": "strip"}),
+    ("one-pass tall tile 16x3x256x256", (16, 3, 256, 256), ("tile64", (0, 0, 0))),
+    ("one-pass tall tile 1x3x1080x1920", (1, 3, 1080, 1920), ("tile64", (0, 0, 0))),
+    ("one-pass tall tile 1x3x2160x3840", (1, 3, 2160, 3840), ("tile64", (0, 0, 0))),
+    ("one-pass 32x32 tile 1x3x2160x3840", (1, 3, 2160, 3840), ("tile32", (0, 0, 0))),
+    ("one-pass strip 2 col 128x64 1x3x2160x3840", (1, 3, 2160, 3840), ("strip", (2, 128, 64))),
+    ("one-pass strip plan 1x3x2160x3840", (1, 3, 2160, 3840), ("strip", (0, 0, 0))),
     ("forward 1x3x2160x3840", (1, 3, 2160, 3840), None),
-    ("one-pass strip 1 col 128x128 1x3x2160x3840", (1, 3, 2160, 3840),
-     {"EPBAN_SSIM_CUDA_BACKWARD": "strip", "EPBAN_SSIM_CUDA_STRIP_COLUMNS": "1",
-      "EPBAN_SSIM_CUDA_STRIP_THREADS": "128", "EPBAN_SSIM_CUDA_STRIP_ROWS": "128"}),
+    ("one-pass strip 1 col 128x128 1x3x2160x3840", (1, 3, 2160, 3840), ("strip", (1, 128, 128))),
 ]
 SECTIONS = ["SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats",
             "ComputeWorkloadAnalysis", "InstructionStats"]
@@ -47,7 +44,7 @@ def launch() -> None:
     """One launch of each kernel (ncu filters the ssim_* kernels; the finish kernels are tiny)."""
     import torch
 
-    import epban  # noqa: F401  (loads the extension's ops)
+    from epban import _extension  # loads the extension's ops
 
     wanted = os.environ.get("SSIM_NCU_LAUNCHES")  # --source: the labels to launch, "|"-separated
     for label, shape, settings in LAUNCHES:
@@ -57,12 +54,12 @@ def launch() -> None:
         x = torch.rand(shape, generator=gen)
         y = (0.9 * x + 0.1 * torch.randn(shape, generator=gen)).clamp(0, 1)
         x, y = x.cuda(), y.cuda()
-        for k in [k for k in os.environ if k.startswith("EPBAN_SSIM_CUDA_")]:
-            os.environ.pop(k, None)
         if settings is None:
             torch.ops.epban.ssim_per_image(x, y, C1, C2, False)
         else:
-            os.environ.update(settings)
+            kernel, plan = settings
+            _extension._C.ssim_set_cuda_backward(kernel)
+            _extension._C.ssim_force_strip_plan(*plan)
             torch.ops.epban.ssim_per_image_and_grad(x, y, C1, C2, False, True, False)
         torch.cuda.synchronize()
 

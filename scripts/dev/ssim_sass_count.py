@@ -1,14 +1,16 @@
 """Registers, spills and instruction counts of the CUDA SSIM kernels, without a GPU.
 
-    CUDA_HOME=/usr/local/cuda python scripts/ssim_sass_count.py [--arch sm_90]
+    CUDA_HOME=/usr/local/cuda python scripts/dev/ssim_sass_count.py [--arch sm_90]
 
-Compiles csrc/ssim/ssim_cuda.cu with nvcc (the flags of setup.py) for one architecture,
+Compiles the CUDA kernel files csrc/ssim/ssim_cuda_*.cu with nvcc (the flags of setup.py) for
+one architecture,
 prints each kernel's registers and spills (ptxas -v), then disassembles the cubin
 (cuobjdump, from CUDA_HOME or the copy Triton ships) and counts the SASS of the strip
 backward kernels per step: their step loop is unrolled by 11 with one barrier a step, so the
 code between two barriers is one step. These are the counts the README and the kernel's
 comments quote (instructions per thread and step, and per centre column). They say what
-the kernels issue, not how fast a GPU issues it.
+the kernels issue, not how fast a GPU issues it (csrc/ssim/ssim_cuda_strip_backward.cu quotes
+them).
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "ssim" / "ssim_cuda.cu"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The files that hold kernels (ssim_cuda.cu also holds the in-place scaling's)
+SOURCES = sorted((ROOT / "csrc" / "ssim").glob("ssim_cuda*.cu"))
 
 
 def tool(name: str, cuda_home: str) -> str:
@@ -44,12 +47,12 @@ def tool(name: str, cuda_home: str) -> str:
     return found
 
 
-def compile_cubin(arch: str, cuda_home: str, out: str) -> str:
+def compile_cubin(source: pathlib.Path, arch: str, cuda_home: str, out: str) -> str:
     from torch.utils.cpp_extension import include_paths
 
     cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-O3", "--use_fast_math", "-std=c++20", f"-arch={arch}",
-           "-DEPBAN_WITH_CUDA", f"-I{ROOT / 'csrc'}", *[f"-I{p}" for p in include_paths()],
-           "-cubin", "-o", out, str(SOURCE), "-Xptxas", "-v"]
+           "-DWITH_CUDA", f"-I{ROOT / 'csrc'}", *[f"-I{p}" for p in include_paths()],
+           "-cubin", "-o", out, str(source), "-Xptxas", "-v"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(done.stderr[-4000:])
@@ -101,12 +104,14 @@ def main() -> int:
     parser.add_argument("--arch", default="sm_90")
     args = parser.parse_args()
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    log, sass = "", ""
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "ssim.cubin")
-        log = compile_cubin(args.arch, cuda_home, cubin)
-        sass = subprocess.run([tool("cuobjdump", cuda_home), "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    print(f"## {SOURCE.relative_to(ROOT)} for {args.arch}\n")
+        for i, source in enumerate(SOURCES):
+            cubin = os.path.join(tmp, f"ssim_{i}.cubin")
+            log += compile_cubin(source, args.arch, cuda_home, cubin)
+            sass += subprocess.run([tool("cuobjdump", cuda_home), "-sass", cubin], capture_output=True, text=True,
+                                   check=True).stdout
+    print(f"## {', '.join(str(s.relative_to(ROOT)) for s in SOURCES)} for {args.arch}\n")
     print("| kernel <dtype, ...> | registers | stack and spills |")
     print("|---|---:|---|")
     for name, registers, spill in sorted(resources(log)):

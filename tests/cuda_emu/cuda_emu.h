@@ -10,7 +10,7 @@
 // (set_schedule): a missing __syncthreads shows as a wrong result under some order.
 //
 // Memory: __shared__ variables become function statics (one block runs at a time, so
-// they are the block's shared memory); dynamic shared memory (EPBAN_DYNAMIC_SHARED) is
+// they are the block's shared memory); dynamic shared memory (SSIM_DYNAMIC_SHARED) is
 // filled with 0xFF bytes (float NaN) before every block, so reads of shared memory no
 // thread wrote show up as NaN. Global memory is the CPU tensors' memory.
 //
@@ -223,7 +223,7 @@ void run_grid(Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, Body& body) {
   active_block() = nullptr;
 }
 
-// EPBAN_LAUNCH(grid, block, smem, stream, kernel)(args...): the arguments are converted to
+// SSIM_LAUNCH(grid, block, smem, stream, kernel)(args...): the arguments are converted to
 // the kernel's parameter types once, as a CUDA launch copies them.
 template <typename... Params>
 struct Launch {
@@ -301,9 +301,9 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 
-#define EPBAN_LAUNCH(grid, block, smem, stream, ...) \
+#define SSIM_LAUNCH(grid, block, smem, stream, ...) \
   ::epban_emu::launch(::epban_emu::Dim3(grid), ::epban_emu::Dim3(block), (smem), __VA_ARGS__)
-#define EPBAN_DYNAMIC_SHARED(type, name) type* name = ::epban_emu::dynamic_shared<type>()
+#define SSIM_DYNAMIC_SHARED(type, name) type* name = ::epban_emu::dynamic_shared<type>()
 
 // ---- the CUDA runtime and c10::cuda calls of the host code
 using cudaStream_t = void*;
@@ -311,7 +311,7 @@ using cudaError_t = int;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = 132;  // an H100 SXM's count
+  *value = 132;  // the SMs of the GPU the strip plans are quoted for
   return 0;
 }
 template <typename F>

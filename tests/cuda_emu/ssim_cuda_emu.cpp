@@ -1,9 +1,13 @@
-// epban's CUDA SSIM kernels (csrc/ssim/ssim_cuda.cu, the file itself) built for the CPU with
-// cuda_emu.h, registered as torch.ops.epban_cuda_emu.* on CPU tensors. tests/test_ssim_cuda_emu.py
-// builds this with torch.utils.cpp_extension.load and checks it against the reference.
+// epban's CUDA SSIM kernels (csrc/ssim/ssim_cuda*.cu, the files themselves) built for the CPU
+// with cuda_emu.h, registered as torch.ops.epban_cuda_emu.* on CPU tensors. tests/test_ssim_cuda_emu.py
+// builds this with torch.utils.cpp_extension.load and checks it against the reference. One
+// translation unit: g++ takes no .cu file, so each is included here.
 #include <torch/library.h>
 
 #include "ssim/ssim_cuda.cu"
+#include "ssim/ssim_cuda_forward.cu"
+#include "ssim/ssim_cuda_strip_backward.cu"
+#include "ssim/ssim_cuda_tile_backward.cu"
 
 namespace {
 
@@ -28,7 +32,7 @@ int64_t launches() { return epban_emu::settings().launches; }
 // The block sizes (threads) of the launches since the last call, in order, and a reset.
 std::vector<int64_t> take_block_sizes() { return std::exchange(epban_emu::settings().block_sizes, {}); }
 
-// The strip kernel's plan (csrc/ssim/ssim_cuda.cu plan_strips) for a geometry and a count of
+// The strip kernel's plan (csrc/ssim/ssim_cuda_strip_backward.cu plan_strips) for a geometry and a count of
 // SMs: columns a thread, threads, rows a band, strips, bands.
 std::vector<int64_t> strip_plan(int64_t planes, int64_t height, int64_t width, int64_t sms) {
   const auto p = epban::ssim::plan_strips(planes, height, width, static_cast<int>(sms));
@@ -48,4 +52,6 @@ TORCH_LIBRARY(epban_cuda_emu, m) {
   m.def("launches", &launches);
   m.def("take_block_sizes", &take_block_sizes);
   m.def("strip_plan", &strip_plan);
+  m.def("set_cuda_backward(str kernel) -> ()", &epban::ssim::set_cuda_backward);
+  m.def("force_strip_plan(int columns, int threads, int rows) -> ()", &epban::ssim::force_strip_plan);
 }
