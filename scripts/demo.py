@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from epban.cli_options import set_threads
+
 SYNTHETIC_NOTE = (
     "NOTE: the quality metric in this demo was trained on SYNTHETIC scores (a formula of the "
     "degradation parameters of the toy set), not on human opinion scores. Its scores show the "
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    set_threads(0)  # auto: fewer threads when the cores are busy
 
     from epban.losses import PBANLoss
     from epban.metric import make_toy_dataset, train_metric

@@ -58,6 +58,28 @@ def test_empty_split(tmp_path):
         select_split(read_csv_manifest(m), "val", m)
 
 
+def test_empty_manifest_says_so(tmp_path):
+    """A header without samples is an empty manifest, whatever its columns."""
+    m = _write(tmp_path / "m.csv", "sr_path,hr_path,score,method,split\n")
+    for split in ("train", None):
+        with pytest.raises(ManifestError, match="m.csv: the manifest is empty") as exc:
+            select_split(read_csv_manifest(m), split, m)
+        assert "split column" not in str(exc.value)
+    m = _write(tmp_path / "n.csv", "sr_path,hr_path,score,split\na.png,b.png,1,\n")
+    with pytest.raises(ManifestError, match="the train split is empty .no sample names a split"):
+        select_split(read_csv_manifest(m), "train", m)
+
+
+def test_check_images_finds_a_truncated_file(tmp_path):
+    """The header alone is whole: only a check of the file's structure finds it before training."""
+    _img(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    m = _write(tmp_path / "m.csv", "sr_path,hr_path,score\na.png,a.png,1\na.png,cut.png,2\n")
+    with pytest.raises(ManifestError, match=r"m.csv:3: HR image .*cut.png cannot be read"):
+        check_images(read_csv_manifest(m))
+
+
 def test_image_problems_name_the_line(tmp_path):
     _img(tmp_path / "a.png"), _img(tmp_path / "small.png", 20, 20)
     (tmp_path / "broken.png").write_bytes(b"not an image")

@@ -2,11 +2,13 @@
 
 Everything runs the tiny config on 16 pairs per split of a 64x64 toy set, 32x32 crops, a few steps.
 """
+import csv
 import json
 import math
 import os
 import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -85,12 +87,21 @@ def test_trained_beats_untrained(run, toy):
     assert trained["rmse"] < 0.5 * untrained["rmse"]
 
 
+def _log(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_resume_after_sigint_equals_uninterrupted(toy, tmp_path):
+    """Ctrl-C at step 3 of a 4-step epoch, then --resume: the same losses, and the same log.csv
+    (the epoch's train_loss over all its batches; elapsed_s counting on from the interruption)."""
     kwargs = dict(FAST, epochs=2, max_steps=5)
     ref = []
     train_metric(toy, out=tmp_path / "ref", callback=ref.append, **kwargs)
+    ref_log = _log(tmp_path / "ref" / "log.csv")
 
     def interrupt(row):
+        time.sleep(0.3)  # elapsed time before the interruption, which the resumed run must count on from
         if row["step"] == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -100,16 +111,30 @@ def test_resume_after_sigint_equals_uninterrupted(toy, tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     state = torch.load(tmp_path / "cut" / "last" / "training_state.pt", weights_only=False)
     assert state["step"] == 3
+    elapsed_at_cut = state["progress"]["elapsed_s"]
+    assert elapsed_at_cut >= 0.9
     assert not (tmp_path / "cut" / "best").exists()  # an interrupted run leaves no "best" pretending to be one
+    assert _log(tmp_path / "cut" / "log.csv") == []  # the header only: the folder is a run from its start
     with pytest.raises(FileExistsError, match="resume"):
         train_metric(toy, out=tmp_path / "cut", **kwargs)
+    # --overwrite removes what a run writes and keeps the rest
+    (tmp_path / "ref" / "notes.txt").write_text("mine")
+    (tmp_path / "ref" / ".last.old").mkdir()
     train_metric(toy, out=tmp_path / "ref", overwrite=True, **dict(kwargs, max_steps=1))
     assert json.loads((tmp_path / "ref" / "best" / "training.json").read_text())["step"] == 1
+    assert (tmp_path / "ref" / "notes.txt").read_text() == "mine" and not (tmp_path / "ref" / ".last.old").exists()
+    assert len(_log(tmp_path / "ref" / "log.csv")) == 1
     resumed = []
     train_metric(toy, out=tmp_path / "cut", resume=True, callback=resumed.append, **kwargs)
     assert [r["step"] for r in resumed] == [4, 5]  # step 4 ends epoch 1: validation, LR step, epoch 2
     for a, b in zip(resumed, ref[3:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6, rel=0)
+    log = _log(tmp_path / "cut" / "log.csv")
+    assert [(r["epoch"], r["step"]) for r in log] == [(r["epoch"], r["step"]) for r in ref_log] == [("1", "4"), ("2", "5")]
+    for row, want in zip(log, ref_log):
+        for key in ("train_loss", "lr", "val_srcc", "val_plcc", "val_krcc", "val_rmse"):
+            assert float(row[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key
+        assert float(row["elapsed_s"]) >= elapsed_at_cut
 
 
 def _free_port() -> int:
@@ -200,6 +225,55 @@ def test_cli_bad_manifest_one_line_no_outputs(toy, tmp_path, capsys, row, messag
     assert not out.exists()
 
 
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_corrupt_val_image_found_before_training(toy, tmp_path, capsys):
+    """A truncated image (its header intact) in the val split stops the run before its first
+    step, naming the file, with nothing written."""
+    lines = toy.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.endswith(",val"))
+    fields = lines[index].split(",")
+    data = (toy.parent / fields[0]).read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    lines[index] = ",".join([str(cut)] + fields[1:])  # an absolute path
+    bad = toy.parent / "bad_val.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    try:
+        code = epban_main(["train-metric", "--data", str(bad), "--out", str(out), "--epochs", "1", "--quiet"])
+    finally:
+        bad.unlink()
+    line = _one_line(capsys)
+    assert code == 2 and f"bad_val.csv:{index + 1}: SR image {cut} cannot be read" in line, line
+    assert not out.exists()
+
+
+def test_cli_empty_manifest_says_it_is_empty(tmp_path, capsys):
+    empty = tmp_path / "m.csv"
+    empty.write_text("sr_path,hr_path,score,method,split\n")
+    out = tmp_path / "run"
+    assert epban_main(["train-metric", "--data", str(empty), "--out", str(out), "--quiet"]) == 2
+    line = _one_line(capsys)
+    assert "m.csv: the manifest is empty" in line and "split column" not in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_cli_out_holding_other_files_is_refused(toy, tmp_path, capsys, flags):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    code = epban_main(["train-metric", "--data", str(toy), "--out", str(out), "--epochs", "1", "--quiet"] + flags)
+    line = _one_line(capsys)
+    assert code == 2 and "is not empty and holds no epban run (holiday.jpg)" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+
+
 def test_cli_unknown_column(tmp_path, capsys):
     bad = tmp_path / "m.csv"
     bad.write_text("sr_path,hr_path,score,mos\n")
@@ -241,3 +315,9 @@ def test_crops_per_image_and_cosine_warmup(toy, tmp_path):
     assert info["crops_per_image"] == 2 and info["lr_schedule"] == "cosine" and info["warmup_steps"] == 3
     with pytest.raises(ValueError, match="crops_per_image"):
         train_metric(toy, epochs=1, out=tmp_path / "bad", crops_per_image=0, **FAST)
+
+
+def test_cli_eval_metric_bundled_weights_by_name(toy, capsys):
+    assert epban_main(["eval-metric", "--data", str(toy), "--split", "val", "--weights", "tiny-ssim", "--quiet",
+                       "--workers", "0", "--threads", "1"]) == 0
+    assert "SRCC" in capsys.readouterr().out

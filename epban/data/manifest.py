@@ -175,39 +175,40 @@ def load_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
 
 def select_split(samples: list[Sample], split: str | None, manifest: str | os.PathLike) -> list[Sample]:
     """The samples of one split (``None``: all); an empty result is an error naming the manifest."""
-    if split is None:
-        chosen = list(samples)
-    else:
-        if split not in SPLITS:
-            raise ManifestError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        chosen = [s for s in samples if s.split == split]
+    if split is not None and split not in SPLITS:
+        raise ManifestError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not samples:
+        raise ManifestError(f"{manifest}: the manifest is empty (no sample below its header)")
+    chosen = list(samples) if split is None else [s for s in samples if s.split == split]
     if not chosen:
         have = sorted({s.split for s in samples if s.split})
-        raise ManifestError(f"{manifest}: the {split or 'whole'} split is empty"
+        raise ManifestError(f"{manifest}: the {split} split is empty"
                             + (f" (splits present: {', '.join(have)})" if have else
-                               " (the manifest has no split column: add one, or pass a manifest per split)"))
+                               " (no sample names a split: fill in a split column, or pass a manifest per split)"))
     return chosen
 
 
 def check_images(samples: list[Sample], min_size: int = 1) -> list[tuple[int, int]]:
-    """Read each pair's image headers (not the pixels): both exist, are images, same size.
+    """Open each pair's images and check their structure (``probe_image``: headers, and the
+    whole file where the format allows, e.g. a truncated PNG), not their pixels: both exist,
+    are images, same size.
 
-    Returns each sample's (H, W). Cheap enough to run before any training starts, so that a
-    bad line stops the run before anything is written.
+    Returns each sample's (H, W). Cheap enough to run on every pair before any training
+    starts, so that a bad line or file stops the run before anything is written.
     """
-    from PIL import Image, UnidentifiedImageError
+    from epban.imageio import ImageReadError, probe_image
 
     sizes = []
     for s in samples:
         pair = []
         for kind, p in (("SR", s.sr_path), ("HR", s.hr_path)):
+            if not p.is_file():
+                raise ManifestError(f"{s.where}: {kind} image {p} does not exist")
             try:
-                with Image.open(p) as im:
-                    pair.append((im.height, im.width))
-            except FileNotFoundError:
-                raise ManifestError(f"{s.where}: {kind} image {p} does not exist") from None
-            except (UnidentifiedImageError, OSError) as exc:
-                raise ManifestError(f"{s.where}: {kind} image {p} cannot be read ({exc})") from None
+                pair.append(probe_image(p))
+            except ImageReadError as exc:
+                reason = str(exc).removeprefix(f"{p}: ")
+                raise ManifestError(f"{s.where}: {kind} image {p} cannot be read: {reason}") from None
         if pair[0] != pair[1]:
             raise ManifestError(f"{s.where}: SR image {s.sr_path} is {pair[0][1]}x{pair[0][0]} but its HR "
                                 f"{s.hr_path} is {pair[1][1]}x{pair[1][0]}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from epban.cli_errors import CLIError, one_line
+from epban.cli_options import add_threads_option, device_arg
 
 # How exceptions raised in a DataLoader worker name themselves in their message.
 _WORKER_PREFIXES = ("epban.data.manifest.ManifestError: ", "epban.imageio.ImageReadError: ", "ValueError: ")
@@ -59,8 +61,10 @@ def cmd_train_metric(args) -> int:
     except TrainingInterrupted as exc:
         print(f"epban train-metric: {exc}", file=sys.stderr)
         return 130
-    except (ManifestError, ImageReadError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        # ValueError: our checks of the arguments (preset name, backbone/config mismatch, counts)
+    except (ManifestError, ImageReadError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            ValueError) as exc:
+        # ValueError: our checks of the arguments (preset name, backbone/config mismatch, counts),
+        # a malformed checkpoint (--init, --resume)
         raise _user_error(exc) from None
     print(best)
     return 0
@@ -68,16 +72,21 @@ def cmd_train_metric(args) -> int:
 
 def cmd_eval_metric(args) -> int:
     from epban.data.manifest import ManifestError
+    from epban import weights
     from epban.imageio import ImageReadError
     from epban.metric.evaluate import evaluate_metric
 
+    # --weights: a path, or the name of bundled weights (as for `epban score`)
+    weights_path = weights.path(args.weights) if not Path(args.weights).exists() and \
+        weights.available(args.weights) else args.weights
     try:
         report = evaluate_metric(
-            args.data, weights=args.weights, split=None if args.split == "all" else args.split, out=args.out,
+            args.data, weights=weights_path, split=None if args.split == "all" else args.split, out=args.out,
             device=args.device, root=args.root, batch_size=args.batch_size, eval_size=args.eval_size,
             preset=args.preset, num_workers=args.workers, quiet=args.quiet,
         )
-    except (ManifestError, ImageReadError, FileNotFoundError, ValueError) as exc:
+    except (ManifestError, ImageReadError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            ValueError) as exc:
         # ValueError: an unreadable or mismatched checkpoint, a non-finite score from the model
         raise _user_error(exc) from None
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -103,6 +112,7 @@ def register(sub) -> None:
     p.add_argument("--scales", type=int, nargs="+", default=[2, 4], help="upsampling factors (default: 2 4)")
     p.add_argument("--size", type=int, default=None, help="side of the square HR images (default 128)")
     p.add_argument("--quiet", action="store_true")
+    add_threads_option(p)
     p.set_defaults(func=cmd_make_dataset)
 
     p = sub.add_parser("train-metric", help="train the metric on scored SR/HR pairs")
@@ -113,9 +123,11 @@ def register(sub) -> None:
     p.add_argument("--val-data", help="a separate manifest for validation (default: the 'val' split of --data)")
     p.add_argument("--config", default="tiny", help="model preset: tiny, resnet34, official (default tiny)")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--out", required=True, help="run folder: best/, last/, log.csv")
+    p.add_argument("--out", required=True,
+                   help="run folder: best/, last/, log.csv (new, empty, or an earlier run of ours)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (removes only what a run writes)")
     p.add_argument("--weights", metavar="BACKBONE",
                    help="torchvision's ImageNet resnet34 file for the backbone ('hub': the torch hub cache)")
     p.add_argument("--init", default="auto",
@@ -140,23 +152,26 @@ def register(sub) -> None:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
     p.add_argument("--no-freeze-stem", action="store_true", help="also train conv1/bn1/layer1")
     p.add_argument("--workers", type=int, help="DataLoader workers")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    add_threads_option(p)
     p.set_defaults(func=cmd_train_metric)
 
     p = sub.add_parser("eval-metric", help="SRCC/KRCC/PLCC/RMSE of a metric on a manifest split")
     p.add_argument("--data", required=True, help="manifest (as for train-metric)")
     p.add_argument("--root", help="for the authors' list files: the folder holding SR_results/ and HR/")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--weights", required=True, help="a run's best/ or last/, or the authors' .pth")
+    p.add_argument("--weights", required=True,
+                   help="a run's best/ or last/, the authors' .pth, or bundled weights by name (e.g. tiny-ssim)")
     p.add_argument("--preset", help="for the authors' .pth: 'official' uses their normalisation")
     p.add_argument("--out", help="folder for report.json, scatter.png, predictions.csv")
     p.add_argument("--eval-size", type=_size_or_none, default="auto",
                    help="resize to this side, 'full' resolution, or 'auto' (the run's own policy)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, help="DataLoader workers")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON (without --out)")
     p.add_argument("--quiet", action="store_true")
+    add_threads_option(p)
     p.set_defaults(func=cmd_eval_metric)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -192,8 +193,15 @@ def train_metric(
 
     Writes ``out/best``, ``out/last`` (model directories, loadable by
     ``EfficientPBAN.from_checkpoint``) and ``out/log.csv``. SIGINT/SIGTERM saves ``last``
-    and raises ``TrainingInterrupted``; ``resume=True`` continues from ``last`` exactly.
-    An existing run in ``out`` is an error unless ``resume`` or ``overwrite`` is given.
+    and raises ``TrainingInterrupted``; ``resume=True`` continues from ``last`` exactly,
+    ``log.csv`` included (an epoch's ``train_loss`` covers all its batches, ``elapsed_s``
+    counts on).
+
+    ``out`` must be new, empty, or a run of ours (``log.csv`` with our header, or a ``last``
+    or ``best`` checkpoint): a folder holding anything else is refused, ``overwrite`` or
+    not. An existing run is an error unless ``resume`` or ``overwrite`` is given;
+    ``overwrite`` removes only what a run writes (``RUN_ENTRIES``) and keeps other files.
+    Every image of the train and val splits is opened (``check_images``) before that.
     """
     if epochs < 1 or batch_size < 1 or accum_steps < 1:
         raise ValueError(f"epochs, batch_size and accum_steps must be >= 1, got {epochs}, {batch_size}, {accum_steps}")
@@ -223,15 +231,7 @@ def train_metric(
         raise ManifestError(f"{data}: all training scores are equal ({scores[0]}); nothing to learn")
     synthetic = is_toy(data)
 
-    last_dir = checkpoint.resolve(out / "last") if resume else None
-    if resume and last_dir is None:
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last'}")
-    if not resume and checkpoint.resolve(out / "last") is not None:
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume), overwrite=True "
-                                  "(--overwrite) or choose another --out")
-        if int(os.environ.get("RANK", "0")) == 0:
-            _remove_run(out)
+    last_dir = _check_out(out, resume, overwrite)
 
     ctx = distributed.setup(device)
     try:
@@ -281,12 +281,61 @@ def _initial_model(init_dir: Path, config, score_range: tuple[float, float], sco
     return model
 
 
-def _remove_run(out: Path) -> None:
+# What a run writes in its folder (``checkpoint.write_dir_atomic`` adds ``.NAME.tmp-XXXXXXXX``
+# while it writes ``NAME``); ``overwrite`` removes these and nothing else.
+RUN_ENTRIES = ("best", "last", ".best.old", ".last.old", "log.csv", "log.csv.tmp", "tensorboard")
+_RUN_TEMPORARY = re.compile(r"^\.(best|last)\.tmp-[0-9a-f]{8}$")
+
+
+def _written_by_a_run(name: str) -> bool:
+    return name in RUN_ENTRIES or bool(_RUN_TEMPORARY.match(name))
+
+
+def is_run(out: Path) -> bool:
+    """Whether ``out`` holds a run of ours: a ``log.csv`` with our header (written when a run
+    starts), or a ``last`` or ``best`` checkpoint."""
+    log = out / "log.csv"
+    if log.is_file():
+        with open(log, newline="", errors="replace") as f:
+            if next(csv.reader(f), None) == LOG_FIELDS:
+                return True
+    return any(checkpoint.resolve(out / name) is not None for name in ("last", "best"))
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check ``out`` for a run (see ``train_metric``); return the ``last`` checkpoint to resume from."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    ours = bool(entries) and is_run(out)
+    if entries and not ours:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise FileExistsError(f"--out {out} is not empty and holds no epban run ({shown}); choose a new or "
+                              "empty folder")
+    if resume:
+        last_dir = checkpoint.resolve(out / "last")
+        if last_dir is None:
+            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last'}")
+        return last_dir
+    if ours and not overwrite:
+        raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume), overwrite=True "
+                              "(--overwrite) or choose another --out")
+    return None
+
+
+def _remove_run(out: Path) -> list[str]:
+    """Remove what a run wrote in ``out``; return the names of the other entries, kept."""
     import shutil
 
-    for name in ("last", "best", ".last.old", ".best.old", "tensorboard"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / "log.csv").unlink(missing_ok=True)
+    kept = []
+    for entry in sorted(out.iterdir()) if out.is_dir() else []:
+        if not _written_by_a_run(entry.name):
+            kept.append(entry.name)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return kept
 
 
 def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, resume, backbone_weights, max_steps,
@@ -355,6 +404,9 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
 
     # -- position in the run -------------------------------------------------------------
     start_epoch, start_batch, step, best_srcc = 0, 0, 0, -math.inf
+    # The current epoch's sums so far (for its log.csv row) and the run's elapsed time, so
+    # that a run resumed mid-epoch logs what an uninterrupted one would.
+    progress = {"loss_sum": 0.0, "loss_count": 0, "images": 0, "seconds": 0.0, "lr": None, "elapsed_s": 0.0}
     if last_dir is not None:
         state = checkpoint.load_training_state(last_dir)
         if state["world_size"] != ctx.world_size or state["batch_size"] != batch_size:
@@ -366,12 +418,19 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         best_srcc = state["best_srcc"] if state["best_srcc"] is not None else -math.inf
+        progress.update(state.get("progress") or {})
         rng = state["rng"]
         if ctx.rank < len(rng):
             checkpoint.restore_rng(rng[ctx.rank], generators)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(ctx)  # every rank has checked ``out`` before rank 0 changes it
     log_rows = _read_log(out / "log.csv", step) if last_dir is not None else []
+    if ctx.is_main and last_dir is None:
+        kept = _remove_run(out)
+        if kept and show:
+            print(f"--overwrite: kept {len(kept)} entries that a run does not write ({', '.join(kept[:3])}"
+                  f"{', ...' if len(kept) > 3 else ''})", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_log(out / "log.csv", [])  # marks the folder as a run from its start
     tb = _tensorboard(out) if ctx.is_main else None
     have_best = checkpoint.resolve(out / "best") is not None
 
@@ -386,7 +445,8 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                         "std": float(scores.std()), "n": int(scores.size)},
     }
 
-    def save(name: str, *, epoch: int, batch_in_epoch: int, metrics: dict | None, with_state: bool) -> Path:
+    def save(name: str, *, epoch: int, batch_in_epoch: int, metrics: dict | None, with_state: bool,
+             partial: dict | None = None) -> Path:
         rng_all = distributed.all_gather_objects(ctx, checkpoint.capture_rng(generators)) if with_state else None
         target = out / name
         if not ctx.is_main:
@@ -401,6 +461,9 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                     "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
                     "best_srcc": None if not math.isfinite(best_srcc) else best_srcc,
                     "world_size": ctx.world_size, "batch_size": batch_size, "rng": rng_all,
+                    "progress": {**(partial or {"loss_sum": 0.0, "loss_count": 0, "images": 0, "seconds": 0.0,
+                                                "lr": None}),
+                                 "elapsed_s": time.perf_counter() - t_start},
                 }, tmp / checkpoint.TRAINING_STATE_FILE)
             write_json(tmp / checkpoint.TRAINING_INFO_FILE, {
                 **run_info, "epoch": epoch, "step": step, "val": metrics})
@@ -415,13 +478,13 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
         return report
 
     def finish_epoch(epoch: int, batch_in_epoch: int, epoch_loss: float, epoch_lr: float, images: int,
-                     seconds: float) -> None:
+                     seconds: float, partial: dict | None) -> None:
         nonlocal best_srcc, have_best
         metrics = validate()
         srcc = metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
         improved = srcc > best_srcc or not have_best
         best_srcc = max(best_srcc, srcc)
-        save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=True)
+        save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=True, partial=partial)
         if improved:
             save("best", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=False)
             have_best = True
@@ -442,7 +505,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                       file=sys.stderr)
 
     # -- the loop ------------------------------------------------------------------------
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - progress["elapsed_s"]
     stop_reason = None
     with _StopSignal() as stop:
         for epoch in range(start_epoch, epochs):
@@ -451,6 +514,11 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
             _set_train_mode(model, freeze_stem)
             epoch_lr = optimizer.param_groups[0]["lr"]
             loss_sum, loss_count, images, t_epoch = torch.zeros((), device=device), 0, 0, time.perf_counter()
+            if epoch == start_epoch and batch_in_epoch > 0 and progress["loss_count"]:  # resumed mid-epoch
+                loss_sum.fill_(progress["loss_sum"])
+                loss_count, images = progress["loss_count"], progress["images"]
+                t_epoch -= progress["seconds"]
+                epoch_lr = progress["lr"] if progress["lr"] is not None else epoch_lr
             bar = None
             if show:
                 from tqdm import tqdm
@@ -509,8 +577,11 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                 bar.close()
             epoch_loss = float(loss_sum) / max(loss_count, 1)
             seconds = time.perf_counter() - t_epoch
+            partial = {"loss_sum": float(loss_sum), "loss_count": loss_count, "images": images, "seconds": seconds,
+                       "lr": epoch_lr}
             if stop_reason == "signal":
-                last = save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=None, with_state=True)
+                last = save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=None, with_state=True,
+                            partial=partial)
                 if show:
                     print(f"interrupted: saved {last} at step {step}; continue with --resume", file=sys.stderr)
                 raise TrainingInterrupted(last, step)
@@ -519,7 +590,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                 scheduler.step()
             # The position saved is the start of the next epoch, or the next batch of this one.
             finish_epoch(epoch + 1 if finished else epoch, 0 if finished else batch_in_epoch,
-                         epoch_loss, epoch_lr, images, seconds)
+                         epoch_loss, epoch_lr, images, seconds, None if finished else partial)
             if stop_reason:
                 break
     if tb is not None:

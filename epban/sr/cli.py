@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from epban.cli_errors import CLIError
+from epban.cli_options import add_threads_option, device_arg
 from epban.sr.networks import NETWORKS
 from epban.sr.spandrel_models import SpandrelMissing
 from epban.sr.trainer import ABLATION_WEIGHTS, PBAN_MODES, SRTrainConfig, run_ablation, train_sr
@@ -68,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after STEP with a checkpoint (for time-limited jobs; continue with --resume)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_threads_option(g)
     g.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
     g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="channels_last memory format (default: on CUDA)")
