@@ -35,6 +35,15 @@ TORCH_LIBRARY(epban, m) {
   // scale x the batch mean of ssim_per_image (a 0-dim tensor; reduction "mean"), one pass as
   // above with batch_mean: one autograd node instead of two, no mean or division launched.
   m.def("ssim_mean_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding, float scale=1.0) -> Tensor");
+  // The one-pass ops with an L1 term: the value and gradients of scale x the SSIM +
+  // l1 x mean |x - y| (per image, or over the whole batch with batch_mean) from one pass, and
+  // second the L1 mean alone (no gradient), for logging. The L1 gradient at x == y is 0.
+  m.def(
+      "ssim_l1_and_grad(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, bool grad_y, "
+      "bool batch_mean, float scale, float l1) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ssim_l1_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool batch_mean, float scale, "
+      "float l1) -> (Tensor, Tensor)");
   // The one-pass backward: grad *= upstream in place, upstream (B,) or 0-dim; images whose
   // factor is exactly 1 are not touched (on CUDA the factor is tested on the device).
   m.def("ssim_scale_gradient_(Tensor(a!) grad, Tensor upstream) -> ()");
@@ -48,6 +57,8 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cpu, false>);
   m.impl("ssim_mean_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cpu, true>);
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cpu);
+  m.impl("ssim_l1_and_grad", &epban::ssim::ssim_l1_and_grad_cpu);
+  m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_value_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -59,6 +70,8 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cuda, false>);
   m.impl("ssim_mean_one_pass", &epban::ssim::ssim_one_pass_value<epban::ssim::ssim_per_image_cuda, true>);
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cuda);
+  m.impl("ssim_l1_and_grad", &epban::ssim::ssim_l1_and_grad_cuda);
+  m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_value_cuda);
 }
 constexpr bool kWithCuda = true;
 #else

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import torch  # noqa: F401  (loaded before the extension, which links against it)
+import torch  # loaded before the extension, which links against it
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -23,6 +23,16 @@ else:
         EXTENSION_ERROR = None
     except Exception as exc:  # an undefined symbol from a torch mismatch, a missing CUDA runtime...
         EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+# The ops this package version calls; an extension built from older sources lacks some.
+REQUIRED_OPS = ("ssim_per_image", "ssim_per_image_one_pass", "ssim_mean_one_pass", "ssim_scale_gradient_",
+                "ssim_per_image_and_grad", "ssim_map", "ssim_backward", "ssim_l1_and_grad", "ssim_l1_one_pass")
+if _C is not None:
+    _missing = [name for name in REQUIRED_OPS if not hasattr(torch.ops.epban, name)]
+    if _missing:
+        _C = None
+        EXTENSION_ERROR = (f"epban._C was built from older sources (no {', '.join(_missing)}); "
+                           "rebuild it: pip install --no-build-isolation -e .")
 
 
 def extension_loaded() -> bool:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from epban.models.loss_mode import LossModeOptions, loss_mode_options, pban_for_loss
 from epban.models.pban import INPUT_RANGE, EfficientPBAN, check_score_inputs, value_bounds
 from epban.ops._checks import check_image_pair
-from epban.ops.ssim import ssim_loss
+from epban.ops.ssim import ssim_l1_loss_parts, ssim_loss
 
 
 def _check_weight(name: str, value) -> float:
@@ -57,20 +57,22 @@ class _FirstBatchRangeCheck(nn.Module):
 
 
 class SSIMLoss(_FirstBatchRangeCheck):
-    """``weight * (1 - SSIM(x, y))``, averaged over the batch (``reduction="none"``: one value
-    per image). Pass the loss weight here rather than multiplying the output: it is folded
-    into the fused kernel pass, and the backward then skips a read and a write of the
-    gradient (``epban.ops.ssim.ssim_loss``). ``weight`` must be finite and non-negative."""
+    """``l1 * mean|x - y| + weight * (1 - SSIM(x, y))``, averaged over the batch
+    (``reduction="none"``: one value per image). Pass the loss weight here rather than
+    multiplying the output: it is folded into the fused kernel pass, and the backward then
+    skips a read and a write of the gradient; the L1 term (``l1``, default off) joins the same
+    pass (``epban.ops.ssim.ssim_loss``). The weights must be finite and non-negative."""
 
     def __init__(self, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid",
-                 reduction="mean", backend="auto", weight=1.0):
+                 reduction="mean", backend="auto", weight=1.0, l1=0.0):
         super().__init__()
         if reduction not in ("mean", "none"):
             raise ValueError(f"SSIMLoss reduction must be 'mean' or 'none', got {reduction!r}")
         weight = _check_weight("SSIMLoss weight", weight)
+        l1 = _check_weight("SSIMLoss l1", l1)
         if isinstance(data_range, numbers.Real) and math.isfinite(data_range) and data_range > 0:
             self.value_scale = float(data_range)
-        self.kwargs = dict(weight=weight, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+        self.kwargs = dict(weight=weight, l1=l1, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
                            padding=padding, reduction=reduction, backend=backend)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,8 @@ class SRLoss(_FirstBatchRangeCheck):
       better; not the score itself: that is ``self.pban_loss.score(sr, hr)``).
 
     ``total = l1 * parts["l1"] + ssim * parts["ssim_loss"] + pban * parts["pban_loss"]``.
+    With ``l1`` and ``ssim`` both on (and the SSIM's batch mean), the two terms and both parts
+    come from one SSIM kernel pass where the fused path serves (``ssim_loss(..., l1=...)``).
     """
 
     PART_NAMES = {"l1": "l1", "ssim": "ssim_loss", "pban": "pban_loss"}  # weight argument -> part
@@ -174,8 +178,11 @@ class SRLoss(_FirstBatchRangeCheck):
             raise ValueError("pban > 0 needs pban_model (an EfficientPBAN or a checkpoint path)")
         if "weight" in (ssim_kwargs or {}):
             raise ValueError("the SSIM term's weight is SRLoss's ssim argument, not ssim_kwargs['weight']")
-        # The weight goes into the SSIM term itself (folded into the fused pass: see SSIMLoss).
+        # The weight goes into the SSIM term itself (folded into the fused pass: see SSIMLoss); with
+        # both on and a batch mean, so does the L1 term (one pass for both).
         self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}), weight=self.weights["ssim"])
+        self.l1_in_ssim = (self.weights["l1"] > 0 and self.weights["ssim"] > 0
+                           and self.ssim_loss.kwargs["reduction"] == "mean")
         self.pban_loss = (
             PBANLoss(pban_model, rescale=pban_rescale, loss_mode=pban_loss_mode) if pban_model is not None else None
         )
@@ -190,13 +197,19 @@ class SRLoss(_FirstBatchRangeCheck):
         check_image_pair(sr, hr, name_x="sr", name_y="hr", same_dtype=False)
         self._check_first_batch(sr, hr)
         weighted = {}  # each active term times its weight
-        if self.weights["l1"] > 0:
-            weighted["l1"] = self.weights["l1"] * F.l1_loss(sr, hr)
-        if self.weights["ssim"] > 0:
-            weighted["ssim"] = self.ssim_loss(sr, hr)  # weighted already
+        parts = {}
+        if self.l1_in_ssim:  # L1 and SSIM from one pass, with both parts
+            weighted["l1+ssim"], parts["l1"], parts["ssim_loss"] = ssim_l1_loss_parts(
+                sr, hr, **{**self.ssim_loss.kwargs, "l1": self.weights["l1"]})
+        else:
+            if self.weights["l1"] > 0:
+                weighted["l1"] = self.weights["l1"] * F.l1_loss(sr, hr)
+            if self.weights["ssim"] > 0:
+                weighted["ssim"] = self.ssim_loss(sr, hr)  # weighted already
         if self.weights["pban"] > 0:
             weighted["pban"] = self.weights["pban"] * self.pban_loss(sr, hr)
         total = sr.new_zeros(())
         for value in weighted.values():
             total = total + value
-        return total, {self.PART_NAMES[k]: v.detach() / self.weights[k] for k, v in weighted.items()}
+        parts.update({self.PART_NAMES[k]: v.detach() / self.weights[k] for k, v in weighted.items() if k != "l1+ssim"})
+        return total, {name: parts[name] for name in ("l1", "ssim_loss", "pban_loss") if name in parts}

@@ -298,6 +298,55 @@ def test_one_pass_scale(emu, backward_kernel, batch_mean):
         emu.gradient_pass(torch.ones(2), x, y, C1, C2, False, True, True, False, 0.5)
 
 
+def l1_reference(x, y, padding, batch_mean, scale, l1, wanted):
+    """scale x SSIM + l1 x mean |x - y| (per image, or over the batch), its L1 part and the
+    gradients of its sum (float64; PyTorch's l1_loss, whose gradient at x == y is 0)."""
+    x = x.detach().double().requires_grad_(wanted[0])
+    y = y.detach().double().requires_grad_(wanted[1])
+    ssim = reference(x, y, padding, "mean" if batch_mean else "none")
+    l1_part = (x - y).abs().mean() if batch_mean else (x - y).abs().flatten(1).mean(1)
+    value = scale * ssim + l1 * l1_part
+    inputs = [t for t, w in zip((x, y), wanted) if w]
+    grads = iter(torch.autograd.grad(value.sum(), inputs))
+    return value.detach(), l1_part.detach(), tuple(next(grads) if w else None for w in wanted)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("batch_mean", [False, True])
+@pytest.mark.parametrize("wanted", [(True, True), (True, False), (False, True)])
+def test_one_pass_l1(emu, backward_kernel, padding, batch_mean, wanted):
+    """The L1 term in the backward kernels' combine step: value, L1 mean and gradients of
+    scale x SSIM + l1 x mean |x - y|, with y equal to x on part of the image (sign(0) = 0)."""
+    shape = (2, 3, 41, 67)
+    x, y = image_pair(shape, seed=29)
+    y = torch.where(torch.rand(shape, generator=torch.Generator().manual_seed(3)) < 0.3, x, y)
+    scale, l1 = -0.6, 1.7
+    with poisoned_allocations():
+        value, l1_value, gx, gy = ran_kernels(
+            emu, lambda: emu.gradient_pass_l1(x, y, C1, C2, padding == "same", *wanted, batch_mean, scale, l1),
+            backward_kernel, shape=shape)
+    exact, exact_l1, grads = l1_reference(x, y, padding, batch_mean, scale, l1, wanted)
+    assert value.shape == exact.shape and l1_value.shape == exact.shape
+    assert torch.allclose(value.double(), exact, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(l1_value.double(), exact_l1, atol=1e-7, rtol=1e-5)
+    assert_wanted_grads((gx, gy), grads, wanted)
+    eq = x == y
+    if wanted[0]:  # the SSIM part alone (scale 0) is 0: where x == y the gradient is 0 exactly
+        _, _, gx0, _ = emu.gradient_pass_l1(x, y, C1, C2, padding == "same", True, False, batch_mean, 0.0, l1)
+        assert (gx0[eq] == 0).all()
+        torch.testing.assert_close(gx0, l1_reference(x, y, padding, batch_mean, 0.0, l1, (True, False))[2][0].float())
+
+
+def test_one_pass_l1_zero_is_the_plain_pass(emu):
+    """l1 0: the same bits as the pass without an L1 term, and an empty L1 part."""
+    x, y = image_pair((2, 2, 30, 33), seed=8)
+    value, l1_value, gx, gy = emu.gradient_pass_l1(x, y, C1, C2, False, True, True, True, -0.5, 0.0)
+    plain = emu.gradient_pass(None, x, y, C1, C2, False, True, True, True, -0.5)
+    assert l1_value.numel() == 0
+    for got, want in zip((value, gx, gy), plain):
+        assert torch.equal(got, want)
+
+
 def test_scale_gradient_kernel(emu, schedule):
     """ssim_scale_gradient_'s CUDA kernel (float4 and scalar paths, 0-dim and per-image
     factors of any strides) and its ATen fallback for grads without dense images: in-place

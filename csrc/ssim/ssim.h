@@ -54,6 +54,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
                                                                  const at::Tensor& y, double c1, double c2,
                                                                  bool same_padding, bool grad_x, bool grad_y,
                                                                  bool batch_mean, double scale);
+// gradient_pass_cpu with an L1 term (ssim_l1_and_grad; grad undefined only unless l1 is 0): the
+// value and gradients of scale x the SSIM + l1 x mean |x - y| (per image, or over the batch with
+// batch_mean), in the same pass (the L1 gradient l1 sign(x - y) / pixels is added where the
+// gradients are combined, sign(0) = 0), and second the L1 mean alone, for logging ((0,) when
+// l1 is 0). Returns value, L1 mean, grad x, grad y.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1);
+// The op ssim_l1_and_grad: gradient_pass_l1_cpu without an upstream gradient.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssim_l1_and_grad_cpu(
+    const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding, bool grad_x, bool grad_y,
+    bool batch_mean, double scale, double l1) {
+  return gradient_pass_l1_cpu(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, l1);
+}
+// mean |x - y| per image (B,), or over the whole batch (0-dim), in float32 (float64 for float64).
+inline at::Tensor l1_mean(const at::Tensor& x, const at::Tensor& y, bool batch_mean) {
+  const auto type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor d = x.to(type).sub(y.to(type)).abs_();
+  return batch_mean ? d.mean() : d.flatten(1).mean(1);
+}
+// The value of ssim_l1_one_pass below autograd (no gradient wanted): scale x the SSIM + l1 x the
+// L1 mean, and the L1 mean alone.
+std::tuple<at::Tensor, at::Tensor> ssim_l1_value_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                                                     bool same_padding, bool batch_mean, double scale, double l1);
 // grad *= upstream, in place: upstream is (B,) (one factor per image, any strides) or 0-dim.
 // Nothing is written where a factor is exactly 1 (a multiply by 1 changes no bit): on CUDA
 // each block reads its factor on the device and returns, so no host sync and a CUDA graph
@@ -69,6 +93,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
                                                                   bool same_padding, bool grad_x, bool grad_y,
                                                                   bool batch_mean, double scale);
 void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream);
+// gradient_pass_cuda with an L1 term, as gradient_pass_l1_cpu (the tile and strip kernels add
+// its gradient where they combine, and sum |x - y| per block).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1);
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssim_l1_and_grad_cuda(
+    const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding, bool grad_x, bool grad_y,
+    bool batch_mean, double scale, double l1) {
+  return gradient_pass_l1_cuda(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, l1);
+}
+// The value of ssim_l1_one_pass below autograd on CUDA, as ssim_l1_value_cpu.
+std::tuple<at::Tensor, at::Tensor> ssim_l1_value_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                                                      bool same_padding, bool batch_mean, double scale, double l1);
 // The CUDA backward kernel of every later gradient pass (epban/ops/ssim.py hands over the
 // setting EPBAN_SSIM_CUDA_BACKWARD at each call on CUDA tensors): "auto" (the strip kernel for
 // per-image upstream gradients on images of at least 512 x 512, the tiles below, 32 or 64 rows

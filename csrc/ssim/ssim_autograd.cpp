@@ -21,7 +21,12 @@
 // w (1 - SSIM) as w + (-w SSIM), so that a loss's backward reaches the op with an upstream
 // gradient of exactly 1 and ssim_scale_gradient_ writes nothing (tested on the device on
 // CUDA): the backward costs a launch instead of a read and a write of each gradient.
+// ssim_l1_one_pass is the same Function with an L1 term (l1 x mean |x - y|, its gradient added in
+// the same pass; ssim_l1_and_grad) and a second output, the L1 mean alone (no gradient), for logging.
+// No backward here is differentiable: each refuses create_graph=True with a clear error instead
+// of returning a gradient detached from the graph.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -64,6 +69,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_per_image_and_grad(const at:
   return op.call(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_l1_and_grad(const at::Tensor& x, const at::Tensor& y,
+                                                                           double c1, double c2, bool same_padding,
+                                                                           bool grad_x, bool grad_y, bool batch_mean,
+                                                                           double scale, double l1) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("epban::ssim_l1_and_grad", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, double, double, bool, bool, bool, bool, double,
+                                 double)>();
+  return op.call(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, l1);
+}
+
+// The value, the L1 mean ((0,) without an L1 term) and the gradients of one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_pass(const at::Tensor& x, const at::Tensor& y,
+                                                                    double c1, double c2, bool same_padding,
+                                                                    bool grad_x, bool grad_y, bool batch_mean,
+                                                                    double scale, double l1) {
+  if (l1 != 0.0) return call_l1_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, l1);
+  auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
+  return {value, at::empty({0}, value.options()), gx, gy};
+}
+
+// A backward run with create_graph=True (grad mode on) would return gradients detached from the graph.
+void refuse_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "the fused SSIM has no double backward (create_graph=True); use backend='reference'");
+}
+
 void call_scale_gradient(at::Tensor& grad, const at::Tensor& upstream) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("epban::ssim_scale_gradient_", "")
@@ -84,6 +117,7 @@ class SsimFunction : public torch::autograd::Function<SsimFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward();
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_y = ctx->needs_input_grad(1);
@@ -98,24 +132,28 @@ class SsimFunction : public torch::autograd::Function<SsimFunction> {
 class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction> {
  public:
   // batch_mean: return the mean over the batch (0-dim) instead of the per-image values.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, double c1, double c2,
-                            bool same_padding, bool batch_mean, double scale) {
+  // Returns the value and the L1 mean alone ((0,) when l1 is 0), which has no gradient.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                               bool same_padding, bool batch_mean, double scale, double l1) {
     ctx->save_for_backward({x, y});
     ctx->saved_data["c1"] = c1;
     ctx->saved_data["c2"] = c2;
     ctx->saved_data["same_padding"] = same_padding;
     ctx->saved_data["batch_mean"] = batch_mean;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["l1"] = l1;
     const bool grad_x = x.requires_grad();
     const bool grad_y = y.requires_grad();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [value, gx, gy] = call_per_image_and_grad(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
+    auto [value, l1_value, gx, gy] = call_pass(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, l1);
     ctx->saved_data["gx"] = grad_x ? c10::IValue(gx) : c10::IValue();
     ctx->saved_data["gy"] = grad_y ? c10::IValue(gy) : c10::IValue();
-    return value;
+    ctx->mark_non_differentiable({l1_value});
+    return {value, l1_value};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_y = ctx->needs_input_grad(1);
     c10::IValue kept_x = ctx->saved_data["gx"];
@@ -128,10 +166,10 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
       // every backward gives bit-identical gradients.
       const auto saved = ctx->get_saved_variables();
       at::AutoDispatchBelowADInplaceOrView guard;
-      auto [value, gx, gy] = call_per_image_and_grad(saved[0], saved[1], ctx->saved_data["c1"].toDouble(),
-                                                     ctx->saved_data["c2"].toDouble(),
-                                                     ctx->saved_data["same_padding"].toBool(), need_x, need_y,
-                                                     batch_mean, ctx->saved_data["scale"].toDouble());
+      auto [value, l1_value, gx, gy] =
+          call_pass(saved[0], saved[1], ctx->saved_data["c1"].toDouble(), ctx->saved_data["c2"].toDouble(),
+                    ctx->saved_data["same_padding"].toBool(), need_x, need_y, batch_mean,
+                    ctx->saved_data["scale"].toDouble(), ctx->saved_data["l1"].toDouble());
       kept_x = gx;
       kept_y = gy;
     }
@@ -145,18 +183,25 @@ class SsimOnePassFunction : public torch::autograd::Function<SsimOnePassFunction
     };
     at::Tensor gx = need_x ? scale(kept_x) : at::Tensor();
     at::Tensor gy = need_y ? scale(kept_y) : at::Tensor();
-    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, gy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor ssim_per_image_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
                                             bool same_padding, double scale) {
-  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, false, scale);
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, false, scale, 0.0)[0];
 }
 
 at::Tensor ssim_mean_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
                                        bool same_padding, double scale) {
-  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, true, scale);
+  return SsimOnePassFunction::apply(x, y, c1, c2, same_padding, true, scale, 0.0)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> ssim_l1_one_pass_autograd(const at::Tensor& x, const at::Tensor& y, double c1,
+                                                             double c2, bool same_padding, bool batch_mean,
+                                                             double scale, double l1) {
+  const auto out = SsimOnePassFunction::apply(x, y, c1, c2, same_padding, batch_mean, scale, l1);
+  return {out[0], out[1]};
 }
 
 at::Tensor ssim_per_image_autograd(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
@@ -176,4 +221,5 @@ TORCH_LIBRARY_IMPL(epban, Autograd, m) {
   m.impl("ssim_map", &epban::ssim::ssim_map_autograd);
   m.impl("ssim_per_image_one_pass", &epban::ssim::ssim_per_image_one_pass_autograd);
   m.impl("ssim_mean_one_pass", &epban::ssim::ssim_mean_one_pass_autograd);
+  m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_one_pass_autograd);
 }

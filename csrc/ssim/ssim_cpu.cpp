@@ -203,6 +203,38 @@ SSIM_ALWAYS_INLINE void centre_row(const Plane<T>& p, int64_t r, const T* grow, 
   }
 }
 
+// One gradient row with the L1 term: the SSIM combination plus l1_grad sign(x - y) (minus for
+// y; sign(0) = 0, as PyTorch's), and the row's sum of |x - y| added to l1_sum. A function, not
+// a lambda, for the reason above.
+template <typename T>
+SSIM_ALWAYS_INLINE void l1_rows(const T* xrow, const T* yrow, int64_t w, T l1_grad, T* gxr, T* gyr, const Taps<T>& taps,
+                                const T* amx, const T* amy, const T* ae2, const T* aexy, double& l1_sum) {
+  T row_abs = 0;
+  if (gxr) {
+#pragma omp simd reduction(+ : row_abs)
+    for (int64_t j = 0; j < w; ++j) {
+      const T d = xrow[j] - yrow[j];
+      const T s = (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
+      gxr[j] = horizontal_tap(amx, j, taps) + T(2) * xrow[j] * horizontal_tap(ae2, j, taps) +
+               yrow[j] * horizontal_tap(aexy, j, taps) + l1_grad * s;
+      row_abs += d < T(0) ? -d : d;
+    }
+  }
+  if (gyr) {
+    T row_abs_y = 0;
+#pragma omp simd reduction(+ : row_abs_y)
+    for (int64_t j = 0; j < w; ++j) {
+      const T d = xrow[j] - yrow[j];
+      const T s = (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
+      gyr[j] = horizontal_tap(amy, j, taps) + T(2) * yrow[j] * horizontal_tap(ae2, j, taps) +
+               xrow[j] * horizontal_tap(aexy, j, taps) - l1_grad * s;
+      row_abs_y += d < T(0) ? -d : d;
+    }
+    if (!gxr) row_abs = row_abs_y;
+  }
+  l1_sum += static_cast<double>(row_abs);
+}
+
 // Gradient rows [p0, p1) of one plane. g_map: the upstream map gradient of this plane
 // (map coordinates), or nullptr with g_scalar the gradient of every centre. value_sum
 // (nullable): receives the sum of the SSIM values of the centre rows in [p0, p1), so that
@@ -210,7 +242,8 @@ SSIM_ALWAYS_INLINE void centre_row(const Plane<T>& p, int64_t r, const T* grow, 
 // centre is summed once).
 template <typename T>
 SSIM_ALWAYS_INLINE void backward_rows_impl(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
-                                            T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf, double* value_sum) {
+                                            T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf, double* value_sum,
+                                            T l1_grad, double* l1_sum) {
   const Taps<T> taps;
   const int64_t pitch = p.pitch;
   std::fill(buf.gconst.begin(), buf.gconst.end(), g_scalar);
@@ -250,6 +283,11 @@ SSIM_ALWAYS_INLINE void backward_rows_impl(const Plane<T>& p, int64_t p0, int64_
     const T* xrow = p.x + row * p.width;
     const T* yrow = p.y + row * p.width;
     const int64_t w = p.width;
+    if (l1_sum) {
+      l1_rows(xrow, yrow, w, l1_grad, gx ? gx + row * p.width : nullptr, gy ? gy + row * p.width : nullptr, taps, amx,
+              amy, ae2, aexy, *l1_sum);
+      continue;
+    }
     if (gx) {
       T* __restrict gxr = gx + row * p.width;
 #pragma omp simd
@@ -277,8 +315,8 @@ double forward_rows_base(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int6
 }
 template <typename T>
 void backward_rows_base(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w, T g_scalar, T* gx,
-                        T* gy, BackwardBuffers<T>& buf, double* value_sum) {
-  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
+                        T* gy, BackwardBuffers<T>& buf, double* value_sum, T l1_grad, double* l1_sum) {
+  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum, l1_grad, l1_sum);
 }
 #ifdef SSIM_CPU_DISPATCH_AVX2
 template <typename T>
@@ -288,8 +326,9 @@ SSIM_TARGET_AVX2 double forward_rows_avx2(const Plane<T>& p, int64_t r0, int64_t
 }
 template <typename T>
 SSIM_TARGET_AVX2 void backward_rows_avx2(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w,
-                                          T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf, double* value_sum) {
-  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
+                                          T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf, double* value_sum, T l1_grad,
+                                          double* l1_sum) {
+  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum, l1_grad, l1_sum);
 }
 template <typename T>
 SSIM_TARGET_AVX512 double forward_rows_avx512(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
@@ -299,8 +338,8 @@ SSIM_TARGET_AVX512 double forward_rows_avx512(const Plane<T>& p, int64_t r0, int
 template <typename T>
 SSIM_TARGET_AVX512 void backward_rows_avx512(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map,
                                               int64_t map_w, T g_scalar, T* gx, T* gy, BackwardBuffers<T>& buf,
-                                              double* value_sum) {
-  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
+                                              double* value_sum, T l1_grad, double* l1_sum) {
+  backward_rows_impl(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum, l1_grad, l1_sum);
 }
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -324,12 +363,14 @@ double forward_rows(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t m
 
 template <typename T>
 void backward_rows(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, int64_t map_w, T g_scalar, T* gx, T* gy,
-                   BackwardBuffers<T>& buf, double* value_sum) {
+                   BackwardBuffers<T>& buf, double* value_sum, T l1_grad, double* l1_sum) {
 #ifdef SSIM_CPU_DISPATCH_AVX2
-  if (cpu_has_avx512()) return backward_rows_avx512(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
-  if (cpu_has_avx2()) return backward_rows_avx2(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
+  if (cpu_has_avx512())
+    return backward_rows_avx512(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum, l1_grad, l1_sum);
+  if (cpu_has_avx2())
+    return backward_rows_avx2(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum, l1_grad, l1_sum);
 #endif
-  backward_rows_base(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum);
+  backward_rows_base(p, p0, p1, g_map, map_w, g_scalar, gx, gy, buf, value_sum, l1_grad, l1_sum);
 }
 
 template <typename T>
@@ -421,11 +462,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
                                                                  const at::Tensor& y_in, double c1, double c2,
                                                                  bool same_padding, bool grad_x, bool grad_y,
                                                                  bool batch_mean, double scale) {
+  auto [value, l1_value, gx, gy] =
+      gradient_pass_l1_cpu(grad_in, x_in, y_in, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, 0.0);
+  return {value, gx, gy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2,
+    bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cpu_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
+  const bool with_l1 = l1 != 0.0;
   TORCH_CHECK(with_value || !batch_mean, "ssim_per_image_and_grad: batch_mean needs no upstream gradient");
   TORCH_CHECK(with_value || scale == 1.0, "ssim_per_image_and_grad: scale needs no upstream gradient");
+  TORCH_CHECK(with_value || !with_l1, "ssim_l1_and_grad: l1 needs no upstream gradient");
+  // The L1 mean is over every pixel of the image (of the batch, for batch_mean), the SSIM mean
+  // over the valid centres: each term is divided by its own count.
+  const double pixels =
+      static_cast<double>(g.channels * g.height * g.width) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
   // Per image: the upstream gradient's share of each map pixel; the batch mean's is 1 / B of it.
   const double count = static_cast<double>(g.count()) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
   const bool map_grad = !with_value && check_grad_shape(grad_in, g);
@@ -433,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
   const at::Tensor y = as_compute(y_in);
   at::Tensor gx = grad_x ? at::empty(x.sizes(), x.options()) : at::Tensor();
   at::Tensor gy = grad_y ? at::empty(y.sizes(), y.options()) : at::Tensor();
-  at::Tensor value;
+  at::Tensor value, l1_value;
   if (grad_x || grad_y) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_backward_cpu", [&] {
       using T = scalar_t;
@@ -456,6 +511,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
       T* gyp = grad_y ? gy.data_ptr<T>() : nullptr;
       at::Tensor sums = with_value ? at::zeros({tasks}, x.options().dtype(at::kDouble)) : at::Tensor();
       double* sums_p = with_value ? sums.data_ptr<double>() : nullptr;
+      at::Tensor l1_sums = with_l1 ? at::zeros({tasks}, x.options().dtype(at::kDouble)) : at::Tensor();
+      double* l1_sums_p = with_l1 ? l1_sums.data_ptr<double>() : nullptr;
+      const T l1_grad = static_cast<T>(l1 / pixels);
       const int64_t n = g.height * g.width;
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         BackwardBuffers<T> buf(g.width + 2 * kHalo, g.width);
@@ -469,23 +527,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
           std::fill(buf.ring.begin(), buf.ring.end(), T(0));
           backward_rows(p, p0, p1, gmap ? gmap + plane * g.out_h * g.out_w : nullptr, g.out_w,
                         g_scalar[plane / g.channels], gxp ? gxp + plane * n : nullptr, gyp ? gyp + plane * n : nullptr,
-                        buf, sums_p ? sums_p + t : nullptr);
+                        buf, sums_p ? sums_p + t : nullptr, l1_grad, l1_sums_p ? l1_sums_p + t : nullptr);
         }
       });
       if (with_value) {
         const at::Tensor per_image_sums = sums.view({g.batch, g.channels * bands}).sum(1);
         value = (batch_mean ? per_image_sums.sum() : per_image_sums).div_(count);
         if (scale != 1.0) value.mul_(scale);
+        if (with_l1) {
+          const at::Tensor per_image_l1 = l1_sums.view({g.batch, g.channels * bands}).sum(1);
+          l1_value = (batch_mean ? per_image_l1.sum() : per_image_l1).div_(pixels);
+          value.add_(l1_value, l1);
+          l1_value = l1_value.to(x.scalar_type());
+        }
         value = value.to(x.scalar_type());
       }
     });
   } else if (with_value) {
     value = scaled_value<ssim_per_image_cpu>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
+    if (with_l1) {
+      l1_value = l1_mean(x, y, batch_mean).to(value.scalar_type());
+      value.add_(l1_value, l1);
+    }
   }
   const auto placeholder = [&](const at::Tensor& t) { return at::empty({0}, t.options()); };
   gx = grad_x ? gx.to(x_in.scalar_type()) : placeholder(x_in);
   gy = grad_y ? gy.to(y_in.scalar_type()) : placeholder(y_in);
-  return {value, gx, gy};
+  if (with_value && !with_l1) l1_value = at::empty({0}, value.options());
+  return {value, l1_value, gx, gy};
 }
 
 void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& upstream) {
@@ -494,6 +563,14 @@ void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& upstream) {
   // Read on the host (free on the CPU): the usual upstream of a loss's backward is 1.
   if (grad.numel() == 0 || upstream.eq(1).all().item<bool>()) return;
   grad.mul_(factors.to(grad.scalar_type()));
+}
+
+std::tuple<at::Tensor, at::Tensor> ssim_l1_value_cpu(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                                                     bool same_padding, bool batch_mean, double scale, double l1) {
+  at::Tensor value = scaled_value<ssim_per_image_cpu>(x, y, c1, c2, same_padding, batch_mean, scale);
+  if (l1 == 0.0) return {value, at::empty({0}, value.options())};
+  at::Tensor l1_value = l1_mean(x, y, batch_mean).to(value.scalar_type());
+  return {value.add_(l1_value, l1), l1_value};
 }
 
 }  // namespace ssim

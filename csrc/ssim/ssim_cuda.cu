@@ -129,19 +129,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
                                                                   const at::Tensor& y_in, double c1, double c2,
                                                                   bool same_padding, bool grad_x, bool grad_y,
                                                                   bool batch_mean, double scale) {
+  auto [value, l1_value, gx, gy] =
+      gradient_pass_l1_cuda(grad_in, x_in, y_in, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, 0.0);
+  return {value, gx, gy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2,
+    bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
+  const bool with_l1 = l1 != 0.0;
   TORCH_CHECK(with_value || !batch_mean, "ssim_per_image_and_grad: batch_mean needs no upstream gradient");
   TORCH_CHECK(with_value || scale == 1.0, "ssim_per_image_and_grad: scale needs no upstream gradient");
+  TORCH_CHECK(with_value || !with_l1, "ssim_l1_and_grad: l1 needs no upstream gradient");
+  // The L1 mean is over every pixel (of the image, or of the batch), the SSIM's over the centres.
+  const double pixels =
+      static_cast<double>(g.channels * g.height * g.width) * (batch_mean ? static_cast<double>(g.batch) : 1.0);
+  const auto fopts = x_in.options().dtype(at::kFloat);
+  at::Tensor l1_value = at::empty({0}, fopts);
   const bool map_grad = !with_value && check_grad_shape(grad_in, g);
   TORCH_CHECK(with_value || grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
   // The forward's value when no kernel pass gives it: per image, or their batch mean.
   const auto forward_value = [&]() {
-    return scaled_value<ssim_per_image_cuda>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
+    at::Tensor v = scaled_value<ssim_per_image_cuda>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
+    if (with_l1) {
+      l1_value = l1_mean(x_in, y_in, batch_mean);
+      v.add_(l1_value, l1);
+    }
+    return v;
   };
   if (with_value && !(grad_x || grad_y)) {
-    return {forward_value(), at::empty({0}, x_in.options()), at::empty({0}, y_in.options())};
+    at::Tensor v = forward_value();
+    return {v, l1_value, at::empty({0}, x_in.options()), at::empty({0}, y_in.options())};
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
   BackwardLaunch l;
@@ -151,10 +172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   l.grad_y = grad_y;
   l.gx = at::empty(grad_x ? l.x.sizes() : at::IntArrayRef{0}, l.x.options());
   l.gy = at::empty(grad_y ? l.y.sizes() : at::IntArrayRef{0}, l.y.options());
-  const auto fopts = l.x.options().dtype(at::kFloat);
   at::Tensor value = with_value ? at::empty(batch_mean ? at::IntArrayRef{} : at::IntArrayRef{g.batch}, fopts)
                                 : at::Tensor();
-  if (!(grad_x || grad_y)) return {value, l.gx, l.gy};
+  if (!(grad_x || grad_y)) return {value, l1_value, l.gx, l.gy};
   l.grad = GradView{nullptr, {0, 0, 0, 0}};
   at::Tensor grad;
   if (!with_value) {
@@ -163,6 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
     for (int64_t d = 0; d < grad.dim(); ++d) l.grad.stride[d] = grad.stride(d);
   }
   l.map_grad = map_grad;
+  l.l1_share = static_cast<float>(l1 / pixels);
+  l.l1_partial = nullptr;
   // The kernel: map gradients always take the tiles.
   const auto chosen = static_cast<BackwardKernel>(chosen_backward().load(std::memory_order_relaxed));
   const bool strip = !map_grad && (chosen == BackwardKernel::kStrip ||
@@ -184,10 +206,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   l.blocks = g.planes() * l.a.tiles_x * l.a.tiles_y;
   if (l.blocks == 0) {  // no planes: the forward's answer for the value
     if (with_value) value = forward_value();
-    return {value, l.gx, l.gy};
+    return {value, l1_value, l.gx, l.gy};
   }
   at::Tensor partial = with_value ? at::empty({l.blocks}, fopts) : at::Tensor();
   l.partial = with_value ? partial.data_ptr<float>() : nullptr;
+  at::Tensor l1_partial = with_l1 ? at::empty({l.blocks}, fopts) : at::Tensor();
+  l.l1_partial = with_l1 ? l1_partial.data_ptr<float>() : nullptr;
   l.stream = c10::cuda::getCurrentCUDAStream();
   l.channels = g.channels;
   // Each map pixel's share of an image's upstream gradient (1 / count; the batch mean's is 1 / B
@@ -202,8 +226,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
   if (with_value && g.batch > 0) {
     // One sum per image, or one over the batch (the blocks of each image are contiguous).
     launch_finish(partial, batch_mean ? 1 : g.batch, scale / count, value, l.stream);
+    if (with_l1) {
+      l1_value = at::empty(value.sizes(), fopts);
+      launch_finish(l1_partial, batch_mean ? 1 : g.batch, 1.0 / pixels, l1_value, l.stream);
+      value.add_(l1_value, l1);
+    }
   }
-  return {value, l.gx, l.gy};
+  return {value, l1_value, l.gx, l.gy};
+}
+
+std::tuple<at::Tensor, at::Tensor> ssim_l1_value_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2,
+                                                      bool same_padding, bool batch_mean, double scale, double l1) {
+  at::Tensor value = scaled_value<ssim_per_image_cuda>(x, y, c1, c2, same_padding, batch_mean, scale);
+  if (l1 == 0.0) return {value, at::empty({0}, value.options())};
+  at::Tensor l1_value = l1_mean(x, y, batch_mean);
+  return {value.add_(l1_value, l1), l1_value};
 }
 
 void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream_in) {

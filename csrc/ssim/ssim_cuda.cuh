@@ -277,6 +277,8 @@ struct BackwardLaunch {
   float pixel_share;  // each map pixel's share of an image's upstream gradient, times scale
   int64_t channels;
   float* partial;  // one-pass mode: each block's sum of SSIM values; else nullptr
+  float l1_share;     // one-pass mode with an L1 term: its gradient's size, l1 / pixels
+  float* l1_partial;  // then each block's sum of |x - y| over its own pixels; else nullptr
   cudaStream_t stream;
 };
 

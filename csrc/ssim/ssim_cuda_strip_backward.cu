@@ -99,11 +99,14 @@ template <typename scalar_t, int kWanted, int kC>
 __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::kMinBlocks)
     ssim_strip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                       const float* __restrict__ grad, int64_t grad_stride, float pixel_share, int64_t channels,
-                      scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
+                      scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial,
+                      float l1_share, float* __restrict__ l1_partial) {
   // grad: the per-image upstream gradient (stride grad_stride), or nullptr in the one-pass
   // mode (the op's scale per image, in pixel_share; partial then gets each block's sum of
   // SSIM values, as in ssim_backward_kernel). a.tiles_x strips and a.tiles_y bands of
-  // a.block_rows rows a plane.
+  // a.block_rows rows a plane. l1_partial != nullptr: the L1 term, as in ssim_backward_kernel
+  // (l1_share sign(x - y) added to the gradients, each block's sum of |x - y| over the pixels
+  // it writes into l1_partial[blockIdx.x]).
   constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
   constexpr int kTaps = StripShape<kC>::kTaps;
   const int nt = static_cast<int>(blockDim.x);
@@ -174,6 +177,7 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
   float hm[kWin][kC][4];        // horizontal moments (mu, mv, euu, evv) of the last 11 input rows
   float pd[kWin][kC][kPlanes];  // partials of the last 11 centre rows at the thread's columns
   float value_sum = 0.f;
+  float l1_sum = 0.f;
   float cx[kC] = {}, cy[kC] = {};  // x, y of (c)'s pixels, loaded by the step before
   fetch();
   for (int base = 0; base <= steps; base += kWin) {
@@ -241,13 +245,19 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
             const float xv = cx[c];
             const float yv = cy[c];
             const float* d = acc[c];
+            float lx = 0.f;  // the L1 term's gradient of x (minus that of y)
+            if (l1_partial) {  // block-uniform
+              const float dv = xv - yv;
+              lx = dv > 0.f ? l1_share : (dv < 0.f ? -l1_share : 0.f);
+              l1_sum += fabsf(dv);
+            }
             if (kWanted == kWantBoth) {
-              gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[2] + yv * d[3]);
-              gy[idx] = static_cast<scalar_t>(d[1] + 2.f * yv * d[2] + xv * d[3]);
+              gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[2] + yv * d[3] + lx);
+              gy[idx] = static_cast<scalar_t>(d[1] + 2.f * yv * d[2] + xv * d[3] - lx);
             } else if (kWanted == kWantX) {
-              gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[1] + yv * d[2]);
+              gx[idx] = static_cast<scalar_t>(d[0] + 2.f * xv * d[1] + yv * d[2] + lx);
             } else {
-              gy[idx] = static_cast<scalar_t>(d[0] + 2.f * yv * d[1] + xv * d[2]);
+              gy[idx] = static_cast<scalar_t>(d[0] + 2.f * yv * d[1] + xv * d[2] - lx);
             }
           }
         }
@@ -350,6 +360,18 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
       partial[blockIdx.x] = total;
     }
   }
+  if (l1_partial) {  // block-uniform
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) l1_sum += __shfl_down_sync(0xffffffffu, l1_sum, off);
+    __syncthreads();  // s_warp may still be read by thread 0 above
+    if (t % 32 == 0) s_warp[t / 32] = l1_sum;
+    __syncthreads();
+    if (t == 0) {
+      float total = 0.f;
+      for (int w = 0; w < nt / 32; ++w) total += s_warp[w];
+      l1_partial[blockIdx.x] = total;
+    }
+  }
 }
 
 // The plan forced by force_strip_plan (0: the planner's choice), for every later launch.
@@ -449,7 +471,7 @@ void launch_strip_backward(const BackwardLaunch& l, const StripPlan& plan) {
       const auto launch = [&](auto kernel) {
         SSIM_LAUNCH(static_cast<unsigned>(l.blocks), plan.threads, smem, l.stream, kernel)(
             l.x.data_ptr<scalar_t>(), l.y.data_ptr<scalar_t>(), l.a, l.grad.data, l.grad.stride[0], l.pixel_share,
-            l.channels, gx, gy, l.partial);
+            l.channels, gx, gy, l.partial, l.l1_share, l.l1_partial);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (plan.columns == 2) {

@@ -70,12 +70,16 @@ template <typename Tile, typename scalar_t, int kWanted>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                          GradView grad, bool map_grad, float pixel_share, int64_t channels,
-                         scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial) {
+                         scalar_t* __restrict__ gx, scalar_t* __restrict__ gy, float* __restrict__ partial,
+                         float l1_share, float* __restrict__ l1_partial) {
   // partial != nullptr: the one-pass mode of ssim_per_image_and_grad. The upstream gradient
   // is the op's scale per image (in pixel_share; grad is not read) and the block also sums
   // the SSIM values of the centres inside its own tile (tiles partition the image, so each
   // centre is summed once) into partial[blockIdx.x], which ssim_finish_kernel turns into the
   // per-image mean.
+  // l1_partial != nullptr (one-pass mode with an L1 term): l1_share sign(x - y) is added to the
+  // x gradient (minus, to y's) of each pixel, and the block's sum of |x - y| over its own
+  // pixels goes to l1_partial[blockIdx.x].
   // kWanted: the gradients written (gx, gy or both; the others' pointers are not read).
   // Partial planes: both: d_mx, d_my, d_e2, d_exy; one: d_mx or d_my, then d_e2, d_exy.
   constexpr int kPlanes = kWanted == kWantBoth ? 4 : 3;
@@ -171,21 +175,39 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   float acc[4][kPlanes];
   vertical_window<kPlanes, 4>(s_b, kTile + 1, Tile::kFStride, ty * 4, tx, acc);
   const int c = col0 + tx;
-  if (c >= width) return;
+  float l1_sum = 0.f;
 #pragma unroll
   for (int o = 0; o < 4; ++o) {
     const int r = row0 + ty * 4 + o;
-    if (r >= height) break;
+    if (c >= width || r >= height) break;
     const int64_t idx = plane * n + r * width + c;
     const float xv = static_cast<float>(x[idx]);
     const float yv = static_cast<float>(y[idx]);
+    float lx = 0.f;  // the L1 term's gradient of x (minus that of y)
+    if (l1_partial) {  // block-uniform
+      const float dv = xv - yv;
+      lx = dv > 0.f ? l1_share : (dv < 0.f ? -l1_share : 0.f);
+      l1_sum += fabsf(dv);
+    }
     if (kWanted == kWantBoth) {
-      gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][2] + yv * acc[o][3]);
-      gy[idx] = static_cast<scalar_t>(acc[o][1] + 2.f * yv * acc[o][2] + xv * acc[o][3]);
+      gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][2] + yv * acc[o][3] + lx);
+      gy[idx] = static_cast<scalar_t>(acc[o][1] + 2.f * yv * acc[o][2] + xv * acc[o][3] - lx);
     } else if (kWanted == kWantX) {
-      gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][1] + yv * acc[o][kPlanes - 1]);
+      gx[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * xv * acc[o][1] + yv * acc[o][kPlanes - 1] + lx);
     } else {
-      gy[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * yv * acc[o][1] + xv * acc[o][kPlanes - 1]);
+      gy[idx] = static_cast<scalar_t>(acc[o][0] + 2.f * yv * acc[o][1] + xv * acc[o][kPlanes - 1] - lx);
+    }
+  }
+  if (l1_partial) {  // block-uniform; every lane is here (no early return above)
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) l1_sum += __shfl_down_sync(0xffffffffu, l1_sum, off);
+    if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = l1_sum;  // free since step 4's sync
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kNT / 32; ++w) total += s_warp[w];
+      l1_partial[blockIdx.x] = total;
     }
   }
 }
@@ -224,7 +246,7 @@ void launch_tile_backward(const BackwardLaunch& l) {
     SSIM_LAUNCH(static_cast<unsigned>(l.blocks), Tile::kThreads, Tile::kSmemBytes, l.stream,
                 ssim_backward_kernel<Tile, scalar_t, kWanted>)(l.x.data_ptr<scalar_t>(), l.y.data_ptr<scalar_t>(),
                                                                l.a, l.grad, l.map_grad, l.pixel_share, l.channels, gx,
-                                                               gy, l.partial);
+                                                               gy, l.partial, l.l1_share, l.l1_partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   TORCH_CHECK(l.a.block_rows == ShortTile::kRows || l.a.block_rows == TallTile::kRows,

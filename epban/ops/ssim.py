@@ -32,6 +32,18 @@ On CUDA the gradient runs one of two kernel families (csrc/ssim/ssim_cuda.cuh): 
 columns by 32 or 64 rows, or column strips streamed down row bands (per-image upstream
 gradients on images of 512 x 512 and more). The setting ``EPBAN_SSIM_CUDA_BACKWARD``
 (auto, tile32, tile64, strip; ``epban.settings``) forces one, for checks.
+
+``ssim_loss(..., l1=a)`` adds ``a * mean|x - y|`` (the mean over every pixel of the batch, or of
+each image for reduction "none"; the SSIM mean is over the valid window centres: each term is
+divided by its own count). On the one-pass path of the devices in ``L1_FUSED_DEVICES`` the L1
+term is in the same kernel pass: where the pass combines the filtered partials with x and y at
+each pixel it adds ``a * sign(x - y) / N`` to dL/dx (minus to dL/dy; sign(0) = 0, as PyTorch's)
+and sums |x - y| for the value, so the images are read once for both terms. Elsewhere
+(reference backend, half types, no one-pass) the L1 term is PyTorch's, beside the SSIM.
+
+The fused ops have no double backward: a backward with ``create_graph=True`` raises
+(``RuntimeError``) rather than return a gradient detached from the graph; the reference
+backend is differentiable twice.
 """
 from __future__ import annotations
 
@@ -63,6 +75,8 @@ _FUSED_DTYPES = {
 # (one_pass_devices below switches it off for such comparisons).
 ONE_PASS_DEVICES = frozenset({"cpu", "cuda"})
 _ONE_PASS_DTYPES = (torch.float32, torch.float64)  # half types: the unscaled gradient could underflow
+# Devices whose one-pass kernels take the L1 term (ssim_l1_one_pass); elsewhere it is PyTorch's.
+L1_FUSED_DEVICES = frozenset({"cpu", "cuda"})
 
 
 @functools.lru_cache(maxsize=32)
@@ -252,6 +266,19 @@ def _register_fused() -> None:
         gy = y.new_empty(y.shape) if grad_y else y.new_empty((0,))
         return gx, gy
 
+    @torch.library.register_fake("epban::ssim_l1_and_grad")
+    def _(x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale, l1):
+        shape = () if batch_mean else (x.shape[0],)
+        value = x.new_empty(shape, dtype=_fused_out_dtype(x))
+        l1_value = x.new_empty(shape if l1 != 0.0 else (0,), dtype=_fused_out_dtype(x))
+        return value, l1_value, x.new_empty(x.shape if grad_x else (0,)), y.new_empty(y.shape if grad_y else (0,))
+
+    @torch.library.register_fake("epban::ssim_l1_one_pass")
+    def _(x, y, c1, c2, same_padding, batch_mean, scale, l1):
+        shape = () if batch_mean else (x.shape[0],)
+        value = x.new_empty(shape, dtype=_fused_out_dtype(x))
+        return value, x.new_empty(shape if l1 != 0.0 else (0,), dtype=_fused_out_dtype(x))
+
     # Autograd is registered in C++ (csrc/ssim/ssim_autograd.cpp): the backward never
     # re-enters Python.
 
@@ -288,23 +315,73 @@ def _scaled_ssim(x, y, scale, *, data_range, win_size, sigma, k1, k2, padding, r
     return value if scale == 1.0 else value * scale
 
 
-def ssim_loss(x, y, *, weight=1.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid",
-              reduction="mean", backend="auto"):
-    """``weight * (1 - SSIM(x, y))``: the SSIM term of an SR loss; reduction "mean" or "none".
+def _check_loss_weight(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite Python number, got {value!r}")
+    return float(value)
 
-    The value equals ``weight * (1 - ssim(x, y, ...))`` (to float rounding); training with it
-    is cheaper. On the one-pass path the weight is folded into the kernel pass (the op gives
-    ``-weight * SSIM`` and its gradients; the loss is that plus ``weight``), so a loss's
-    ``.backward()`` reaches the op with an upstream gradient of exactly 1 and its backward
-    writes nothing: the in-place scaling of the kept gradients by the upstream one, a read and
-    a write of each gradient, is skipped (on CUDA the factor is tested on the device, so there
-    is no sync and CUDA graphs stay valid). Any other upstream gradient (a GradScaler's scale,
-    a weight applied outside) gives the same exact gradients, with that scaling.
+
+def ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03,
+              padding="valid", reduction="mean", backend="auto"):
+    """``l1 * mean|x - y| + weight * (1 - SSIM(x, y))``: the pixel terms of an SR loss; reduction
+    "mean" or "none" (then one value per image: each image's own means).
+
+    The value equals ``l1 * F.l1_loss(x, y) + weight * (1 - ssim(x, y, ...))`` (to float
+    rounding); training with it is cheaper. On the one-pass path the weight is folded into the
+    kernel pass (the op gives ``-weight * SSIM`` and its gradients; the loss is that plus
+    ``weight``), so a loss's ``.backward()`` reaches the op with an upstream gradient of exactly
+    1 and its backward writes nothing: the in-place scaling of the kept gradients by the upstream
+    one, a read and a write of each gradient, is skipped (on CUDA the factor is tested on the
+    device, so there is no sync and CUDA graphs stay valid). Any other upstream gradient (a
+    GradScaler's scale, a weight applied outside) gives the same exact gradients, with that
+    scaling. The L1 term joins the same pass where it can (see the module docstring).
     """
+    return _ssim_l1_loss(x, y, weight, l1, backend, False, data_range=data_range, win_size=win_size, sigma=sigma,
+                         k1=k1, k2=k2, padding=padding, reduction=reduction)[0]
+
+
+def ssim_l1_loss_parts(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03,
+                       padding="valid", reduction="mean", backend="auto"):
+    """``(loss, l1_part, ssim_part)``: ``ssim_loss``'s value and, detached for logging, its
+    unweighted terms ``mean|x - y|`` and ``1 - SSIM`` (None for a term whose weight is 0). On the
+    fused path both come from the one kernel pass that gives the loss (no extra read of the
+    images)."""
+    return _ssim_l1_loss(x, y, weight, l1, backend, True, data_range=data_range, win_size=win_size, sigma=sigma,
+                         k1=k1, k2=k2, padding=padding, reduction=reduction)
+
+
+def _ssim_l1_loss(x, y, weight, l1, backend, parts, *, data_range, win_size, sigma, k1, k2, padding, reduction):
+    """(loss, l1_part, ssim_part) as ssim_l1_loss_parts; the parts only with ``parts``."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"ssim_loss reduction must be 'mean' or 'none', got {reduction!r}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ValueError(f"weight must be a finite Python number, got {weight!r}")
-    weight = float(weight)
-    return _scaled_ssim(x, y, -weight, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
-                        padding=padding, reduction=reduction, backend=backend) + weight
+    weight = _check_loss_weight("weight", weight)
+    l1 = _check_loss_weight("l1", l1)
+    kwargs = dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding,
+                  reduction=reduction)
+    if l1 == 0.0:
+        loss = _scaled_ssim(x, y, -weight, backend=backend, **kwargs) + weight
+        return loss, None, (loss.detach() / weight if parts and weight != 0.0 else None)
+    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
+    if weight == 0.0:
+        l1_value = _l1_mean(x, y, reduction)
+        return l1 * l1_value, l1_value.detach(), None
+    reason = None if backend == "reference" else fused_unavailable_reason(
+        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
+    if (use_fused(backend, reason) and x.device.type in L1_FUSED_DEVICES and x.device.type in ONE_PASS_DEVICES
+            and x.dtype in _ONE_PASS_DTYPES):
+        c1 = float((k1 * data_range) ** 2)
+        c2 = float((k2 * data_range) ** 2)
+        value, l1_value = torch.ops.epban.ssim_l1_one_pass(x.contiguous(), y.contiguous(), c1, c2, padding == "same",
+                                                           reduction == "mean", -weight, l1)
+        ssim_part = (value.detach() - l1 * l1_value) / weight + 1.0 if parts else None
+        return value + weight, l1_value, ssim_part
+    ssim_term = _scaled_ssim(x, y, -weight, backend=backend, **kwargs) + weight
+    l1_value = _l1_mean(x, y, reduction)
+    return l1 * l1_value + ssim_term, l1_value.detach(), ssim_term.detach() / weight if parts else None
+
+
+def _l1_mean(x, y, reduction):
+    """mean |x - y| (PyTorch's l1_loss), over the batch ("mean") or per image ("none")."""
+    if reduction == "mean":
+        return F.l1_loss(x, y)
+    return F.l1_loss(x, y, reduction="none").flatten(1).mean(1)

@@ -27,6 +27,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass(const std::optional
                                          batch_mean, scale);
 }
 
+// gradient_pass with an L1 term (one-pass mode only): value, L1 mean, grad x, grad y.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1(const at::Tensor& x, const at::Tensor& y,
+                                                                            double c1, double c2, bool same_padding,
+                                                                            bool grad_x, bool grad_y, bool batch_mean,
+                                                                            double scale, double l1) {
+  return epban::ssim::gradient_pass_l1_cuda(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean,
+                                            scale, l1);
+}
+
 int64_t launches() { return epban_emu::settings().launches; }
 
 // The block sizes (threads) of the launches since the last call, in order, and a reset.
@@ -47,6 +56,9 @@ TORCH_LIBRARY(epban_cuda_emu, m) {
   m.def("gradient_pass(Tensor? grad, Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, "
         "bool grad_y, bool batch_mean=False, float scale=1.0) -> (Tensor, Tensor, Tensor)",
         &gradient_pass);
+  m.def("gradient_pass_l1(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool grad_x, bool grad_y, "
+        "bool batch_mean, float scale, float l1) -> (Tensor, Tensor, Tensor, Tensor)",
+        &gradient_pass_l1);
   m.def("scale_gradient_(Tensor(a!) grad, Tensor upstream) -> ()", &epban::ssim::scale_gradient_cuda);
   m.def("set_schedule", &set_schedule);
   m.def("launches", &launches);
