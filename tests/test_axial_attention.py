@@ -119,6 +119,7 @@ def test_bi_axial_pairs_the_directions():
     lambda: (torch.randn(3, 4, 5),) * 3,
     lambda: (torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5), "v"),
     lambda: (torch.ones(1, 3, 4, 5, dtype=torch.int64),) * 3,
+    lambda: (torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5, dtype=torch.float64), torch.randn(1, 3, 4, 5)),
 ])
 @pytest.mark.parametrize("backend", ["reference", "auto", "fused"])
 def test_bad_inputs_raise_value_error(make, backend):

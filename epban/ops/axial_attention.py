@@ -63,6 +63,8 @@ def check_axial_args(q, k, v, sigma_scope) -> None:
                          f"{tuple(v.shape)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if sigma_scope not in SIGMA_SCOPES:
         raise ValueError(f"sigma_scope must be one of {SIGMA_SCOPES}, got {sigma_scope!r}")
 
