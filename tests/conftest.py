@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/dev/gpu_check.sh on one)")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

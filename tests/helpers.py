@@ -20,7 +20,7 @@ def count_calls(monkeypatch, module, *names) -> list:
 
 def compile_for_sm90(script: str, tmp_path, compiled: int) -> None:
     """Runs ``script`` (which compiles Triton kernels through the whole NVIDIA pipeline, ptxas
-    included, with scripts/kernel_resources.py, and prints "compiled" per kernel) in a fresh
+    included, with epban.testing.kernel_resources, and prints "compiled" per kernel) in a fresh
     process with the interpreter off, and checks that ``compiled`` kernels were."""
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
