@@ -36,8 +36,8 @@ row alike; the median is reported, the samples are logged.
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the timed steps, less the
 inputs (so the loss's weights, what its steps keep, and the step's activations and
 gradients). On the CPU each row runs once more in a process of its own (its first step and
-one more) and reports its peak resident set (``getrusage`` maxrss) less its resident set
-before the row was built and the inputs' size (weights included, the allocator's caching
+one more) and reports its peak resident set (Linux's VmHWM, reset before the row is built)
+less its resident set then and the inputs' size (weights included, the allocator's caching
 too: a rough figure).
 
     pytest benches/bench_perceptual_losses.py --benchmark-only      (pytest-benchmark rows; on
@@ -56,7 +56,6 @@ import json
 import math
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -242,9 +241,20 @@ def _graph(step):
     return graph.replay
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Sets VmHWM to the current resident set (Linux). getrusage's maxrss is not used: it keeps
+    the parent's peak across fork and exec."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def prepare(name, size, device, preset="official"):
@@ -301,10 +311,12 @@ def cpu_peak_row(name, size, preset="official"):
     """Peak MiB above the resident set after making the inputs, over the first step and one
     more, and the FLOPs; meant to run in a process of its own (``--memory-row``)."""
     sr_hr_mib = 2 * 3 * size[0] * size[1] * size[2] * 4 / 2**20
-    base = _rss_mib() + sr_hr_mib  # the inputs are made in prepare()
+    gc.collect()
+    _reset_peak_rss()
+    base = _status_mib("VmRSS") + sr_hr_mib  # the inputs are made in prepare()
     step, flops = prepare(name, size, "cpu", preset)
     step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, flops
+    return _status_mib("VmHWM") - base, flops
 
 
 def cpu_peak_in_subprocess(name, size, preset, timeout_s):
