@@ -31,7 +31,8 @@ mode's fused kernels, SSIM) are not counted, so it is a floor ("-": not counted)
 Timing: on CUDA, each row in turn, by CUDA events, after its first step. On the CPU (a
 machine that may be shared), all rows are built in one process and their steps interleaved,
 one step of each row per round (``--rounds``), so that load from elsewhere falls on every
-row alike; the median is reported, the samples are logged.
+row alike; the median is reported, the samples are logged, and "vs LPIPS-VGG" is the median
+of the per-round ratios.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the timed steps, less the
 inputs (so the loss's weights, what its steps keep, and the step's activations and
@@ -359,17 +360,26 @@ def _sig(x: float, digits: int = 3) -> str:
     return f"{x:.{decimals}f}"
 
 
+def _ratio(row, reference) -> float:
+    """``row``'s time over ``reference``'s: the median of the per-round ratios where both were
+    timed in the same interleaved rounds (CPU), else the ratio of the medians."""
+    a, b = row.get("samples"), reference.get("samples")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return row["ms"] / reference["ms"]
+
+
 def table(rows, device_name: str, preset: str) -> str:
     out = [f"Perceptual losses, forward + backward to sr per step, {device_name}, torch {torch.__version__}, "
            f"{torch.get_num_threads()} threads; PBAN preset {preset!r}",
            "",
            "| input | loss | weights | ms | MP/s | GFLOP | peak MiB | vs LPIPS-VGG |",
            "|---|---|---|---|---|---|---|---|"]
-    lpips_ms = {r["size"]: r["ms"] for r in rows if r["name"] == "LPIPS-VGG"}
+    lpips = {r["size"]: r for r in rows if r["name"] == "LPIPS-VGG"}
     for r in rows:
         b, h, w = r["size"]
         mp_s = b * h * w / 1e6 / (r["ms"] / 1e3)
-        ratio = f"{_sig(r['ms'] / lpips_ms[r['size']])}x" if r["size"] in lpips_ms else "-"
+        ratio = f"{_sig(_ratio(r, lpips[r['size']]))}x" if r["size"] in lpips else "-"
         peak = f"{r['peak']:.0f}" if r["peak"] is not None else "n/a"
         gflop = _sig(r["flops"] / 1e9) if r.get("flops") else "-"
         base = r["name"].removesuffix(" + graph")
@@ -409,7 +419,8 @@ def test_perceptual_loss(benchmark, device, size, name):
         sync()
 
     benchmark.group = f"perceptual losses {device} {'x'.join(map(str, size))}"
-    benchmark.extra_info.update(weights=WEIGHTS[name.removesuffix(" + graph")], megapixels=size[0] * size[1] * size[2] / 1e6)
+    benchmark.extra_info.update(weights=WEIGHTS[name.removesuffix(" + graph")],
+                                megapixels=size[0] * size[1] * size[2] / 1e6)
     benchmark.pedantic(timed, rounds=5 if device == "cuda" else 2, warmup_rounds=1)
 
 
@@ -463,7 +474,7 @@ def main():
         timed = time_rows_interleaved(list(measured), size, preset=args.preset, rounds=args.rounds, log=log)
         for name, (ms, samples) in timed.items():
             peak, flops = measured[name]
-            rows.append(dict(size=size, name=name, ms=ms, peak=peak, flops=flops))
+            rows.append(dict(size=size, name=name, ms=ms, peak=peak, flops=flops, samples=samples))
             log(f"{size} {name}: median {ms:.1f} ms of {[round(t) for t in samples]}")
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(table(rows, name, args.preset))
