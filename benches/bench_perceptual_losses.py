@@ -69,6 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from timing import cuda_graph_replay
+
 import epban
 
 SIZES = [(16, 256, 256), (1, 1024, 1024)]
@@ -228,20 +230,6 @@ def make_step(loss, sr, hr):
     return step
 
 
-def _graph(step):
-    """``step`` captured in a CUDA graph (warmed up on a side stream): returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def _status_mib(field: str) -> float:
     """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak)."""
     with open("/proc/self/status") as f:
@@ -273,7 +261,7 @@ def prepare(name, size, device, preset="official"):
             step()
         flops = counter.get_total_flops()
     if graphed:
-        step = _graph(step)
+        step = cuda_graph_replay(step)
     if device == "cuda":
         torch.cuda.synchronize()
     return step, flops
@@ -411,7 +399,7 @@ def test_perceptual_loss(benchmark, device, size, name):
     step = make_step(loss, sr, hr)
     step()
     if graphed:
-        step = _graph(step)
+        step = cuda_graph_replay(step)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed():

@@ -22,10 +22,9 @@ def cuda_median_ms(step, reps: int) -> float:
     return statistics.median(times)
 
 
-def cuda_graph_median_ms(step, reps: int) -> float:
-    """Median ms of one replay of ``step()`` captured in a CUDA graph: the device's time alone,
-    without the host's launch overhead, which eager timing of small ops measures instead. Warmed
-    up on a side stream first, as graph capture requires."""
+def cuda_graph_replay(step):
+    """``step()`` captured in a CUDA graph, warmed up on a side stream first as capture
+    requires; returns the graph's replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -35,4 +34,10 @@ def cuda_graph_median_ms(step, reps: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return cuda_median_ms(graph.replay, reps)
+    return graph.replay
+
+
+def cuda_graph_median_ms(step, reps: int) -> float:
+    """Median ms of one replay of ``step()`` captured in a CUDA graph: the device's time alone,
+    without the host's launch overhead, which eager timing of small ops measures instead."""
+    return cuda_median_ms(cuda_graph_replay(step), reps)
