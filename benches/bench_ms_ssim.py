@@ -3,10 +3,11 @@
     pytest benches/bench_ms_ssim.py --benchmark-only --benchmark-group-by=group
 
 float32, data_range 1, the default 5 scales with window 11 / sigma 1.5, batch mean; the
-gradient is taken w.r.t. x through each library's own API. epban's rows run its reference
-(the only MS-SSIM path so far) with its default input check (``check_finite=True``). The loss
-rows time 0.84 (1 - MS-SSIM) + 0.16 L1, Zhao et al.'s mix: ``epban.ops.ms_ssim.MSSSIMLoss``
-against pytorch-msssim's ``ms_ssim`` plus PyTorch's ``l1_loss``. The CPU keeps rounds few
+gradient is taken w.r.t. x through each library's own API. epban's rows run the fused path (the
+SSIM kernels per scale) and the reference, with the default input check (``check_finite=True``);
+"epban ssim fused" is SSIM alone at the same shape, the yardstick of the fused MS-SSIM's cost.
+The loss rows time 0.84 (1 - MS-SSIM) + 0.16 L1, Zhao et al.'s mix: ``MSSSIMLoss`` against
+pytorch-msssim's ``ms_ssim`` plus PyTorch's ``l1_loss``. The CPU keeps rounds few
 (the rows take seconds per call there); CUDA timings synchronise inside the timed call.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import epban
 from epban.ops.ms_ssim import MSSSIMLoss, ms_ssim
 
 pytorch_msssim = pytest.importorskip("pytorch_msssim")
@@ -24,6 +26,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SSIM_WEIGHT, L1_WEIGHT = 0.84, 0.16
 
 _epban_loss = MSSSIMLoss(weight=SSIM_WEIGHT, l1=L1_WEIGHT)
+_epban_loss_reference = MSSSIMLoss(weight=SSIM_WEIGHT, l1=L1_WEIGHT, backend="reference")
 
 
 def _their_loss(x, y):
@@ -31,9 +34,12 @@ def _their_loss(x, y):
 
 
 IMPLS = {
-    "epban ms_ssim": lambda x, y: ms_ssim(x, y),
+    "epban ssim fused": lambda x, y: epban.ssim(x, y, backend="fused"),
+    "epban ms_ssim fused": lambda x, y: ms_ssim(x, y, backend="fused"),
+    "epban ms_ssim reference": lambda x, y: ms_ssim(x, y, backend="reference"),
     "pytorch-msssim ms_ssim": lambda x, y: pytorch_msssim.ms_ssim(x, y, data_range=1.0),
-    "epban MSSSIMLoss l1": _epban_loss,
+    "epban MSSSIMLoss l1 fused": _epban_loss,
+    "epban MSSSIMLoss l1 reference": _epban_loss_reference,
     "pytorch-msssim ms_ssim + l1_loss": _their_loss,
 }
 
@@ -64,5 +70,7 @@ def test_ms_ssim(benchmark, device, shape, impl):
 
     if device == "cuda":
         benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+    elif "fused" in impl:
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     else:
         benchmark.pedantic(run, rounds=2, warmup_rounds=0)

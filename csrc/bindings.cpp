@@ -44,6 +44,12 @@ TORCH_LIBRARY(epban, m) {
   m.def(
       "ssim_l1_one_pass(Tensor x, Tensor y, float c1, float c2, bool same_padding, bool batch_mean, float scale, "
       "float l1) -> (Tensor, Tensor)");
+  // MS-SSIM's pass at one scale (valid padding): the mean SSIM of each image (luminance) or the
+  // mean contrast-structure term alone, shape (B,), and with grad_x / grad_y its gradients for an
+  // upstream gradient of 1 per image, from one pass ((0,) tensors for gradients not wanted).
+  m.def(
+      "ssim_level_and_grad(Tensor x, Tensor y, float c1, float c2, bool luminance, bool grad_x, bool grad_y) -> "
+      "(Tensor, Tensor, Tensor)");
   // The one-pass backward: grad *= upstream in place, upstream (B,) or 0-dim; images whose
   // factor is exactly 1 are not touched (on CUDA the factor is tested on the device).
   m.def("ssim_scale_gradient_(Tensor(a!) grad, Tensor upstream) -> ()");
@@ -59,6 +65,7 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cpu);
   m.impl("ssim_l1_and_grad", &epban::ssim::ssim_l1_and_grad_cpu);
   m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_value_cpu);
+  m.impl("ssim_level_and_grad", &epban::ssim::ssim_level_and_grad_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -72,6 +79,7 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cuda);
   m.impl("ssim_l1_and_grad", &epban::ssim::ssim_l1_and_grad_cuda);
   m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_value_cuda);
+  m.impl("ssim_level_and_grad", &epban::ssim::ssim_level_and_grad_cuda);
 }
 constexpr bool kWithCuda = true;
 #else

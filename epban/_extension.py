@@ -26,7 +26,8 @@ else:
 
 # The ops this package version calls; an extension built from older sources lacks some.
 REQUIRED_OPS = ("ssim_per_image", "ssim_per_image_one_pass", "ssim_mean_one_pass", "ssim_scale_gradient_",
-                "ssim_per_image_and_grad", "ssim_map", "ssim_backward", "ssim_l1_and_grad", "ssim_l1_one_pass")
+                "ssim_per_image_and_grad", "ssim_map", "ssim_backward", "ssim_l1_and_grad", "ssim_l1_one_pass",
+                "ssim_level_and_grad")
 if _C is not None:
     _missing = [name for name in REQUIRED_OPS if not hasattr(torch.ops.epban, name)]
     if _missing:

@@ -12,7 +12,7 @@ from epban import _extension
 # The op modules; each registers its op with epban.ops.registry when imported.
 OP_MODULES = ("ssim", "axial_attention", "deform_conv", "bias_act", "max_pool", "normalise")
 # The order ops are listed in (registry names; the stem pool lives in max_pool).
-OP_ORDER = ("ssim", "axial_attention", "deform_conv", "bias_act", "stem_pool", "normalise")
+OP_ORDER = ("ssim", "ms_ssim", "axial_attention", "deform_conv", "bias_act", "stem_pool", "normalise")
 
 
 def _ops() -> dict:

@@ -1,6 +1,9 @@
-"""MS-SSIM (epban.ops.ms_ssim): the reference against pytorch-msssim (values and gradients of
-both inputs, several sizes, odd sides, weights given, photos with SR-like degradations),
-gradcheck, the MS-SSIM + L1 loss against PyTorch's l1_loss, and bad inputs."""
+"""MS-SSIM (epban.ops.ms_ssim): against pytorch-msssim (values and gradients of both inputs,
+several sizes, odd sides, weights given, photos with SR-like degradations), gradcheck, the fused
+path against the reference (the SSIM kernels per scale: values, gradients of either or both
+inputs, half types, poisoned outputs, opcheck), the MS-SSIM + L1 loss against PyTorch's l1_loss,
+and bad inputs. On the CPU, float64 inputs with window 11 take the fused path by default; the
+tests that name a backend compare the two."""
 from __future__ import annotations
 
 import io
@@ -11,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from epban.ops import registry
-from epban.ops.ms_ssim import MS_SSIM_WEIGHTS, MSSSIMLoss, ms_ssim, ms_ssim_loss, ms_ssim_min_side, ms_ssim_reference
-from epban.ops.ssim import gaussian_window_1d, ssim_reference
+from epban.ops.ms_ssim import (MS_SSIM_WEIGHTS, MSSSIMLoss, downsample, ms_ssim, ms_ssim_loss, ms_ssim_min_side,
+                               ms_ssim_reference, ssim_and_cs)
+from epban.ops.ssim import fused_unavailable_reason, gaussian_window_1d, ssim_reference
+from epban.testing import poisoned_allocations
 
 pytorch_msssim = pytest.importorskip("pytorch_msssim")
 the_ssim_module = pytest.importorskip("pytorch_msssim.ssim")  # the package re-exports a function of that name
@@ -272,7 +277,7 @@ def test_loss_at_equal_images_is_zero_with_zero_gradient():
     (dict(l1=-0.5), "l1"),
     (dict(l1=True), "l1"),
     (dict(reduction="sum"), "reduction"),
-    (dict(backend="fused"), "not built yet"),
+    (dict(backend="triton"), "backend"),
 ])
 def test_loss_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -293,12 +298,14 @@ def test_loss_checks_inputs_even_without_the_ms_ssim_term():
 
 def test_backends():
     x, y = image_pair((1, 1, 161, 161))
-    assert torch.equal(ms_ssim(x, y, backend="auto"), ms_ssim(x, y, backend="reference"))
-    with pytest.raises(ValueError, match="the fused MS-SSIM is not built yet"):
-        ms_ssim(x, y, backend="fused")
     with pytest.raises(ValueError, match="backend"):
         ms_ssim(x, y, backend="triton")
-    assert "ms_ssim" not in registry.REGISTRY  # nothing to list until the fused path exists
+    with pytest.raises(ValueError, match="not available.*win_size=11"):
+        ms_ssim(x, y, win_size=7, backend="fused")
+    with pytest.raises(ValueError, match="not available.*win_size=11"):
+        ms_ssim_loss(x, y, sigma=1.2, backend="fused")
+    expected = "fused" if fused_unavailable_reason("cpu") is None else "reference"
+    assert registry.REGISTRY["ms_ssim"].auto_backend(torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("make, match", [
@@ -349,3 +356,175 @@ def test_check_finite_false_lets_nan_through():
     x, y = image_pair((1, 1, 161, 161))
     x[0, 0, 80, 80] = float("nan")
     assert torch.isnan(ms_ssim(x, y, check_finite=False))
+
+
+# ---------------------------------------------------------------- the fused path (the SSIM kernels per scale)
+
+needs_cpu_kernel = pytest.mark.skipif(fused_unavailable_reason("cpu") is not None, reason="epban._C is not built")
+FUSED_SHAPES = [((2, 3, 161, 173), MS_SSIM_WEIGHTS), ((1, 2, 175, 213), MS_SSIM_WEIGHTS),
+                ((3, 1, 45, 52), (0.2, 0.3, 0.5)), ((1, 4, 22, 23), (0.6, 0.4))]
+
+
+def both_backends(x, y, *, requires=(True, True), seed=3, **kwargs):
+    """(value, grad x, grad y) of <ms_ssim(x, y, reduction="none"), u> by each backend."""
+    out = []
+    for backend in ("fused", "reference"):
+        a = x.detach().clone().requires_grad_(requires[0])
+        b = y.detach().clone().requires_grad_(requires[1])
+        value = ms_ssim(a, b, reduction="none", backend=backend, **kwargs)
+        u = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=value.dtype).to(value.device)
+        wanted = [t for t in (a, b) if t.requires_grad]
+        grads_ = list(torch.autograd.grad((value * u).sum(), wanted))
+        gx = grads_.pop(0) if requires[0] else None
+        gy = grads_.pop(0) if requires[1] else None
+        out.append((value.detach(), gx, gy))
+    return out
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("shape, weights", FUSED_SHAPES, ids=lambda v: "x".join(map(str, v)) if len(v) == 4 else None)
+def test_fused_matches_the_reference_float64(shape, weights):
+    x, y = image_pair(shape, seed=sum(shape))
+    (v, gx, gy), (rv, rgx, rgy) = both_backends(x, y, weights=weights)
+    assert torch.allclose(v, rv, atol=1e-12, rtol=0)
+    assert torch.allclose(gx, rgx, atol=1e-12, rtol=1e-9) and torch.allclose(gy, rgy, atol=1e-12, rtol=1e-9)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("requires", [(True, False), (False, True)], ids=["x", "y"])
+def test_fused_gradient_of_one_input(requires):
+    x, y = image_pair((2, 2, 47, 45), seed=21)
+    (v, gx, gy), (rv, rgx, rgy) = both_backends(x, y, requires=requires, weights=(0.2, 0.3, 0.5))
+    assert torch.allclose(v, rv, atol=1e-12, rtol=0)
+    for ours, theirs in ((gx, rgx), (gy, rgy)):
+        assert (ours is None) == (theirs is None)
+        assert ours is None or torch.allclose(ours, theirs, atol=1e-12, rtol=1e-9)
+
+
+@needs_cpu_kernel
+def test_fused_float32_is_as_accurate_as_the_reference():
+    x, y = image_pair((2, 3, 167, 161), seed=22)
+    exact = both_backends(x, y)[1]
+    fused, reference = both_backends(x.float(), y.float())
+    for i in range(3):
+        err_fused = (fused[i].double() - exact[i]).abs().max().item()
+        err_reference = (reference[i].double() - exact[i]).abs().max().item()
+        assert err_fused <= max(2 * err_reference, 1e-6), (i, err_fused, err_reference)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_half_inputs(dtype):
+    x, y = image_pair((1, 2, 49, 53), seed=23)
+    x, y = x.to(dtype), y.to(dtype)
+    (v, gx, gy), (rv, rgx, rgy) = both_backends(x, y, weights=(0.2, 0.3, 0.5))
+    assert v.dtype == torch.float32 and gx.dtype == dtype and gy.dtype == dtype
+    assert torch.allclose(v, rv, atol=1e-5, rtol=0)
+    scale = rgx.float().abs().max()
+    assert (gx.float() - rgx.float()).abs().max() <= 2e-2 * scale
+    assert (gy.float() - rgy.float()).abs().max() <= 2e-2 * scale
+
+
+@needs_cpu_kernel
+def test_fused_gradcheck():
+    x, y = image_pair((2, 1, 41, 44), seed=24, noise=0.2)
+    fn = lambda a, b: ms_ssim(a, b, weights=(0.3, 0.3, 0.4), reduction="none", backend="fused")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
+    assert torch.autograd.gradcheck(fn, (x[:1, :, :41, :41].detach().requires_grad_(),
+                                         y[:1, :, :41, :41].detach().requires_grad_()))
+
+
+@needs_cpu_kernel
+def test_fused_writes_every_element():
+    """Outputs, kept gradient maps and gradients come from NaN-filled allocations."""
+    x, y = image_pair((2, 3, 51, 47), seed=25)
+    with poisoned_allocations():
+        (v, gx, gy), (rv, rgx, rgy) = both_backends(x, y, weights=(0.2, 0.3, 0.5))
+    assert torch.isfinite(v).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    assert torch.allclose(gx, rgx, atol=1e-12, rtol=1e-9)
+
+
+@needs_cpu_kernel
+def test_fused_scale_pass_gives_cs_and_ssim_per_plane():
+    """The per-scale op: each plane's mean cs (luminance off) or SSIM, and their gradients."""
+    x, y = image_pair((2, 3, 29, 33), seed=26)
+    planes = lambda t: t.reshape(6, 1, 29, 33)  # noqa: E731
+    window = gaussian_window_1d(11, 1.5, torch.float64, "cpu")
+    c1, c2 = 0.01**2, 0.03**2
+    for luminance, index in ((False, 1), (True, 0)):
+        value, gx, gy = torch.ops.epban.ssim_level_and_grad(planes(x), planes(y), c1, c2, luminance, True, True)
+        a, b = planes(x).requires_grad_(), planes(y).requires_grad_()
+        expected = ssim_and_cs(a, b, window, c1, c2)[index].flatten()
+        ex, ey = torch.autograd.grad(expected.sum(), (a, b))
+        assert torch.allclose(value, expected, atol=1e-13, rtol=0)
+        assert torch.allclose(gx, ex, atol=1e-13, rtol=1e-9) and torch.allclose(gy, ey, atol=1e-13, rtol=1e-9)
+    value, gx, gy = torch.ops.epban.ssim_level_and_grad(planes(x), planes(y), c1, c2, False, False, False)
+    assert torch.allclose(value, ssim_and_cs(planes(x), planes(y), window, c1, c2)[1].flatten(), atol=1e-13, rtol=0)
+    assert gx.numel() == 0 and gy.numel() == 0
+
+
+def test_fused_pool_backward_matches_autograd():
+    """The in-place pool backward, on every parity of the sides (odd sides pad by one)."""
+    from epban.ops.ms_ssim import _add_pool_backward_
+
+    for h, w in ((9, 8), (8, 9), (7, 7), (10, 12), (1, 3)):
+        t = torch.rand(2, 1, h, w, dtype=torch.float64, requires_grad=True)
+        out = downsample(t)
+        g = torch.randn_like(out)
+        (expected,) = torch.autograd.grad(out, t, g)
+        base = torch.randn(2, 1, h, w, dtype=torch.float64)
+        assert torch.allclose(_add_pool_backward_(base.clone(), g), base + expected, atol=1e-15, rtol=0)
+
+
+@needs_cpu_kernel
+def test_fused_levels_op_passes_opcheck():
+    x, y = image_pair((1, 2, 23, 25), seed=27)
+    for grad_x, grad_y in ((True, True), (False, True), (False, False)):
+        args = (x.clone().requires_grad_(grad_x), y.clone().requires_grad_(grad_y), 1e-4, 9e-4, 2, grad_x, grad_y)
+        torch.library.opcheck(torch.ops.epban.ms_ssim_levels.default, args)
+    torch.library.opcheck(torch.ops.epban.ssim_level_and_grad.default, (x, y, 1e-4, 9e-4, False, True, True))
+
+
+@needs_cpu_kernel
+def test_fused_without_gradients_and_loss_with_l1():
+    x, y = image_pair((2, 3, 45, 46), seed=28)
+    kwargs = dict(weights=(0.2, 0.3, 0.5))
+    with torch.no_grad():
+        assert torch.allclose(ms_ssim(x, y, backend="fused", **kwargs), ms_ssim(x, y, backend="reference", **kwargs),
+                              atol=1e-12, rtol=0)
+    losses = []
+    for backend in ("fused", "reference"):
+        losses.append(grads(MSSSIMLoss(weight=0.84, l1=0.16, backend=backend, **kwargs), x, y))
+    for a, b in zip(*losses):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_unavailable_reason("cuda") is not None,
+                    reason="needs a CUDA GPU and epban._C with CUDA")
+@pytest.mark.parametrize("shape", [(2, 3, 161, 173), (1, 3, 540, 967)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_cuda_matches_the_reference(shape):
+    x, y = image_pair(shape, seed=sum(shape))
+    exact = both_backends(x, y)[1]
+    with poisoned_allocations():
+        fused = both_backends(x.float().cuda(), y.float().cuda())[0]
+    assert abs(fused[0].cpu().double() - exact[0]).max() <= 1e-5
+    for i in (1, 2):
+        assert (fused[i].cpu().double() - exact[i]).abs().max() <= 1e-4 * exact[i].abs().max()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("where", [(0, 0), (-1, -1), (40, 17)], ids=["first", "last", "inside"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_fused_refuses_non_finite_inputs(where, bad):
+    """The fused path tests its levels (every pixel lies in some window) and only then the inputs."""
+    x, y = image_pair((2, 2, 45, 46), dtype=torch.float32, seed=29)
+    for target in (x, y):
+        a, b = x.clone(), y.clone()
+        (a if target is x else b)[1, 1, where[0], where[1]] = bad
+        with pytest.raises(ValueError, match="must be finite"):
+            ms_ssim(a, b, weights=(0.2, 0.3, 0.5), backend="fused")
+        assert not torch.isfinite(ms_ssim(a, b, weights=(0.2, 0.3, 0.5), backend="fused", check_finite=False))
+    # finite inputs whose squares overflow float32 give NaN levels, then pass the full test
+    huge = torch.full((1, 1, 45, 46), 3e30)
+    assert not torch.isfinite(ms_ssim(huge, huge * 0.5, weights=(0.2, 0.3, 0.5), backend="fused"))

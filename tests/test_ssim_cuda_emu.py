@@ -337,6 +337,32 @@ def test_one_pass_l1(emu, backward_kernel, padding, batch_mean, wanted):
         torch.testing.assert_close(gx0, l1_reference(x, y, padding, batch_mean, 0.0, l1, (True, False))[2][0].float())
 
 
+@pytest.mark.parametrize("luminance", [False, True], ids=["cs", "ssim"])
+@pytest.mark.parametrize("wanted", [(True, True), (False, True), (False, False)])
+def test_ms_ssim_level_pass(emu, backward_kernel, luminance, wanted):
+    """MS-SSIM's pass at one scale (ssim_level_and_grad): each plane's mean contrast-structure
+    term (luminance off) or SSIM, and its gradients for an upstream gradient of 1, against
+    epban.ops.ms_ssim's float64 reference; without gradients, the forward kernel's value."""
+    from epban.ops.ms_ssim import ssim_and_cs
+
+    shape = (6, 1, 41, 67)  # planes, as ms_ssim passes them
+    x, y = image_pair(shape, seed=31)
+    with poisoned_allocations():
+        value, gx, gy = ran_kernels(emu, lambda: emu.level_and_grad(x, y, C1, C2, luminance, *wanted),
+                                    backward_kernel if any(wanted) else None, shape=shape)
+    a = x.double().requires_grad_(wanted[0])
+    b = y.double().requires_grad_(wanted[1])
+    window = epban.ops.ssim.gaussian_window_1d(11, 1.5, torch.float64, "cpu")
+    exact = ssim_and_cs(a, b, window, C1, C2)[0 if luminance else 1].flatten()
+    assert value.shape == exact.shape and torch.allclose(value.double(), exact.detach(), atol=2e-6, rtol=1e-5)
+    if any(wanted):
+        inputs = [t for t, w in zip((a, b), wanted) if w]
+        grads = iter(torch.autograd.grad(exact.sum(), inputs))
+        assert_wanted_grads((gx, gy), tuple(next(grads) if w else None for w in wanted), wanted)
+    else:
+        assert gx.numel() == 0 and gy.numel() == 0
+
+
 def test_one_pass_l1_zero_is_the_plain_pass(emu):
     """l1 0: the same bits as the pass without an L1 term, and an empty L1 part."""
     x, y = image_pair((2, 2, 30, 33), seed=8)

@@ -58,10 +58,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
 // value and gradients of scale x the SSIM + l1 x mean |x - y| (per image, or over the batch with
 // batch_mean), in the same pass (the L1 gradient l1 sign(x - y) / pixels is added where the
 // gradients are combined, sign(0) = 0), and second the L1 mean alone, for logging ((0,) when
-// l1 is 0). Returns value, L1 mean, grad x, grad y.
+// l1 is 0). Returns value, L1 mean, grad x, grad y. luminance = false: the contrast-structure
+// term alone in place of the SSIM (ssim_math.h), for MS-SSIM.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
-    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1);
+    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance = true);
+// The op ssim_level_and_grad (MS-SSIM's pass at one scale, valid padding): per image, the mean
+// SSIM (luminance) or the mean contrast-structure term, and its gradients for an upstream
+// gradient of 1 per image, from one pass. epban/ops/ms_ssim.py passes the (B*C, 1, H, W) view,
+// so that each "image" is one channel plane.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                                      double c1, double c2, bool luminance,
+                                                                      bool grad_x, bool grad_y);
 // The op ssim_l1_and_grad: gradient_pass_l1_cpu without an upstream gradient.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssim_l1_and_grad_cpu(
     const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding, bool grad_x, bool grad_y,
@@ -97,7 +105,10 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream);
 // its gradient where they combine, and sum |x - y| per block).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
-    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1);
+    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance = true);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                                       double c1, double c2, bool luminance,
+                                                                       bool grad_x, bool grad_y);
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssim_l1_and_grad_cuda(
     const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding, bool grad_x, bool grad_y,
     bool batch_mean, double scale, double l1) {

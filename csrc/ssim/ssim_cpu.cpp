@@ -62,6 +62,7 @@ struct Plane {
   int64_t height, width, pitch;
   int64_t first, last_row, last_col;  // active centres: [first, last_row) x [first, last_col)
   T c1, c2;
+  bool luminance;  // false: the contrast-structure term alone (MS-SSIM; ssim_math.h)
 };
 
 // Vertical 11-tap sums of u, v, u^2, v^2 (u = x + y, v = x - y) for centre row r, all columns.
@@ -132,13 +133,13 @@ SSIM_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) {
         out[c] = ssim_value(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
-                            horizontal_tap(vvv, c, taps), p.c1, p.c2);
+                            horizontal_tap(vvv, c, taps), p.c1, p.c2, p.luminance);
       }
     } else {
 #pragma omp simd reduction(+ : row_sum)
       for (int64_t c = c0; c < c1; ++c) {
         row_sum += ssim_value(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
-                              horizontal_tap(vvv, c, taps), p.c1, p.c2);
+                              horizontal_tap(vvv, c, taps), p.c1, p.c2, p.luminance);
       }
     }
     total += static_cast<double>(row_sum);
@@ -181,7 +182,7 @@ SSIM_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, c
   for (int64_t c = c0; c < c1; ++c) {
     const SsimPartials<T> d =
         ssim_partials(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
-                      horizontal_tap(vvv, c, taps), p.c1, p.c2, grow[c]);
+                      horizontal_tap(vvv, c, taps), p.c1, p.c2, grow[c], p.luminance);
     pmx[kHalo + c] = d.d_mx;
     pmy[kHalo + c] = d.d_my;
     pe2[kHalo + c] = d.d_e2;
@@ -374,7 +375,7 @@ void backward_rows(const Plane<T>& p, int64_t p0, int64_t p1, const T* g_map, in
 }
 
 template <typename T>
-Plane<T> make_plane(const Geometry& g, const T* x, const T* y, int64_t plane, double c1, double c2) {
+Plane<T> make_plane(const Geometry& g, const T* x, const T* y, int64_t plane, double c1, double c2, bool luminance) {
   Plane<T> p;
   const int64_t n = g.height * g.width;
   p.x = x + plane * n;
@@ -387,6 +388,7 @@ Plane<T> make_plane(const Geometry& g, const T* x, const T* y, int64_t plane, do
   p.last_col = g.width - g.offset;
   p.c1 = static_cast<T>(c1);
   p.c2 = static_cast<T>(c2);
+  p.luminance = luminance;
   return p;
 }
 
@@ -408,7 +410,7 @@ void check_cpu_inputs(const at::Tensor& x, const at::Tensor& y) {
 }
 
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2, bool same_padding,
-                       bool want_map) {
+                       bool want_map, bool luminance = true) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cpu_inputs(x_in, y_in);
   const at::Tensor x = as_compute(x_in);
@@ -434,7 +436,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in, double c1
       for (int64_t t = begin; t < end; ++t) {
         const int64_t plane = t / bands;
         const int64_t band = t % bands;
-        const Plane<T> p = make_plane(g, xp, yp, plane, c1, c2);
+        const Plane<T> p = make_plane(g, xp, yp, plane, c1, c2, luminance);
         const int64_t r0 = p.first + band * kForwardBand;
         const int64_t r1 = std::min(r0 + kForwardBand, p.last_row);
         T* plane_map = map ? map + plane * g.out_h * g.out_w : nullptr;
@@ -469,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2,
-    bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1) {
+    bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cpu_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
@@ -520,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
         for (int64_t t = begin; t < end; ++t) {
           const int64_t plane = t / bands;
           const int64_t band = t % bands;
-          const Plane<T> p = make_plane(g, xp, yp, plane, c1, c2);
+          const Plane<T> p = make_plane(g, xp, yp, plane, c1, c2, luminance);
           const int64_t p0 = band * band_h;
           const int64_t p1 = std::min(p0 + band_h, g.height);
           if (p0 >= p1) continue;
@@ -544,7 +546,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
       }
     });
   } else if (with_value) {
-    value = scaled_value<ssim_per_image_cpu>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
+    value = forward_cpu(x_in, y_in, c1, c2, same_padding, /*want_map=*/false, luminance);
+    if (batch_mean) value = value.mean();
+    if (scale != 1.0) value.mul_(scale);
     if (with_l1) {
       l1_value = l1_mean(x, y, batch_mean).to(value.scalar_type());
       value.add_(l1_value, l1);
@@ -571,6 +575,15 @@ std::tuple<at::Tensor, at::Tensor> ssim_l1_value_cpu(const at::Tensor& x, const 
   if (l1 == 0.0) return {value, at::empty({0}, value.options())};
   at::Tensor l1_value = l1_mean(x, y, batch_mean).to(value.scalar_type());
   return {value.add_(l1_value, l1), l1_value};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                                      double c1, double c2, bool luminance,
+                                                                      bool grad_x, bool grad_y) {
+  auto [value, l1_value, gx, gy] = gradient_pass_l1_cpu(at::Tensor(), x, y, c1, c2, /*same_padding=*/false, grad_x,
+                                                        grad_y, /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0,
+                                                        luminance);
+  return {value, gx, gy};
 }
 
 }  // namespace ssim

@@ -107,6 +107,7 @@ Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles, int t
   a.block_rows = tile_rows;
   a.c1 = static_cast<float>(c1);
   a.c2 = static_cast<float>(c2);
+  a.luminance = true;
   return a;
 }
 
@@ -136,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2,
-    bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1) {
+    bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
@@ -153,7 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda
   TORCH_CHECK(with_value || grad_in.device() == x_in.device(), "ssim_backward: grad must be on the inputs' device");
   // The forward's value when no kernel pass gives it: per image, or their batch mean.
   const auto forward_value = [&]() {
-    at::Tensor v = scaled_value<ssim_per_image_cuda>(x_in, y_in, c1, c2, same_padding, batch_mean, scale);
+    at::Tensor v = forward_cuda(x_in, y_in, c1, c2, same_padding, /*want_map=*/false, luminance);
+    if (batch_mean) v = v.mean();
+    if (scale != 1.0) v.mul_(scale);
     if (with_l1) {
       l1_value = l1_mean(x_in, y_in, batch_mean);
       v.add_(l1_value, l1);
@@ -195,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda
                         : strip                             ? kTile
                                                             : tile_rows_for(g.height);
   l.a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
+  l.a.luminance = luminance;
   StripPlan plan{};
   if (strip && g.planes() > 0) {
     plan = plan_strips(g.planes(), g.height, g.width, multiprocessor_count(l.x.get_device()));
@@ -278,6 +282,15 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream_in) {
   } else {
     launch(ssim_scale_gradient_kernel<false>);
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                                       double c1, double c2, bool luminance,
+                                                                       bool grad_x, bool grad_y) {
+  auto [value, l1_value, gx, gy] = gradient_pass_l1_cuda(at::Tensor(), x, y, c1, c2, /*same_padding=*/false, grad_x,
+                                                         grad_y, /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0,
+                                                         luminance);
+  return {value, gx, gy};
 }
 
 }  // namespace ssim

@@ -97,6 +97,7 @@ struct Args {
   int tiles_x, tiles_y;  // blocks a plane: tiles (or strips) across, tiles (or bands) down
   int block_rows;        // gradient rows a block: the tile's, or the strip kernel's band
   float c1, c2;
+  bool luminance;  // false: the contrast-structure term alone (MS-SSIM; ssim_math.h)
 };
 
 // Which input gradients a backward kernel writes. With one of them (the SR loss: only the
@@ -261,6 +262,10 @@ void check_cuda_inputs(const at::Tensor& x, const at::Tensor& y);
 Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles, int tile_rows = kTile);
 int multiprocessor_count(int device);  // streaming multiprocessors of a device, asked once per device
 
+// ssim_cuda_forward.cu: the forward, per image (B,) or the map; luminance = false gives the
+// contrast-structure term alone (ssim_math.h).
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+                        bool want_map, bool luminance);
 // ssim_cuda_forward.cu: out[i] = factor x the sum of partial[i * per_image ..][:per_image], for
 // the `sums` outputs, in a fixed order (deterministic).
 void launch_finish(const at::Tensor& partial, int64_t sums, double factor, at::Tensor& out, cudaStream_t stream);

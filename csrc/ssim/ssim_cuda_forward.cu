@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int o = 0; o < 4; ++o) {
     const int64_t r = row0 + ty * 4 + o;
     if (r < a.last_row && c < a.last_col) {
-      const float s = ssim_value(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2);
+      const float s = ssim_value(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, a.luminance);
       if (kMap) {
         map[plane * a.out_h * a.out_w + (r - a.first) * a.out_w + (c - a.first)] = s;
       } else {
@@ -91,14 +91,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+}  // namespace
+
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2, bool same_padding,
-                        bool want_map) {
+                        bool want_map, bool luminance) {
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.contiguous();
-  const Args a = make_args(g, c1, c2, /*centre_tiles=*/true);
+  Args a = make_args(g, c1, c2, /*centre_tiles=*/true);
+  a.luminance = luminance;
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
   const auto fopts = x.options().dtype(at::kFloat);
   at::Tensor map = want_map ? at::empty({g.batch, g.channels, g.out_h, g.out_w}, fopts) : at::Tensor();
@@ -123,8 +126,6 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c
   return out;
 }
 
-}  // namespace
-
 void launch_finish(const at::Tensor& partial, int64_t sums, double factor, at::Tensor& out, cudaStream_t stream) {
   SSIM_LAUNCH(static_cast<unsigned>(sums), kThreads, 0, stream, ssim_finish_kernel)(
       partial.data_ptr<float>(), partial.numel() / sums, factor, out.data_ptr<float>());
@@ -132,11 +133,11 @@ void launch_finish(const at::Tensor& partial, int64_t sums, double factor, at::T
 }
 
 at::Tensor ssim_per_image_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
-  return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/false);
+  return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/false, /*luminance=*/true);
 }
 
 at::Tensor ssim_map_cuda(const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding) {
-  return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true);
+  return forward_cuda(x, y, c1, c2, same_padding, /*want_map=*/true, /*luminance=*/true);
 }
 
 }  // namespace ssim

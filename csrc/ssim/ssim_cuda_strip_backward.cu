@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
                 for (int q = 0; q < 4; ++q) m[q] = fmaf(c_gauss[k], hm[(j + 1 + k) % kWin][c][q], m[q]);
               SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
               if (centre_col[c] && centre_row_in) {
-                d = ssim_partials(m[0], m[1], m[2], m[3], a.c1, a.c2, g);
+                d = ssim_partials(m[0], m[1], m[2], m[3], a.c1, a.c2, g, a.luminance);
                 if (partial && own_col[c] && own_row) value_sum += d.s;
               }
               if (kWanted == kWantBoth) {

@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       if ((Tile::kCtrSlots == Tile::kCtrRows || cr < Tile::kCtrRows) && ir >= first && ir < last_row &&
           ic >= first && ic < last_col) {
         const float g = map_grad ? g_plane[(ir - first) * grad.stride[2] + (ic - first) * grad.stride[3]] : g_scale;
-        d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g);
+        d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g, a.luminance);
         if (partial && ir >= row0 && ir < row0 + kRows && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;

@@ -32,6 +32,10 @@
 //   dL/dx = G*(g d_mx) + 2 x G*(g d_e2) + y G*(g d_exy)
 //   dL/dy = G*(g d_my) + 2 y G*(g d_e2) + x G*(g d_exy)
 // C1, C2 > 0 keep B1, B2 > 0: constant images (zero variance) give finite values.
+//
+// MS-SSIM needs the contrast-structure term alone, CS = A2 / B2, at all scales but the last:
+// with luminance = false, A1 = B1 = 1 (constants, so dS/dA1 = dS/dB1 = 0) and the same
+// formulas give CS and its partials.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -59,22 +63,22 @@ struct SsimTerms {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline SsimTerms<T> ssim_terms(T mu, T mv, T euu, T evv, T c1, T c2) {
+C10_HOST_DEVICE inline SsimTerms<T> ssim_terms(T mu, T mv, T euu, T evv, T c1, T c2, bool luminance = true) {
   const T p = mu * mu;
   const T q = mv * mv;
   const T su = euu - p;
   const T sv = evv - q;
   SsimTerms<T> t;
-  t.a1 = T(0.5) * ((mu + mv) * (mu - mv)) + c1;  // not (p - q): no cancellation where x or y is ~0
-  t.b1 = T(0.5) * (p + q) + c1;
+  t.a1 = luminance ? T(0.5) * ((mu + mv) * (mu - mv)) + c1 : T(1);  // not (p - q): no cancellation near 0
+  t.b1 = luminance ? T(0.5) * (p + q) + c1 : T(1);
   t.a2 = T(0.5) * (su - sv) + c2;
   t.b2 = T(0.5) * (su + sv) + c2;
   return t;
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T ssim_value(T mu, T mv, T euu, T evv, T c1, T c2) {
-  const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2);
+C10_HOST_DEVICE inline T ssim_value(T mu, T mv, T euu, T evv, T c1, T c2, bool luminance = true) {
+  const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2, luminance);
   return (t.a1 * t.a2) / (t.b1 * t.b2);
 }
 
@@ -91,17 +95,18 @@ struct SsimPartials {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mu, T mv, T euu, T evv, T c1, T c2, T g) {
-  const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2);
+C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mu, T mv, T euu, T evv, T c1, T c2, T g,
+                                                     bool luminance = true) {
+  const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2, luminance);
   const T a1 = t.a1, b1 = t.b1, a2 = t.a2, b2 = t.b2;
   const T inv_b1b2 = T(1) / (b1 * b2);  // one division for both: B1 B2 > 0 and at most ~4 R^4
   const T inv_b1 = b2 * inv_b1b2;
   const T inv_b2 = b1 * inv_b1b2;
   const T g_inv = g * inv_b1b2;  // g / (B1 B2)
   const T g_s = g_inv * a1 * a2;        // g S
-  const T d_a1 = g_inv * a2;
+  const T d_a1 = luminance ? g_inv * a2 : T(0);
   const T d_a2 = g_inv * a1;
-  const T d_b1 = -g_s * inv_b1;
+  const T d_b1 = luminance ? -g_s * inv_b1 : T(0);
   const T d_b2 = -g_s * inv_b2;
   const T alpha = d_a1 - d_a2;
   const T beta = d_b1 - d_b2;

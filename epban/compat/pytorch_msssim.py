@@ -142,11 +142,11 @@ def ms_ssim(
     reduction = "mean" if size_average else "none"
     if win is None:
         value = _epban_ms_ssim(X, Y, data_range=data_range, win_size=win_size, sigma=win_sigma, weights=weights,
-                               k1=k1, k2=k2, reduction=reduction, check_finite=False)
+                               k1=k1, k2=k2, reduction=reduction)
     else:
         window = _window_rows(win, X.shape[1])
         check_ms_ssim_args(X, Y, data_range=data_range, win_size=window.shape[-1], sigma=win_sigma, weights=weights,
-                           k1=k1, k2=k2, reduction=reduction, check_finite=False)
+                           k1=k1, k2=k2, reduction=reduction)
         value = ms_ssim_with_window(X, Y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
                                     reduction=reduction)
     return value.to(X.dtype)

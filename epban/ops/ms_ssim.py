@@ -18,7 +18,16 @@ and C2 = (k2 data_range)^2. The value is then averaged over channels (reduction 
 image) and over images (reduction "mean"). The last scale must still hold a window: each side
 needs at least (win_size - 1) * 2^(M-1) + 1 pixels (161 for the default 5 scales and window 11).
 
-Only the reference serves for now: ``backend="auto"`` takes it and ``backend="fused"`` raises.
+The fused path (window 11 / sigma 1.5, the devices and dtypes of the fused SSIM) runs the SSIM
+kernels once per scale on the (B*C, 1, H, W) view, so that each channel plane is one "image":
+``torch.ops.epban.ssim_level_and_grad`` gives each plane's mean cs (or SSIM, at the last scale)
+and, from the same pass, its gradient with respect to that scale's x and y for an upstream
+gradient of 1 (csrc/ssim/ssim_math.h: the contrast-structure term is the SSIM formula with the
+luminance factor held at 1). The per-plane factors that MS-SSIM puts on those gradients depend
+on every scale, so the op keeps the gradient maps and its backward scales each by its factor and
+carries it down the pyramid (the 2x2 average pool's backward spreads a quarter to each pixel of
+its window), coarse to fine. The L1 term of ``ms_ssim_loss`` is PyTorch's, beside it: its
+gradient is not scaled by those factors, so it cannot ride in the kept maps.
 """
 from __future__ import annotations
 
@@ -28,13 +37,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from epban._extension import check_backend, extension_loaded
 from epban.ops._checks import check_image_pair
-from epban.ops.registry import use_fused
-from epban.ops.ssim import gaussian_window_1d
+from epban.ops.registry import register, use_fused
+from epban.ops.ssim import fused_unavailable_reason, gaussian_window_1d
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al.'s five scales
 REDUCTIONS = ("mean", "none")
-FUSED_UNAVAILABLE = "the fused MS-SSIM is not built yet (use backend='auto' or 'reference')"
 
 
 # ----------------------------------------------------------------------------- reference
@@ -99,7 +108,165 @@ def ms_ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=M
                       reduction="mean", check_finite=True):
     """Plain PyTorch MS-SSIM; equals pytorch-msssim's ``ms_ssim`` (module docstring)."""
     check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                       reduction=reduction, check_finite=check_finite)
+                       reduction=reduction)
+    if check_finite:
+        check_finite_inputs(x, y)
+    window = gaussian_window_1d(win_size, sigma, torch.float64, x.device)
+    return ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
+                               reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- fused path
+
+
+def _pooled_side(side: int) -> int:
+    """A side after ``downsample``: (side + 2 (side % 2) - 2) // 2 + 1 = ceil(side / 2)."""
+    return (side + 1) // 2
+
+
+def _add_pool_backward_(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """out += the gradient at ``downsample``'s input (out's shape) from ``grad``, the gradient at
+    its output, in place: each output pixel gives a quarter of its gradient to each pixel of its
+    2x2 window (input row r lies in window (r + pad) // 2; the padding's share is dropped). With
+    an odd side, row (column) 0 has a window of its own and the rest pair up; each region is
+    added through a broadcasting view, so no upsampled copy is made."""
+    h, w = out.shape[-2:]
+    ph, pw = h % 2, w % 2
+    for rows, paired_rows in ((slice(ph, None), True), (slice(0, ph), False)):
+        for cols, paired_cols in ((slice(pw, None), True), (slice(0, pw), False)):
+            o, g = out[..., rows, cols], grad[..., rows, cols]
+            if o.numel() == 0:
+                continue
+            if paired_rows:  # rows ph + 2i, ph + 2i + 1 <- gradient row ph + i
+                o, g = o.unflatten(-2, (-1, 2)), g[..., :o.shape[-2] // 2, :].unsqueeze(-2)
+            if paired_cols:
+                o, g = o.unflatten(-1, (-1, 2)), g[..., :o.shape[-1] // 2].unsqueeze(-1)
+            o.add_(g, alpha=0.25)
+    return out
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("epban::ms_ssim_levels", mutates_args=())
+def ms_ssim_levels(x: torch.Tensor, y: torch.Tensor, c1: float, c2: float, scales: int, grad_x: bool,
+                   grad_y: bool) -> list[torch.Tensor]:
+    """``[levels, gx_1..gx_M, gy_1..gy_M]`` (the gradients only where wanted): ``levels``
+    (M, B, C) holds each plane's mean cs at scales 1..M-1 and mean SSIM at scale M (float32,
+    float64 for float64 inputs); ``gx_j`` (B*C, 1, H_j, W_j) the gradient of each plane's level j
+    with respect to x at scale j. Differentiable in ``levels`` (the backward uses the kept maps)."""
+    b, c, h, w = x.shape
+    xs, ys = x.reshape(b * c, 1, h, w).contiguous(), y.reshape(b * c, 1, h, w).contiguous()
+    levels, gxs, gys = [], [], []
+    for j in range(scales):
+        if j > 0:
+            xs, ys = downsample(xs.to(_compute_dtype(x))), downsample(ys.to(_compute_dtype(x)))
+        value, gx, gy = torch.ops.epban.ssim_level_and_grad(xs, ys, c1, c2, j == scales - 1, grad_x, grad_y)
+        levels.append(value)
+        gxs += [gx] if grad_x else []
+        gys += [gy] if grad_y else []
+    return [torch.stack(levels).view(scales, b, c), *gxs, *gys]
+
+
+@ms_ssim_levels.register_fake
+def _(x, y, c1, c2, scales, grad_x, grad_y):
+    b, c, h, w = x.shape
+    levels = x.new_empty((scales, b, c), dtype=_compute_dtype(x))
+    shapes = []
+    for j in range(scales):
+        shapes.append((b * c, 1, h, w))
+        h, w = _pooled_side(h), _pooled_side(w)
+    grads = []
+    for wanted, t in ((grad_x, x), (grad_y, y)):
+        if wanted:
+            grads += [t.new_empty(shape, dtype=t.dtype if j == 0 else _compute_dtype(t)) for j, shape in enumerate(shapes)]
+    return [levels, *grads]
+
+
+def _levels_setup_context(ctx, inputs, output):
+    x, y, c1, c2, scales, grad_x, grad_y = inputs
+    ctx.scales, ctx.grad_x, ctx.grad_y = scales, grad_x, grad_y
+    ctx.shape, ctx.dtypes = x.shape, (x.dtype, y.dtype)
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _levels_backward(ctx, grads):
+    """Coarse to fine: the gradient at scale j is its kept map times the plane's factor, plus the
+    pool's backward of the gradient at scale j + 1. (``grads``: one per output; the kept maps'
+    are None, as they are not differentiable.)"""
+    grad_levels = grads[0]
+    results = [None, None]
+    if grad_levels is not None:
+        maps = ctx.saved_tensors
+        m = ctx.scales
+        for slot, (wanted, offset) in enumerate(((ctx.grad_x, 0), (ctx.grad_y, m if ctx.grad_x else 0))):
+            if not wanted:
+                continue
+            grad = None
+            for j in reversed(range(m)):
+                term = maps[offset + j].to(grad_levels.dtype) * grad_levels[j].reshape(-1, 1, 1, 1)
+                grad = term if grad is None else _add_pool_backward_(term, grad)
+            results[slot] = grad.view(ctx.shape).to(ctx.dtypes[slot])
+    return results[0], results[1], None, None, None, None, None
+
+
+ms_ssim_levels.register_autograd(_levels_backward, setup_context=_levels_setup_context)
+
+
+def _register_fused() -> None:
+    @torch.library.register_fake("epban::ssim_level_and_grad")
+    def _(x, y, c1, c2, luminance, grad_x, grad_y):
+        value = x.new_empty((x.shape[0],), dtype=_compute_dtype(x))
+        return value, x.new_empty(x.shape if grad_x else (0,)), y.new_empty(y.shape if grad_y else (0,))
+
+
+if extension_loaded():
+    _register_fused()
+
+
+def _ms_ssim_fused(x, y, *, data_range, weights, k1, k2, reduction, check_finite):
+    """MS-SSIM by the SSIM kernels (the module docstring); as ``ms_ssim_with_window``."""
+    c1 = float((k1 * data_range) ** 2)
+    c2 = float((k2 * data_range) ** 2)
+    weights = torch.as_tensor(weights, dtype=_compute_dtype(x), device=x.device)
+    need = torch.is_grad_enabled()
+    out = torch.ops.epban.ms_ssim_levels(x, y, c1, c2, weights.numel(), need and x.requires_grad,
+                                         need and y.requires_grad)
+    if check_finite and not bool(torch.isfinite(out[0]).all()):
+        # Every pixel lies in some window, so NaN or inf anywhere in x or y makes a level NaN: the
+        # levels tell at no cost whether the full test is needed (finite inputs so large that
+        # their squares overflow also land here, and pass it).
+        check_finite_inputs(x, y)
+    levels = torch.relu(out[0])  # (M, B, C)
+    per_image = torch.prod(levels ** weights.view(-1, 1, 1), dim=0).mean(dim=1)
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def _auto_backend(device: torch.device) -> str:
+    return "fused" if fused_unavailable_reason(device, torch.float32) is None else "reference"
+
+
+register("ms_ssim", kernels="the SSIM kernels once per scale (C++/OpenMP, CUDA), epban._C", auto_backend=_auto_backend)
+
+
+def _fused_serves(x, backend, win_size, sigma, data_range) -> bool:
+    """The one availability rule (epban.ops.registry.use_fused) with the fused SSIM's reasons."""
+    reason = None if backend == "reference" else fused_unavailable_reason(
+        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
+    return use_fused(backend, reason)
+
+
+def _ms_ssim_value(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction, backend, check_finite):
+    """MS-SSIM of inputs checked by ``check_ms_ssim_args`` (all but the finite test), by the fused
+    path where it serves, else the reference."""
+    if _fused_serves(x, backend, win_size, sigma, data_range):
+        return _ms_ssim_fused(x, y, data_range=data_range, weights=weights, k1=k1, k2=k2, reduction=reduction,
+                              check_finite=check_finite)
+    if check_finite:
+        check_finite_inputs(x, y)
     window = gaussian_window_1d(win_size, sigma, torch.float64, x.device)
     return ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
                                reduction=reduction)
@@ -118,8 +285,9 @@ def ms_ssim_min_side(win_size: int, scales: int) -> int:
     return (win_size - 1) * 2 ** (scales - 1) + 1
 
 
-def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction, check_finite) -> None:
-    """ValueError, saying what was expected, for anything ``ms_ssim`` cannot take."""
+def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction) -> None:
+    """ValueError, saying what was expected, for anything ``ms_ssim`` cannot take (NaN and inf
+    aside: ``check_finite_inputs``, which needs a device sync)."""
     check_image_pair(x, y)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -145,7 +313,10 @@ def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, re
     if min(h, w_) < side:
         raise ValueError(f"MS-SSIM with {scales} scales and win_size {win_size} needs images of at least "
                          f"{side}x{side} (each side > (win_size - 1) * 2^{scales - 1}), got {h}x{w_}")
-    if check_finite and not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+
+
+def check_finite_inputs(x, y) -> None:
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
         raise ValueError("x and y must be finite (they hold NaN or inf; check_finite=False skips this check)")
 
 
@@ -168,8 +339,9 @@ def ms_ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEI
         weights: one exponent per scale (its length is the number of scales).
         k1, k2: the stabilising constants, C1 = (k1 data_range)^2, C2 = (k2 data_range)^2.
         reduction: "mean" (a scalar) or "none" (one value per image, shape (B,)).
-        backend: "auto" or "reference" (the PyTorch reference); "fused" raises ValueError
-            (the fused MS-SSIM is not built yet).
+        backend: "auto" (the fused path when it serves these inputs, else the reference),
+            "reference", or "fused" (ValueError when it cannot serve them: window 11 / sigma 1.5,
+            the dtypes of the fused SSIM on that device, the compiled extension).
         check_finite: raise ValueError on NaN or inf inputs (a device sync on CUDA).
 
     Half-type inputs give float32 results, float64 inputs float64. Images must have sides of at
@@ -180,9 +352,11 @@ def ms_ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEI
         >>> y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
         >>> epban.ms_ssim(x, y)  # doctest: +SKIP
     """
-    use_fused(backend, FUSED_UNAVAILABLE)  # ValueError for an unknown backend or for "fused"
-    return ms_ssim_reference(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
-                             k2=k2, reduction=reduction, check_finite=check_finite)
+    check_backend(backend)
+    check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                       reduction=reduction)
+    return _ms_ssim_value(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                          reduction=reduction, backend=backend, check_finite=check_finite)
 
 
 def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS,
@@ -192,9 +366,11 @@ def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma
     A term whose weight is 0 is not computed."""
     weight = _check_loss_weight("weight", weight)
     l1 = _check_loss_weight("l1", l1)
-    use_fused(backend, FUSED_UNAVAILABLE)
+    check_backend(backend)
     check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                       reduction=reduction, check_finite=check_finite)
+                       reduction=reduction)
+    if check_finite and weight == 0:
+        check_finite_inputs(x, y)
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     total = x.new_zeros((x.shape[0],) if reduction == "none" else (), dtype=out_dtype)
     if l1 > 0:
@@ -203,9 +379,8 @@ def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma
         else:
             total = total + l1 * F.l1_loss(x, y)
     if weight > 0:
-        window = gaussian_window_1d(win_size, sigma, torch.float64, x.device)
-        value = ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
-                                    reduction=reduction)
+        value = _ms_ssim_value(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
+                               k2=k2, reduction=reduction, backend=backend, check_finite=check_finite)
         total = total + weight * (1 - value)
     return total
 
@@ -219,7 +394,7 @@ class MSSSIMLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"MSSSIMLoss reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        use_fused(backend, FUSED_UNAVAILABLE)
+        check_backend(backend)
         self.kwargs = dict(weight=_check_loss_weight("weight", weight), l1=_check_loss_weight("l1", l1),
                            data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
                            reduction=reduction, backend=backend, check_finite=check_finite)
