@@ -15,7 +15,8 @@ As torchmetrics does for every metric, ``update`` runs without autograd, while c
 metric (``metric(sr, hr)``: the batch's value, also added to the state) keeps the graph, so
 the batch value is differentiable with respect to ``sr``.
 
-torchmetrics is an optional dependency: ``import epban`` does not need it, this module does.
+torchmetrics is an optional dependency (``pip install 'epban[metrics]'``): ``import epban`` does not need it,
+this module does.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 try:
     from torchmetrics import Metric
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("epban.metrics needs torchmetrics: pip install torchmetrics") from exc
+    raise ImportError("epban.metrics needs torchmetrics: pip install 'epban[metrics]'") from exc
 
 from epban.models.pban import EfficientPBAN
 from epban.ops.ssim import ssim
@@ -107,3 +108,18 @@ class SSIMScore(_MeanOverImages):
 
     def per_image(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         return ssim(sr, hr, reduction="none", **self.ssim_kwargs)
+
+
+class _FunctionMean(_MeanOverImages):
+    """The mean of ``fn(sr, hr)``, a function giving one value per image (B,): the SR trainer's
+    PSNR and LPIPS columns, summed across processes like the metrics above."""
+
+    is_differentiable = None  # as differentiable as ``fn``
+    higher_is_better = None  # as ``fn`` says (PSNR higher, LPIPS lower)
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+
+    def per_image(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        return self.fn(sr, hr)

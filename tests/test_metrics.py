@@ -1,8 +1,10 @@
-"""epban.metrics: PBANScore and SSIMScore as torchmetrics metrics, in one process and under DDP."""
+"""epban.metrics: PBANScore and SSIMScore as torchmetrics metrics, in one process and under DDP (with the
+SR trainer's validation, which goes through them)."""
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,10 @@ import torch
 pytest.importorskip("torchmetrics")
 
 from epban import EfficientPBAN, PBANConfig, ssim  # noqa: E402
+from epban.imageio import write_image  # noqa: E402
 from epban.metrics import PBANScore, SSIMScore  # noqa: E402
+from epban.sr import SRFolderDataset, build_network, evaluate  # noqa: E402
+from epban.training.distributed import DistContext  # noqa: E402
 
 SIZE = 48
 BATCHES = (2, 3, 1)  # uneven, so a mean of batch means would differ from the mean over images
@@ -138,7 +143,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sr_evaluate(directory: str, ctx=None) -> dict:
+    """``epban.sr.evaluate`` of a tiny SR network on the three images under ``directory/val``."""
+    torch.manual_seed(0)
+    net = build_network("tiny", 2)
+    val = SRFolderDataset(os.path.join(directory, "val"), 2, augment=False)
+    return evaluate(net, val, "cpu", 2, scorer=EfficientPBAN.from_checkpoint(os.path.join(directory, "pban")), ctx=ctx)
+
+
 def _ddp_worker(rank: int, port: int, directory: str) -> None:
+    torch.set_num_threads(1)  # two processes on a small CPU: more threads only wait for each other
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -150,6 +164,14 @@ def _ddp_worker(rank: int, port: int, directory: str) -> None:
         local_count = int(pban_metric.count)
         result = dict(pban=pban_metric.compute(), ssim=ssim_metric.compute(), local_count=local_count,
                       count_after=int(pban_metric.count))
+        # SR validation: each rank scores its share of the images, through the metrics, then without torchmetrics
+        ctx = DistContext(rank=rank, world_size=WORLD)
+        result["sr_eval"] = _sr_evaluate(directory, ctx)
+        saved, sys.modules["epban.metrics"] = sys.modules["epban.metrics"], None  # `from epban.metrics import` fails
+        try:
+            result["sr_eval_plain"] = _sr_evaluate(directory, ctx)
+        finally:
+            sys.modules["epban.metrics"] = saved
         torch.save(result, os.path.join(directory, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -158,11 +180,24 @@ def _ddp_worker(rank: int, port: int, directory: str) -> None:
 def test_ddp_synced_mean_equals_the_single_process_mean(tmp_path, model):
     assert sorted(i for shard in SHARDS.values() for i in shard) == list(range(len(BATCHES)))
     model.save_pretrained(tmp_path / "pban")
+    (tmp_path / "val").mkdir()
+    g = torch.Generator().manual_seed(3)
+    for name in ("v0", "v1", "v2"):  # three validation images: rank 0 scores two, rank 1 one
+        write_image(tmp_path / "val" / f"{name}.png", torch.rand(3, 64, 64, generator=g))
     torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     pban_mean, ssim_mean = direct_means(EfficientPBAN.from_checkpoint(tmp_path / "pban"), batches())
+    single = _sr_evaluate(str(tmp_path))
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["local_count"] == sum(BATCHES[i] for i in SHARDS[rank])
         assert result["count_after"] == result["local_count"]  # compute() syncs, then restores the local state
         torch.testing.assert_close(result["pban"], pban_mean)
         torch.testing.assert_close(result["ssim"], ssim_mean)
+        # every rank gets the single-process validation: all images, in order, and their means
+        for key in ("sr_eval", "sr_eval_plain"):
+            assert list(result[key]["images"]) == list(single["images"]) == ["v0", "v1", "v2"]
+            assert list(result[key]["mean"]) == list(single["mean"]) == ["psnr_y", "ssim_y", "pban_score"]
+            for column, value in single["mean"].items():
+                assert result[key]["mean"][column] == pytest.approx(value, rel=1e-6), (key, column)
+                for name, row in single["images"].items():
+                    assert result[key]["images"][name][column] == pytest.approx(row[column], rel=1e-6)

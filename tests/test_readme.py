@@ -51,6 +51,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["authors"].config.name == "official"
     assert namespace["same"].config.sigma_scope == "batch"
     assert namespace["pban_term"].shape == () and torch.isfinite(namespace["pban_term"])
+    # the torchmetrics block: the mean over the images updated, as the metric scores them
+    torch.testing.assert_close(namespace["mean_pban"], namespace["scores"].detach().mean())
+    torch.testing.assert_close(namespace["val_ssim"].compute(), namespace["s"].detach())
 
 
 def test_readme_opens_with_make_demo_and_make_test():

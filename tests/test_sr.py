@@ -265,6 +265,59 @@ def test_log_columns_say_what_they_hold(data_dirs, tiny_pban, tmp_path):
     assert float(evals[-1]["pban_score"]) == pytest.approx(summary["final"]["mean"]["pban_score"])
 
 
+@pytest.fixture(scope="module")
+def two_val_images(tmp_path_factory):
+    """Two different validation images, so a mean over images differs from either image's value."""
+    folder = tmp_path_factory.mktemp("val2")
+    write_image(folder / "a.png", _photo("chelsea")[:, 40:104, 150:214])
+    write_image(folder / "b.png", _photo("coffee")[:, 100:164, 200:264])
+    return folder
+
+
+def test_validation_means_are_the_torchmetrics_metrics(data_dirs, tiny_pban, two_val_images, tmp_path, monkeypatch):
+    """With torchmetrics installed, each validation adds every image to a PBANScore and an
+    SSIMScore (on Y), and eval.csv's pban_score and ssim_y are their compute()."""
+    metrics = pytest.importorskip("epban.metrics")
+    created = {"PBANScore": [], "SSIMScore": []}
+    for name, instances in created.items():
+        def init(self, *args, _base=getattr(metrics, name), _instances=instances, **kwargs):
+            _base.__init__(self, *args, **kwargs)
+            _instances.append(self)
+        monkeypatch.setattr(metrics, name, type(name, (getattr(metrics, name),), {"__init__": init}))
+    summary = train_sr(_config(data_dirs, tiny_pban, tmp_path, steps=1, val=str(two_val_images)))
+    assert [len(v) for v in created.values()] == [2, 2]  # the bicubic baseline, then the evaluation at step 1
+    final = _csv(tmp_path / "eval.csv")[-1]
+    images = summary["final"]["images"]
+    for column, metric in (("pban_score", created["PBANScore"][-1]), ("ssim_y", created["SSIMScore"][-1])):
+        assert int(metric.count) == 2
+        assert float(final[column]) == pytest.approx(float(metric.compute()), rel=1e-6)
+        assert float(final[column]) == pytest.approx(np.mean([r[column] for r in images.values()]), rel=1e-6)
+        assert images["a"][column] != images["b"][column]
+
+
+def test_validation_without_torchmetrics_gives_the_same_values(two_val_images, tiny_pban, monkeypatch, recwarn):
+    """Without torchmetrics, validation averages the same values in plain Python, silently."""
+    from epban.sr.evaluate import evaluate
+
+    val = SRFolderDataset(two_val_images, 2, augment=False)
+    torch.manual_seed(0)
+    net = build_network("tiny", 2)
+    model = epban.EfficientPBAN.from_checkpoint(tiny_pban)
+    with_metrics = evaluate(net, val, "cpu", 2, scorer=model)
+    monkeypatch.setitem(sys.modules, "epban.metrics", None)  # `from epban.metrics import ...` fails
+    plain = evaluate(net, val, "cpu", 2, scorer=model)
+    assert not recwarn.list
+    assert list(plain["mean"]) == ["psnr_y", "ssim_y", "pban_score"]
+    assert list(with_metrics["mean"]) == list(plain["mean"])
+    assert list(with_metrics["images"]) == list(plain["images"]) == ["a", "b"]
+    for key, value in plain["mean"].items():
+        assert with_metrics["mean"][key] == pytest.approx(value, rel=1e-6), key
+        for name, row in plain["images"].items():
+            assert with_metrics["images"][name][key] == pytest.approx(row[key], rel=1e-6), (name, key)
+    with pytest.raises(ValueError, match="without the loss mode"):
+        evaluate(net, val, "cpu", 2, scorer=epban.PBANLoss(model, loss_mode=True))
+
+
 def test_every_image_is_opened_before_the_first_step(data_dirs, tiny_pban, tmp_path):
     """A damaged PNG whose header reads fine, in the training or the validation folder, stops the
     run before anything is written, naming the file."""

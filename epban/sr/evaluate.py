@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from epban.models.pban import EfficientPBAN
 from epban.sr.imresize import bicubic_upsample, quantize
-from epban.sr.metrics import psnr_y, ssim_y
+from epban.sr.metrics import _crop_y, psnr_y, ssim_y
+from epban.training import distributed
 
 LPIPS_ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # what lpips.LPIPS(net="alex") asks torchvision for
 
@@ -47,43 +52,117 @@ def super_resolve(net, lr: torch.Tensor, *, amp: bool = False, channels_last: bo
     return quantize(sr.float()).contiguous()
 
 
-@torch.no_grad()
-def image_metrics(sr: torch.Tensor, hr: torch.Tensor, scale: int, scorer=None, lpips_fn=None) -> dict:
-    """Per-image metrics of one (1, 3, H, W) pair: ``psnr_y``, ``ssim_y``, ``pban_score`` (the metric's raw
-    score, higher is better; when a scorer is given), ``lpips`` (when available)."""
-    out = {"psnr_y": float(psnr_y(sr, hr, crop=scale)[0]), "ssim_y": float(ssim_y(sr, hr, crop=scale)[0])}
-    if scorer is not None:
-        out["pban_score"] = float(scorer.score(sr, hr)[0])
-    if lpips_fn is not None:
-        out["lpips"] = float(lpips_fn(sr * 2 - 1, hr * 2 - 1).flatten()[0])
-    return out
+class ValidationScores:
+    """The validation metrics of eval.csv for (1, 3, H, W) SR / HR pairs in [0, 1]: ``psnr_y`` and
+    ``ssim_y`` (Y with a ``scale``-pixel border crop), ``pban_score`` (with ``pban_model``: its raw
+    score, higher is better), ``lpips`` (with ``lpips_fn``).
+
+    Calling it with a pair returns that image's values and adds them to the running means;
+    ``compute()`` gives the means over every image added, in every process when ``sync`` (under
+    DDP each process adds its share of the images). With torchmetrics installed
+    (``pip install 'epban[metrics]'``) the means are torchmetrics metrics (``self.metrics``):
+    ``epban.metrics.PBANScore``, ``SSIMScore`` on the cropped Y (reference backend, as
+    ``ssim_y``), and the same per-image mean for PSNR and LPIPS; their states (float32) sum across
+    processes in ``compute()``. Without it, plain float64 sums, all-reduced when ``sync``.
+    """
+
+    def __init__(self, scale: int, *, pban_model: EfficientPBAN | None = None, lpips_fn=None, device="cpu",
+                 sync: bool = False):
+        self.scale = scale
+        self.sync = sync
+        psnr = functools.partial(psnr_y, crop=scale)
+        lpips = None if lpips_fn is None else lambda sr, hr: lpips_fn(sr * 2 - 1, hr * 2 - 1).flatten()
+        self.metrics = self._torchmetrics(psnr, pban_model, lpips, device)
+        if self.metrics is None:
+            self.functions = {"psnr_y": psnr, "ssim_y": functools.partial(ssim_y, crop=scale)}
+            if pban_model is not None:
+                frozen = copy.deepcopy(pban_model).eval().requires_grad_(False)  # as PBANScore scores
+                self.functions["pban_score"] = lambda sr, hr: frozen(sr, hr, check_finite=False)
+            if lpips is not None:
+                self.functions["lpips"] = lpips
+            self._sums = dict.fromkeys(self.functions, 0.0)
+            self._count = 0
+
+    def _torchmetrics(self, psnr, pban_model, lpips, device) -> dict | None:
+        try:
+            from epban.metrics import PBANScore, SSIMScore, _FunctionMean
+        except ImportError:  # torchmetrics is optional: plain sums instead
+            return None
+        kw = {"sync_on_compute": self.sync}
+        metrics = {"psnr_y": _FunctionMean(psnr, **kw),
+                   "ssim_y": SSIMScore(data_range=1.0, backend="reference", **kw)}
+        if pban_model is not None:  # NaN from a diverged network scores NaN, as in the other columns
+            metrics["pban_score"] = PBANScore(pban_model, check_finite=False, **kw)
+        if lpips is not None:
+            metrics["lpips"] = _FunctionMean(lpips, **kw)
+        return {name: metric.to(device) for name, metric in metrics.items()}
+
+    def __call__(self, sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        if sr.shape[0] != 1:
+            raise ValueError(f"ValidationScores takes one image pair at a time, got a batch of {sr.shape[0]}")
+        if self.metrics is None:
+            values = {name: float(fn(sr, hr)[0]) for name, fn in self.functions.items()}
+            for name, value in values.items():
+                self._sums[name] += value
+            self._count += 1
+            return values
+        values = {}
+        for name, metric in self.metrics.items():
+            inputs = _crop_y(sr, hr, self.scale) if name == "ssim_y" else (sr, hr)
+            values[name] = float(metric(*inputs))  # this image's value, also added to the metric's state
+        return values
+
+    def compute(self) -> dict[str, float]:
+        """The means over every image added (in every process when ``sync``)."""
+        if self.metrics is not None:
+            return {name: float(metric.compute()) for name, metric in self.metrics.items()}
+        totals = [*self._sums.values(), self._count]
+        if self.sync and dist.is_available() and dist.is_initialized():
+            on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            reduced = torch.tensor(totals, dtype=torch.float64, device=on)
+            dist.all_reduce(reduced)
+            totals = reduced.tolist()
+        return {name: total / totals[-1] for name, total in zip(self._sums, totals)}
 
 
-def _mean(rows: list[dict]) -> dict:
-    keys = rows[0].keys()
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+def _pban_model(scorer) -> EfficientPBAN | None:
+    if scorer is None or isinstance(scorer, EfficientPBAN):
+        return scorer
+    model = getattr(scorer, "model", None)  # a PBANLoss scores with its frozen copy
+    if not isinstance(model, EfficientPBAN):
+        raise ValueError("scorer must be an EfficientPBAN or a PBANLoss without the loss mode "
+                         f"(validation scores with the model itself), got {type(scorer).__name__}")
+    return model
 
 
 @torch.no_grad()
 def evaluate(net, dataset, device, scale: int, *, scorer=None, lpips_fn=None, amp=False, channels_last=False,
-             bicubic: bool = False) -> dict:
-    """Mean metrics over a validation dataset (whole images, one at a time).
+             bicubic: bool = False, ctx: distributed.DistContext | None = None) -> dict:
+    """Mean metrics over a validation dataset (whole images, one at a time), through ``ValidationScores``.
 
-    ``net=None`` with ``bicubic=True`` evaluates the bicubic baseline instead.
-    Returns ``{"mean": {...}, "images": {name: {...}}}``.
+    ``scorer``: the PBAN metric (an ``EfficientPBAN``, or a ``PBANLoss`` without the loss mode),
+    or None for no ``pban_score``. ``net=None`` with ``bicubic=True`` evaluates the bicubic
+    baseline instead. Under DDP (``ctx`` of several processes) every process calls it: each
+    evaluates every ``world_size``-th image, and each gets the whole result back.
+    Returns ``{"mean": {...}, "images": {name: {...}}}``, the images in the dataset's order.
     """
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    scores = ValidationScores(scale, pban_model=_pban_model(scorer), lpips_fn=lpips_fn, device=device, sync=world > 1)
     was_training = net.training if net is not None else False
     if net is not None:
         net.eval()
-    per_image = {}
-    for i in range(len(dataset)):
+    local = {}
+    for i in range(rank, len(dataset), world):
         item = dataset[i]
         lr, hr = item["lr"][None].to(device), item["hr"][None].to(device)
         if bicubic:
             sr = quantize(bicubic_upsample(lr, scale))
         else:
             sr = super_resolve(net, lr, amp=amp, channels_last=channels_last)
-        per_image[item["name"]] = image_metrics(sr, hr, scale, scorer, lpips_fn)
+        local[i] = (item["name"], scores(sr, hr))
     if net is not None and was_training:
         net.train()
-    return {"mean": _mean(list(per_image.values())), "images": per_image}
+    if world > 1:
+        local = {i: row for part in distributed.all_gather_objects(ctx, local) for i, row in part.items()}
+    per_image = dict(local[i] for i in sorted(local))
+    return {"mean": scores.compute(), "images": per_image}

@@ -21,7 +21,9 @@ ours (its ``config.json`` says so); a run of ours is replaced unless resumed.
 The network trains in bf16 autocast on CUDA (``amp``); the loss is computed in float32
 (SSIM's variances cancel catastrophically in bf16), and validation runs in float32 (bf16
 outputs are coarser than the 8-bit levels the metrics measure). Under ``torchrun`` the batch is
-split over ranks (DDP; NCCL on CUDA, gloo on CPU) and rank 0 evaluates and writes.
+split over ranks (DDP; NCCL on CUDA, gloo on CPU), each rank validates its share of the images
+(``epban.sr.evaluate.ValidationScores``: torchmetrics metrics when installed, whose means sum
+over ranks), and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from epban.losses import PBANLoss, SRLoss
+from epban.losses import SRLoss
 from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN
 from epban.sr.data import SRFolderDataset, StepSampler, collate
 from epban.sr.evaluate import autocast_for, evaluate, load_lpips
@@ -350,7 +352,6 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
             amp = False
     criterion = SRLoss(config.l1, config.ssim, config.pban, pban_model=pban_model,
                        pban_loss_mode=pban_loss_mode(config, device)).to(device)
-    scorer = PBANLoss(pban_model).to(device) if pban_model is not None else None
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=config.lr * 0.01)
 
@@ -374,11 +375,14 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
 
     lpips_fn, lpips_note = (None, None)
     baseline = None
-    if val_set is not None and ctx.is_main:
+    if val_set is not None:  # every rank validates its share of the images
         lpips_fn, lpips_note = load_lpips(device)
+        if distributed.any_rank(ctx, lpips_fn is None):  # the same columns on every rank
+            lpips_fn, lpips_note = None, lpips_note or "LPIPS skipped: not available on every rank"
         if lpips_note:
             say(lpips_note)
-        baseline = evaluate(None, val_set, device, config.scale, scorer=scorer, lpips_fn=lpips_fn, bicubic=True)
+        baseline = evaluate(None, val_set, device, config.scale, scorer=pban_model, lpips_fn=lpips_fn, bicubic=True,
+                            ctx=ctx)
 
     sampler = StepSampler(len(train_set), config.batch_size, config.steps, seed=config.seed, start_step=step,
                           rank=ctx.rank, world_size=ctx.world_size)
@@ -392,16 +396,20 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
 
     def run_eval():
         nonlocal eval_log, last_eval
-        if val_set is None or not ctx.is_main:
+        if val_set is None:
             return
+        distributed.sync_buffers(ctx, net)  # every rank validates rank 0's model
         # float32 even with --amp: bf16 outputs are coarser than the 8-bit levels the metrics see
-        m = evaluate(net, val_set, device, config.scale, scorer=scorer, lpips_fn=lpips_fn, channels_last=channels_last)
+        m = evaluate(net, val_set, device, config.scale, scorer=pban_model, lpips_fn=lpips_fn,
+                     channels_last=channels_last, ctx=ctx)
+        last_eval = m
+        if not ctx.is_main:
+            return
         row = {"step": step, **m["mean"]}
         if eval_log is None:
             eval_log = _CsvLog(out / "eval.csv", list(row), config.resume)
         eval_log.write(row)
         history.append(row)
-        last_eval = m
         save_side_by_side(out / "samples" / f"step_{step:06d}.png", net, val_set, device, config.scale,
                           crop=config.sample_crop, metrics=m, baseline=baseline, channels_last=channels_last,
                           title=f"{config.net_label} x{config.scale}, step {step}")
@@ -463,6 +471,10 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
                 log.close()
 
     summary = {"config": dataclasses.asdict(config), "steps": step, "seconds": round(time.time() - start, 2)}
+    if val_set is not None and last_eval is None:  # resumed at the end: nothing was evaluated in this process
+        run_eval()
+        if eval_log is not None:
+            eval_log.close()
     if ctx.is_main:
         if loaded is not None:
             from epban.sr.spandrel_models import save_spandrel
@@ -473,8 +485,6 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
             checkpoint.save_atomic(net.state_dict(), out / "net.pt")
             summary["net_file"] = "net.pt"
         if val_set is not None:
-            if last_eval is None:  # resumed at the end: nothing was evaluated in this process
-                run_eval()
             summary.update({"final": last_eval, "bicubic": baseline, "history": history, "lpips": lpips_note or "computed"})
         write_json(out / "metrics.json", summary)
     distributed.barrier(ctx)
