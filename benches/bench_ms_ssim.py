@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 import epban
 from epban.ops.ms_ssim import MSSSIMLoss, ms_ssim
+from epban.ops.ssim import fused_unavailable_reason
+from timing import loss_step
 
 pytorch_msssim = pytest.importorskip("pytorch_msssim")
 
@@ -52,22 +54,12 @@ def _shape_id(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("device", DEVICES)
 def test_ms_ssim(benchmark, device, shape, impl):
+    if "fused" in impl and fused_unavailable_reason(device) is not None:
+        pytest.skip(f"epban._C does not serve {device}")
     benchmark.group = f"ms_ssim {device} {_shape_id(shape)} fwd+bwd"
     benchmark.name = impl
     benchmark.extra_info.update(impl=impl, device=device, shape=_shape_id(shape), mode="fwd+bwd")
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(shape, generator=gen).to(device)
-    y = (x + 0.1 * torch.randn(shape, generator=gen).to(device)).clamp(0, 1)
-    xg = x.clone().requires_grad_(True)
-    fn = IMPLS[impl]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run():
-        xg.grad = None
-        fn(xg, y).backward()
-        sync()
-
+    run = loss_step(IMPLS[impl], shape, device)
     if device == "cuda":
         benchmark.pedantic(run, rounds=20, warmup_rounds=3)
     elif "fused" in impl:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from epban.ops import ssim as ssim_module
 from epban.ops.ssim import fused_unavailable_reason, ssim_loss
 from epban.testing import ssim_implementations, ssim_loss_forms
+from timing import loss_step
 
 SHAPES = [(16, 3, 256, 256), (1, 3, 1080, 1920), (1, 3, 2160, 3840)]
 MODES = ("fwd", "fwd+bwd")
@@ -105,16 +106,5 @@ def test_ssim_l1(benchmark, device, shape, impl):
     benchmark.group = f"ssim+l1 {device} {_shape_id(shape)} fwd+bwd"
     benchmark.name = impl
     benchmark.extra_info.update(impl=impl, device=device, shape=_shape_id(shape), mode="fwd+bwd")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(shape, generator=gen).to(device)
-    y = (x + 0.1 * torch.randn(shape, generator=gen).to(device)).clamp(0, 1)
-    xg = x.clone().requires_grad_(True)
-    fn = L1_IMPLS[impl]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run():
-        xg.grad = None
-        fn(xg, y).backward()
-        sync()
-
+    run = loss_step(L1_IMPLS[impl], shape, device)
     benchmark.pedantic(run, rounds=20 if device == "cuda" else 5, warmup_rounds=1)

@@ -6,6 +6,23 @@ import statistics
 import torch
 
 
+def loss_step(fn, shape, device, seed: int = 0):
+    """The step the image-loss benches time: ``fn(x, y).backward()`` with respect to x, for a
+    random x in [0, 1] and y a noisy copy, synchronised on CUDA."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=gen).to(device)
+    y = (x + 0.1 * torch.randn(shape, generator=gen).to(device)).clamp(0, 1)
+    xg = x.clone().requires_grad_(True)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def run():
+        xg.grad = None
+        fn(xg, y).backward()
+        sync()
+
+    return run
+
+
 def cuda_median_ms(step, reps: int) -> float:
     """Median ms of ``step()`` over ``reps`` calls, each timed by CUDA events (after one warm-up
     call that compiles and allocates)."""

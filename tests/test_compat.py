@@ -12,6 +12,7 @@ import epban.compat
 from epban.compat import MS_SSIM, SSIM, ms_ssim, ssim
 from epban.compat import pytorch_msssim as compat_module
 from epban.ops.ssim import gaussian_window_1d
+from test_ms_ssim import grads
 
 pytorch_msssim = pytest.importorskip("pytorch_msssim")
 
@@ -30,16 +31,6 @@ def image_pair(shape, *, data_range=255.0, dtype=torch.float64, seed=0, negative
     if negative_channel:
         y[:, 0] = 1 - x[:, 0]
     return (x * data_range).to(dtype), (y * data_range).to(dtype)
-
-
-def grads(fn, x, y, seed=3):
-    """fn's output and the gradients of <output, u> for a fixed random u, w.r.t. both inputs."""
-    x = x.detach().clone().requires_grad_(True)
-    y = y.detach().clone().requires_grad_(True)
-    out = fn(x, y)
-    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    gx, gy = torch.autograd.grad((out * u).sum(), (x, y))
-    return out.detach(), gx, gy
 
 
 def assert_close(actual, expected, atol, what=""):

@@ -158,7 +158,28 @@ def _check_spatial_dims(spatial_dims: int) -> None:
                          "(for volumes, use pytorch_msssim itself)")
 
 
-class SSIM(torch.nn.Module):
+class _WindowModule(torch.nn.Module):
+    """What pytorch-msssim's two modules share: the window (``win``, rebuilt as theirs) and the
+    arguments of every call. While ``win`` is the window built here, epban's own window serves
+    (and with it the fused path); a window put in its place is used as given."""
+
+    def __init__(self, data_range, size_average, win_size, win_sigma, channel, spatial_dims, K) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        self.win_size = win_size
+        self.win = _fspecial_gauss_1d(win_size, win_sigma).repeat([channel, 1] + [1] * spatial_dims)
+        self._built = (self.win, win_size, win_sigma)
+        self.size_average = size_average
+        self.data_range = data_range
+        self.K = K
+
+    def _window_args(self) -> dict:
+        built_win, win_size, win_sigma = self._built
+        return dict(data_range=self.data_range, size_average=self.size_average, win_size=win_size,
+                    win_sigma=win_sigma, win=None if self.win is built_win else self.win, K=self.K)
+
+
+class SSIM(_WindowModule):
     """pytorch-msssim's ``SSIM`` module: ``ssim`` with the arguments given here."""
 
     def __init__(
@@ -172,24 +193,14 @@ class SSIM(torch.nn.Module):
         K: Constants = (0.01, 0.03),
         nonnegative_ssim: bool = False,
     ) -> None:
-        super().__init__()
-        _check_spatial_dims(spatial_dims)
-        self.win_size = win_size
-        self.win = _fspecial_gauss_1d(win_size, win_sigma).repeat([channel, 1] + [1] * spatial_dims)
-        self._built = (self.win, win_size, win_sigma)  # while ``win`` is this one, epban's (fused) path serves
-        self.size_average = size_average
-        self.data_range = data_range
-        self.K = K
+        super().__init__(data_range, size_average, win_size, win_sigma, channel, spatial_dims, K)
         self.nonnegative_ssim = nonnegative_ssim
 
     def forward(self, X: Tensor, Y: Tensor) -> Tensor:
-        built_win, win_size, win_sigma = self._built
-        return ssim(X, Y, data_range=self.data_range, size_average=self.size_average, win_size=win_size,
-                    win_sigma=win_sigma, win=None if self.win is built_win else self.win, K=self.K,
-                    nonnegative_ssim=self.nonnegative_ssim)
+        return ssim(X, Y, nonnegative_ssim=self.nonnegative_ssim, **self._window_args())
 
 
-class MS_SSIM(torch.nn.Module):
+class MS_SSIM(_WindowModule):
     """pytorch-msssim's ``MS_SSIM`` module: ``ms_ssim`` with the arguments given here."""
 
     def __init__(
@@ -203,21 +214,11 @@ class MS_SSIM(torch.nn.Module):
         weights: Optional[Sequence[float]] = None,
         K: Constants = (0.01, 0.03),
     ) -> None:
-        super().__init__()
-        _check_spatial_dims(spatial_dims)
-        self.win_size = win_size
-        self.win = _fspecial_gauss_1d(win_size, win_sigma).repeat([channel, 1] + [1] * spatial_dims)
-        self._built = (self.win, win_size, win_sigma)
-        self.size_average = size_average
-        self.data_range = data_range
+        super().__init__(data_range, size_average, win_size, win_sigma, channel, spatial_dims, K)
         self.weights = weights
-        self.K = K
 
     def forward(self, X: Tensor, Y: Tensor) -> Tensor:
-        built_win, win_size, win_sigma = self._built
-        return ms_ssim(X, Y, data_range=self.data_range, size_average=self.size_average, win_size=win_size,
-                       win_sigma=win_sigma, win=None if self.win is built_win else self.win, weights=self.weights,
-                       K=self.K)
+        return ms_ssim(X, Y, weights=self.weights, **self._window_args())
 
 
 __all__ = ["ssim", "ms_ssim", "SSIM", "MS_SSIM"]
