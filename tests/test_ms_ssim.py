@@ -463,17 +463,20 @@ def test_fused_scale_pass_gives_cs_and_ssim_per_plane():
     assert gx.numel() == 0 and gy.numel() == 0
 
 
-def test_fused_pool_backward_matches_autograd():
-    """The in-place pool backward, on every parity of the sides (odd sides pad by one)."""
-    from epban.ops.ms_ssim import _add_pool_backward_
+@pytest.mark.parametrize("h, w", [(9, 8), (8, 9), (7, 7), (10, 12), (1, 3), (2, 2)])
+def test_fused_pyramid_steps_match_avg_pool2d(h, w):
+    """The fused path's pooling and its backward (scaled map plus the coarser gradient through the
+    pool) against avg_pool2d and its autograd, on every parity of the sides (odd sides pad by one)."""
+    from epban.ops.ms_ssim import _downsample_fused, _scaled_plus_pool_backward
 
-    for h, w in ((9, 8), (8, 9), (7, 7), (10, 12), (1, 3)):
-        t = torch.rand(2, 1, h, w, dtype=torch.float64, requires_grad=True)
-        out = downsample(t)
-        g = torch.randn_like(out)
-        (expected,) = torch.autograd.grad(out, t, g)
-        base = torch.randn(2, 1, h, w, dtype=torch.float64)
-        assert torch.allclose(_add_pool_backward_(base.clone(), g), base + expected, atol=1e-15, rtol=0)
+    t = torch.rand(3, 1, h, w, dtype=torch.float64, requires_grad=True)
+    out = downsample(t)
+    assert torch.allclose(_downsample_fused(t.detach()), out, atol=1e-15, rtol=0)
+    g = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, t, g)
+    grad_map, factor = torch.randn(3, 1, h, w, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    combined = _scaled_plus_pool_backward(grad_map, factor, g)
+    assert torch.allclose(combined, grad_map * factor.view(3, 1, 1, 1) + expected, atol=1e-15, rtol=0)
 
 
 @needs_cpu_kernel
@@ -482,6 +485,10 @@ def test_fused_levels_op_passes_opcheck():
     for grad_x, grad_y in ((True, True), (False, True), (False, False)):
         args = (x.clone().requires_grad_(grad_x), y.clone().requires_grad_(grad_y), 1e-4, 9e-4, 2, grad_x, grad_y)
         torch.library.opcheck(torch.ops.epban.ms_ssim_levels.default, args)
+    args = (x.clone().requires_grad_(), y.clone().requires_grad_(), 1e-4, 9e-4, 2, True, True)
+    torch.library.opcheck(torch.ops.epban.ms_ssim_levels.default, (x[:, :, :21, :22].clone().requires_grad_(),
+                                                                   y[:, :, :21, :22].clone().requires_grad_(),
+                                                                   1e-4, 9e-4, 2, True, True))
     torch.library.opcheck(torch.ops.epban.ssim_level_and_grad.default, (x, y, 1e-4, 9e-4, False, True, True))
 
 

@@ -363,6 +363,20 @@ def test_ms_ssim_level_pass(emu, backward_kernel, luminance, wanted):
         assert gx.numel() == 0 and gy.numel() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ms_ssim_level_pass_half_inputs(emu, dtype):
+    """The contrast-structure kernels are float32 instances: half inputs are converted first and
+    their gradients returned in the input dtype."""
+    shape = (3, 1, 37, 45)
+    x, y = image_pair(shape, seed=32)
+    xh, yh = x.to(dtype), y.to(dtype)
+    value, gx, gy = emu.level_and_grad(xh, yh, C1, C2, False, True, True)
+    expected = emu.level_and_grad(xh.float(), yh.float(), C1, C2, False, True, True)
+    assert gx.dtype == dtype and gy.dtype == dtype and value.dtype == torch.float32
+    assert torch.equal(value, expected[0])
+    assert torch.equal(gx, expected[1].to(dtype)) and torch.equal(gy, expected[2].to(dtype))
+
+
 def test_one_pass_l1_zero_is_the_plain_pass(emu):
     """l1 0: the same bits as the pass without an L1 term, and an empty L1 part."""
     x, y = image_pair((2, 2, 30, 33), seed=8)

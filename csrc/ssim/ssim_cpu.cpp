@@ -114,6 +114,29 @@ struct ForwardBuffers {
   explicit ForwardBuffers(int64_t pitch, int64_t width) : v(4 * pitch, T(0)), zero(width, T(0)) {}
 };
 
+// The SSIM (kLuminance) or contrast-structure values of one centre row from its vertical sums:
+// written to out (non-null) or summed.
+template <bool kLuminance, typename T>
+SSIM_ALWAYS_INLINE T forward_row(const Plane<T>& p, const T* vu, const T* vv, const T* vuu, const T* vvv,
+                                 const Taps<T>& taps, T* out) {
+  const int64_t c0 = p.first, c1 = p.last_col;
+  T row_sum = 0;
+  if (out) {
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      out[c] = ssim_value<kLuminance>(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps),
+                                      horizontal_tap(vuu, c, taps), horizontal_tap(vvv, c, taps), p.c1, p.c2);
+    }
+  } else {
+#pragma omp simd reduction(+ : row_sum)
+    for (int64_t c = c0; c < c1; ++c) {
+      row_sum += ssim_value<kLuminance>(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps),
+                                        horizontal_tap(vuu, c, taps), horizontal_tap(vvv, c, taps), p.c1, p.c2);
+    }
+  }
+  return row_sum;
+}
+
 // Centre rows [r0, r1) of one plane. Writes the map rows (map != nullptr) or returns the sum.
 template <typename T>
 SSIM_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64_t r1, T* map, int64_t map_w,
@@ -123,25 +146,12 @@ SSIM_ALWAYS_INLINE double forward_rows_impl(const Plane<T>& p, int64_t r0, int64
   T* vv = vu + p.pitch;
   T* vuu = vv + p.pitch;
   T* vvv = vuu + p.pitch;
-  const int64_t c0 = p.first, c1 = p.last_col;
   double total = 0;
   for (int64_t r = r0; r < r1; ++r) {
     vertical_moments(p, r, buf.zero.data(), taps, vu, vv, vuu, vvv);
-    T row_sum = 0;
     T* out = map ? map + (r - p.first) * map_w - p.first : nullptr;
-    if (out) {
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) {
-        out[c] = ssim_value(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
-                            horizontal_tap(vvv, c, taps), p.c1, p.c2, p.luminance);
-      }
-    } else {
-#pragma omp simd reduction(+ : row_sum)
-      for (int64_t c = c0; c < c1; ++c) {
-        row_sum += ssim_value(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
-                              horizontal_tap(vvv, c, taps), p.c1, p.c2, p.luminance);
-      }
-    }
+    const T row_sum = p.luminance ? forward_row<true>(p, vu, vv, vuu, vvv, taps, out)
+                                  : forward_row<false>(p, vu, vv, vuu, vvv, taps, out);
     total += static_cast<double>(row_sum);
   }
   return total;
@@ -162,7 +172,7 @@ struct BackwardBuffers {
 // columns stay zero. grow[c]: the upstream gradient at centre column c. With kValue, also
 // returns the row's sum of SSIM values (the forward's work, from the same moments).
 // (A function, not a lambda: lambdas do not inherit the caller's target ISA.)
-template <bool kValue, typename T>
+template <bool kValue, bool kLuminance, typename T>
 SSIM_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
                                    BackwardBuffers<T>& buf) {
   const int64_t pitch = p.pitch;
@@ -181,8 +191,8 @@ SSIM_ALWAYS_INLINE T partials_row(const Plane<T>& p, int64_t r, const T* grow, c
 #pragma omp simd reduction(+ : row_sum)
   for (int64_t c = c0; c < c1; ++c) {
     const SsimPartials<T> d =
-        ssim_partials(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps), horizontal_tap(vuu, c, taps),
-                      horizontal_tap(vvv, c, taps), p.c1, p.c2, grow[c], p.luminance);
+        ssim_partials<kLuminance>(horizontal_tap(vu, c, taps), horizontal_tap(vv, c, taps),
+                                  horizontal_tap(vuu, c, taps), horizontal_tap(vvv, c, taps), p.c1, p.c2, grow[c]);
     pmx[kHalo + c] = d.d_mx;
     pmy[kHalo + c] = d.d_my;
     pe2[kHalo + c] = d.d_e2;
@@ -198,9 +208,12 @@ template <typename T>
 SSIM_ALWAYS_INLINE void centre_row(const Plane<T>& p, int64_t r, const T* grow, const Taps<T>& taps,
                                     BackwardBuffers<T>& buf, bool with_value, double& values) {
   if (with_value) {
-    values += static_cast<double>(partials_row<true>(p, r, grow, taps, buf));
+    values += static_cast<double>(p.luminance ? partials_row<true, true>(p, r, grow, taps, buf)
+                                              : partials_row<true, false>(p, r, grow, taps, buf));
+  } else if (p.luminance) {
+    partials_row<false, true>(p, r, grow, taps, buf);
   } else {
-    partials_row<false>(p, r, grow, taps, buf);
+    partials_row<false, false>(p, r, grow, taps, buf);
   }
 }
 

@@ -287,9 +287,16 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream_in) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
                                                                        double c1, double c2, bool luminance,
                                                                        bool grad_x, bool grad_y) {
-  auto [value, l1_value, gx, gy] = gradient_pass_l1_cuda(at::Tensor(), x, y, c1, c2, /*same_padding=*/false, grad_x,
-                                                         grad_y, /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0,
-                                                         luminance);
+  // The contrast-structure kernels are built for float32 inputs only (dispatch_luminance).
+  const bool half = !luminance && x.scalar_type() != at::kFloat;
+  auto [value, l1_value, gx, gy] =
+      gradient_pass_l1_cuda(at::Tensor(), half ? x.to(at::kFloat) : x, half ? y.to(at::kFloat) : y, c1, c2,
+                            /*same_padding=*/false, grad_x, grad_y, /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0,
+                            luminance);
+  if (half) {
+    gx = gx.to(x.scalar_type());
+    gy = gy.to(y.scalar_type());
+  }
   return {value, gx, gy};
 }
 

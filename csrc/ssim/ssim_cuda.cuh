@@ -97,7 +97,8 @@ struct Args {
   int tiles_x, tiles_y;  // blocks a plane: tiles (or strips) across, tiles (or bands) down
   int block_rows;        // gradient rows a block: the tile's, or the strip kernel's band
   float c1, c2;
-  bool luminance;  // false: the contrast-structure term alone (MS-SSIM; ssim_math.h)
+  bool luminance;  // false: the contrast-structure term alone (MS-SSIM; ssim_math.h). Read by the
+                   // host, which launches the kernel instance of that kLuminance.
 };
 
 // Which input gradients a backward kernel writes. With one of them (the SR loss: only the
@@ -113,6 +114,19 @@ void dispatch_wanted(bool grad_x, bool grad_y, F&& f) {
     f(std::integral_constant<int, kWantX>{});
   } else {
     f(std::integral_constant<int, kWantY>{});
+  }
+}
+
+// Calls f(std::integral_constant<bool, kLuminance>{}): the SSIM instances for every input dtype,
+// the contrast-structure ones (MS-SSIM) for float32 inputs only (ssim_level_and_grad_cuda
+// converts half inputs), which keeps the number of kernel instances down.
+template <typename scalar_t, typename F>
+void dispatch_luminance(bool luminance, scalar_t, F&& f) {
+  if (luminance) return f(std::integral_constant<bool, true>{});
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return f(std::integral_constant<bool, false>{});
+  } else {
+    TORCH_CHECK(false, "ssim (CUDA kernel): the contrast-structure term takes float32 inputs");
   }
 }
 

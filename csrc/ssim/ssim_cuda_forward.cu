@@ -14,7 +14,7 @@ constexpr int kFwdInPitch = kFwdIn + 1;
 constexpr int kFwdHPitch = kTile + 1;
 constexpr int kFwdHStride = kFwdIn * kFwdHPitch;
 
-template <typename scalar_t, bool kMap>
+template <typename scalar_t, bool kMap, bool kLuminance>
 __global__ void __launch_bounds__(kThreads)
     ssim_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                         float* __restrict__ map, float* __restrict__ partial) {
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int o = 0; o < 4; ++o) {
     const int64_t r = row0 + ty * 4 + o;
     if (r < a.last_row && c < a.last_col) {
-      const float s = ssim_value(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, a.luminance);
+      const float s = ssim_value<kLuminance>(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2);
       if (kMap) {
         map[plane * a.out_h * a.out_w + (r - a.first) * a.out_w + (c - a.first)] = s;
       } else {
@@ -111,11 +111,15 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c
     dispatch_input_dtype(x.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
       if (want_map) {
-        SSIM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, ssim_forward_kernel<scalar_t, true>)(
+        TORCH_CHECK(luminance, "ssim (CUDA kernel): the map is the SSIM's");
+        SSIM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, ssim_forward_kernel<scalar_t, true, true>)(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, map.data_ptr<float>(), nullptr);
       } else {
-        SSIM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, ssim_forward_kernel<scalar_t, false>)(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, nullptr, partial.data_ptr<float>());
+        dispatch_luminance(luminance, tag, [&](auto lum) {
+          SSIM_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream,
+                      ssim_forward_kernel<scalar_t, false, decltype(lum)::value>)(
+              x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a, nullptr, partial.data_ptr<float>());
+        });
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -95,7 +95,7 @@ __device__ __forceinline__ void load_taps(const T* row, int t, T (&w)[StripShape
   }
 }
 
-template <typename scalar_t, int kWanted, int kC>
+template <typename scalar_t, int kWanted, int kC, bool kLuminance>
 __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::kMinBlocks)
     ssim_strip_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                       const float* __restrict__ grad, int64_t grad_stride, float pixel_share, int64_t channels,
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(StripShape<kC>::kMaxThreads, StripShape<kC>::k
                 for (int q = 0; q < 4; ++q) m[q] = fmaf(c_gauss[k], hm[(j + 1 + k) % kWin][c][q], m[q]);
               SsimPartials<float> d{0.f, 0.f, 0.f, 0.f, 0.f};
               if (centre_col[c] && centre_row_in) {
-                d = ssim_partials(m[0], m[1], m[2], m[3], a.c1, a.c2, g, a.luminance);
+                d = ssim_partials<kLuminance>(m[0], m[1], m[2], m[3], a.c1, a.c2, g);
                 if (partial && own_col[c] && own_row) value_sum += d.s;
               }
               if (kWanted == kWantBoth) {
@@ -474,11 +474,14 @@ void launch_strip_backward(const BackwardLaunch& l, const StripPlan& plan) {
             l.channels, gx, gy, l.partial, l.l1_share, l.l1_partial);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (plan.columns == 2) {
-        launch(ssim_strip_kernel<scalar_t, kWanted, 2>);
-      } else {
-        launch(ssim_strip_kernel<scalar_t, kWanted, 1>);
-      }
+      dispatch_luminance(l.a.luminance, tag, [&](auto luminance) {
+        constexpr bool kLuminance = decltype(luminance)::value;
+        if (plan.columns == 2) {
+          launch(ssim_strip_kernel<scalar_t, kWanted, 2, kLuminance>);
+        } else {
+          launch(ssim_strip_kernel<scalar_t, kWanted, 1, kLuminance>);
+        }
+      });
     });
   });
 }

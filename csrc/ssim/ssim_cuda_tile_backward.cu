@@ -66,7 +66,7 @@ struct BwdTile {
 using ShortTile = BwdTile<32>;
 using TallTile = BwdTile<64>;
 
-template <typename Tile, typename scalar_t, int kWanted>
+template <typename Tile, typename scalar_t, int kWanted, bool kLuminance>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ssim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, Args a,
                          GradView grad, bool map_grad, float pixel_share, int64_t channels,
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       if ((Tile::kCtrSlots == Tile::kCtrRows || cr < Tile::kCtrRows) && ir >= first && ir < last_row &&
           ic >= first && ic < last_col) {
         const float g = map_grad ? g_plane[(ir - first) * grad.stride[2] + (ic - first) * grad.stride[3]] : g_scale;
-        d = ssim_partials(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g, a.luminance);
+        d = ssim_partials<kLuminance>(acc[o][0], acc[o][1], acc[o][2], acc[o][3], a.c1, a.c2, g);
         if (partial && ir >= row0 && ir < row0 + kRows && ic >= col0 && ic < col0 + kTile) value_sum += d.s;
       }
       float* p = s_a + cr * kBwdCtrPitch + cc;
@@ -214,12 +214,12 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 
 // Lifts the backward kernel's dynamic shared-memory limit to Tile::kSmemBytes, once per
 // device and kernel instance (a driver call per launch costs microseconds of host time).
-template <typename Tile, typename scalar_t, int kWanted>
+template <typename Tile, typename scalar_t, int kWanted, bool kLuminance>
 void allow_backward_smem(int device) {
   static std::atomic<uint64_t> done{0};  // one bit per device index < 64
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
   if (bit && (done.load(std::memory_order_acquire) & bit)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<Tile, scalar_t, kWanted>,
+  C10_CUDA_CHECK(cudaFuncSetAttribute(ssim_backward_kernel<Tile, scalar_t, kWanted, kLuminance>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Tile::kSmemBytes)));
   done.fetch_or(bit, std::memory_order_release);
@@ -236,28 +236,31 @@ int tile_rows_for(int64_t height) {
 }
 
 void launch_tile_backward(const BackwardLaunch& l) {
-  const auto launch = [&](auto tile, auto tag, auto wanted) {
+  const auto launch = [&](auto tile, auto tag, auto wanted, auto luminance) {
     using Tile = decltype(tile);
     using scalar_t = decltype(tag);
     constexpr int kWanted = decltype(wanted)::value;
-    allow_backward_smem<Tile, scalar_t, kWanted>(l.x.get_device());
+    constexpr bool kLuminance = decltype(luminance)::value;
+    allow_backward_smem<Tile, scalar_t, kWanted, kLuminance>(l.x.get_device());
     scalar_t* gx = l.grad_x ? l.gx.data_ptr<scalar_t>() : nullptr;
     scalar_t* gy = l.grad_y ? l.gy.data_ptr<scalar_t>() : nullptr;
     SSIM_LAUNCH(static_cast<unsigned>(l.blocks), Tile::kThreads, Tile::kSmemBytes, l.stream,
-                ssim_backward_kernel<Tile, scalar_t, kWanted>)(l.x.data_ptr<scalar_t>(), l.y.data_ptr<scalar_t>(),
-                                                               l.a, l.grad, l.map_grad, l.pixel_share, l.channels, gx,
-                                                               gy, l.partial, l.l1_share, l.l1_partial);
+                ssim_backward_kernel<Tile, scalar_t, kWanted, kLuminance>)(
+        l.x.data_ptr<scalar_t>(), l.y.data_ptr<scalar_t>(), l.a, l.grad, l.map_grad, l.pixel_share, l.channels, gx,
+        gy, l.partial, l.l1_share, l.l1_partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   TORCH_CHECK(l.a.block_rows == ShortTile::kRows || l.a.block_rows == TallTile::kRows,
               "ssim (CUDA kernel): tiles have 32 or 64 rows, got ", l.a.block_rows);
   dispatch_input_dtype(l.x.scalar_type(), [&](auto tag) {
     dispatch_wanted(l.grad_x, l.grad_y, [&](auto wanted) {
-      if (l.a.block_rows == TallTile::kRows) {
-        launch(TallTile{}, tag, wanted);
-      } else {
-        launch(ShortTile{}, tag, wanted);
-      }
+      dispatch_luminance(l.a.luminance, tag, [&](auto luminance) {
+        if (l.a.block_rows == TallTile::kRows) {
+          launch(TallTile{}, tag, wanted, luminance);
+        } else {
+          launch(ShortTile{}, tag, wanted, luminance);
+        }
+      });
     });
   });
 }

@@ -34,8 +34,10 @@
 // C1, C2 > 0 keep B1, B2 > 0: constant images (zero variance) give finite values.
 //
 // MS-SSIM needs the contrast-structure term alone, CS = A2 / B2, at all scales but the last:
-// with luminance = false, A1 = B1 = 1 (constants, so dS/dA1 = dS/dB1 = 0) and the same
-// formulas give CS and its partials.
+// with kLuminance = false, A1 = B1 = 1 (constants, so dS/dA1 = dS/dB1 = 0) and the same
+// formulas give CS and its partials. A template parameter, not a run-time flag: the SSIM
+// instances compile to the same instructions as without the option (a per-pixel select kept
+// the CPU loops from vectorising).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -62,23 +64,23 @@ struct SsimTerms {
   T a1, b1, a2, b2;
 };
 
-template <typename T>
-C10_HOST_DEVICE inline SsimTerms<T> ssim_terms(T mu, T mv, T euu, T evv, T c1, T c2, bool luminance = true) {
+template <bool kLuminance = true, typename T>
+C10_HOST_DEVICE inline SsimTerms<T> ssim_terms(T mu, T mv, T euu, T evv, T c1, T c2) {
   const T p = mu * mu;
   const T q = mv * mv;
   const T su = euu - p;
   const T sv = evv - q;
   SsimTerms<T> t;
-  t.a1 = luminance ? T(0.5) * ((mu + mv) * (mu - mv)) + c1 : T(1);  // not (p - q): no cancellation near 0
-  t.b1 = luminance ? T(0.5) * (p + q) + c1 : T(1);
+  t.a1 = kLuminance ? T(0.5) * ((mu + mv) * (mu - mv)) + c1 : T(1);  // not (p - q): no cancellation near 0
+  t.b1 = kLuminance ? T(0.5) * (p + q) + c1 : T(1);
   t.a2 = T(0.5) * (su - sv) + c2;
   t.b2 = T(0.5) * (su + sv) + c2;
   return t;
 }
 
-template <typename T>
-C10_HOST_DEVICE inline T ssim_value(T mu, T mv, T euu, T evv, T c1, T c2, bool luminance = true) {
-  const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2, luminance);
+template <bool kLuminance = true, typename T>
+C10_HOST_DEVICE inline T ssim_value(T mu, T mv, T euu, T evv, T c1, T c2) {
+  const SsimTerms<T> t = ssim_terms<kLuminance>(mu, mv, euu, evv, c1, c2);
   return (t.a1 * t.a2) / (t.b1 * t.b2);
 }
 
@@ -94,19 +96,18 @@ struct SsimPartials {
   T s;      // S
 };
 
-template <typename T>
-C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mu, T mv, T euu, T evv, T c1, T c2, T g,
-                                                     bool luminance = true) {
-  const SsimTerms<T> t = ssim_terms(mu, mv, euu, evv, c1, c2, luminance);
+template <bool kLuminance = true, typename T>
+C10_HOST_DEVICE inline SsimPartials<T> ssim_partials(T mu, T mv, T euu, T evv, T c1, T c2, T g) {
+  const SsimTerms<T> t = ssim_terms<kLuminance>(mu, mv, euu, evv, c1, c2);
   const T a1 = t.a1, b1 = t.b1, a2 = t.a2, b2 = t.b2;
   const T inv_b1b2 = T(1) / (b1 * b2);  // one division for both: B1 B2 > 0 and at most ~4 R^4
   const T inv_b1 = b2 * inv_b1b2;
   const T inv_b2 = b1 * inv_b1b2;
   const T g_inv = g * inv_b1b2;  // g / (B1 B2)
   const T g_s = g_inv * a1 * a2;        // g S
-  const T d_a1 = luminance ? g_inv * a2 : T(0);
+  const T d_a1 = kLuminance ? g_inv * a2 : T(0);
   const T d_a2 = g_inv * a1;
-  const T d_b1 = luminance ? -g_s * inv_b1 : T(0);
+  const T d_b1 = kLuminance ? -g_s * inv_b1 : T(0);
   const T d_b2 = -g_s * inv_b2;
   const T alpha = d_a1 - d_a2;
   const T beta = d_b1 - d_b2;

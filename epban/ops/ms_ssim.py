@@ -124,6 +124,39 @@ def _pooled_side(side: int) -> int:
     return (side + 1) // 2
 
 
+def _pair_sums(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of neighbouring pairs along ``dim`` (-2 or -1), with ``downsample``'s padding: an odd
+    length gets a zero in front, so element 0 stands alone."""
+    n = t.shape[dim]
+    first, second = t.narrow(dim, n % 2, n - n % 2).unflatten(dim, (-1, 2)).unbind(dim)
+    pairs = first + second
+    return torch.cat([t.narrow(dim, 0, 1), pairs], dim=dim) if n % 2 else pairs
+
+
+def _downsample_fused(x: torch.Tensor) -> torch.Tensor:
+    """``downsample`` for the fused path. On the CPU as sums of row pairs, then of column pairs
+    (PyTorch's CPU avg_pool2d takes several times longer for 2x2 windows); elsewhere
+    ``downsample`` itself."""
+    if x.device.type != "cpu":
+        return downsample(x)
+    return _pair_sums(_pair_sums(x, -2), -1).mul_(0.25)
+
+
+def _scaled_plus_pool_backward(grad_map: torch.Tensor, factor: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
+    """``grad_map * factor`` (one factor per plane) plus the gradient the next scale's
+    ``coarser`` gradient gives through ``downsample``. With even sides, the coarser gradient's
+    columns are doubled (a quarter-size copy) and added to both rows of each pair through a
+    view that broadcasts along rows only (broadcasting along the innermost dimension is several
+    times slower on the CPU); with an odd side, ``_add_pool_backward_``."""
+    n, _, h, w = grad_map.shape
+    out = grad_map.to(factor.dtype) * factor.view(n, 1, 1, 1)  # half-type maps: combined in float32
+    if h % 2 or w % 2:
+        return _add_pool_backward_(out, coarser)
+    doubled = coarser.unsqueeze(-1).expand(n, 1, h // 2, w // 2, 2).reshape(n, 1, h // 2, 1, w)
+    out.view(n, 1, h // 2, 2, w).add_(doubled, alpha=0.25)
+    return out
+
+
 def _add_pool_backward_(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """out += the gradient at ``downsample``'s input (out's shape) from ``grad``, the gradient at
     its output, in place: each output pixel gives a quarter of its gradient to each pixel of its
@@ -161,7 +194,7 @@ def ms_ssim_levels(x: torch.Tensor, y: torch.Tensor, c1: float, c2: float, scale
     levels, gxs, gys = [], [], []
     for j in range(scales):
         if j > 0:
-            xs, ys = downsample(xs.to(_compute_dtype(x))), downsample(ys.to(_compute_dtype(x)))
+            xs, ys = _downsample_fused(xs.to(_compute_dtype(x))), _downsample_fused(ys.to(_compute_dtype(x)))
         value, gx, gy = torch.ops.epban.ssim_level_and_grad(xs, ys, c1, c2, j == scales - 1, grad_x, grad_y)
         levels.append(value)
         gxs += [gx] if grad_x else []
@@ -205,10 +238,9 @@ def _levels_backward(ctx, grads):
         for slot, (wanted, offset) in enumerate(((ctx.grad_x, 0), (ctx.grad_y, m if ctx.grad_x else 0))):
             if not wanted:
                 continue
-            grad = None
-            for j in reversed(range(m)):
-                term = maps[offset + j].to(grad_levels.dtype) * grad_levels[j].reshape(-1, 1, 1, 1)
-                grad = term if grad is None else _add_pool_backward_(term, grad)
+            grad = maps[offset + m - 1].to(grad_levels.dtype) * grad_levels[m - 1].reshape(-1, 1, 1, 1)
+            for j in reversed(range(m - 1)):
+                grad = _scaled_plus_pool_backward(maps[offset + j], grad_levels[j], grad)
             results[slot] = grad.view(ctx.shape).to(ctx.dtypes[slot])
     return results[0], results[1], None, None, None, None, None
 
