@@ -16,21 +16,12 @@ spandrel = pytest.importorskip("spandrel")
 # Random weights give outputs far outside [0, 1] (SPAN multiplies by 255): the losses warn once.
 # spandrel's SwinIR calls torch.meshgrid without indexing=, which PyTorch warns about.
 pytestmark = [pytest.mark.filterwarnings("ignore:SRLoss. sr of the first batch"),
-              pytest.mark.filterwarnings("ignore:torch.meshgrid")]
+              pytest.mark.filterwarnings("ignore:torch.meshgrid"), pytest.mark.usefixtures("one_thread")]
 
 from epban.imageio import write_image  # noqa: E402
 from epban.sr import SRTrainConfig, load_spandrel, train_sr  # noqa: E402
 from epban.sr.networks import RRDBNet  # noqa: E402
 from epban.training import checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared CPU extra threads only wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _photo(top: int, left: int, side: int) -> torch.Tensor:

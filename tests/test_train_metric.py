@@ -19,13 +19,7 @@ from epban.models.pban import EfficientPBAN
 from epban.metric import TrainingInterrupted, evaluate_metric, train_metric
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared, oversubscribed CPU, one intra-op thread is many times faster than several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = dict(config="tiny", batch_size=4, crop=32, lr=1e-3, num_workers=0, quiet=True)
