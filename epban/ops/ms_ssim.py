@@ -109,11 +109,8 @@ def ms_ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=M
     """Plain PyTorch MS-SSIM; equals pytorch-msssim's ``ms_ssim`` (module docstring)."""
     check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
                        reduction=reduction)
-    if check_finite:
-        check_finite_inputs(x, y)
-    window = gaussian_window_1d(win_size, sigma, torch.float64, x.device)
-    return ms_ssim_with_window(x, y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
-                               reduction=reduction)
+    return _ms_ssim_value(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                          reduction=reduction, backend="reference", check_finite=check_finite)
 
 
 # ----------------------------------------------------------------------------- fused path
