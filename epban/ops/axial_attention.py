@@ -102,7 +102,8 @@ def fused_axial_available(device, dtype=None) -> bool:
     return _unavailable_reason(device, dtype) is None
 
 
-def _use_fused(t: torch.Tensor, backend: str) -> bool:
+def fused_axial_attention_serves(t: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether ``backend`` takes the fused kernels for tensors like ``t`` (the registry's rule)."""
     return use_fused(backend, _unavailable_reason(t.device, t.dtype), auto_ok=_auto_takes_fused(t))
 
 
@@ -133,7 +134,7 @@ def axial_attention(q, k, v, *, sigma_scope="sample", backend="auto"):
     """
     check_backend(backend)
     check_axial_args(q, k, v, sigma_scope)
-    if _use_fused(q, backend):
+    if fused_axial_attention_serves(q, backend):
         return fused_axial_attention(q, k, v, sigma_scope=sigma_scope)[0]
     return axial_attention_reference(q, k, v, sigma_scope=sigma_scope)
 
@@ -146,7 +147,7 @@ def bi_axial_attention(q1, k1, v1, q2, k2, v2, *, sigma_scope="sample", backend=
     check_backend(backend)
     check_axial_args(q1, k2, v1, sigma_scope)
     check_axial_args(q2, k1, v2, sigma_scope)
-    if q1.shape == q2.shape and q1.device == q2.device and _use_fused(q1, backend):
+    if q1.shape == q2.shape and q1.device == q2.device and fused_axial_attention_serves(q1, backend):
         return fused_axial_attention(q1, k2, v1, q2, k1, v2, sigma_scope=sigma_scope)
     return (axial_attention(q1, k2, v1, sigma_scope=sigma_scope, backend=backend),
             axial_attention(q2, k1, v2, sigma_scope=sigma_scope, backend=backend))

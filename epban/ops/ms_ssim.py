@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from epban._extension import check_backend, extension_loaded
 from epban.ops._checks import check_image_pair
-from epban.ops.registry import register, use_fused
-from epban.ops.ssim import fused_unavailable_reason, gaussian_window_1d
+from epban.ops.registry import register
+from epban.ops.ssim import fused_ssim_serves, fused_unavailable_reason, gaussian_window_1d
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al.'s five scales
 REDUCTIONS = ("mean", "none")
@@ -281,17 +281,15 @@ def _auto_backend(device: torch.device) -> str:
 register("ms_ssim", kernels="the SSIM kernels once per scale (C++/OpenMP, CUDA), epban._C", auto_backend=_auto_backend)
 
 
-def _fused_serves(x, backend, win_size, sigma, data_range) -> bool:
-    """The one availability rule (epban.ops.registry.use_fused) with the fused SSIM's reasons."""
-    reason = None if backend == "reference" else fused_unavailable_reason(
-        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
-    return use_fused(backend, reason)
+def fused_ms_ssim_serves(x, backend="auto", *, win_size=11, sigma=1.5, data_range=1.0) -> bool:
+    """Whether ``backend`` takes the fused path for ``x``: where the fused SSIM serves."""
+    return fused_ssim_serves(x, backend, win_size=win_size, sigma=sigma, data_range=data_range)
 
 
 def _ms_ssim_value(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction, backend, check_finite):
     """MS-SSIM of inputs checked by ``check_ms_ssim_args`` (all but the finite test), by the fused
     path where it serves, else the reference."""
-    if _fused_serves(x, backend, win_size, sigma, data_range):
+    if fused_ms_ssim_serves(x, backend, win_size=win_size, sigma=sigma, data_range=data_range):
         return _ms_ssim_fused(x, y, data_range=data_range, weights=weights, k1=k1, k2=k2, reduction=reduction,
                               check_finite=check_finite)
     if check_finite:

@@ -172,6 +172,14 @@ def fused_unavailable_reason(device, dtype=None, *, win_size=11, sigma=1.5, data
     return None
 
 
+def fused_ssim_serves(x, backend="auto", *, win_size=11, sigma=1.5, data_range=1.0) -> bool:
+    """Whether ``backend`` takes the compiled kernels for ``x`` with these arguments (the
+    registry's rule; ValueError for an impossible ``"fused"``)."""
+    reason = None if backend == "reference" else fused_unavailable_reason(
+        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
+    return use_fused(backend, reason)
+
+
 def _auto_backend(device: torch.device) -> str:
     return "fused" if fused_unavailable_reason(device, torch.float32) is None else "reference"
 
@@ -303,9 +311,7 @@ def _scaled_ssim(x, y, scale, *, data_range, win_size, sigma, k1, k2, padding, r
     """scale x SSIM: the fused kernels when they serve (the one-pass ops fold scale into their
     pass), else the reference. ssim() is scale 1, ssim_loss() scale -weight."""
     check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
-    reason = None if backend == "reference" else fused_unavailable_reason(
-        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
-    if use_fused(backend, reason):
+    if fused_ssim_serves(x, backend, win_size=win_size, sigma=sigma, data_range=data_range):
         return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
                            scale=scale)
     ssim_map = ssim_map_reference(
@@ -365,9 +371,8 @@ def _ssim_l1_loss(x, y, weight, l1, backend, parts, *, data_range, win_size, sig
     if weight == 0.0:
         l1_value = _l1_mean(x, y, reduction)
         return l1 * l1_value, l1_value.detach(), None
-    reason = None if backend == "reference" else fused_unavailable_reason(
-        x.device, x.dtype, win_size=win_size, sigma=sigma, data_range=data_range)
-    if (use_fused(backend, reason) and x.device.type in L1_FUSED_DEVICES and x.device.type in ONE_PASS_DEVICES
+    if (fused_ssim_serves(x, backend, win_size=win_size, sigma=sigma, data_range=data_range)
+            and x.device.type in L1_FUSED_DEVICES and x.device.type in ONE_PASS_DEVICES
             and x.dtype in _ONE_PASS_DTYPES):
         c1 = float((k1 * data_range) ** 2)
         c2 = float((k2 * data_range) ** 2)
