@@ -535,3 +535,28 @@ def test_fused_refuses_non_finite_inputs(where, bad):
     # finite inputs whose squares overflow float32 give NaN levels, then pass the full test
     huge = torch.full((1, 1, 45, 46), 3e30)
     assert not torch.isfinite(ms_ssim(huge, huge * 0.5, weights=(0.2, 0.3, 0.5), backend="fused"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_unavailable_reason("cuda") is not None,
+                    reason="needs a CUDA GPU and epban._C with CUDA")
+def test_fused_cuda_graph_capture():
+    """The fused MS-SSIM without the finite check has no host sync: a CUDA graph of its forward
+    and backward replays the eager gradient."""
+    x, y = image_pair((2, 3, 170, 181), dtype=torch.float32, seed=30)
+    x, y = x.cuda().requires_grad_(), y.cuda()
+    step = lambda: ms_ssim(x, y, backend="fused", check_finite=False).backward()  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = x.grad.clone()
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.testing.assert_close(x.grad, eager)

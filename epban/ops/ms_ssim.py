@@ -260,17 +260,22 @@ def _ms_ssim_fused(x, y, *, data_range, weights, k1, k2, reduction, check_finite
     """MS-SSIM by the SSIM kernels (the module docstring); as ``ms_ssim_with_window``."""
     c1 = float((k1 * data_range) ** 2)
     c2 = float((k2 * data_range) ** 2)
-    weights = torch.as_tensor(weights, dtype=_compute_dtype(x), device=x.device)
+    scales = weights.numel() if isinstance(weights, torch.Tensor) else len(weights)
     need = torch.is_grad_enabled()
-    out = torch.ops.epban.ms_ssim_levels(x, y, c1, c2, weights.numel(), need and x.requires_grad,
-                                         need and y.requires_grad)
+    out = torch.ops.epban.ms_ssim_levels(x, y, c1, c2, scales, need and x.requires_grad, need and y.requires_grad)
     if check_finite and not bool(torch.isfinite(out[0]).all()):
         # Every pixel lies in some window, so NaN or inf anywhere in x or y makes a level NaN: the
         # levels tell at no cost whether the full test is needed (finite inputs so large that
         # their squares overflow also land here, and pass it).
         check_finite_inputs(x, y)
     levels = torch.relu(out[0])  # (M, B, C)
-    per_image = torch.prod(levels ** weights.view(-1, 1, 1), dim=0).mean(dim=1)
+    if isinstance(weights, torch.Tensor):
+        per_channel = torch.prod(levels ** weights.to(levels).view(-1, 1, 1), dim=0)
+    else:  # exponents as Python numbers: no host-to-device copy, so a CUDA graph can capture it
+        per_channel = levels[0] ** float(weights[0])
+        for level, weight in zip(levels[1:], weights[1:]):
+            per_channel = per_channel * level ** float(weight)
+    per_image = per_channel.mean(dim=1)
     return per_image if reduction == "none" else per_image.mean()
 
 
