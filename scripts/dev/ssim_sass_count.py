@@ -116,13 +116,14 @@ def main() -> int:
     print("|---|---:|---|")
     for name, registers, spill in sorted(resources(log)):
         print(f"| {name} | {registers} | {spill} |")
-    print("\nStrip kernels <dtype, wanted gradients (1 x, 2 y, 3 both), columns a thread>: one step\n")
+    print("\nStrip kernels <dtype, wanted gradients (1 x, 2 y, 3 both), columns a thread, luminance (1 SSIM,"
+          " 0 contrast-structure)>: one step\n")
     print("| kernel | instructions a step | a column | FFMA | FMUL | FADD | LDS | STS | LDG | STG | other |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     main_ops = ("FFMA", "FMUL", "FADD", "LDS", "STS", "LDG", "STG")
     for name, ops in sorted(strip_steps(sass).items()):
         count = collections.Counter(ops)
-        columns = int(name.rstrip(">").split(", ")[-1])
+        columns = int(name.rstrip(">").split(", ")[2])
         other = len(ops) - sum(count[op] for op in main_ops)
         cells = " | ".join(str(count[op]) for op in main_ops)
         print(f"| {name} | {len(ops)} | {len(ops) / columns:.0f} | {cells} | {other} |")
