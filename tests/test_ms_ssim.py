@@ -560,3 +560,16 @@ def test_fused_cuda_graph_capture():
         step()
     graph.replay()
     torch.testing.assert_close(x.grad, eager)
+
+
+@needs_cpu_kernel
+def test_fused_traces_in_one_graph():
+    """torch.compile captures the fused MS-SSIM (weights as numbers or a tensor, no finite check)
+    without a graph break, forward and backward (aot_eager: the tracing, not Inductor's code)."""
+    x, y = image_pair((1, 2, 41, 45), dtype=torch.float32, seed=31)
+    for weights in ((0.2, 0.3, 0.5), torch.tensor([0.2, 0.3, 0.5])):
+        torch.compiler.reset()
+        fn = torch.compile(lambda a, b: ms_ssim(a, b, weights=weights, backend="fused", check_finite=False),
+                           fullgraph=True, backend="aot_eager")
+        (v, gx, gy), (rv, rgx, rgy) = grads(fn, x, y), grads(lambda a, b: ms_ssim(a, b, weights=weights), x, y)
+        assert torch.allclose(v, rv, atol=1e-6) and torch.allclose(gx, rgx, atol=1e-7) and torch.allclose(gy, rgy, atol=1e-7)

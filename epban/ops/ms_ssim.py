@@ -331,15 +331,24 @@ def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, re
         raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
     if not (_is_real(k1) and _is_real(k2) and k1 >= 0 and k2 >= 0):
         raise ValueError(f"k1 and k2 must be finite non-negative numbers, got {k1!r} and {k2!r}")
-    try:
-        w = torch.as_tensor(weights, dtype=torch.float64) if not isinstance(weights, torch.Tensor) else weights
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"weights must be a 1-D sequence of numbers, one per scale, got {weights!r}") from None
-    if w.dim() != 1 or w.numel() == 0:
-        raise ValueError(f"weights must be a non-empty 1-D sequence, one per scale, got shape {tuple(w.shape)}")
-    if not bool(torch.isfinite(w.detach()).all()):
-        raise ValueError(f"weights must be finite, got {weights!r}")
-    scales = w.numel()
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1 or weights.numel() == 0:
+            raise ValueError(f"weights must be a non-empty 1-D sequence, one per scale, got shape "
+                             f"{tuple(weights.shape)}")
+        # A tensor's values are checked outside torch.compile only (a data-dependent branch there)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights.detach()).all()):
+            raise ValueError(f"weights must be finite, got {weights!r}")
+        scales = weights.numel()
+    else:  # a sequence of Python numbers, checked on the host
+        try:
+            values = [float(v) for v in weights]
+        except (TypeError, ValueError):
+            raise ValueError(f"weights must be a non-empty 1-D sequence of numbers, one per scale, got {weights!r}") from None
+        if not values:
+            raise ValueError("weights must be a non-empty 1-D sequence, one per scale, got an empty one")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"weights must be finite, got {weights!r}")
+        scales = len(values)
     side = ms_ssim_min_side(win_size, scales)
     h, w_ = x.shape[-2:]
     if min(h, w_) < side:
