@@ -573,3 +573,15 @@ def test_fused_traces_in_one_graph():
                            fullgraph=True, backend="aot_eager")
         (v, gx, gy), (rv, rgx, rgy) = grads(fn, x, y), grads(lambda a, b: ms_ssim(a, b, weights=weights), x, y)
         assert torch.allclose(v, rv, atol=1e-6) and torch.allclose(gx, rgx, atol=1e-7) and torch.allclose(gy, rgy, atol=1e-7)
+
+
+@needs_cpu_kernel
+def test_fused_refuses_double_backward_and_the_reference_allows_it():
+    x, y = image_pair((1, 2, 41, 45), seed=32)
+    x.requires_grad_()
+    value = ms_ssim(x, y, weights=(0.3, 0.3, 0.4), backend="fused")
+    with pytest.raises(RuntimeError, match="no double backward.*backend='reference'"):
+        torch.autograd.grad(value, x, create_graph=True)
+    y_small = y[:, :1, :41, :41]
+    assert torch.autograd.gradgradcheck(lambda a: ms_ssim(a, y_small, weights=(0.3, 0.3, 0.4), backend="reference"),
+                                        (x[:, :1, :41, :41].detach().requires_grad_(),), fast_mode=True)

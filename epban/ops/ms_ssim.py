@@ -26,7 +26,8 @@ gradient of 1 (csrc/ssim/ssim_math.h: the contrast-structure term is the SSIM fo
 luminance factor held at 1). The per-plane factors that MS-SSIM puts on those gradients depend
 on every scale, so the op keeps the gradient maps and its backward scales each by its factor and
 carries it down the pyramid (the 2x2 average pool's backward spreads a quarter to each pixel of
-its window), coarse to fine. The L1 term of ``ms_ssim_loss`` is PyTorch's, beside it: its
+its window), coarse to fine. That backward is not differentiable: ``create_graph=True`` raises
+(the reference backend is differentiable twice). The L1 term of ``ms_ssim_loss`` is PyTorch's, beside it: its
 gradient is not scaled by those factors, so it cannot ride in the kept maps.
 """
 from __future__ import annotations
@@ -227,6 +228,10 @@ def _levels_backward(ctx, grads):
     """Coarse to fine: the gradient at scale j is its kept map times the plane's factor, plus the
     pool's backward of the gradient at scale j + 1. (``grads``: one per output; the kept maps'
     are None, as they are not differentiable.)"""
+    if torch.is_grad_enabled():
+        # create_graph=True: the kept maps are constants here, so a second derivative would
+        # silently miss their dependence on x and y.
+        raise RuntimeError("the fused MS-SSIM has no double backward (create_graph=True); use backend='reference'")
     grad_levels = grads[0]
     results = [None, None]
     if grad_levels is not None:
