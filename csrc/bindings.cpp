@@ -65,7 +65,7 @@ TORCH_LIBRARY_IMPL(epban, CPU, m) {
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cpu);
   m.impl("ssim_l1_and_grad", &epban::ssim::ssim_l1_and_grad_cpu);
   m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_value_cpu);
-  m.impl("ssim_level_and_grad", &epban::ssim::ssim_level_and_grad_cpu);
+  m.impl("ssim_level_and_grad", &epban::ssim::ssim_level_and_grad<epban::ssim::gradient_pass_l1_cpu>);
 }
 
 #ifdef WITH_CUDA
@@ -79,7 +79,7 @@ TORCH_LIBRARY_IMPL(epban, CUDA, m) {
   m.impl("ssim_scale_gradient_", &epban::ssim::scale_gradient_cuda);
   m.impl("ssim_l1_and_grad", &epban::ssim::ssim_l1_and_grad_cuda);
   m.impl("ssim_l1_one_pass", &epban::ssim::ssim_l1_value_cuda);
-  m.impl("ssim_level_and_grad", &epban::ssim::ssim_level_and_grad_cuda);
+  m.impl("ssim_level_and_grad", &epban::ssim::ssim_level_and_grad<epban::ssim::gradient_pass_l1_cuda>);
 }
 constexpr bool kWithCuda = true;
 #else

@@ -63,13 +63,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
     bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance = true);
-// The op ssim_level_and_grad (MS-SSIM's pass at one scale, valid padding): per image, the mean
-// SSIM (luminance) or the mean contrast-structure term, and its gradients for an upstream
-// gradient of 1 per image, from one pass. epban/ops/ms_ssim.py passes the (B*C, 1, H, W) view,
-// so that each "image" is one channel plane.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                                      double c1, double c2, bool luminance,
-                                                                      bool grad_x, bool grad_y);
 // The op ssim_l1_and_grad: gradient_pass_l1_cpu without an upstream gradient.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssim_l1_and_grad_cpu(
     const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding, bool grad_x, bool grad_y,
@@ -106,9 +99,6 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
     bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance = true);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                                       double c1, double c2, bool luminance,
-                                                                       bool grad_x, bool grad_y);
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssim_l1_and_grad_cuda(
     const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding, bool grad_x, bool grad_y,
     bool batch_mean, double scale, double l1) {
@@ -143,6 +133,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_per_image_and_grad(const at:
                                                                        bool grad_x, bool grad_y, bool batch_mean,
                                                                        double scale) {
   return Pass(at::Tensor(), x, y, c1, c2, same_padding, grad_x, grad_y, batch_mean, scale);
+}
+
+// The op ssim_level_and_grad of one device, from its gradient pass with an L1 term (l1 0): MS-SSIM's
+// pass at one scale (valid padding), per image the mean SSIM (luminance) or the mean
+// contrast-structure term, and its gradients for an upstream gradient of 1 per image.
+// epban/ops/ms_ssim.py passes the (B*C, 1, H, W) view, so that each "image" is one channel plane.
+using GradientPassL1 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, double c1, double c2, bool same_padding,
+    bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance);
+template <GradientPassL1 Pass>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad(const at::Tensor& x, const at::Tensor& y, double c1,
+                                                                   double c2, bool luminance, bool grad_x,
+                                                                   bool grad_y) {
+  auto [value, l1_value, gx, gy] = Pass(at::Tensor(), x, y, c1, c2, /*same_padding=*/false, grad_x, grad_y,
+                                        /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0, luminance);
+  return {value, gx, gy};
 }
 
 // scale x the per-image SSIM of a device's forward F, or scale x their batch mean: the value of

@@ -605,14 +605,5 @@ std::tuple<at::Tensor, at::Tensor> ssim_l1_value_cpu(const at::Tensor& x, const 
   return {value.add_(l1_value, l1), l1_value};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cpu(const at::Tensor& x, const at::Tensor& y,
-                                                                      double c1, double c2, bool luminance,
-                                                                      bool grad_x, bool grad_y) {
-  auto [value, l1_value, gx, gy] = gradient_pass_l1_cpu(at::Tensor(), x, y, c1, c2, /*same_padding=*/false, grad_x,
-                                                        grad_y, /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0,
-                                                        luminance);
-  return {value, gx, gy};
-}
-
 }  // namespace ssim
 }  // namespace epban

@@ -107,7 +107,6 @@ Args make_args(const Geometry& g, double c1, double c2, bool centre_tiles, int t
   a.block_rows = tile_rows;
   a.c1 = static_cast<float>(c1);
   a.c2 = static_cast<float>(c2);
-  a.luminance = true;
   return a;
 }
 
@@ -138,6 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_pass_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in, double c1, double c2,
     bool same_padding, bool grad_x, bool grad_y, bool batch_mean, double scale, double l1, bool luminance) {
+  if (!luminance && x_in.scalar_type() != at::kFloat) {
+    // The contrast-structure kernels are built for float32 inputs only (dispatch_luminance).
+    auto [value, l1_value, gx, gy] = gradient_pass_l1_cuda(grad_in, x_in.to(at::kFloat), y_in.to(at::kFloat), c1, c2,
+                                                           same_padding, grad_x, grad_y, batch_mean, scale, l1, false);
+    return {value, l1_value, gx.to(x_in.scalar_type()), gy.to(y_in.scalar_type())};
+  }
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
   const bool with_value = !grad_in.defined();
@@ -198,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda
                         : strip                             ? kTile
                                                             : tile_rows_for(g.height);
   l.a = make_args(g, c1, c2, /*centre_tiles=*/false, tile_rows);
-  l.a.luminance = luminance;
+  l.luminance = luminance;
   StripPlan plan{};
   if (strip && g.planes() > 0) {
     plan = plan_strips(g.planes(), g.height, g.width, multiprocessor_count(l.x.get_device()));
@@ -282,22 +287,6 @@ void scale_gradient_cuda(at::Tensor& grad, const at::Tensor& upstream_in) {
   } else {
     launch(ssim_scale_gradient_kernel<false>);
   }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ssim_level_and_grad_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                                       double c1, double c2, bool luminance,
-                                                                       bool grad_x, bool grad_y) {
-  // The contrast-structure kernels are built for float32 inputs only (dispatch_luminance).
-  const bool half = !luminance && x.scalar_type() != at::kFloat;
-  auto [value, l1_value, gx, gy] =
-      gradient_pass_l1_cuda(at::Tensor(), half ? x.to(at::kFloat) : x, half ? y.to(at::kFloat) : y, c1, c2,
-                            /*same_padding=*/false, grad_x, grad_y, /*batch_mean=*/false, /*scale=*/1.0, /*l1=*/0.0,
-                            luminance);
-  if (half) {
-    gx = gx.to(x.scalar_type());
-    gy = gy.to(y.scalar_type());
-  }
-  return {value, gx, gy};
 }
 
 }  // namespace ssim

@@ -97,8 +97,6 @@ struct Args {
   int tiles_x, tiles_y;  // blocks a plane: tiles (or strips) across, tiles (or bands) down
   int block_rows;        // gradient rows a block: the tile's, or the strip kernel's band
   float c1, c2;
-  bool luminance;  // false: the contrast-structure term alone (MS-SSIM; ssim_math.h). Read by the
-                   // host, which launches the kernel instance of that kLuminance.
 };
 
 // Which input gradients a backward kernel writes. With one of them (the SR loss: only the
@@ -118,8 +116,8 @@ void dispatch_wanted(bool grad_x, bool grad_y, F&& f) {
 }
 
 // Calls f(std::integral_constant<bool, kLuminance>{}): the SSIM instances for every input dtype,
-// the contrast-structure ones (MS-SSIM) for float32 inputs only (ssim_level_and_grad_cuda
-// converts half inputs), which keeps the number of kernel instances down.
+// the contrast-structure ones (MS-SSIM) for float32 inputs only (gradient_pass_l1_cuda converts
+// half inputs), which keeps the number of kernel instances down.
 template <typename scalar_t, typename F>
 void dispatch_luminance(bool luminance, scalar_t, F&& f) {
   if (luminance) return f(std::integral_constant<bool, true>{});
@@ -289,6 +287,7 @@ struct BackwardLaunch {
   at::Tensor x, y;    // contiguous inputs
   at::Tensor gx, gy;  // the gradients, of the inputs' dtype ((0,) where not wanted)
   bool grad_x, grad_y;
+  bool luminance;  // false: the kernel instances of the contrast-structure term (MS-SSIM)
   Args a;          // the family's blocks: tiles_x x tiles_y a plane, block_rows rows each
   int64_t blocks;  // planes x tiles_x x tiles_y
   GradView grad;   // the upstream gradient (data nullptr in the one-pass mode)

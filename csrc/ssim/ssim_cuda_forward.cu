@@ -100,8 +100,7 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, double c
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.contiguous();
-  Args a = make_args(g, c1, c2, /*centre_tiles=*/true);
-  a.luminance = luminance;
+  const Args a = make_args(g, c1, c2, /*centre_tiles=*/true);
   const int64_t blocks = g.planes() * a.tiles_x * a.tiles_y;
   const auto fopts = x.options().dtype(at::kFloat);
   at::Tensor map = want_map ? at::empty({g.batch, g.channels, g.out_h, g.out_w}, fopts) : at::Tensor();

@@ -474,7 +474,7 @@ void launch_strip_backward(const BackwardLaunch& l, const StripPlan& plan) {
             l.channels, gx, gy, l.partial, l.l1_share, l.l1_partial);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      dispatch_luminance(l.a.luminance, tag, [&](auto luminance) {
+      dispatch_luminance(l.luminance, tag, [&](auto luminance) {
         constexpr bool kLuminance = decltype(luminance)::value;
         if (plan.columns == 2) {
           launch(ssim_strip_kernel<scalar_t, kWanted, 2, kLuminance>);

@@ -254,7 +254,7 @@ void launch_tile_backward(const BackwardLaunch& l) {
               "ssim (CUDA kernel): tiles have 32 or 64 rows, got ", l.a.block_rows);
   dispatch_input_dtype(l.x.scalar_type(), [&](auto tag) {
     dispatch_wanted(l.grad_x, l.grad_y, [&](auto wanted) {
-      dispatch_luminance(l.a.luminance, tag, [&](auto luminance) {
+      dispatch_luminance(l.luminance, tag, [&](auto luminance) {
         if (l.a.block_rows == TallTile::kRows) {
           launch(TallTile{}, tag, wanted, luminance);
         } else {

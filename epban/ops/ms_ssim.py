@@ -141,38 +141,20 @@ def _downsample_fused(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_plus_pool_backward(grad_map: torch.Tensor, factor: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
-    """``grad_map * factor`` (one factor per plane) plus the gradient the next scale's
-    ``coarser`` gradient gives through ``downsample``. With even sides, the coarser gradient's
-    columns are doubled (a quarter-size copy) and added to both rows of each pair through a
-    view that broadcasts along rows only (broadcasting along the innermost dimension is several
-    times slower on the CPU); with an odd side, ``_add_pool_backward_``."""
+    """``grad_map * factor`` (one factor per plane) plus the gradient that the next scale's
+    ``coarser`` gradient gives through ``downsample``: each coarse pixel gives a quarter of its
+    gradient to each pixel of its 2x2 window (input row r lies in window (r + pad) // 2; the
+    padding's share is dropped). The coarse columns are doubled (a half-size copy, cut to the
+    input's columns) and added to both rows of each pair through a view that broadcasts along
+    rows only (broadcasting along the innermost dimension is several times slower on the CPU);
+    with an odd height, row 0 has a window of its own."""
     n, _, h, w = grad_map.shape
     out = grad_map.to(factor.dtype) * factor.view(n, 1, 1, 1)  # half-type maps: combined in float32
-    if h % 2 or w % 2:
-        return _add_pool_backward_(out, coarser)
-    doubled = coarser.unsqueeze(-1).expand(n, 1, h // 2, w // 2, 2).reshape(n, 1, h // 2, 1, w)
-    out.view(n, 1, h // 2, 2, w).add_(doubled, alpha=0.25)
-    return out
-
-
-def _add_pool_backward_(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """out += the gradient at ``downsample``'s input (out's shape) from ``grad``, the gradient at
-    its output, in place: each output pixel gives a quarter of its gradient to each pixel of its
-    2x2 window (input row r lies in window (r + pad) // 2; the padding's share is dropped). With
-    an odd side, row (column) 0 has a window of its own and the rest pair up; each region is
-    added through a broadcasting view, so no upsampled copy is made."""
-    h, w = out.shape[-2:]
-    ph, pw = h % 2, w % 2
-    for rows, paired_rows in ((slice(ph, None), True), (slice(0, ph), False)):
-        for cols, paired_cols in ((slice(pw, None), True), (slice(0, pw), False)):
-            o, g = out[..., rows, cols], grad[..., rows, cols]
-            if o.numel() == 0:
-                continue
-            if paired_rows:  # rows ph + 2i, ph + 2i + 1 <- gradient row ph + i
-                o, g = o.unflatten(-2, (-1, 2)), g[..., :o.shape[-2] // 2, :].unsqueeze(-2)
-            if paired_cols:
-                o, g = o.unflatten(-1, (-1, 2)), g[..., :o.shape[-1] // 2].unsqueeze(-1)
-            o.add_(g, alpha=0.25)
+    ph = h % 2
+    columns = coarser.unsqueeze(-1).expand(*coarser.shape, 2).flatten(-2).narrow(-1, w % 2, w)
+    if ph:
+        out[..., :1, :].add_(columns[..., :1, :], alpha=0.25)
+    out.narrow(-2, ph, h - ph).unflatten(-2, (-1, 2)).add_(columns[..., ph:, :].unsqueeze(-2), alpha=0.25)
     return out
 
 
@@ -274,12 +256,12 @@ def _ms_ssim_fused(x, y, *, data_range, weights, k1, k2, reduction, check_finite
         # their squares overflow also land here, and pass it).
         check_finite_inputs(x, y)
     levels = torch.relu(out[0])  # (M, B, C)
-    if isinstance(weights, torch.Tensor):
-        per_channel = torch.prod(levels ** weights.to(levels).view(-1, 1, 1), dim=0)
-    else:  # exponents as Python numbers: no host-to-device copy, so a CUDA graph can capture it
-        per_channel = levels[0] ** float(weights[0])
-        for level, weight in zip(levels[1:], weights[1:]):
-            per_channel = per_channel * level ** float(weight)
+    # Exponents given as numbers stay Python numbers: no host-to-device copy, so a CUDA graph can
+    # capture the call; a tensor of them keeps its autograd.
+    exponents = weights.to(levels) if isinstance(weights, torch.Tensor) else [float(w) for w in weights]
+    per_channel = levels[0] ** exponents[0]
+    for level, exponent in zip(levels[1:], exponents[1:]):
+        per_channel = per_channel * level ** exponent
     per_image = per_channel.mean(dim=1)
     return per_image if reduction == "none" else per_image.mean()
 

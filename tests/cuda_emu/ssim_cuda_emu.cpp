@@ -61,7 +61,7 @@ TORCH_LIBRARY(epban_cuda_emu, m) {
         &gradient_pass_l1);
   m.def("level_and_grad(Tensor x, Tensor y, float c1, float c2, bool luminance, bool grad_x, bool grad_y) -> "
         "(Tensor, Tensor, Tensor)",
-        &epban::ssim::ssim_level_and_grad_cuda);
+        &epban::ssim::ssim_level_and_grad<epban::ssim::gradient_pass_l1_cuda>);
   m.def("scale_gradient_(Tensor(a!) grad, Tensor upstream) -> ()", &epban::ssim::scale_gradient_cuda);
   m.def("set_schedule", &set_schedule);
   m.def("launches", &launches);
