@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import epban
-from epban.ops.ms_ssim import MSSSIMLoss, ms_ssim
+from epban.losses import MSSSIMLoss
+from epban.ops.ms_ssim import ms_ssim
 from epban.ops.ssim import fused_unavailable_reason
 from timing import loss_step
 

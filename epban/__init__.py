@@ -13,10 +13,10 @@ Public API (README.md; docs/design.md for how the ops are built):
     info                           versions, and which backend serves each op
 """
 from epban.ops.ssim import ssim, ssim_loss
-from epban.ops.ms_ssim import ms_ssim, ms_ssim_loss, MSSSIMLoss
+from epban.ops.ms_ssim import ms_ssim, ms_ssim_loss
 from epban.ops.axial_attention import axial_attention, bi_axial_attention
 from epban.models.pban import EfficientPBAN, PBANConfig
-from epban.losses import SSIMLoss, PBANLoss, SRLoss
+from epban.losses import SSIMLoss, MSSSIMLoss, PBANLoss, SRLoss
 from epban.info import info
 
 __version__ = "0.1.0"

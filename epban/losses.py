@@ -10,8 +10,6 @@ training run should not stop for that.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import os
 import warnings
 
@@ -21,14 +19,10 @@ import torch.nn.functional as F
 
 from epban.models.loss_mode import LossModeOptions, loss_mode_options, pban_for_loss
 from epban.models.pban import INPUT_RANGE, EfficientPBAN, check_score_inputs, value_bounds
-from epban.ops._checks import check_image_pair
-from epban.ops.ssim import ssim_l1_loss_parts, ssim_loss
-
-
-def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite non-negative loss weight, got {value!r}")
-    return float(value)
+from epban._extension import check_backend
+from epban.ops._checks import check_image_pair, check_loss_weight, window_args
+from epban.ops.ms_ssim import MS_SSIM_WEIGHTS, ms_ssim_loss, ms_ssim_scales
+from epban.ops.ssim import ssim_l1_loss_parts, ssim_loss, ssim_options
 
 
 class _FirstBatchRangeCheck(nn.Module):
@@ -68,16 +62,39 @@ class SSIMLoss(_FirstBatchRangeCheck):
         super().__init__()
         if reduction not in ("mean", "none"):
             raise ValueError(f"SSIMLoss reduction must be 'mean' or 'none', got {reduction!r}")
-        weight = _check_weight("SSIMLoss weight", weight)
-        l1 = _check_weight("SSIMLoss l1", l1)
-        if isinstance(data_range, numbers.Real) and math.isfinite(data_range) and data_range > 0:
-            self.value_scale = float(data_range)
-        self.kwargs = dict(weight=weight, l1=l1, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
-                           padding=padding, reduction=reduction, backend=backend)
+        options = ssim_options(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding,
+                               backend=backend)
+        self.value_scale = options["data_range"]
+        self.kwargs = dict(weight=check_loss_weight("SSIMLoss weight", weight), l1=check_loss_weight("SSIMLoss l1", l1),
+                           reduction=reduction, **options)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._check_first_batch(x, y)
         return ssim_loss(x, y, **self.kwargs)
+
+
+class MSSSIMLoss(_FirstBatchRangeCheck):
+    """``l1 * mean|x - y| + weight * (1 - MS-SSIM(x, y))``, averaged over the batch
+    (``reduction="none"``: one value per image). The arguments are those of
+    ``epban.ops.ms_ssim.ms_ssim_loss``."""
+
+    def __init__(self, weight=1.0, l1=0.0, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS,
+                 k1=0.01, k2=0.03, reduction="mean", backend="auto", check_finite=True):
+        super().__init__()
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"MSSSIMLoss reduction must be 'mean' or 'none', got {reduction!r}")
+        check_backend(backend)
+        ms_ssim_scales(weights)
+        data_range, win_size, sigma, k1, k2 = window_args(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1,
+                                                          k2=k2)
+        self.value_scale = data_range
+        self.kwargs = dict(weight=check_loss_weight("MSSSIMLoss weight", weight), l1=check_loss_weight("MSSSIMLoss l1", l1),
+                           data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
+                           reduction=reduction, backend=backend, check_finite=check_finite)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._check_first_batch(x, y)
+        return ms_ssim_loss(x, y, **self.kwargs)
 
 
 class PBANLoss(_FirstBatchRangeCheck):
@@ -162,8 +179,11 @@ class SRLoss(_FirstBatchRangeCheck):
       better; not the score itself: that is ``self.pban_loss.score(sr, hr)``).
 
     ``total = l1 * parts["l1"] + ssim * parts["ssim_loss"] + pban * parts["pban_loss"]``.
-    With ``l1`` and ``ssim`` both on (and the SSIM's batch mean), the two terms and both parts
-    come from one SSIM kernel pass where the fused path serves (``ssim_loss(..., l1=...)``).
+    With ``l1`` and ``ssim`` both on, the two terms and both parts come from one SSIM kernel
+    pass where the fused path serves (``ssim_loss(..., l1=...)``). ``ssim_kwargs`` are
+    ``SSIMLoss``'s other arguments (``data_range``, ``win_size``, ...; the reduction is the batch
+    mean). ``sr`` and ``hr`` may differ in dtype (an SR network under autocast): the pixel terms
+    take both in the wider one.
     """
 
     PART_NAMES = {"l1": "l1", "ssim": "ssim_loss", "pban": "pban_loss"}  # weight argument -> part
@@ -172,17 +192,22 @@ class SRLoss(_FirstBatchRangeCheck):
                  ssim_kwargs: dict | None = None, pban_rescale: bool = True,
                  pban_loss_mode: bool | dict | LossModeOptions = False):
         super().__init__()
-        self.weights = {name: _check_weight(f"SRLoss {name}", value)
+        self.weights = {name: check_loss_weight(f"SRLoss {name}", value)
                         for name, value in (("l1", l1), ("ssim", ssim), ("pban", pban))}
         if self.weights["pban"] > 0 and pban_model is None:
             raise ValueError("pban > 0 needs pban_model (an EfficientPBAN or a checkpoint path)")
-        if "weight" in (ssim_kwargs or {}):
-            raise ValueError("the SSIM term's weight is SRLoss's ssim argument, not ssim_kwargs['weight']")
+        ssim_kwargs = dict(ssim_kwargs or {})
+        for key in ("weight", "l1"):
+            if key in ssim_kwargs:
+                raise ValueError(f"the {'SSIM' if key == 'weight' else 'L1'} term's weight is SRLoss's "
+                                 f"{'ssim' if key == 'weight' else 'l1'} argument, not ssim_kwargs[{key!r}]")
+        if ssim_kwargs.get("reduction", "mean") != "mean":
+            raise ValueError("SRLoss gives batch means (ssim_kwargs['reduction'] must be 'mean'); for one value per "
+                             "image use SSIMLoss(reduction='none')")
         # The weight goes into the SSIM term itself (folded into the fused pass: see SSIMLoss); with
         # both on and a batch mean, so does the L1 term (one pass for both).
-        self.ssim_loss = SSIMLoss(**(ssim_kwargs or {}), weight=self.weights["ssim"])
-        self.l1_in_ssim = (self.weights["l1"] > 0 and self.weights["ssim"] > 0
-                           and self.ssim_loss.kwargs["reduction"] == "mean")
+        self.ssim_loss = SSIMLoss(**ssim_kwargs, weight=self.weights["ssim"])
+        self.l1_in_ssim = self.weights["l1"] > 0 and self.weights["ssim"] > 0
         self.pban_loss = (
             PBANLoss(pban_model, rescale=pban_rescale, loss_mode=pban_loss_mode) if pban_model is not None else None
         )
@@ -196,16 +221,20 @@ class SRLoss(_FirstBatchRangeCheck):
     def forward(self, sr: torch.Tensor, hr: torch.Tensor):
         check_image_pair(sr, hr, name_x="sr", name_y="hr", same_dtype=False)
         self._check_first_batch(sr, hr)
+        # An SR network under autocast may give bf16 against a float32 hr: the pixel terms take
+        # both in the wider dtype (the metric takes mixed dtypes itself).
+        common = torch.promote_types(sr.dtype, hr.dtype)
+        sr_px, hr_px = sr.to(common), hr.to(common)
         weighted = {}  # each active term times its weight
         parts = {}
         if self.l1_in_ssim:  # L1 and SSIM from one pass, with both parts
             weighted["l1+ssim"], parts["l1"], parts["ssim_loss"] = ssim_l1_loss_parts(
-                sr, hr, **{**self.ssim_loss.kwargs, "l1": self.weights["l1"]})
+                sr_px, hr_px, **{**self.ssim_loss.kwargs, "l1": self.weights["l1"]})
         else:
             if self.weights["l1"] > 0:
-                weighted["l1"] = self.weights["l1"] * F.l1_loss(sr, hr)
+                weighted["l1"] = self.weights["l1"] * F.l1_loss(sr_px, hr_px)
             if self.weights["ssim"] > 0:
-                weighted["ssim"] = self.ssim_loss(sr, hr)  # weighted already
+                weighted["ssim"] = self.ssim_loss(sr_px, hr_px)  # weighted already
         if self.weights["pban"] > 0:
             weighted["pban"] = self.weights["pban"] * self.pban_loss(sr, hr)
         total = sr.new_zeros(())

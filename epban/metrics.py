@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("epban.metrics needs torchmetrics: pip install 'epban[metrics]'") from exc
 
 from epban.models.pban import EfficientPBAN
-from epban.ops.ssim import ssim
+from epban.ops.ssim import ssim, ssim_options
 
 
 class _MeanOverImages(Metric):
@@ -103,8 +103,8 @@ class SSIMScore(_MeanOverImages):
     def __init__(self, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid",
                  backend="auto", **kwargs):
         super().__init__(**kwargs)
-        self.ssim_kwargs = dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
-                                padding=padding, backend=backend)
+        self.ssim_kwargs = ssim_options(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                                        padding=padding, backend=backend)
 
     def per_image(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         return ssim(sr, hr, reduction="none", **self.ssim_kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,23 @@ def test_a_module_uses_a_replaced_win():
     assert_close(ours(x, y), theirs(x, y), SAME_WINDOW_TOL)
 
 
+@pytest.mark.parametrize("module", ["SSIM", "MS_SSIM"])
+@pytest.mark.parametrize("edit", ["copy_", "data"])
+def test_a_module_uses_a_win_edited_in_place(module, edit):
+    """``win`` is a plain attribute: an edit in place (the same tensor, new values) is seen, and
+    the edited window serves, as in pytorch-msssim."""
+    ours, theirs = getattr(compat_module, module)(), getattr(pytorch_msssim, module)()
+    wide = pytorch_msssim.ssim.__globals__["_fspecial_gauss_1d"](11, 3.0).repeat(3, 1, 1, 1)
+    for m in (ours, theirs):
+        if edit == "copy_":
+            m.win.copy_(wide)
+        else:
+            m.win.data = wide.clone()
+    x, y = image_pair((1, 3, 161, 165), negative_channel=False, seed=9)
+    assert_close(ours(x, y), theirs(x, y), SAME_WINDOW_TOL)
+    assert_close(ours(x, y), getattr(compat_module, module.lower())(x, y, win_sigma=3.0), DEFAULT_WINDOW_TOL)
+
+
 def test_a_module_trains_like_pytorch_msssims():
     x, y = image_pair((1, 3, 32, 35), data_range=1.0, seed=5)
     ours, theirs = SSIM(data_range=1.0), pytorch_msssim.SSIM(data_range=1.0)
@@ -280,6 +298,34 @@ def test_data_range_may_be_a_tensor():
     assert_close(ssim(x, y, data_range=torch.tensor(255.0)), ssim(x, y), 1e-15)
 
 
+@pytest.mark.parametrize("fn", ["ssim", "ms_ssim"])
+@pytest.mark.parametrize("kwargs", [
+    dict(data_range=np.float32(255)),
+    dict(data_range=torch.tensor(255.0)),
+    dict(K=(np.float32(0.01), np.float32(0.03))),
+    dict(K=torch.tensor([0.01, 0.03])),
+    dict(win_sigma=np.float32(1.5)),
+    dict(win_size=np.int64(7)),
+    dict(win_size=np.int64(7), win=their_window(3, 7)),
+    dict(data_range=np.float32(255), K=torch.tensor([0.01, 0.03]), win=their_window(3)),
+], ids=_case_id)
+def test_numpy_and_tensor_arguments_as_pytorch_msssim(fn, kwargs):
+    """NumPy scalars and tensors where pytorch-msssim takes them: the same values."""
+    x, y = image_pair((1, 3, 161, 163), negative_channel=False, seed=10)
+    ours, theirs = getattr(compat_module, fn)(x, y, **kwargs), getattr(pytorch_msssim, fn)(x, y, **kwargs)
+    assert_close(ours, theirs, DEFAULT_WINDOW_TOL)
+
+
+@pytest.mark.parametrize("fn", ["ssim", "ms_ssim"])
+@pytest.mark.parametrize("win", [False, True])
+def test_nan_inputs_give_nan_as_pytorch_msssim(fn, win):
+    x, y = image_pair((1, 3, 161, 163), negative_channel=False)
+    x[0, 1, 70, 90] = float("nan")
+    kwargs = dict(win=their_window(3)) if win else {}
+    ours, theirs = getattr(compat_module, fn)(x, y, **kwargs), getattr(pytorch_msssim, fn)(x, y, **kwargs)
+    assert torch.isnan(ours) and torch.isnan(theirs)
+
+
 # ---------------------------------------------------------------- refused
 
 
@@ -293,6 +339,15 @@ def test_data_range_may_be_a_tensor():
     (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)), dict(win=torch.rand(2, 1, 1, 5)), "win"),
     (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)), dict(win=torch.rand(3, 1, 2, 5)), "win"),
     (lambda: (torch.rand(1, 3, 10, 170), torch.rand(1, 3, 10, 170)), {}, "at least"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)), dict(K=(0.01,)), "K must be a pair"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)), dict(K=0.01), "K must be a pair"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)), dict(K=(-0.01, 0.03)), "k1"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)), dict(data_range=float("inf")), "data_range"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)),
+     dict(data_range=0, win=torch.full((3, 1, 1, 5), 0.2)), "data_range"),
+    (lambda: (torch.rand(1, 3, 170, 170), torch.rand(1, 3, 170, 170)),
+     dict(K=(0.01, float("nan")), win=torch.full((3, 1, 1, 5), 0.2)), "k2"),
+    (lambda: (torch.rand(1, 0, 170, 170), torch.rand(1, 0, 170, 170)), {}, "at least one channel"),
 ])
 def test_bad_inputs_raise_value_error(fn, make, kwargs, match):
     x, y = make()

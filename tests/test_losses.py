@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from epban import EfficientPBAN, PBANConfig, PBANLoss, SRLoss, SSIMLoss, ssim
+from epban import EfficientPBAN, MSSSIMLoss, PBANConfig, PBANLoss, SRLoss, SSIMLoss, ssim
 from epban.models import pban as pban_module
 from epban.models.loss_mode import LossModeOptions, PBANScorer
 
@@ -85,6 +85,57 @@ def test_sr_loss_refuses_bad_settings():
         SRLoss(l1=-1.0)
     with pytest.raises(ValueError, match="weight"):
         SRLoss(ssim=0.5, ssim_kwargs={"weight": 2.0})
+    # Both used to be taken: a hidden L1 term in the total and in parts["ssim_loss"], and
+    # per-image SSIM values added to a batch-mean L1.
+    with pytest.raises(ValueError, match="l1 argument"):
+        SRLoss(ssim=0.5, ssim_kwargs={"l1": 1.0})
+    with pytest.raises(ValueError, match="reduction"):
+        SRLoss(l1=1.0, ssim=0.5, ssim_kwargs={"reduction": "none"})
+    with pytest.raises(ValueError, match="not an EfficientPBAN"):
+        SRLoss(pban=1.0, pban_model=torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(padding="reflect"), "padding"), (dict(backend="triton"), "backend"), (dict(win_size=4), "win_size"),
+    (dict(sigma=float("inf")), "sigma"), (dict(data_range=-1.0), "data_range"), (dict(k1=float("nan")), "k1"),
+])
+def test_image_losses_check_their_arguments_when_made(kwargs, match):
+    """Bad SSIM arguments used to be taken when made and refused at the first call."""
+    for make in (SSIMLoss, MSSSIMLoss, lambda **kw: SRLoss(ssim=0.5, ssim_kwargs=kw)):
+        if make is MSSSIMLoss and "padding" in kwargs:
+            continue  # MS-SSIM has no padding argument
+        with pytest.raises(ValueError, match=match):
+            make(**kwargs)
+    with pytest.raises(ValueError, match="weights"):
+        MSSSIMLoss(weights=())
+    metrics = pytest.importorskip("epban.metrics")  # needs torchmetrics
+    with pytest.raises(ValueError, match=match):
+        metrics.SSIMScore(**kwargs)
+
+
+@pytest.mark.parametrize("weights", [{"l1": 1.0, "ssim": 0.5}, {"l1": 0.0, "ssim": 0.5}], ids=["l1+ssim", "ssim"])
+def test_sr_loss_takes_a_bf16_sr_against_a_float32_hr(weights):
+    """An SR network under autocast gives bf16; the SSIM term used to refuse it (naming x and y)."""
+    sr, hr = pair()
+    sr16 = sr.bfloat16().requires_grad_(True)
+    total, parts = SRLoss(**weights)(sr16, hr)
+    expected, _ = SRLoss(**weights)(sr16.detach().float(), hr)
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert sr16.grad is not None and sr16.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_pban_loss_mode_takes_a_model_of_any_float_dtype(metric, dtype):
+    """The loss mode computes in its own dtypes; a float64 or bf16 model used to fail in its head."""
+    import copy
+
+    sr, hr = pair(seed=3)
+    expected = PBANLoss(metric, loss_mode=True)(sr, hr)
+    other = copy.deepcopy(metric).to(dtype)
+    value = PBANLoss(other, loss_mode=True)(sr, hr)
+    tol = 1e-5 if dtype == torch.float64 else 5e-2
+    torch.testing.assert_close(value, expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, "1", None, True])
@@ -154,9 +205,10 @@ def _warnings_of(f, *args):
     lambda m: SRLoss(l1=1.0, ssim=0.5, pban=0.1, pban_model=m),
     lambda m: SRLoss(l1=1.0),
     lambda m: SSIMLoss(weight=0.5),
+    lambda m: MSSSIMLoss(weights=(0.5, 0.5)),
     lambda m: PBANLoss(m),
     lambda m: PBANLoss(m, loss_mode=True),
-], ids=["sr_loss", "sr_loss_l1", "ssim_loss", "pban_loss", "pban_loss_mode"])
+], ids=["sr_loss", "sr_loss_l1", "ssim_loss", "ms_ssim_loss", "pban_loss", "pban_loss_mode"])
 def test_losses_warn_once_on_images_that_look_like_0_to_255(metric, make, monkeypatch):
     """The first batch is read once (one host sync) and one warning says what is wrong; a
     training run is not stopped, and later batches are not read again."""
@@ -175,8 +227,9 @@ def test_losses_warn_once_on_images_that_look_like_0_to_255(metric, make, monkey
 @pytest.mark.parametrize("make", [
     lambda m: SRLoss(l1=1.0, ssim=0.5, pban=0.1, pban_model=m),
     lambda m: SSIMLoss(weight=0.5),
+    lambda m: MSSSIMLoss(weights=(0.5, 0.5)),
     lambda m: PBANLoss(m),
-], ids=["sr_loss", "ssim_loss", "pban_loss"])
+], ids=["sr_loss", "ssim_loss", "ms_ssim_loss", "pban_loss"])
 def test_losses_accept_an_overshoot_without_a_warning(metric, make):
     """An SR network's output a little outside [0, 1] is neither refused nor warned about."""
     sr, hr = pair()

@@ -170,6 +170,38 @@ def test_imagenet_backbone_from_a_local_file_only(tmp_path, monkeypatch):
         EfficientPBAN(PBANConfig.tiny()).load_imagenet_backbone(path)
 
 
+def test_imagenet_backbone_refuses_other_files(tmp_path):
+    """A file that is not torchvision's ResNet-34 state dict is refused, naming it; none of these
+    may load silently in part (a prefixed copy changed nothing, ResNet-18 changed 20 tensors)."""
+    import torchvision
+
+    state = torchvision.models.resnet34(weights=None).state_dict()
+    cases = {
+        "prefixed.pth": {"module." + k: v for k, v in state.items()},
+        "wrapped.pth": {"state_dict": state},
+        "resnet18.pth": torchvision.models.resnet18(weights=None).state_dict(),
+    }
+    model = EfficientPBAN(PBANConfig.resnet34())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match=name):
+            model.load_imagenet_backbone(tmp_path / name)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        model.load_imagenet_backbone(tmp_path / "junk.pth")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_config_must_be_a_config_and_save_needs_a_directory(tmp_path):
+    for bad in ({"stem_width": 16}, "tiny"):
+        with pytest.raises(ValueError, match="PBANConfig"):
+            EfficientPBAN(bad)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        EfficientPBAN(PBANConfig.tiny()).save_pretrained(tmp_path / "file")
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from epban.ops import registry
-from epban.ops.ms_ssim import (MS_SSIM_WEIGHTS, MSSSIMLoss, downsample, ms_ssim, ms_ssim_loss, ms_ssim_min_side,
+from epban.losses import MSSSIMLoss
+from epban.ops.ms_ssim import (MS_SSIM_WEIGHTS, downsample, ms_ssim, ms_ssim_loss, ms_ssim_min_side,
                                ms_ssim_reference, ssim_and_cs)
 from epban.ops.ssim import fused_unavailable_reason, gaussian_window_1d, ssim_reference
 from epban.testing import poisoned_allocations
@@ -276,6 +277,8 @@ def test_loss_at_equal_images_is_zero_with_zero_gradient():
     (dict(l1=float("inf")), "l1"),
     (dict(l1=-0.5), "l1"),
     (dict(l1=True), "l1"),
+    (dict(l1=np.float32(-1)), "l1"),
+    (dict(weight=torch.tensor(1.0)), "weight"),
     (dict(reduction="sum"), "reduction"),
     (dict(backend="triton"), "backend"),
 ])
@@ -285,6 +288,12 @@ def test_loss_bad_arguments(kwargs, match):
     x, y = image_pair((1, 1, 161, 161))
     with pytest.raises(ValueError, match=match):
         ms_ssim_loss(x, y, **kwargs)
+
+
+def test_loss_takes_numpy_weights():
+    x, y = image_pair((1, 1, 161, 161))
+    torch.testing.assert_close(ms_ssim_loss(x, y, weight=np.float32(0.5), l1=np.float64(0.25)),
+                               ms_ssim_loss(x, y, weight=0.5, l1=0.25), rtol=0, atol=0)
 
 
 def test_loss_checks_inputs_even_without_the_ms_ssim_term():
@@ -318,11 +327,25 @@ def test_backends():
     (lambda: (torch.rand(1, 3, 100, 170), torch.rand(1, 3, 100, 170)), "at least 161x161"),
     (lambda: (torch.full((1, 1, 170, 170), float("nan")), torch.rand(1, 1, 170, 170)), "finite"),
     (lambda: (torch.rand(1, 1, 170, 170), torch.full((1, 1, 170, 170), float("inf"))), "finite"),
+    (lambda: (torch.rand(1, 0, 170, 170),) * 2, "at least one channel"),
+    (lambda: (torch.rand(1, 3, 0, 170),) * 2, "at least one channel, row and column"),
 ])
-def test_bad_inputs_raise_value_error(make, match):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_inputs_raise_value_error(make, match, backend):
     x, y = make()
     with pytest.raises(ValueError, match=match):
-        ms_ssim(x, y)
+        ms_ssim(x, y, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        ms_ssim_loss(x, y, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_an_empty_batch_gives_empty_results(backend):
+    """As epban.ssim: no values for no images, and their mean refused."""
+    x, y = image_pair((0, 2, 161, 161))
+    assert ms_ssim(x, y, reduction="none", backend=backend).shape == (0,)
+    with pytest.raises(ValueError, match="batch size 0"):
+        ms_ssim(x, y, backend=backend)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -345,11 +368,34 @@ def test_bad_inputs_raise_value_error(make, match):
     (dict(k1=-0.01), "k1"),
     (dict(k2=float("nan")), "k2"),
     (dict(reduction="map"), "reduction"),
+    (dict(win_size=True), "win_size"),
+    (dict(win_size=np.int64(10)), "win_size"),
+    (dict(sigma=float("inf")), "sigma"),
+    (dict(sigma=None), "sigma"),
+    (dict(sigma=1e-200), "sigma"),  # 2 sigma^2 underflows to 0: a NaN window
+    (dict(data_range=None), "data_range"),
+    (dict(data_range=torch.tensor([1.0, 2.0])), "data_range"),
+    (dict(k1=torch.tensor(0.01j)), "k1"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     x, y = image_pair((1, 1, 170, 170))
     with pytest.raises(ValueError, match=match):
         ms_ssim(x, y, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        ms_ssim_reference(x, y, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(data_range=np.float32(2.0), k1=np.float32(0.25), k2=np.float64(0.5), sigma=np.float32(1.5),
+         win_size=np.int64(11)),
+    dict(data_range=torch.tensor([2.0]), k1=torch.tensor(0.25), win_size=np.int32(7)),
+])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_numpy_and_tensor_arguments_are_numbers(kwargs, backend):
+    """NumPy scalars and one-element tensors serve as the Python numbers they hold (as in ssim)."""
+    x, y = image_pair((1, 2, 161, 165))
+    numbers = {k: v.item() for k, v in kwargs.items()}
+    assert torch.equal(ms_ssim(x, y, backend=backend, **kwargs), ms_ssim(x, y, backend=backend, **numbers))
 
 
 def test_check_finite_false_lets_nan_through():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,6 +225,9 @@ def test_identical_images_score_one():
         (lambda: (torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16).double()), "dtype"),
         (lambda: (torch.rand(1, 3, 10, 30), torch.rand(1, 3, 10, 30)), "at least 11x11"),
         (lambda: (torch.rand(1, 3, 30, 10), torch.rand(1, 3, 30, 10)), "at least 11x11"),
+        (lambda: (torch.rand(1, 0, 16, 16), torch.rand(1, 0, 16, 16)), "at least one channel"),
+        (lambda: (torch.rand(1, 3, 0, 16), torch.rand(1, 3, 0, 16)), "at least one channel, row and column"),
+        (lambda: (torch.rand(1, 3, 16, 0), torch.rand(1, 3, 16, 0)), "at least one channel, row and column"),
     ],
 )
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -231,6 +235,21 @@ def test_bad_inputs_raise_value_error(make, match, backend):
     x, y = make()
     with pytest.raises(ValueError, match=match):
         epban.ssim(x, y, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        epban.ssim_loss(x, y, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_an_empty_batch_gives_empty_results(backend):
+    """A batch of no images gives empty per-image values and maps, by both backends; their mean
+    is refused (it would be NaN)."""
+    x, y = image_pair((0, 3, 16, 16))
+    assert epban.ssim(x, y, reduction="none", backend=backend).shape == (0,)
+    assert epban.ssim(x, y, reduction="map", backend=backend).shape == (0, 3, 6, 6)
+    with pytest.raises(ValueError, match="batch size 0"):
+        epban.ssim(x, y, backend=backend)
+    with pytest.raises(ValueError, match="batch size 0"):
+        epban.ssim_loss(x, y, l1=0.5, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -242,12 +261,60 @@ def test_bad_inputs_raise_value_error(make, match, backend):
         (dict(sigma=0.0), "sigma"),
         (dict(data_range=0.0), "data_range"),
         (dict(backend="triton"), "backend"),
+        # the checks of epban.ops._checks.window_args, shared with ms_ssim
+        (dict(win_size=True), "win_size"),
+        (dict(win_size=11.0), "win_size"),
+        (dict(sigma=float("inf")), "sigma"),
+        (dict(sigma=float("nan")), "sigma"),
+        (dict(sigma=None), "sigma"),
+        (dict(sigma=1e-200), "sigma"),  # 2 sigma^2 underflows to 0: a NaN window
+        (dict(sigma=1e200), "sigma"),  # 2 sigma^2 overflows
+        (dict(data_range=float("inf")), "data_range"),
+        (dict(data_range=True), "data_range"),
+        (dict(data_range=None), "data_range"),
+        (dict(data_range=torch.tensor([1.0, 2.0])), "data_range"),
+        (dict(data_range=torch.tensor(True)), "data_range"),
+        (dict(k1=float("nan")), "k1"),
+        (dict(k1=-0.01), "k1"),
+        (dict(k2=float("inf")), "k2"),
+        (dict(k2="0.03"), "k2"),
     ],
 )
-def test_bad_arguments_raise_value_error(kwargs, match):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_arguments_raise_value_error(kwargs, match, backend):
     x, y = image_pair((1, 1, 16, 16))
     with pytest.raises(ValueError, match=match):
-        epban.ssim(x, y, **kwargs)
+        epban.ssim(x, y, **{"backend": backend, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        epban.ssim_loss(x, y, **{"backend": backend, **kwargs})
+
+
+NUMPY_AND_TENSOR_ARGS = [
+    dict(data_range=np.float32(2.0), k1=np.float32(0.25), k2=np.float64(0.5), sigma=np.float32(1.5),
+         win_size=np.int64(11)),
+    dict(data_range=torch.tensor(2.0), k1=torch.tensor([0.25]), k2=torch.tensor(0.5, dtype=torch.float64)),
+    dict(data_range=torch.tensor([2]), win_size=np.int32(11)),
+]
+
+
+@pytest.mark.parametrize("kwargs", NUMPY_AND_TENSOR_ARGS)
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_numpy_and_tensor_arguments_are_numbers(kwargs, backend):
+    """NumPy scalars and one-element tensors serve as the Python numbers they hold."""
+    x, y = image_pair((2, 3, 16, 17))
+    numbers = {k: v.item() for k, v in kwargs.items()}
+    assert torch.equal(epban.ssim(x, y, backend=backend, **kwargs), epban.ssim(x, y, backend=backend, **numbers))
+    assert torch.equal(epban.ssim_loss(x, y, weight=np.float32(0.5), l1=np.float64(0.25), backend=backend, **kwargs),
+                       epban.ssim_loss(x, y, weight=0.5, l1=0.25, backend=backend, **numbers))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kwargs", NUMPY_AND_TENSOR_ARGS)
+def test_numpy_and_tensor_arguments_take_the_fused_path(kwargs):
+    """The fused kernels take the normalised numbers (they want a Python-number data_range)."""
+    x, y = image_pair((2, 3, 16, 17))
+    torch.testing.assert_close(epban.ssim(x, y, backend="fused", **kwargs),
+                               ssim_reference(x, y, **{k: v.item() for k, v in kwargs.items()}))
 
 
 def test_fused_backend_raises_when_it_cannot_serve():
@@ -796,9 +863,12 @@ def test_ssim_loss_hands_the_op_an_upstream_of_one(device, monkeypatch):
 
 def test_ssim_loss_bad_arguments():
     x, y = image_pair((1, 1, 16, 16))
-    for weight in (float("nan"), float("inf"), "1", True, torch.tensor(1.0)):
+    for weight in (float("nan"), float("inf"), "1", True, torch.tensor(1.0), -1, -0.5, np.float32(-1)):
         with pytest.raises(ValueError, match="weight"):
             epban.ssim_loss(x, y, weight=weight)
+    for l1 in (-1.0, -1, float("nan"), np.bool_(True), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="l1"):
+            epban.ssim_loss(x, y, l1=l1)
     with pytest.raises(ValueError, match="reduction"):
         epban.ssim_loss(x, y, reduction="map")
     with pytest.raises(ValueError, match="at least 11x11"):

@@ -21,6 +21,9 @@ Where it differs from pytorch-msssim:
   images here).
 - The modules take any number of channels (``channel`` only shapes the ``win`` attribute).
 - Half-type inputs are computed in float32; the result is returned in the input's dtype.
+
+As pytorch-msssim, NaN or inf in the images give NaN (no finite check), and ``data_range``,
+``win_sigma`` and ``K`` may be NumPy scalars or one-element tensors, ``win_size`` a NumPy integer.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from epban.ops._checks import check_image_pair
+from epban.ops._checks import check_image_pair, window_args
 from epban.ops.ms_ssim import MS_SSIM_WEIGHTS, check_ms_ssim_args, ms_ssim_with_window, ssim_and_cs
 from epban.ops.ms_ssim import ms_ssim as _epban_ms_ssim
 from epban.ops.ssim import ssim as _epban_ssim
@@ -61,9 +64,13 @@ def _images(X: Tensor, Y: Tensor) -> Tuple[Tensor, Tensor]:
     return X, Y
 
 
-def _number(data_range) -> float:
-    """data_range as a Python number (pytorch-msssim also takes a one-element tensor)."""
-    return float(data_range) if isinstance(data_range, Tensor) else data_range
+def _constants(K) -> tuple:
+    """K unpacked as the pair (K1, K2); their values are checked with the other window arguments."""
+    try:
+        k1, k2 = K
+    except (TypeError, ValueError):
+        raise ValueError(f"K must be a pair (K1, K2), got {K!r}") from None
+    return k1, k2
 
 
 def _window_rows(win: Tensor, channels: int) -> Tensor:
@@ -105,10 +112,12 @@ def ssim(
     """pytorch-msssim's ``ssim``: SSIM of (N, C, H, W) images, a scalar (``size_average``) or one
     value per image; ``nonnegative_ssim`` clamps each channel's SSIM at 0 before the means."""
     X, Y = _images(X, Y)
-    k1, k2 = K
-    data_range = _number(data_range)
+    k1, k2 = _constants(K)
     if win is not None:
-        per_channel = _ssim_per_channel_with_window(X, Y, _window_rows(win, X.shape[1]), data_range, k1, k2)
+        window = _window_rows(win, X.shape[1])
+        data_range, _, _, k1, k2 = window_args(data_range=data_range, win_size=window.shape[-1], sigma=win_sigma, k1=k1,
+                                               k2=k2)
+        per_channel = _ssim_per_channel_with_window(X, Y, window, data_range, k1, k2)
     else:
         kwargs = dict(data_range=data_range, win_size=win_size, sigma=win_sigma, k1=k1, k2=k2, padding="valid")
         if not nonnegative_ssim:  # the mean over channels is the mean of the whole map
@@ -136,19 +145,18 @@ def ms_ssim(
     """pytorch-msssim's ``ms_ssim``: MS-SSIM of (N, C, H, W) images over ``len(weights)``
     scales (default 5), a scalar (``size_average``) or one value per image."""
     X, Y = _images(X, Y)
-    k1, k2 = K
-    data_range = _number(data_range)
+    k1, k2 = _constants(K)
     weights = MS_SSIM_WEIGHTS if weights is None else weights
     reduction = "mean" if size_average else "none"
     if win is None:
         value = _epban_ms_ssim(X, Y, data_range=data_range, win_size=win_size, sigma=win_sigma, weights=weights,
-                               k1=k1, k2=k2, reduction=reduction)
+                               k1=k1, k2=k2, reduction=reduction, check_finite=False)
     else:
         window = _window_rows(win, X.shape[1])
-        check_ms_ssim_args(X, Y, data_range=data_range, win_size=window.shape[-1], sigma=win_sigma, weights=weights,
-                           k1=k1, k2=k2, reduction=reduction)
-        value = ms_ssim_with_window(X, Y, window, data_range=data_range, weights=weights, k1=k1, k2=k2,
-                                    reduction=reduction)
+        args = check_ms_ssim_args(X, Y, data_range=data_range, win_size=window.shape[-1], sigma=win_sigma,
+                                  weights=weights, k1=k1, k2=k2, reduction=reduction)
+        value = ms_ssim_with_window(X, Y, window, data_range=args["data_range"], weights=weights, k1=args["k1"],
+                                    k2=args["k2"], reduction=reduction)
     return value.to(X.dtype)
 
 
@@ -160,23 +168,28 @@ def _check_spatial_dims(spatial_dims: int) -> None:
 
 class _WindowModule(torch.nn.Module):
     """What pytorch-msssim's two modules share: the window (``win``, rebuilt as theirs) and the
-    arguments of every call. While ``win`` is the window built here, epban's own window serves
-    (and with it the fused path); a window put in its place is used as given."""
+    arguments of every call. While ``win`` is the window built here, unchanged, epban's own window
+    serves (and with it the fused path); a window put in its place, or edited in place, is used as
+    given."""
 
     def __init__(self, data_range, size_average, win_size, win_sigma, channel, spatial_dims, K) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
         self.win_size = win_size
         self.win = _fspecial_gauss_1d(win_size, win_sigma).repeat([channel, 1] + [1] * spatial_dims)
-        self._built = (self.win, win_size, win_sigma)
+        # The built window and a private copy of its values: ``win`` is a plain attribute that a
+        # caller may replace or edit in place (``win.copy_``, ``win.data = ...``)
+        self._built = (self.win, self.win.clone(), win_size, win_sigma)
         self.size_average = size_average
         self.data_range = data_range
         self.K = K
 
     def _window_args(self) -> dict:
-        built_win, win_size, win_sigma = self._built
+        built_win, built_values, win_size, win_sigma = self._built
+        unchanged = (self.win is built_win and self.win.device == built_values.device
+                     and torch.equal(self.win, built_values))  # CPU tensors: no device sync
         return dict(data_range=self.data_range, size_average=self.size_average, win_size=win_size,
-                    win_sigma=win_sigma, win=None if self.win is built_win else self.win, K=self.K)
+                    win_sigma=win_sigma, win=None if unchanged else self.win, K=self.K)
 
 
 class SSIM(_WindowModule):

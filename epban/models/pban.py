@@ -304,7 +304,11 @@ class EfficientPBAN(nn.Module):
 
     def __init__(self, config: PBANConfig | None = None):
         super().__init__()
-        config = config or PBANConfig()
+        if config is None:
+            config = PBANConfig()
+        if not isinstance(config, PBANConfig):
+            raise ValueError(f"config must be a PBANConfig (e.g. PBANConfig.tiny(), PBANConfig(**fields)), "
+                            f"got {type(config).__name__}")
         config.validate()
         self.config = config
         w, c = config.stem_width, config.channels
@@ -423,6 +427,8 @@ class EfficientPBAN(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_pretrained writes a directory; {directory} is a file")
         directory.mkdir(parents=True, exist_ok=True)
         # safetensors refuses aliased tensors: the shared layer3 is stored once, under layer2_1.
         tensors = {
@@ -458,6 +464,9 @@ class EfficientPBAN(nn.Module):
         allows unpickling arbitrary objects (only for files you trust); ``map_location`` is
         ``torch.load``'s, for that file. The model is returned on the CPU, in eval mode.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            what = "a module that is not an EfficientPBAN" if isinstance(path, nn.Module) else type(path).__name__
+            raise ValueError(f"expected an EfficientPBAN or a checkpoint path, got {what}")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -520,14 +529,28 @@ class EfficientPBAN(nn.Module):
                 f"ImageNet backbone weights not found at {path}. epban never downloads: copy torchvision's "
                 f"{TORCHVISION_RESNET34_FILE} (ResNet34_Weights.IMAGENET1K_V1) there, or pass its path."
             )
-        src = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            src = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read ImageNet backbone weights {path}: {exc}") from exc
+        if not isinstance(src, dict) or not all(isinstance(v, torch.Tensor) for v in src.values()):
+            raise ValueError(f"{path}: expected torchvision's ResNet-34 state dict (a dict of tensors), "
+                             f"got {type(src).__name__}")
         mapping = {"conv1.": "stem.0.", "bn1.": "stem.1.", "layer1.": "stem.4.", "layer2.": "stem.5.", "layer3.": "layer2_1."}
         own = self.state_dict()
+        # Every stem and layer3 tensor must come from the file, with its shape: a file of another
+        # network (or with prefixed names) would otherwise leave part of the backbone untouched.
+        wanted = {prefix + key[len(target):]: key for prefix, target in mapping.items()
+                  for key in own if key.startswith(target) and not key.endswith("num_batches_tracked")}
+        missing = sorted(k for k in wanted if k not in src)
+        wrong = sorted(k for k in wanted if k in src and tuple(src[k].shape) != tuple(own[wanted[k]].shape))
+        if missing or wrong:
+            detail = (f"{len(missing)} of its {len(wanted)} tensors missing (e.g. {', '.join(missing[:3])})" if missing
+                      else f"shapes differ for {', '.join(wrong[:3])}")
+            raise ValueError(f"{path} is not torchvision's ResNet-34 state dict: {detail}")
         with torch.no_grad():
-            for key, value in src.items():
-                for prefix, target in mapping.items():
-                    if key.startswith(prefix):
-                        own[target + key[len(prefix):]].copy_(value)
+            for key, target in wanted.items():
+                own[target].copy_(src[key])
 
 
 def check_score_inputs(sr: torch.Tensor, hr: torch.Tensor, *, check_finite: bool = True,

@@ -35,11 +35,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from epban._extension import check_backend, extension_loaded
-from epban.ops._checks import check_image_pair
+from epban.ops._checks import check_batch_for_mean, check_image_pair, check_loss_weight, window_args
 from epban.ops.registry import register
 from epban.ops.ssim import fused_ssim_serves, fused_unavailable_reason, gaussian_window_1d
 
@@ -108,10 +107,10 @@ def ms_ssim_with_window(x, y, window, *, data_range, weights, k1, k2, reduction)
 def ms_ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS, k1=0.01, k2=0.03,
                       reduction="mean", check_finite=True):
     """Plain PyTorch MS-SSIM; equals pytorch-msssim's ``ms_ssim`` (module docstring)."""
-    check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                       reduction=reduction)
-    return _ms_ssim_value(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                          reduction=reduction, backend="reference", check_finite=check_finite)
+    window = check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
+                                k2=k2, reduction=reduction)
+    return _ms_ssim_value(x, y, weights=weights, reduction=reduction, backend="reference", check_finite=check_finite,
+                          **window)
 
 
 # ----------------------------------------------------------------------------- fused path
@@ -294,30 +293,15 @@ def _ms_ssim_value(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduct
 # ----------------------------------------------------------------------------- input checks
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def ms_ssim_min_side(win_size: int, scales: int) -> int:
     """The smallest image side MS-SSIM takes: the last scale, ceil(side / 2^(scales-1)) pixels,
     must still hold a window."""
     return (win_size - 1) * 2 ** (scales - 1) + 1
 
 
-def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction) -> None:
-    """ValueError, saying what was expected, for anything ``ms_ssim`` cannot take (NaN and inf
-    aside: ``check_finite_inputs``, which needs a device sync)."""
-    check_image_pair(x, y)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
-        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
-    if not (_is_real(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-    if not (_is_real(data_range) and data_range > 0):
-        raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
-    if not (_is_real(k1) and _is_real(k2) and k1 >= 0 and k2 >= 0):
-        raise ValueError(f"k1 and k2 must be finite non-negative numbers, got {k1!r} and {k2!r}")
+def ms_ssim_scales(weights) -> int:
+    """The number of scales of ``weights`` (one exponent per scale: a 1-D tensor or a sequence of
+    numbers, finite); ValueError for anything else."""
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1 or weights.numel() == 0:
             raise ValueError(f"weights must be a non-empty 1-D sequence, one per scale, got shape "
@@ -325,33 +309,40 @@ def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, re
         # A tensor's values are checked outside torch.compile only (a data-dependent branch there)
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(weights.detach()).all()):
             raise ValueError(f"weights must be finite, got {weights!r}")
-        scales = weights.numel()
-    else:  # a sequence of Python numbers, checked on the host
-        try:
-            values = [float(v) for v in weights]
-        except (TypeError, ValueError):
-            raise ValueError(f"weights must be a non-empty 1-D sequence of numbers, one per scale, got {weights!r}") from None
-        if not values:
-            raise ValueError("weights must be a non-empty 1-D sequence, one per scale, got an empty one")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"weights must be finite, got {weights!r}")
-        scales = len(values)
+        return weights.numel()
+    try:  # a sequence of Python numbers, checked on the host
+        values = [float(v) for v in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be a non-empty 1-D sequence of numbers, one per scale, got {weights!r}") from None
+    if not values:
+        raise ValueError("weights must be a non-empty 1-D sequence, one per scale, got an empty one")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"weights must be finite, got {weights!r}")
+    return len(values)
+
+
+def check_ms_ssim_args(x, y, *, data_range, win_size, sigma, weights, k1, k2, reduction) -> dict:
+    """ValueError, saying what was expected, for anything ``ms_ssim`` cannot take (NaN and inf
+    aside: ``check_finite_inputs``, which needs a device sync); else the window arguments
+    normalised to Python numbers (``window_args``), as keyword arguments."""
+    check_image_pair(x, y)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_batch_for_mean(x, reduction)
+    data_range, win_size, sigma, k1, k2 = window_args(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1,
+                                                      k2=k2)
+    scales = ms_ssim_scales(weights)
     side = ms_ssim_min_side(win_size, scales)
     h, w_ = x.shape[-2:]
     if min(h, w_) < side:
         raise ValueError(f"MS-SSIM with {scales} scales and win_size {win_size} needs images of at least "
                          f"{side}x{side} (each side > (win_size - 1) * 2^{scales - 1}), got {h}x{w_}")
+    return dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2)
 
 
 def check_finite_inputs(x, y) -> None:
     if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
         raise ValueError("x and y must be finite (they hold NaN or inf; check_finite=False skips this check)")
-
-
-def _check_loss_weight(name: str, value) -> float:
-    if not (_is_real(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -381,10 +372,10 @@ def ms_ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEI
         >>> epban.ms_ssim(x, y)  # doctest: +SKIP
     """
     check_backend(backend)
-    check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                       reduction=reduction)
-    return _ms_ssim_value(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                          reduction=reduction, backend=backend, check_finite=check_finite)
+    window = check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
+                                k2=k2, reduction=reduction)
+    return _ms_ssim_value(x, y, weights=weights, reduction=reduction, backend=backend, check_finite=check_finite,
+                          **window)
 
 
 def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS,
@@ -392,11 +383,11 @@ def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma
     """``l1 * mean|x - y| + weight * (1 - MS-SSIM(x, y))`` (Zhao et al., 2017, with l1 > 0);
     reduction "mean" (a scalar) or "none" (one value per image, the L1 mean taken per image).
     A term whose weight is 0 is not computed."""
-    weight = _check_loss_weight("weight", weight)
-    l1 = _check_loss_weight("l1", l1)
+    weight = check_loss_weight("weight", weight)
+    l1 = check_loss_weight("l1", l1)
     check_backend(backend)
-    check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                       reduction=reduction)
+    window = check_ms_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
+                                k2=k2, reduction=reduction)
     if check_finite and weight == 0:
         check_finite_inputs(x, y)
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -407,28 +398,10 @@ def ms_ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma
         else:
             total = total + l1 * F.l1_loss(x, y)
     if weight > 0:
-        value = _ms_ssim_value(x, y, data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1,
-                               k2=k2, reduction=reduction, backend=backend, check_finite=check_finite)
+        value = _ms_ssim_value(x, y, weights=weights, reduction=reduction, backend=backend, check_finite=check_finite,
+                               **window)
         total = total + weight * (1 - value)
     return total
 
 
-class MSSSIMLoss(nn.Module):
-    """``l1 * mean|x - y| + weight * (1 - MS-SSIM(x, y))``, averaged over the batch
-    (``reduction="none"``: one value per image). The arguments are those of ``ms_ssim``."""
-
-    def __init__(self, weight=1.0, l1=0.0, *, data_range=1.0, win_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS,
-                 k1=0.01, k2=0.03, reduction="mean", backend="auto", check_finite=True):
-        super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"MSSSIMLoss reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        check_backend(backend)
-        self.kwargs = dict(weight=_check_loss_weight("weight", weight), l1=_check_loss_weight("l1", l1),
-                           data_range=data_range, win_size=win_size, sigma=sigma, weights=weights, k1=k1, k2=k2,
-                           reduction=reduction, backend=backend, check_finite=check_finite)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ms_ssim_loss(x, y, **self.kwargs)
-
-
-__all__ = ["ms_ssim", "ms_ssim_loss", "MSSSIMLoss", "ms_ssim_reference", "MS_SSIM_WEIGHTS", "ms_ssim_min_side"]
+__all__ = ["ms_ssim", "ms_ssim_loss", "ms_ssim_reference", "MS_SSIM_WEIGHTS", "ms_ssim_min_side"]

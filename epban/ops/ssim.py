@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
 from epban import _extension, settings
-from epban._extension import extension_loaded
-from epban.ops._checks import check_image_pair
+from epban._extension import check_backend, extension_loaded
+from epban.ops._checks import check_batch_for_mean, check_image_pair, check_loss_weight, window_args
 from epban.ops.registry import extension_unavailable_reason, register, use_fused
 
 PADDINGS = ("valid", "same")
@@ -130,30 +129,39 @@ def _reduce(ssim_map: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_image if reduction == "none" else per_image.mean()
 
 
-def check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction) -> None:
+def ssim_options(*, data_range, win_size, sigma, k1, k2, padding, backend) -> dict:
+    """What a module holding SSIM's arguments checks when it is made (ValueError naming the
+    argument): the window arguments normalised (``window_args``), padding and backend."""
+    check_backend(backend)
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    data_range, win_size, sigma, k1, k2 = window_args(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1,
+                                                      k2=k2)
+    return dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding, backend=backend)
+
+
+def check_ssim_args(x, y, *, data_range, win_size, sigma, k1, k2, padding, reduction) -> dict:
+    """ValueError, saying what was expected, for anything ``ssim`` cannot take; else the window
+    arguments normalised to Python numbers (``window_args``), as keyword arguments."""
     check_image_pair(x, y)
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (isinstance(win_size, int) and win_size >= 1 and win_size % 2 == 1):
-        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
-    if not data_range > 0:
-        raise ValueError(f"data_range must be positive, got {data_range!r}")
+    check_batch_for_mean(x, reduction)
+    data_range, win_size, sigma, k1, k2 = window_args(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1,
+                                                      k2=k2)
     h, w = x.shape[-2:]
     if h < win_size or w < win_size:
         raise ValueError(f"images must be at least {win_size}x{win_size} (the SSIM window), got {h}x{w}")
+    return dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2)
 
 
 def ssim_reference(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padding="valid", reduction="mean"):
     """Plain PyTorch SSIM; equals pytorch-msssim and scikit-image for ``padding="valid"``."""
-    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
-    ssim_map = ssim_map_reference(
-        x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding
-    )
-    return _reduce(ssim_map, reduction)
+    window = check_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                             padding=padding, reduction=reduction)
+    return _reduce(ssim_map_reference(x, y, padding=padding, **window), reduction)
 
 
 def fused_unavailable_reason(device, dtype=None, *, win_size=11, sigma=1.5, data_range=1.0) -> str | None:
@@ -310,21 +318,14 @@ def ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padd
 def _scaled_ssim(x, y, scale, *, data_range, win_size, sigma, k1, k2, padding, reduction, backend):
     """scale x SSIM: the fused kernels when they serve (the one-pass ops fold scale into their
     pass), else the reference. ssim() is scale 1, ssim_loss() scale -weight."""
-    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
-    if fused_ssim_serves(x, backend, win_size=win_size, sigma=sigma, data_range=data_range):
-        return _ssim_fused(x, y, data_range=data_range, k1=k1, k2=k2, padding=padding, reduction=reduction,
-                           scale=scale)
-    ssim_map = ssim_map_reference(
-        x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding
-    )
-    value = _reduce(ssim_map, reduction)
+    window = check_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                             padding=padding, reduction=reduction)
+    if fused_ssim_serves(x, backend, win_size=window["win_size"], sigma=window["sigma"],
+                         data_range=window["data_range"]):
+        return _ssim_fused(x, y, data_range=window["data_range"], k1=window["k1"], k2=window["k2"], padding=padding,
+                           reduction=reduction, scale=scale)
+    value = _reduce(ssim_map_reference(x, y, padding=padding, **window), reduction)
     return value if scale == 1.0 else value * scale
-
-
-def _check_loss_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite Python number, got {value!r}")
-    return float(value)
 
 
 def ssim_loss(x, y, *, weight=1.0, l1=0.0, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03,
@@ -360,22 +361,23 @@ def _ssim_l1_loss(x, y, weight, l1, backend, parts, *, data_range, win_size, sig
     """(loss, l1_part, ssim_part) as ssim_l1_loss_parts; the parts only with ``parts``."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"ssim_loss reduction must be 'mean' or 'none', got {reduction!r}")
-    weight = _check_loss_weight("weight", weight)
-    l1 = _check_loss_weight("l1", l1)
-    kwargs = dict(data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2, padding=padding,
-                  reduction=reduction)
+    weight = check_loss_weight("weight", weight)
+    l1 = check_loss_weight("l1", l1)
+    window = check_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
+                             padding=padding, reduction=reduction)
+    kwargs = dict(padding=padding, reduction=reduction, **window)
     if l1 == 0.0:
         loss = _scaled_ssim(x, y, -weight, backend=backend, **kwargs) + weight
         return loss, None, (loss.detach() / weight if parts and weight != 0.0 else None)
-    check_ssim_args(x, y, data_range, win_size, sigma, padding, reduction)
     if weight == 0.0:
         l1_value = _l1_mean(x, y, reduction)
         return l1 * l1_value, l1_value.detach(), None
-    if (fused_ssim_serves(x, backend, win_size=win_size, sigma=sigma, data_range=data_range)
+    if (fused_ssim_serves(x, backend, win_size=window["win_size"], sigma=window["sigma"],
+                          data_range=window["data_range"])
             and x.device.type in L1_FUSED_DEVICES and x.device.type in ONE_PASS_DEVICES
             and x.dtype in _ONE_PASS_DTYPES):
-        c1 = float((k1 * data_range) ** 2)
-        c2 = float((k2 * data_range) ** 2)
+        c1 = (window["k1"] * window["data_range"]) ** 2
+        c2 = (window["k2"] * window["data_range"]) ** 2
         value, l1_value = torch.ops.epban.ssim_l1_one_pass(x.contiguous(), y.contiguous(), c1, c2, padding == "same",
                                                            reduction == "mean", -weight, l1)
         ssim_part = (value.detach() - l1 * l1_value) / weight + 1.0 if parts else None

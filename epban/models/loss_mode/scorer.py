@@ -31,7 +31,7 @@ class PBANScorer(nn.Module):
             raise ValueError(f"pban_for_loss needs an EfficientPBAN, got {type(model).__name__}")
         options = LossModeOptions() if options is None else options
         self.options = options
-        m = copy.deepcopy(model).eval()
+        m = copy.deepcopy(model).eval().float()  # computes in options.dtype and float32, whatever the model's
         fused = options.fused_epilogue
         stem = StemConvReLU(fold_batchnorm(m.stem[0], m.stem[1]), fused, pad=options.stem_pad)
         layers = [fold_resnet_layer(layer, fused) for layer in (m.stem[4], m.stem[5], m.layer2_1)]
