@@ -11,10 +11,14 @@ class CLIError(Exception):
 
 
 def one_line(exc: BaseException, prefixes: tuple[str, ...] = ()) -> CLIError:
-    """``exc`` as a ``CLIError`` of one line: the last line of its message (an error raised in
-    a DataLoader worker arrives wrapped in a traceback), without a leading ``prefixes`` entry."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    message = lines[-1] if lines else type(exc).__name__
+    """``exc`` as a ``CLIError`` of one line. An error raised in a DataLoader worker arrives
+    wrapped in a traceback: its last line is the error. Any other message keeps all its lines
+    (the first usually names the file), joined."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        lines = lines[-1:]
+    message = " ".join(lines) if lines else type(exc).__name__
     for prefix in prefixes:
         if message.startswith(prefix):
             message = message[len(prefix):]

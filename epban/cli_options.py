@@ -10,6 +10,7 @@ cores, at least one. ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, when set, win ov
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import torch
@@ -36,6 +37,32 @@ def device_arg(text: str) -> str:
     return text
 
 
+def int_at_least(minimum: int):
+    """argparse ``type`` of an integer option that must be >= ``minimum`` (argparse names the
+    option in its message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive_finite_float(text: str) -> float:
+    """argparse ``type`` of a float option that must be positive and finite (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
 def threads_arg(text: str) -> int:
     """argparse ``type`` of ``--threads``: ``auto`` (0) or a positive count."""
     if text.strip().lower() == "auto":
@@ -45,7 +72,7 @@ def threads_arg(text: str) -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a thread count >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'auto' (or 0) or a thread count >= 1, got {text!r}")
     return value
 
 

@@ -482,8 +482,12 @@ class EfficientPBAN(nn.Module):
         try:
             obj = torch.load(path, map_location=map_location, weights_only=not trusted)
         except Exception as exc:
-            hint = "" if trusted else " (if you trust the file and it holds other objects, pass trusted=True)"
-            raise ValueError(f"cannot read checkpoint {path}: {exc}{hint}") from exc
+            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            if "Weights only load failed" in reason:  # torch's long advice, reduced to what applies here
+                reason = "it holds objects other than tensors"
+            hint = "" if trusted else " (from Python, trusted=True loads a file you trust that holds other objects)"
+            raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {reason or 'empty or truncated'}"
+                             f"{hint}") from exc
         state_dict = _extract_state_dict(obj, path)
         if config is None:
             config = PBANConfig.preset(preset) if preset else PBANConfig.resnet34()

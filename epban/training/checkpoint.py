@@ -65,7 +65,16 @@ def load_state(path: Path) -> dict:
     """A checkpoint file written by ``save_atomic``, on the CPU (RNG states must stay CPU
     tensors; ``load_state_dict`` moves the rest to the model's device)."""
     # Our own file, but it holds numpy and Python RNG states, which weights_only refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such checkpoint file") from None
+    except Exception as exc:  # truncated, empty or foreign: torch.load's errors vary by the damage
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint of ours (it holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> Path:
