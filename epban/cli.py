@@ -2,7 +2,8 @@
 ``eval-metric`` from ``epban.metric.cli``; ``train-sr`` from ``epban.sr.cli``.
 
 This module dispatches; the command modules it imports import nothing from it. Every user
-error (a bad argument, file or checkpoint) is one line on stderr and exit status 2.
+error (a bad argument, file or checkpoint) is one line on stderr and exit status 2; Ctrl-C
+during a command is one line and exit status 130.
 """
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from epban.cli_errors import CLIError
-from epban.cli_options import add_threads_option, device_arg, set_threads
+from epban.cli_errors import CLIError, one_line
+from epban.cli_options import add_threads_option, device_arg, int_at_least, set_threads
 from epban.metric import cli as metric_cli
 from epban.sr import cli as sr_cli
 
@@ -63,6 +65,10 @@ def _pairs(sr: Path, hr: Path, skip_bad: bool, skipped: list[str]) -> list[_Pair
             raise CLIError(f"{hr / missing[0]}: missing HR image for {sr / missing[0]}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         skipped += [f"{hr / name}: missing HR image for {sr / name}" for name in missing]
+        unpaired = sorted(set(hr_files) - set(sr_files))
+        if unpaired:
+            print(f"note: {len(unpaired)} HR image(s) in {hr} have no SR counterpart in {sr}, not scored: "
+                  + ", ".join(unpaired[:3]) + (", ..." if len(unpaired) > 3 else ""), file=sys.stderr)
         return [_Pair(name, sr_files[name], hr_files[name]) for name in sorted(sr_files) if name in hr_files]
     for p in (sr, hr):
         if not p.exists():
@@ -93,8 +99,7 @@ def _load_metric(text: str | None, device: torch.device) -> _Metric | None:
     try:
         model = EfficientPBAN.from_checkpoint(path)
     except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(" ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-                       or type(exc).__name__) from None
+        raise one_line(exc) from None
     notes = []
     about = path / "pretrain.json" if path.is_dir() else None
     if about is not None and about.is_file():
@@ -107,8 +112,11 @@ def _load_metric(text: str | None, device: torch.device) -> _Metric | None:
     return _Metric(model.eval().to(device), label, notes)
 
 
-def _check_csv_target(text: str | None) -> Path | None:
-    """``--csv``: refused before any work when its folder is missing or it names a folder."""
+def _check_csv_target(text: str | None, sr: Path, hr: Path) -> Path | None:
+    """``--csv``: refused before any work when its folder is missing, it names a folder, or it
+    names an existing image (an SR or HR input or any other), which the table would overwrite."""
+    from epban.imageio import IMAGE_SUFFIXES
+
     if text is None:
         return None
     path = Path(text)
@@ -116,6 +124,9 @@ def _check_csv_target(text: str | None) -> Path | None:
         raise CLIError(f"--csv {path}: is a folder; give a file name")
     if not path.parent.is_dir():
         raise CLIError(f"--csv {path}: folder {path.parent} does not exist")
+    if path.exists() and (path.resolve().suffix.lower() in IMAGE_SUFFIXES
+                          or any(p.is_file() and os.path.samefile(path, p) for p in (sr, hr))):
+        raise CLIError(f"--csv {path}: is an image (an input?) that the table would overwrite; give another name")
     return path
 
 
@@ -172,10 +183,8 @@ def cmd_score(args) -> int:
     from epban.models.pban import MIN_INPUT_SIZE
     from epban.ops.ssim import ssim
 
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device(args.device)
-    csv_path = _check_csv_target(args.csv)
+    csv_path = _check_csv_target(args.csv, Path(args.sr), Path(args.hr))
     skipped: list[str] = []
     pairs = _pairs(Path(args.sr), Path(args.hr), args.skip_bad, skipped)
     metric = _load_metric(args.weights, device)
@@ -276,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the metric: bundled weights by name (e.g. tiny-ssim), an epban checkpoint folder or "
                         "the authors' .pth file; without it, SSIM and PSNR only")
     p.add_argument("--csv", help="also write the per-image table to this CSV file (its folder must exist)")
-    p.add_argument("--batch-size", type=int, default=8, help="image pairs per batch (default 8)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="image pairs per batch (default 8)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and report) unreadable, mismatched or missing files instead of stopping")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -301,6 +310,9 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"epban {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the training commands save their checkpoint and return 130 themselves
+        print(f"epban {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
 

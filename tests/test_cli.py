@@ -133,8 +133,8 @@ def test_score_corrupt_file_stops_before_scoring_or_is_skipped(photos, tmp_path,
 @pytest.mark.parametrize("argv, message", [
     (["--device", "banana"], "argument --device: 'banana' is not a device"),
     (["--device", "cuda:7"], "argument --device: 'cuda:7'"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--threads", "-2"], "argument --threads: expected 'auto' or a thread count"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--threads", "-2"], "argument --threads: expected 'auto' (or 0) or a thread count"),
     (["--weights", "no-such-weights"], "no-such-weights: no such checkpoint (a folder, an authors' .pth file, or "
                                        "the name of bundled weights: tiny-ssim)"),
     (["--csv", "{tmp}/missing/scores.csv"], "folder {tmp}/missing does not exist"),
@@ -226,3 +226,66 @@ def test_threads_option_and_auto_rule(photos, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user: auto leaves the count alone
     seen.clear()
     assert cli_options.set_threads(0) == before and seen == []
+
+
+@pytest.mark.parametrize("target", ["hr/a.png", "sr/b.png", "hr/b.png@files", "sr/a.png@files"])
+def test_score_csv_never_overwrites_an_input(photos, capsys, target):
+    """--csv naming an existing image (in the SR/HR folders, one of the two files or beside
+    them) is refused before any work, and the image is left as it was."""
+    target, _, mode = target.partition("@")
+    sr, hr = (photos / "sr", photos / "hr") if not mode else (photos / "sr" / "b.png", photos / "hr" / "b.png")
+    before = (photos / target).read_bytes()
+    assert _exit_code(["score", str(sr), str(hr), "--csv", str(photos / target), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "--csv" in line and "is an image" in line and target in line
+    assert (photos / target).read_bytes() == before
+
+
+def test_score_csv_beside_the_images_is_written(photos, capsys):
+    """A new CSV in the HR folder is not an input: written, and overwritten on the next run."""
+    out = photos / "hr" / "scores.csv"
+    for _ in range(2):
+        assert main(["score", str(photos / "sr"), str(photos / "hr"), "--csv", str(out), "--device", "cpu"]) == 0
+        assert [r["image"] for r in csv.DictReader(out.open())] == ["a.png", "b.png"]
+    capsys.readouterr()
+
+
+def test_score_notes_hr_images_without_sr(photos, capsys):
+    """HR images with no SR counterpart are not scored, and a note says how many and which."""
+    for name in ("c.png", "d.png", "e.png", "f.png"):
+        write(photos / "hr" / name, np.zeros((16, 16, 3), np.uint8))
+    assert main(["score", str(photos / "sr"), str(photos / "hr"), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert any(line.startswith("mean of 2") for line in captured.out.splitlines())
+    note = next(line for line in captured.err.splitlines() if "no SR counterpart" in line)
+    assert note.startswith("note: 4 HR image(s)") and "c.png, d.png, e.png, ..." in note and "f.png" not in note
+    main(["score", str(photos / "sr" / "a.png"), str(photos / "hr" / "a.png"), "--device", "cpu"])
+    assert "no SR counterpart" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"random", b"png"])
+def test_score_weights_not_a_checkpoint_is_one_line(photos, tmp_path, capsys, content):
+    """An empty file, random bytes or an image given as --weights: exit 2, one short line naming it."""
+    path = tmp_path / ("w.png" if content == b"png" else "w.pth")
+    if content == b"png":
+        write(path, np.zeros((16, 16, 3), np.uint8))
+    else:
+        path.write_bytes(np.random.default_rng(0).bytes(4096) if content else b"")
+    assert main(["score", str(photos / "sr"), str(photos / "hr"), "--weights", str(path), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)  # returned, not raised: no traceback
+    assert line.startswith("epban score: error: ") and str(path) in line and len(line) < 300, line
+
+
+def test_ctrl_c_is_one_line_and_status_130(photos, capsys, monkeypatch):
+    import epban.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(epban.cli, "_probe", interrupted)
+    try:
+        code = main(["score", str(photos / "sr"), str(photos / "hr"), "--device", "cpu"])
+    except KeyboardInterrupt:  # would stop the whole test session
+        pytest.fail("main() let KeyboardInterrupt through")
+    assert code == 130
+    assert _one_error_line(capsys) == "epban score: interrupted"

@@ -249,3 +249,56 @@ def test_toy_dataset_is_reproducible_and_guarded(toy, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not an epban toy set"):
         make_toy_dataset(tmp_path / "mine", size=64, quiet=True)
     assert not list(tmp_path.glob(".mine.tmp-*"))
+
+
+def _user_files(folder: Path) -> dict:
+    """Files a user adds to a toy set's folder (notes, a subset, a run)."""
+    files = {"my_notes.txt": "notes", "my_subset.csv": "sr_path,hr_path,score\n", "runs/keep.txt": "keep"}
+    for name, text in files.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+    return files
+
+
+def test_toy_dataset_replaces_only_its_own_entries(tmp_path, capsys):
+    """Remaking a toy set (here through the command) replaces its own files and folders and keeps the user's."""
+    from epban.cli import main
+
+    out = tmp_path / "toy"
+    make_toy_dataset(out, size=32, quiet=True)
+    files = _user_files(out)
+    assert main(["make-dataset", "--toy", str(out), "--size", "32", "--seed", "1", "--quiet", "--threads", "1"]) == 0
+    assert {name: (out / name).read_text() for name in files} == files
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["HR", "SR", "README.md", "degradations.json", "manifest.csv", ".epban-toy-dataset", "my_notes.txt",
+         "my_subset.csv", "runs"])  # no temporary folder left
+    assert '"seed": 1' in (out / "degradations.json").read_text()
+    assert len(load_manifest(out / "manifest.csv")) > 8 * 10
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]
+
+
+def test_toy_dataset_interrupted_replacement_keeps_the_old_set(tmp_path, monkeypatch):
+    """A failure while the new set is moved in puts the old one back whole, user files included."""
+    import epban.data.toy as toy
+
+    out = tmp_path / "toy"
+    make_toy_dataset(out, size=32, quiet=True)
+    files = _user_files(out)
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    names = sorted(p.name for p in out.iterdir())
+    replace, calls = toy.os.replace, []
+
+    def fail_on_the_fourth(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # the new marker is in, the old HR aside: moving the new HR in fails
+            raise OSError("disk gone")
+        replace(src, dst)
+
+    monkeypatch.setattr(toy.os, "replace", fail_on_the_fourth)
+    with pytest.raises(OSError, match="disk gone"):
+        make_toy_dataset(out, size=32, seed=1, quiet=True)
+    monkeypatch.undo()
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert sorted(p.name for p in out.iterdir()) == names  # no temporary folder left
+    assert after == before and {name: (out / name).read_text() for name in files} == files
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]

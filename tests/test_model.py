@@ -152,6 +152,25 @@ def test_wrong_shapes_and_non_checkpoints_are_refused(tmp_path):
         EfficientPBAN.from_checkpoint(tmp_path / "emptydir")
 
 
+def test_unreadable_checkpoint_files_get_a_short_reason(tmp_path):
+    """torch.load's messages run to pages (and an empty file gave none): one short line each."""
+    files = {"empty.pth": b"", "random.pth": bytes(range(7, 250)), "image.png": b"\x89PNG\r\n\x1a\n" + bytes(50)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    import numpy as np
+    torch.save({"a": np.zeros(3)}, tmp_path / "objects.pth")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "whole.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:200])
+    expected = {"empty.pth": "the file is empty", "random.pth": "not a PyTorch checkpoint file",
+                "image.png": "not a PyTorch checkpoint file", "objects.pth": "objects other than tensors",
+                "truncated.pth": "damaged or truncated"}
+    for name, reason in expected.items():
+        with pytest.raises(ValueError) as info:
+            EfficientPBAN.from_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert name in message and reason in message and "\n" not in message and len(message) < 250, message
+
+
 def test_imagenet_backbone_from_a_local_file_only(tmp_path, monkeypatch):
     import torchvision
 

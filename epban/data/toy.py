@@ -46,6 +46,7 @@ a metric trained on them learns this formula, nothing more.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -253,6 +254,47 @@ def _split_photos(names: list[str], rng: np.random.Generator) -> dict[str, str]:
     return split
 
 
+# What a toy set writes in its folder; replacing a set replaces these and keeps anything else.
+# Swapped in this order: the marker first (an interrupted swap still reads as a toy set, which
+# the next run may replace), the manifest, through which a set is read, last.
+TOY_ENTRIES = (TOY_MARKER, "HR", "SR", "degradations.json", "README.md", "manifest.csv")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Move the ``TOY_ENTRIES`` of folder ``new`` into ``out_dir``, replacing the ones there.
+
+    The old entries are moved aside (renames, no copying) and removed only when every new one
+    is in place; if a move fails, those already made are undone, so ``out_dir`` keeps the old
+    set whole.
+    """
+    old = out_dir / f".epban-toy.old-{uuid.uuid4().hex[:8]}"
+    old.mkdir()
+    placed = []
+    try:
+        for name in TOY_ENTRIES:
+            if os.path.lexists(out_dir / name):
+                os.replace(out_dir / name, old / name)
+            os.replace(new / name, out_dir / name)
+            placed.append(name)
+    except BaseException:
+        for name in TOY_ENTRIES:
+            if name in placed:
+                _remove(out_dir / name)
+            if os.path.lexists(old / name):
+                os.replace(old / name, out_dir / name)
+        with contextlib.suppress(OSError):
+            old.rmdir()  # empty unless an old entry could not be put back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 README = """# SYNTHETIC SR-quality toy set (epban)
 
 **The scores in this folder are SYNTHETIC.** They are pseudo-scores computed from the
@@ -278,9 +320,10 @@ def make_toy_dataset(out_dir, *, seed: int = 0, scales=(2, 4), size: int | None 
                      quiet: bool = False) -> Path:
     """Write the SYNTHETIC toy SR-quality set to ``out_dir``; return the path of its manifest.csv.
 
-    ``size`` is the side of the square HR images (default 128). The folder is built under a
-    temporary name and renamed when complete. An existing ``out_dir`` is replaced only if
-    it is an earlier toy set; any other existing non-empty folder is an error.
+    ``size`` is the side of the square HR images (default 128). The set is built under a
+    temporary name and moved into place when complete. An existing non-empty ``out_dir`` must
+    be an earlier toy set (else FileExistsError): only the entries the set owns
+    (``TOY_ENTRIES``) are replaced, anything else in the folder is kept.
     """
     size = 128 if size is None else int(size)
     scales = tuple(int(s) for s in scales)
@@ -302,8 +345,14 @@ def make_toy_dataset(out_dir, *, seed: int = 0, scales=(2, 4), size: int | None 
         raise RuntimeError(f"only {len(photos)} scikit-image photos are available offline; the toy set needs 8")
     splits = _split_photos([name for name, _ in photos], rng)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # A new folder is built beside it and renamed in one step; an existing one gets its owned
+    # entries swapped in (_swap_in), from a temporary folder inside it (same file system).
+    replace = out_dir.is_dir()
+    if replace:
+        tmp = out_dir / f".epban-toy.tmp-{uuid.uuid4().hex[:8]}"
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp / "HR").mkdir(parents=True)
     (tmp / "SR").mkdir()
     rows, records = [], []
@@ -336,16 +385,12 @@ def make_toy_dataset(out_dir, *, seed: int = 0, scales=(2, 4), size: int | None 
             split_counts=", ".join(f"{k} {v}" for k, v in counts.items()),
             formula="```" + formula.rstrip() + "\n```"))
         (tmp / TOY_MARKER).write_text(SYNTHETIC_WARNING + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        if replace:
+            _swap_in(tmp, out_dir)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     if not quiet:
         print(f"wrote {len(rows)} SR/HR pairs from {len(photos)} photos to {out_dir} "
               f"({', '.join(f'{k} {v}' for k, v in counts.items())}); SYNTHETIC scores", file=sys.stderr)

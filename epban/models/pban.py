@@ -482,12 +482,7 @@ class EfficientPBAN(nn.Module):
         try:
             obj = torch.load(path, map_location=map_location, weights_only=not trusted)
         except Exception as exc:
-            reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-            if "Weights only load failed" in reason:  # torch's long advice, reduced to what applies here
-                reason = "it holds objects other than tensors"
-            hint = "" if trusted else " (from Python, trusted=True loads a file you trust that holds other objects)"
-            raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {reason or 'empty or truncated'}"
-                             f"{hint}") from exc
+            raise ValueError(f"cannot read checkpoint {path}: {_unreadable_checkpoint_reason(path, exc)}") from None
         state_dict = _extract_state_dict(obj, path)
         if config is None:
             config = PBANConfig.preset(preset) if preset else PBANConfig.resnet34()
@@ -555,6 +550,22 @@ class EfficientPBAN(nn.Module):
         with torch.no_grad():
             for key, target in wanted.items():
                 own[target].copy_(src[key])
+
+
+def _unreadable_checkpoint_reason(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in a few words (torch's own messages run to pages)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    # torch.save writes a zip archive (or, in old files, a pickle from protocol 2 on)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        return "not a PyTorch checkpoint file"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if "Weights only load failed" in first:
+        return ("it holds objects other than tensors (EfficientPBAN.from_checkpoint(..., trusted=True) loads a "
+                "file you trust)")
+    return f"damaged or truncated ({type(exc).__name__}: {first.split('. ')[0] or 'no detail'})"
 
 
 def check_score_inputs(sr: torch.Tensor, hr: torch.Tensor, *, check_finite: bool = True,

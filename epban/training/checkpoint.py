@@ -70,7 +70,7 @@ def load_state(path: Path) -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path}: no such checkpoint file") from None
     except Exception as exc:  # truncated, empty or foreign: torch.load's errors vary by the damage
-        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = next((line.split(". ")[0] for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint of ours (it holds a {type(state).__name__}, not a dict)")
