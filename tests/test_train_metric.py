@@ -315,3 +315,204 @@ def test_cli_eval_metric_bundled_weights_by_name(toy, capsys):
     assert epban_main(["eval-metric", "--data", str(toy), "--split", "val", "--weights", "tiny-ssim", "--quiet",
                        "--workers", "0", "--threads", "1"]) == 0
     assert "SRCC" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- start-up checks, resume, divergence
+def _status(argv) -> int:
+    """``main``'s status: returned (our errors) or raised by argparse (its own)."""
+    try:
+        return epban_main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("command, flags, option", [
+    ("train-metric", ["--crop", "-5"], "--crop"), ("train-metric", ["--crop", "0"], "--crop"),
+    ("train-metric", ["--crop", "8"], "--crop"), ("train-metric", ["--lr", "inf"], "--lr"),
+    ("train-metric", ["--lr", "0"], "--lr"), ("train-metric", ["--batch-size", "0"], "--batch-size"),
+    ("train-metric", ["--workers", "-1"], "--workers"), ("train-metric", ["--eval-size", "16"], "--eval-size"),
+    ("eval-metric", ["--eval-size", "-4"], "--eval-size"), ("eval-metric", ["--eval-size", "16"], "--eval-size"),
+    ("eval-metric", ["--batch-size", "0"], "--batch-size"), ("eval-metric", ["--workers", "-1"], "--workers"),
+])
+def test_cli_bad_numbers_refused_at_start(toy, tmp_path, capsys, command, flags, option):
+    out = tmp_path / "out"
+    extra = ["--weights", "tiny-ssim", "--split", "val"] if command == "eval-metric" else ["--epochs", "1"]
+    assert _status([command, "--data", str(toy), "--out", str(out), "--quiet", "--threads", "1"] + extra + flags) == 2
+    line = _one_line(capsys)
+    assert f"argument {option}:" in line and "Traceback" not in line, line
+    assert not out.exists()
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run[0], out)
+    return out
+
+
+def _with_scores(manifest, change) -> list[str]:
+    """The lines of ``manifest`` with each row's score replaced by ``change(score, split)``."""
+    lines = []
+    for line in manifest.read_text().splitlines():
+        fields = line.split(",")
+        if not line.startswith(("#", "sr_path")):
+            fields[2] = change(fields[2], fields[-1])
+        lines.append(",".join(fields))
+    return lines
+
+
+def _resume(toy, out, *flags):
+    return _status(["train-metric", "--data", str(toy), "--out", str(out), "--resume", "--crop", "32",
+                    "--batch-size", "4", "--lr", "1e-3", "--epochs", "2", "--max-steps", "6", "--workers", "0",
+                    "--quiet", "--threads", "1", *flags])
+
+
+def test_cli_resume_damaged_or_missing_state_one_line(run, toy, tmp_path, capsys):
+    out = _copy_run(run, tmp_path)
+    state = out / "last" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    log = (out / "log.csv").read_text()
+    assert _resume(toy, out) == 2
+    line = _one_line(capsys)
+    assert str(state) in line and "not a readable checkpoint" in line, line
+    state.unlink()
+    assert _resume(toy, out) == 2
+    line = _one_line(capsys)
+    assert str(state) in line and "Errno" not in line, line
+    torch.save({"step": 3}, state)  # a dict, not ours
+    assert _resume(toy, out) == 2
+    line = _one_line(capsys)
+    assert f"{state}: not a training state of ours (it lacks optimizer" in line, line
+    assert (out / "log.csv").read_text() == log
+
+
+def test_cli_resume_with_changed_options_is_refused(run, toy, tmp_path, capsys):
+    out = _copy_run(run, tmp_path)
+    info = (out / "last" / "training.json").read_text()
+    assert _resume(toy, out, "--lr", "1", "--config", "resnet34") == 2
+    line = _one_line(capsys)
+    assert "--lr: 1.0 (the run's: 0.001)" in line and "--config: resnet34 (the run's: tiny)" in line, line
+    other = toy.parent / "other.csv"  # the same pairs, other scores
+    other.write_text("\n".join(_with_scores(toy, lambda score, split: str(float(score) + 1))) + "\n")
+    try:
+        assert _resume(toy, out, "--data", str(other)) == 2
+    finally:
+        other.unlink()
+    line = _one_line(capsys)
+    assert f"--data: {other} (the run's: {toy})" in line and "the training scores of --data" in line, line
+    assert _resume(toy, out, "--overwrite") == 2
+    assert "--overwrite" in _one_line(capsys)
+    assert (out / "last" / "training.json").read_text() == info
+
+
+def test_resume_records_the_options_it_used(toy, tmp_path, monkeypatch):
+    """A path spelled otherwise is the same option; what is recorded is the run's."""
+    out = tmp_path / "run"
+    train_metric(toy, epochs=2, max_steps=1, out=out, **FAST)
+    monkeypatch.chdir(toy.parent)
+    rows = []
+    train_metric(toy.name, epochs=2, max_steps=2, out=out, resume=True, callback=rows.append, **FAST)
+    info = json.loads((out / "last" / "training.json").read_text())
+    assert [r["step"] for r in rows] == [2] and info["step"] == 2
+    assert info["data"] == str(toy) and info["lr"] == FAST["lr"]
+    with pytest.raises(ValueError, match="--lr: 0.5"):
+        train_metric(toy, epochs=2, max_steps=3, out=out, resume=True, **dict(FAST, lr=0.5))
+
+
+def _nan_after(calls: int):
+    """A stand-in for ``torch.nn.functional`` whose ``mse_loss`` turns NaN after ``calls`` calls."""
+    import types
+
+    import torch.nn.functional as F
+
+    count = [0]
+
+    def mse_loss(pred, target):
+        count[0] += 1
+        loss = F.mse_loss(pred, target)
+        return loss * math.nan if count[0] > calls else loss
+
+    return types.SimpleNamespace(mse_loss=mse_loss)
+
+
+def test_divergence_is_named_and_keeps_the_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    from epban.metric import trainer
+
+    out = tmp_path / "run"
+    with pytest.raises(trainer.TrainingDiverged, match="epoch 1, step 2: the training loss is not finite; "
+                                                       "start again with a lower --lr than 1e\\+06"):
+        train_metric(toy, epochs=1, out=out, **dict(FAST, lr=1e6))
+    assert _log(out / "log.csv") == [] and not (out / "last").exists()
+    # nothing was saved: the same --out starts again without --overwrite
+    train_metric(toy, epochs=1, max_steps=1, out=out, **FAST)
+    # a NaN loss in epoch 2 (step 5): epoch 1's checkpoint stays
+    monkeypatch.setattr(trainer, "F", _nan_after(4))
+    with pytest.raises(trainer.TrainingDiverged, match=f"epoch 2, step 5: .*{out / 'last'}, is kept"):
+        train_metric(toy, epochs=2, out=out, overwrite=True, **FAST)
+    assert json.loads((out / "last" / "training.json").read_text())["step"] == 4
+    assert len(_log(out / "log.csv")) == 1
+
+
+def test_cli_divergence_in_validation_names_no_row(toy, tmp_path, capsys, monkeypatch):
+    from epban.metric import trainer
+
+    real = trainer.predict
+    monkeypatch.setattr(trainer, "predict", lambda *a, **k: real(*a, **k) * math.nan)
+    out = tmp_path / "run"
+    assert _status(["train-metric", "--data", str(toy), "--out", str(out), "--crop", "32", "--batch-size", "4",
+                    "--epochs", "1", "--max-steps", "1", "--workers", "0", "--quiet", "--threads", "1"]) == 2
+    line = _one_line(capsys)
+    assert "training diverged in epoch 1, step 1: the model's scores on the validation images are not finite" \
+        in line and ".csv:" not in line, line
+
+
+def test_constant_val_scores_say_n_a_and_keep_the_last_epoch(toy, tmp_path, capsys):
+    data = tmp_path / "flat.csv"
+    data.write_text("\n".join(_with_scores(toy, lambda score, split: "50" if split == "val" else score)) + "\n")
+    for name in ("SR", "HR"):
+        (tmp_path / name).symlink_to(toy.parent / name)
+    out = tmp_path / "run"
+    assert _status(["train-metric", "--data", str(data), "--out", str(out), "--crop", "32", "--batch-size", "4",
+                    "--epochs", "2", "--max-steps", "5", "--workers", "0", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "val SRCC n/a" in err and "nan" not in err.lower().replace("synthetic", "") and "-inf" not in err, err
+    assert "no epoch had a defined val SRCC" in err and "best is the last validated epoch" in err
+    assert json.loads((out / "best" / "training.json").read_text())["step"] == 5
+
+
+def test_cli_crop_larger_than_images_warns_once(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _status(["train-metric", "--data", str(toy), "--out", str(out), "--crop", "96", "--batch-size", "4",
+                    "--epochs", "1", "--max-steps", "1", "--workers", "0", "--quiet", "--threads", "1"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: 16 of 16 training images are smaller than --crop 96 (the smallest is 64x64): "
+                   "their crops are upsampled to 96x96"], err
+
+
+def test_cli_eval_out_checked_before_scoring(run, toy, tmp_path, capsys, monkeypatch):
+    from epban.metric import evaluate
+
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("scored before checking --out"))
+    a_file = tmp_path / "rgb.png"
+    a_file.write_bytes(b"x")
+    for out, message in [(a_file, f"--out {a_file} is a file"),
+                         (a_file / "sub", f"--out {a_file / 'sub'}: cannot create this folder")]:
+        assert epban_main(["eval-metric", "--data", str(toy), "--split", "val", "--weights", str(run[1]),
+                           "--out", str(out), "--workers", "0", "--quiet"]) == 2
+        line = _one_line(capsys)
+        assert message in line and "Errno" not in line, line
+
+
+@pytest.mark.parametrize("command", ["eval-metric", "train-metric"])
+def test_cli_unreadable_weights_named(toy, tmp_path, capsys, command):
+    weights = tmp_path / "random.png"
+    weights.write_bytes(os.urandom(3000))
+    out = tmp_path / "out"
+    extra = ["--split", "val"] if command == "eval-metric" else ["--config", "resnet34", "--init", "random",
+                                                                  "--epochs", "1"]
+    assert epban_main([command, "--data", str(toy), "--weights", str(weights), "--out", str(out), "--workers", "0",
+                       "--quiet", "--threads", "1"] + extra) == 2
+    line = _one_line(capsys)
+    assert str(weights) in line, line
+    assert not out.exists()

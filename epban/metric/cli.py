@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from epban.cli_errors import CLIError, one_line
-from epban.cli_options import add_threads_option, device_arg
+from epban.cli_options import add_threads_option, device_arg, int_at_least, positive_finite_float
+from epban.models.pban import MIN_INPUT_SIZE
 
 # How exceptions raised in a DataLoader worker name themselves in their message.
 _WORKER_PREFIXES = ("epban.data.manifest.ManifestError: ", "epban.imageio.ImageReadError: ", "ValueError: ")
@@ -18,14 +19,19 @@ def _user_error(exc: BaseException) -> CLIError:
 
 
 def _size_or_none(text: str):
+    """argparse ``type`` of ``--eval-size``: ``full`` (None), ``auto``, or a side the model can score."""
     if text.lower() in ("full", "none", "0"):
         return None
     if text.lower() == "auto":
         return "auto"
     try:
-        return int(text)
+        side = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a side length, 'full' or 'auto', got {text!r}") from None
+        side = -1
+    if side < MIN_INPUT_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a side length >= {MIN_INPUT_SIZE} (the model's smallest "
+                                         f"input), 'full' or 'auto', got {text!r}")
+    return side
 
 
 def cmd_make_dataset(args) -> int:
@@ -74,7 +80,7 @@ def cmd_eval_metric(args) -> int:
     from epban.data.manifest import ManifestError
     from epban import weights
     from epban.imageio import ImageReadError
-    from epban.metric.evaluate import evaluate_metric
+    from epban.metric.evaluate import evaluate_metric, fmt_metric as fmt
 
     # --weights: a path, or the name of bundled weights (as for `epban score`)
     weights_path = weights.path(args.weights) if not Path(args.weights).exists() and \
@@ -89,7 +95,6 @@ def cmd_eval_metric(args) -> int:
             ValueError) as exc:
         # ValueError: an unreadable or mismatched checkpoint, a non-finite score from the model
         raise _user_error(exc) from None
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"{report['split']}: n={report['n']}  SRCC {fmt(report['srcc'])}  KRCC {fmt(report['krcc'])}  "
           f"PLCC {fmt(report['plcc'])}  RMSE {fmt(report['rmse'])}")
     if report.get("logistic"):
@@ -122,10 +127,12 @@ def register(sub) -> None:
     p.add_argument("--root", help="for the authors' list files: the folder holding SR_results/ and HR/")
     p.add_argument("--val-data", help="a separate manifest for validation (default: the 'val' split of --data)")
     p.add_argument("--config", default="tiny", help="model preset: tiny, resnet34, official (default tiny)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int_at_least(1), default=30)
     p.add_argument("--out", required=True,
                    help="run folder: best/, last/, log.csv (new, empty, or an earlier run of ours)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last exactly where it stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN/last exactly where it stopped (with the run's own options: one that "
+                        "defines the training, e.g. --lr, --config, --data, must be the run's)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (removes only what a run writes)")
     p.add_argument("--weights", metavar="BACKBONE",
@@ -133,25 +140,25 @@ def register(sub) -> None:
     p.add_argument("--init", default="auto",
                    help="starting weights: auto (tiny: the bundled SSIM-pretrained weights; others: random), "
                         "random, or a model directory")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--accum-steps", type=int_at_least(1), default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=positive_finite_float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--lr-step", type=int, default=5, help="StepLR period in epochs")
-    p.add_argument("--lr-gamma", type=float, default=0.5)
+    p.add_argument("--lr-step", type=int_at_least(1), default=5, help="StepLR period in epochs")
+    p.add_argument("--lr-gamma", type=positive_finite_float, default=0.5)
     p.add_argument("--lr-schedule", default="step", choices=["step", "cosine"],
                    help="step: StepLR(--lr-step, --lr-gamma) per epoch (default); cosine: to 0 over the run, per step")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (optimiser steps)")
-    p.add_argument("--crops-per-image", type=int, default=1,
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=0, help="linear learning-rate warmup (optimiser steps)")
+    p.add_argument("--crops-per-image", type=int_at_least(1), default=1,
                    help="visits of each training pair per epoch, each with its own random crop (default 1)")
-    p.add_argument("--crop", type=int, help="random square training crops of this size "
-                   "(default: the authors' 768/900/1080 -> 768; 96 for tiny)")
+    p.add_argument("--crop", type=int_at_least(MIN_INPUT_SIZE), help="random square training crops of this size, "
+                   f"at least {MIN_INPUT_SIZE} (default: the authors' 768/900/1080 -> 768; 96 for tiny)")
     p.add_argument("--eval-size", type=_size_or_none, default="auto",
                    help="validation resize: a side length, 'full' (default with --crop/tiny), or 'auto'")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--max-steps", type=int_at_least(1), help="stop after this many optimiser steps")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
     p.add_argument("--no-freeze-stem", action="store_true", help="also train conv1/bn1/layer1")
-    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--workers", type=int_at_least(0), help="DataLoader workers")
     p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -168,8 +175,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="folder for report.json, scatter.png, predictions.csv")
     p.add_argument("--eval-size", type=_size_or_none, default="auto",
                    help="resize to this side, 'full' resolution, or 'auto' (the run's own policy)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--workers", type=int_at_least(0), help="DataLoader workers")
     p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON (without --out)")
     p.add_argument("--quiet", action="store_true")

@@ -38,12 +38,19 @@ def no_sigint_in_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def fmt_metric(value, digits: int = 4) -> str:
+    """A correlation or error for people: ``n/a`` when undefined (None or NaN)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 @torch.no_grad()
 def predict(model, samples: list[Sample], *, eval_size: int | None, batch_size: int = 8,
             device: torch.device | None = None, num_workers: int = 0,
-            ctx: distributed.DistContext | None = None, sizes=None, progress: bool = False) -> np.ndarray:
+            ctx: distributed.DistContext | None = None, sizes=None, progress: bool = False,
+            check_finite: bool = True) -> np.ndarray:
     """The model's scores for ``samples`` in manifest order; under DDP each rank scores a shard
-    and every rank returns all of them."""
+    and every rank returns all of them. ``check_finite``: a non-finite score is a ValueError
+    naming its manifest row (training checks for itself: there, it means divergence)."""
     ctx = ctx or distributed.DistContext(device=device or torch.device("cpu"))
     device = device or ctx.device
     if sizes is None:
@@ -73,7 +80,7 @@ def predict(model, samples: list[Sample], *, eval_size: int | None, batch_size: 
     out = np.full(len(samples), np.nan)
     for idx, val in distributed.all_gather_objects(ctx, local):
         out[idx] = val
-    if not np.isfinite(out).all():
+    if check_finite and not np.isfinite(out).all():
         bad = int(np.flatnonzero(~np.isfinite(out))[0])
         raise ValueError(f"{samples[bad].where}: the metric's score is not finite ({out[bad]})")
     return out
@@ -114,7 +121,7 @@ def scatter_plot(path: Path, samples: list[Sample], preds: np.ndarray, report: d
         ax.plot(xs, logistic4(xs, *report["logistic"]["params"]), color="black", lw=1.5, label="logistic fit")
     ax.set_xlabel("predicted score")
     ax.set_ylabel("score (manifest)")
-    fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: fmt_metric(v, 3)  # noqa: E731
     ax.set_title(f"{title}\nSRCC {fmt(report['srcc'])}  PLCC {fmt(report['plcc'])}  "
                  f"KRCC {fmt(report['krcc'])}  n={report['n']}", fontsize=9)
     if len(methods) > 1 or report.get("logistic"):
@@ -154,6 +161,7 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
 
     samples = select_split(load_manifest(data, root=root), split, data)
     ctx = distributed.setup(device)
+    created = []
     try:
         try:
             model = EfficientPBAN.from_checkpoint(weights, preset=preset) if preset else \
@@ -161,6 +169,9 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
         except FileNotFoundError as exc:
             raise ManifestError(str(exc)) from None
         model = model.to(ctx.device).eval()
+        if out is not None and ctx.is_main:
+            out = Path(out)
+            created = _make_out(out)
         size = resolve_eval_size(Path(weights), model, eval_size)
         workers = default_workers(ctx.device) if num_workers is None else num_workers
         preds = predict(model, samples, eval_size=size, batch_size=batch_size, ctx=ctx, num_workers=workers,
@@ -171,17 +182,48 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
                        "eval_size": size, "synthetic_scores": synthetic})
         report = json_safe(report)
         if out is not None and ctx.is_main:
-            out = Path(out)
-            out.mkdir(parents=True, exist_ok=True)
-            _write_predictions(out / "predictions.csv", samples, preds)
             title = f"{Path(str(weights)).name} on {Path(str(data)).name} [{split or 'all'}]"
             if synthetic:
                 title += " (SYNTHETIC scores)"
-            scatter_plot(out / "scatter.png", samples, preds, report, title)
-            write_json(out / "report.json", report)  # last: its presence means the evaluation completed
+            try:
+                _write_predictions(out / "predictions.csv", samples, preds)
+                scatter_plot(out / "scatter.png", samples, preds, report, title)
+                write_json(out / "report.json", report)  # last: its presence means the evaluation completed
+            except OSError as exc:
+                raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
         return report
+    except BaseException:
+        _remove_empty(created)
+        raise
     finally:
         distributed.cleanup(ctx)
+
+
+def _make_out(out: Path) -> list[Path]:
+    """Create the folder ``out`` before the scoring, so that an unusable one stops the evaluation
+    at once; return the folders created, deepest first."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder (it will hold report.json, scatter.png, "
+                              "predictions.csv)")
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise ValueError(f"--out {out}: cannot create this folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot write in this folder")
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) that exist and are empty: a failed evaluation leaves no trace."""
+    for folder in folders:
+        try:
+            if folder.exists():
+                folder.rmdir()
+        except OSError:
+            return
 
 
 def _write_predictions(path: Path, samples: list[Sample], preds: np.ndarray) -> None:

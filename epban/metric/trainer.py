@@ -36,8 +36,9 @@ from epban.data.dataset import EpochBatchSampler, PairDataset
 from epban.data.manifest import ManifestError, check_images, load_manifest, select_split
 from epban.data.toy import SYNTHETIC_WARNING, is_toy
 from epban.data.transforms import DataPolicy
-from epban.metric.evaluate import MIN_EVAL_SIZE, build_report, default_workers, no_sigint_in_worker, predict
-from epban.models.pban import EfficientPBAN, PBANConfig
+from epban.metric.evaluate import (MIN_EVAL_SIZE, build_report, default_workers, fmt_metric, no_sigint_in_worker,
+                                    predict)
+from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN, PBANConfig
 from epban.training import checkpoint, distributed
 from epban.training.records import write_json
 
@@ -51,6 +52,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, last: Path, step: int):
         super().__init__(f"training interrupted at step {step}; saved {last} (resume with --resume)")
         self.last, self.step = last, step
+
+
+class TrainingDiverged(ValueError):
+    """The training loss or the model's validation scores became non-finite (too high a learning
+    rate); ``last`` holds the last good checkpoint, if one was saved."""
 
 
 class _StopSignal:
@@ -199,9 +205,13 @@ def train_metric(
 
     ``out`` must be new, empty, or a run of ours (``log.csv`` with our header, or a ``last``
     or ``best`` checkpoint): a folder holding anything else is refused, ``overwrite`` or
-    not. An existing run is an error unless ``resume`` or ``overwrite`` is given;
-    ``overwrite`` removes only what a run writes (``RUN_ENTRIES``) and keeps other files.
-    Every image of the train and val splits is opened (``check_images``) before that.
+    not. An existing run is an error unless ``resume`` or ``overwrite`` is given (not both);
+    one that stopped before saving anything (no checkpoint, a ``log.csv`` of its header only)
+    starts again without ``overwrite``. ``overwrite`` removes only what a run writes
+    (``RUN_ENTRIES``) and keeps other files. ``resume``: the options that define the training
+    must be the checkpoint's (``_resumed_run_info``). Every image of the train and val splits
+    is opened (``check_images``) before that. A non-finite training loss or validation score
+    raises ``TrainingDiverged`` (a ValueError); ``last`` keeps the last good checkpoint.
     """
     if epochs < 1 or batch_size < 1 or accum_steps < 1:
         raise ValueError(f"epochs, batch_size and accum_steps must be >= 1, got {epochs}, {batch_size}, {accum_steps}")
@@ -211,8 +221,17 @@ def train_metric(
         raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not (0 < lr < math.inf and 0 < lr_gamma < math.inf and 0 <= weight_decay < math.inf) or lr_step < 1:
+        raise ValueError(f"lr and lr_gamma must be positive and finite, weight_decay finite and >= 0, lr_step >= 1; "
+                         f"got {lr}, {lr_gamma}, {weight_decay}, {lr_step}")
+    for name, side in (("crop", crop), ("eval_size", None if eval_size in ("auto", None, 0) else eval_size)):
+        if side is not None and side < MIN_INPUT_SIZE:
+            raise ValueError(f"{name} must be at least {MIN_INPUT_SIZE} pixels (the model's smallest input), "
+                             f"got {side}")
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass only one of them")
     out = Path(out)
-    config_name = config.name if isinstance(config, PBANConfig) else str(config)
+    config_name = _build_config(config, (0.0, 1.0)).name  # also checks a preset name
     policy = DataPolicy.for_config(config_name) if crop is None else DataPolicy.crop(int(crop))
     if eval_size != "auto":
         policy = dataclasses.replace(policy, eval_size=None if eval_size in (None, 0) else int(eval_size))
@@ -224,20 +243,107 @@ def train_metric(
     val_source = load_manifest(val_data, root=root) if val_data is not None else samples
     val_samples = select_split(val_source, "val" if val_data is None or any(s.split for s in val_source) else None,
                                val_data or data)
-    check_images(train_samples)
+    notes = _upsampling_note(check_images(train_samples), policy, crop)
     val_sizes = check_images(val_samples, MIN_EVAL_SIZE if policy.eval_size is None else 1)
     scores = np.array([s.score for s in train_samples], dtype=np.float64)
     if scores.max() <= scores.min():
         raise ManifestError(f"{data}: all training scores are equal ({scores[0]}); nothing to learn")
     synthetic = is_toy(data)
+    run_info = {
+        "data": str(data), "root": None if root is None else str(root),
+        "val_data": None if val_data is None else str(val_data), "config": config_name,
+        "epochs": epochs, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
+        "weight_decay": weight_decay, "lr_step": lr_step, "lr_gamma": lr_gamma, "lr_schedule": lr_schedule,
+        "warmup_steps": warmup_steps, "crops_per_image": crops_per_image, "seed": seed, "freeze_stem": freeze_stem,
+        "init": "random" if init_dir is None else str(init_dir),
+        "backbone_weights": "hub" if backbone_weights is True else
+        None if backbone_weights in (None, False) else str(backbone_weights),
+        "data_policy": policy.to_dict(), "synthetic_scores": synthetic,
+        "score_stats": {"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean()),
+                        "std": float(scores.std()), "n": int(scores.size)},
+    }
 
     last_dir = _check_out(out, resume, overwrite)
+    resume_state = None
+    if last_dir is not None:  # read now: a damaged checkpoint or changed options stop the run before any step
+        resume_state = checkpoint.load_training_state(last_dir)
+        missing = [key for key in _STATE_KEYS if key not in resume_state]
+        if missing:
+            raise ValueError(f"{last_dir / checkpoint.TRAINING_STATE_FILE}: not a training state of ours "
+                             f"(it lacks {', '.join(missing)})")
+        run_info = _resumed_run_info(last_dir, run_info)
 
     ctx = distributed.setup(device)
     try:
         return _train(**locals())
     finally:
         distributed.cleanup(ctx)
+
+
+def _upsampling_note(sizes: list[tuple[int, int]], policy: DataPolicy, crop: int | None) -> str | None:
+    """A warning when training images are smaller than the training crop: their crops are the
+    whole image side, upsampled (``PairedTrainTransform`` clips the crop to the image). A warning,
+    not an error: sets of mixed sizes (and the authors' 768..1080 crops) clip some crops by design."""
+    small = [hw for hw in sizes if min(hw) < policy.train_size]
+    if not small:
+        return None
+    h, w = min(small, key=min)
+    which = f"--crop {crop}" if crop is not None else f"the default crop, {policy.train_size} (set --crop)"
+    return (f"{len(small)} of {len(sizes)} training images are smaller than {which} (the smallest is {w}x{h}): "
+            f"their crops are upsampled to {policy.train_size}x{policy.train_size}")
+
+
+_STATE_KEYS = ("optimizer", "scheduler", "epoch", "batch_in_epoch", "step", "world_size", "rng")
+# The run record's entries that define the training (see ``_resumed_run_info``), by the option that sets them.
+_DEFINING = {"data": "--data", "root": "--root", "val_data": "--val-data", "config": "--config",
+             "batch_size": "--batch-size", "accum_steps": "--accum-steps", "lr": "--lr",
+             "weight_decay": "--weight-decay", "lr_step": "--lr-step", "lr_gamma": "--lr-gamma",
+             "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps", "crops_per_image": "--crops-per-image",
+             "seed": "--seed", "freeze_stem": "--no-freeze-stem", "init": "--init", "backbone_weights": "--weights",
+             "score_stats": "the training scores of --data"}
+_PATHS = ("data", "root", "val_data", "init", "backbone_weights")
+
+
+def _defining_values(info: dict) -> dict:
+    """``info``'s values that define the training, by option; ``--epochs`` only with the cosine
+    schedule (it sets the schedule's length; with the step schedule it only says when to stop)."""
+    values = {option: info[key] for key, option in _DEFINING.items() if key in info}
+    policy = info.get("data_policy")
+    if policy:
+        crops = policy["crop_sizes"]
+        values["--crop"] = crops[0] if crops == [policy["train_size"]] else f"{crops} -> {policy['train_size']}"
+        values["--eval-size"] = policy["eval_size"] or "full"
+    if info.get("lr_schedule") == "cosine":
+        values["--epochs"] = info.get("epochs")
+    return values
+
+
+def _resumed_run_info(last_dir: Path, run_info: dict) -> dict:
+    """The run record of a resumed run: the options that define the training must equal the
+    checkpoint's (a ValueError lists each difference); what ``--resume`` may change (``--epochs``
+    with the step schedule, ``--max-steps``, the device, workers) is recorded as used."""
+    path = last_dir / checkpoint.TRAINING_INFO_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable run record ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a run record of ours")
+    now, then = _defining_values(run_info), _defining_values(saved)
+    paths = {_DEFINING[key] for key in _PATHS}
+
+    def same(option) -> bool:
+        a, b = now[option], then[option]
+        return a == b or option in paths and None not in (a, b) and Path(a).resolve() == Path(b).resolve()
+
+    changed = [option for option in now if option in then and not same(option)]
+    if changed:
+        shown = lambda v: f"{v['n']} scores, mean {v['mean']:.6g}" if isinstance(v, dict) else v  # noqa: E731
+        listed = "; ".join(f"{option}: {shown(now[option])} (the run's: {shown(then[option])})" for option in changed)
+        raise ValueError(f"--resume continues {last_dir} with its own options, and these differ: {listed}. "
+                         "Drop them to resume, or start a new run (--overwrite or another --out)")
+    # Equal values, but keep the run's spelling of its paths.
+    return {**run_info, **{key: saved[key] for key in _PATHS if key in saved}}
 
 
 def _resolve_init(init, config) -> Path | None:
@@ -317,10 +423,19 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> Path | None:
         if last_dir is None:
             raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last'}")
         return last_dir
-    if ours and not overwrite:
+    if ours and not overwrite and not _started_only(out):
         raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume), overwrite=True "
                               "(--overwrite) or choose another --out")
     return None
+
+
+def _started_only(out: Path) -> bool:
+    """Whether the run in ``out`` stopped before it saved anything: no checkpoint, and a
+    ``log.csv`` of its header only. Nothing is lost by starting it again, without ``overwrite``."""
+    if any(checkpoint.resolve(out / name) is not None for name in ("last", "best")):
+        return False
+    with open(out / "log.csv", newline="", errors="replace") as f:
+        return next(csv.DictReader(f), None) is None
 
 
 def _remove_run(out: Path) -> list[str]:
@@ -340,7 +455,8 @@ def _remove_run(out: Path) -> list[str]:
 
 def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, resume, backbone_weights, max_steps,
            init_dir, quiet, lr_step, lr_gamma, crops_per_image, lr_schedule, warmup_steps, accum_steps, amp,
-           num_workers, freeze_stem, callback, policy, train_samples, val_samples, val_sizes, scores, synthetic, last_dir, ctx, **_unused) -> Path:
+           num_workers, freeze_stem, callback, policy, train_samples, val_samples, val_sizes, scores, synthetic, last_dir,
+           resume_state, run_info, notes, ctx, **_unused) -> Path:
     device = ctx.device
     show = not quiet and ctx.is_main
     if synthetic and show:
@@ -403,21 +519,22 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # -- position in the run -------------------------------------------------------------
-    start_epoch, start_batch, step, best_srcc = 0, 0, 0, -math.inf
+    start_epoch, start_batch, step = 0, 0, 0
+    best_srcc = None  # the best val SRCC so far; None while no epoch had a defined one
     # The current epoch's sums so far (for its log.csv row) and the run's elapsed time, so
     # that a run resumed mid-epoch logs what an uninterrupted one would.
     progress = {"loss_sum": 0.0, "loss_count": 0, "images": 0, "seconds": 0.0, "lr": None, "elapsed_s": 0.0}
     if last_dir is not None:
-        state = checkpoint.load_training_state(last_dir)
-        if state["world_size"] != ctx.world_size or state["batch_size"] != batch_size:
-            print(f"warning: resuming with world size {ctx.world_size} and batch {batch_size}; the run used "
-                  f"{state['world_size']} and {state['batch_size']}: the data order will differ", file=sys.stderr)
+        state = resume_state
+        if state["world_size"] != ctx.world_size:
+            print(f"warning: resuming with world size {ctx.world_size}; the run used {state['world_size']}: "
+                  "the data order will differ", file=sys.stderr)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        best_srcc = state["best_srcc"] if state["best_srcc"] is not None else -math.inf
+        best_srcc = state.get("best_srcc")
         progress.update(state.get("progress") or {})
         rng = state["rng"]
         if ctx.rank < len(rng):
@@ -429,21 +546,15 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
         if kept and show:
             print(f"--overwrite: kept {len(kept)} entries that a run does not write ({', '.join(kept[:3])}"
                   f"{', ...' if len(kept) > 3 else ''})", file=sys.stderr)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_log(out / "log.csv", [])  # marks the folder as a run from its start
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_log(out / "log.csv", [])  # marks the folder as a run from its start
+        except OSError as exc:
+            raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     tb = _tensorboard(out) if ctx.is_main else None
     have_best = checkpoint.resolve(out / "best") is not None
 
-    run_info = {
-        "data": str(data), "config": model.config.name, "epochs": epochs, "batch_size": batch_size,
-        "accum_steps": accum_steps, "lr": lr, "weight_decay": weight_decay, "lr_step": lr_step,
-        "lr_gamma": lr_gamma, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
-        "crops_per_image": crops_per_image, "seed": seed, "world_size": ctx.world_size, "freeze_stem": freeze_stem,
-        "init": "random" if init_dir is None else str(init_dir),
-        "data_policy": policy.to_dict(), "synthetic_scores": synthetic,
-        "score_stats": {"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean()),
-                        "std": float(scores.std()), "n": int(scores.size)},
-    }
+    run_info = {**run_info, "world_size": ctx.world_size}
 
     def save(name: str, *, epoch: int, batch_in_epoch: int, metrics: dict | None, with_state: bool,
              partial: dict | None = None) -> Path:
@@ -459,7 +570,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-                    "best_srcc": None if not math.isfinite(best_srcc) else best_srcc,
+                    "best_srcc": best_srcc,
                     "world_size": ctx.world_size, "batch_size": batch_size, "rng": rng_all,
                     "progress": {**(partial or {"loss_sum": 0.0, "loss_count": 0, "images": 0, "seconds": 0.0,
                                                 "lr": None}),
@@ -469,10 +580,19 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                 **run_info, "epoch": epoch, "step": step, "val": metrics})
         return checkpoint.write_dir_atomic(target, write)
 
-    def validate() -> dict:
+    def diverged(what: str, epoch: int, at_step: int) -> TrainingDiverged:
+        kept = checkpoint.resolve(out / "last")
+        return TrainingDiverged(
+            f"training diverged in epoch {epoch + 1}, step {at_step}: {what}; start again with a lower --lr than "
+            f"{lr:g}" + (f" (--overwrite, or another --out); the last good checkpoint, {kept}, is kept (--init {kept} "
+                         "starts from it)" if kept else " (no checkpoint was saved)"))
+
+    def validate(epoch: int) -> dict:
         distributed.sync_buffers(ctx, model)
         preds = predict(model, val_samples, eval_size=policy.eval_size, batch_size=batch_size, ctx=ctx,
-                        num_workers=workers, sizes=val_sizes)
+                        num_workers=workers, sizes=val_sizes, check_finite=False)
+        if not np.isfinite(preds).all():  # the images were checked: the weights went wrong
+            raise diverged("the model's scores on the validation images are not finite", epoch, step)
         report = build_report(val_samples, preds)
         report.pop("per_method", None)
         return report
@@ -480,10 +600,13 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
     def finish_epoch(epoch: int, batch_in_epoch: int, epoch_loss: float, epoch_lr: float, images: int,
                      seconds: float, partial: dict | None) -> None:
         nonlocal best_srcc, have_best
-        metrics = validate()
-        srcc = metrics["srcc"] if math.isfinite(metrics["srcc"]) else -math.inf
-        improved = srcc > best_srcc or not have_best
-        best_srcc = max(best_srcc, srcc)
+        metrics = validate(epoch - (batch_in_epoch == 0))
+        # A defined SRCC beats an undefined one (constant scores or predictions); while no epoch
+        # had one, the latest epoch is the best.
+        srcc = metrics["srcc"] if math.isfinite(metrics["srcc"]) else None
+        improved = not have_best or (best_srcc is None if srcc is None else best_srcc is None or srcc > best_srcc)
+        if srcc is not None and improved:
+            best_srcc = srcc
         save("last", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=True, partial=partial)
         if improved:
             save("best", epoch=epoch, batch_in_epoch=batch_in_epoch, metrics=metrics, with_state=False)
@@ -500,11 +623,13 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                 for key in ("srcc", "plcc", "krcc", "rmse"):
                     tb.add_scalar(f"val/{key}", metrics[key], step)
             if show:
-                print(f"epoch {row['epoch']}: loss {epoch_loss:.4g}  val SRCC {metrics['srcc']:.4f}  "
-                      f"PLCC {metrics['plcc']:.4f}  RMSE {metrics['rmse']:.4g}" + ("  (best)" if improved else ""),
-                      file=sys.stderr)
+                print(f"epoch {row['epoch']}: loss {epoch_loss:.4g}  val SRCC {fmt_metric(metrics['srcc'])}  "
+                      f"PLCC {fmt_metric(metrics['plcc'])}  RMSE {fmt_metric(metrics['rmse'])}"
+                      + ("  (best)" if improved else ""), file=sys.stderr)
 
     # -- the loop ------------------------------------------------------------------------
+    if notes and ctx.is_main:  # --quiet or not: likely a mistake
+        print(f"warning: {notes}", file=sys.stderr)
     t_start = time.perf_counter() - progress["elapsed_s"]
     stop_reason = None
     with _StopSignal() as stop:
@@ -544,6 +669,10 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
                 loss_count += 1
                 if not sync_now:
                     continue
+                # A non-finite loss: the weights diverged (the images and scores were checked). With
+                # fp16 loss scaling an overflow is normal: the scaler skips that step.
+                if not scaler.is_enabled() and distributed.any_rank(ctx, not bool(torch.isfinite(loss_sum))):
+                    raise diverged("the training loss is not finite", epoch, step + 1)
                 if pending < accum_steps:  # the epoch's last, partial accumulation: average what there is
                     for p in trainable:
                         if p.grad is not None:
@@ -597,7 +726,10 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
         tb.close()
     distributed.barrier(ctx)
     best = out / "best"
-    if show:
+    if best_srcc is None and ctx.is_main:  # --quiet or not: "best" was not chosen by SRCC
+        print(f"note: no epoch had a defined val SRCC (constant scores or predictions on the validation images); "
+              f"best is the last validated epoch: {best}", file=sys.stderr)
+    elif show:
         print(f"best checkpoint (val SRCC {best_srcc:.4f}): {best}", file=sys.stderr)
     return best
 

@@ -531,7 +531,8 @@ class EfficientPBAN(nn.Module):
         try:
             src = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"cannot read ImageNet backbone weights {path}: {exc}") from exc
+            raise ValueError(f"cannot read ImageNet backbone weights {path}: "
+                             f"{_unreadable_checkpoint_reason(path, exc)}") from None
         if not isinstance(src, dict) or not all(isinstance(v, torch.Tensor) for v in src.values()):
             raise ValueError(f"{path}: expected torchvision's ResNet-34 state dict (a dict of tensors), "
                              f"got {type(src).__name__}")
