@@ -76,26 +76,17 @@ def _pairs(sr: Path, hr: Path, skip_bad: bool, skipped: list[str]) -> list[_Pair
     raise CLIError(f"SR and HR must both be files or both be directories: {sr}, {hr}")
 
 
-def _resolve_weights(text: str) -> tuple[Path, str]:
-    """``--weights``: a path, or the name of bundled weights (``epban.weights``)."""
-    from epban import weights
-
-    path = Path(text)
-    if path.exists():
-        return path, text
-    if weights.available(text):
-        return weights.path(text), text
-    bundled = ", ".join(weights.names()) or "none"
-    raise CLIError(f"--weights {text}: no such checkpoint (a folder, an authors' .pth file, or the name of "
-                   f"bundled weights: {bundled})")
-
-
 def _load_metric(text: str | None, device: torch.device) -> _Metric | None:
     from epban.models.pban import EfficientPBAN
 
     if text is None:
         return None
-    path, label = _resolve_weights(text)
+    from epban import weights
+
+    try:
+        path, label = weights.resolve(text), text
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     try:
         model = EfficientPBAN.from_checkpoint(path)
     except (FileNotFoundError, ValueError) as exc:

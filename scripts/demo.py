@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_size=args.patch_size, batch_size=args.sr_batch_size, steps=args.sr_steps, lr=1e-3,
         l1=1.0, ssim=args.ssim, pban=args.pban, pban_weights=str(metric_dir),
         eval_every=args.sr_steps, save_every=args.sr_steps, seed=args.seed, device=str(device),
+        overwrite=True,  # the demo owns its folder: a second run replaces the first
     )
     scorer = PBANLoss(EfficientPBAN.from_checkpoint(metric_dir)).to(device)
     val_set = SRFolderDataset(val_dir, args.scale, augment=False)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import json
+import re
 import shutil
 import sys
 import types
@@ -241,6 +244,47 @@ def test_resume_equals_uninterrupted_run(data_dirs, tiny_pban, tmp_path):
     assert seconds == sorted(seconds)
 
 
+def _patch_loss(monkeypatch, *, interrupt_at: int, nan_at: int | None = None) -> None:
+    """Make the training loss NaN at its ``nan_at``-th call and Ctrl-C arrive at its ``interrupt_at``-th."""
+    from epban.sr import trainer
+
+    calls = []
+
+    class Loss(SRLoss):
+        def forward(self, sr, hr):
+            calls.append(None)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            loss, parts = super().forward(sr, hr)
+            return (loss * float("nan") if len(calls) == nan_at else loss), parts
+
+    monkeypatch.setattr(trainer, "SRLoss", Loss)
+
+
+def test_ctrl_c_saves_a_checkpoint_unless_the_loss_went_non_finite(data_dirs, tiny_pban, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Ctrl-C saves a checkpoint that --resume continues exactly; after a non-finite loss it keeps
+    the last good checkpoint instead."""
+    kw = dict(steps=4, pban=0.0, log_every=1)
+    train_sr(_config(data_dirs, tiny_pban, tmp_path / "straight", **kw))
+    cut = tmp_path / "cut"
+    _patch_loss(monkeypatch, interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_sr(_config(data_dirs, tiny_pban, cut, **kw))
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["step"] == 2
+    _patch_loss(monkeypatch, nan_at=1, interrupt_at=2)  # step 3 goes NaN, Ctrl-C at step 4
+    with pytest.raises(KeyboardInterrupt):
+        train_sr(_config(data_dirs, tiny_pban, cut, resume=True, **(kw | {"log_every": 1000})))
+    assert "no checkpoint was saved" in capsys.readouterr().out
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(w).all() for w in state["net"].values())
+    monkeypatch.undo()
+    train_sr(_config(data_dirs, tiny_pban, cut, resume=True, **kw))
+    a, b = _load(tmp_path / "straight" / "net.pt"), _load(cut / "net.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _csv(cut / "log.csv")] == ["1", "2", "3", "4"]
+
+
 def test_log_columns_say_what_they_hold(data_dirs, tiny_pban, tmp_path):
     """log.csv holds the loss and its unweighted parts under SRLoss's names (ssim_loss = 1 - SSIM,
     pban_loss = the negated rescaled score); eval.csv the metrics, pban_score the raw score."""
@@ -343,16 +387,42 @@ def test_out_must_be_new_empty_or_a_run_of_ours(data_dirs, tiny_pban, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no SR run" in err[0]
 
-    # A run of ours is replaced by a new run (not resumed); files it did not write stay.
+    # A run of ours is refused without --resume or --overwrite (nothing changes); --overwrite
+    # replaces it, and files it did not write stay.
     run = tmp_path / "run"
     train_sr(_config(data_dirs, tiny_pban, run, steps=3, pban=0.0, log_every=1))
     (run / "notes.txt").write_text("keep")
-    train_sr(_config(data_dirs, tiny_pban, run, steps=1, pban=0.0, log_every=1))
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    argv = _argv(data_dirs, run, "--steps", "1")
+    assert "--resume" in _cli_error(capsys, argv) and "--overwrite" in _cli_error(capsys, argv)
+    assert "give one of them" in _cli_error(capsys, [*argv, "--resume", "--overwrite"])
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    train_sr(_config(data_dirs, tiny_pban, run, steps=1, pban=0.0, log_every=1, overwrite=True))
     assert [r["step"] for r in _csv(run / "log.csv")] == ["1"]
     assert (run / "notes.txt").read_text() == "keep"
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 1
     (tmp_path / "empty").mkdir()
     train_sr(_config(data_dirs, tiny_pban, tmp_path / "empty", steps=1, pban=0.0))
+
+
+def _argv(data_dirs, out, *extra) -> list[str]:
+    """``epban train-sr`` on the tiny network and the training images, two steps on the CPU."""
+    train, _ = data_dirs
+    return ["train-sr", "--train", str(train), "--out", str(out), "--net", "tiny", "--scale", "2", "--patch-size", "32",
+            "--batch-size", "2", "--steps", "2", "--device", "cpu", "--quiet", *extra]
+
+
+def _cli_error(capsys, argv) -> str:
+    """The one line ``epban`` prints for a user error (exit status 2)."""
+    from epban.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse's errors
+        status = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    return err[0]
 
 
 def test_ablation_writes_one_table_and_figure(data_dirs, tiny_pban, tmp_path):
@@ -441,9 +511,6 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 def test_cli_train_sr_runs_the_config_it_was_given(data_dirs, tiny_pban, tmp_path, capsys):
     """``epban train-sr`` builds the same ``SRTrainConfig`` as the API and trains it."""
-    import dataclasses
-    import json
-
     from epban.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
@@ -460,6 +527,142 @@ def test_cli_train_sr_runs_the_config_it_was_given(data_dirs, tiny_pban, tmp_pat
     assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(expected)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     assert (out / "net.pt").exists() and (out / "checkpoint.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_places(tmp_path_factory):
+    """A folder with an image too small to validate at x2, and a file where --out needs a folder."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "small").mkdir()
+    write_image(root / "small" / "s.png", torch.rand(3, 8, 8))
+    (root / "afile").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--val", "{val}", "--sample-crop", "1"], "--sample-crop must be at least the scale 2"),
+    (["--val", "{val}", "--sample-crop", "0"], "--sample-crop"),
+    (["--val", "{val}", "--sample-crop", "-3"], "--sample-crop"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--l1", "inf"], "--l1 inf"),
+    (["--val", "{val}", "--max-val-images", "0"], "--max-val-images"),
+    (["--val", "{val}", "--max-val-images", "-1"], "--max-val-images"),
+    (["--stop-at", "0"], "--stop-at"),
+    (["--stop-at", "-2"], "--stop-at"),
+    (["--val-lr", "{val}"], "--val-lr"),
+    (["--seed", "-1"], "--seed"),
+    (["--workers", "-1"], "--workers"),
+    (["--steps", "0"], "--steps"),
+    (["--val", "{bad}/nosuch"], "--val folder"),
+    (["--train", "{bad}/nosuch"], "--train folder"),
+    (["--val", "{bad}/small"], "s.png is 8x8"),
+    (["--out", "{bad}/afile/x"], "--out"),
+    (["--pban", "0.5", "--pban-weights", "no-such-weights"], "--pban-weights no-such-weights"),
+    (["--patch-size", "8", "--ssim", "1"], "--patch-size 8"),
+])
+def test_bad_options_are_refused_at_start_naming_the_option(data_dirs, bad_places, tmp_path, capsys, extra, expected):
+    """Each bad option stops the run before anything is written, in one line that names it."""
+    _, val = data_dirs
+    out = tmp_path / "out"
+    extra = [e.format(val=val, bad=bad_places) for e in extra]
+    assert expected in _cli_error(capsys, [*_argv(data_dirs, out), *extra])
+    assert not out.exists()
+
+
+def test_pban_weights_takes_bundled_names(data_dirs, tmp_path):
+    """--pban-weights tiny-ssim is the bundled metric, as for ``epban score --weights``."""
+    from epban.cli import main
+
+    assert main(_argv(data_dirs, tmp_path / "run", "--steps", "1", "--pban", "0.5", "--pban-weights", "tiny-ssim")) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pban_weights"] == "tiny-ssim"
+
+
+def test_ablation_checks_every_setting_before_the_first(data_dirs, tiny_pban, tmp_path):
+    """A PBAN weight that needs larger crops stops the ablation before L1 trains."""
+    _, val = data_dirs
+    cfg = _config(data_dirs, tiny_pban, tmp_path / "abl", patch_size=16, pban=0.0, ssim=0.0, val=str(val))
+    with pytest.raises(ValueError, match="at least 32 pixels, got --patch-size 16"):
+        run_ablation(cfg, ssim_weight=1.0, pban_weight=0.1)
+    assert not (tmp_path / "abl").exists()
+
+
+def test_ablation_resume_continues_started_settings_and_starts_the_rest(data_dirs, tiny_pban, tmp_path):
+    from epban.sr.trainer import _ablation_settings
+
+    cfg = _config(data_dirs, tiny_pban, tmp_path, resume=True)
+    (tmp_path / "L1").mkdir()
+    (tmp_path / "L1" / "checkpoint.pt").write_bytes(b"")
+    settings = _ablation_settings(cfg, 1.0, 0.5)
+    assert [(c.resume, c.overwrite) for c in settings.values()] == [(True, False)] + [(False, True)] * 3
+    fresh = _ablation_settings(dataclasses.replace(cfg, resume=False), 1.0, 0.5)
+    assert [(c.resume, c.overwrite) for c in fresh.values()] == [(False, False)] * 4
+    _, val = data_dirs
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run_ablation(_config(data_dirs, tiny_pban, tmp_path / "new", resume=True, val=str(val)))
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_message(data_dirs, tmp_path, capsys):
+    from epban.cli import main
+
+    run = tmp_path / "run"
+    assert main(_argv(data_dirs, run, "--stop-at", "1")) == 0
+    ckpt = run / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    state = torch.load(ckpt, weights_only=False)
+    damages = {
+        "truncated": lambda: ckpt.write_bytes(good[: len(good) // 2]),
+        "empty": lambda: ckpt.write_bytes(b""),
+        "random bytes": lambda: ckpt.write_bytes(np.random.default_rng(0).bytes(4096)),
+        "an empty dict": lambda: torch.save({}, ckpt),
+        "a list": lambda: torch.save([1, 2], ckpt),
+        "no config": lambda: torch.save({k: v for k, v in state.items() if k != "config"}, ckpt),
+        "a bad config": lambda: torch.save(state | {"config": "edsr"}, ckpt),
+        "other weights": lambda: torch.save(state | {"net": {"w": torch.zeros(1)}}, ckpt),
+        "bad RNG states": lambda: torch.save(state | {"rng": {"torch": 3}}, ckpt),
+    }
+    for name, damage in damages.items():
+        damage()
+        assert "checkpoint.pt" in _cli_error(capsys, _argv(data_dirs, run, "--resume")), name
+
+
+def test_resume_with_other_training_options_is_refused(data_dirs, tmp_path, capsys):
+    """Options that define the training must equal the checkpoint's (each difference listed with
+    both values); --steps below the checkpoint's step and --stop-at at or before it are refused;
+    options of how the run is watched may change."""
+    from epban.cli import main
+
+    run = tmp_path / "run"
+    assert main(_argv(data_dirs, run, "--steps", "3", "--stop-at", "2")) == 0
+    files = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    err = _cli_error(capsys, _argv(data_dirs, run, "--steps", "3", "--resume", "--lr", "1", "--l1", "2"))
+    assert "--lr 1.0 (checkpoint: 0.0002)" in err and "--l1 2.0 (checkpoint: 1.0)" in err
+    err = _cli_error(capsys, _argv(data_dirs, run, "--steps", "1", "--resume"))
+    assert "--steps 1 (checkpoint: 3)" in err
+    assert "--stop-at 2" in _cli_error(capsys, _argv(data_dirs, run, "--steps", "3", "--resume", "--stop-at", "2"))
+    for extra in (["--ssim", "1"], ["--seed", "1"], ["--batch-size", "1"]):
+        assert extra[0] in _cli_error(capsys, _argv(data_dirs, run, "--steps", "3", "--resume", *extra)), extra
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert main(_argv(data_dirs, run, "--steps", "3", "--resume", "--log-every", "1", "--eval-every", "5")) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(data_dirs, tmp_path, capsys):
+    """A learning rate that makes the loss non-finite stops the run (exit 2, naming the step and
+    --lr) before it logs, validates or saves anything non-finite."""
+    _, val = data_dirs
+    run = tmp_path / "run"
+    err = _cli_error(capsys, _argv(data_dirs, run, "--lr", "1e6", "--steps", "6", "--save-every", "1",
+                                   "--log-every", "1", "--val", str(val), "--eval-every", "1"))
+    first = int(re.search(r"not finite from step (\d+)", err).group(1))
+    assert "--lr" in err and first > 1
+    assert not (run / "net.pt").exists() and not (run / "metrics.json").exists()
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == first - 1
+    assert all(torch.isfinite(w).all() for w in state["net"].values())
+    assert [int(r["step"]) for r in _csv(run / "log.csv")] == list(range(1, first))
+    assert all(np.isfinite(float(r["loss"])) for r in _csv(run / "log.csv"))
+    assert [int(r["step"]) for r in _csv(run / "eval.csv")] == list(range(1, first))
 
 
 def test_train_sr_script_is_the_command():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from epban.cli_errors import CLIError, one_line
 from epban.cli_options import add_threads_option, device_arg, int_at_least, positive_finite_float
@@ -82,12 +81,9 @@ def cmd_eval_metric(args) -> int:
     from epban.imageio import ImageReadError
     from epban.metric.evaluate import evaluate_metric, fmt_metric as fmt
 
-    # --weights: a path, or the name of bundled weights (as for `epban score`)
-    weights_path = weights.path(args.weights) if not Path(args.weights).exists() and \
-        weights.available(args.weights) else args.weights
     try:
         report = evaluate_metric(
-            args.data, weights=weights_path, split=None if args.split == "all" else args.split, out=args.out,
+            args.data, weights=weights.resolve(args.weights), split=None if args.split == "all" else args.split, out=args.out,
             device=args.device, root=args.root, batch_size=args.batch_size, eval_size=args.eval_size,
             preset=args.preset, num_workers=args.workers, quiet=args.quiet,
         )

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from epban.cli_errors import CLIError
-from epban.cli_options import add_threads_option, device_arg
+from epban.cli_errors import one_line
+from epban.cli_options import add_threads_option, device_arg, int_at_least, positive_finite_float
 from epban.sr.networks import NETWORKS
 from epban.sr.spandrel_models import SpandrelMissing
 from epban.sr.trainer import ABLATION_WEIGHTS, PBAN_MODES, SRTrainConfig, run_ablation, train_sr
 
+# How errors raised in a DataLoader worker name themselves in their message.
+_WORKER_PREFIXES = ("epban.imageio.ImageReadError: ", "ValueError: ")
 DESCRIPTION = "Train an SR network against L1, SSIM and a frozen Efficient-PBAN metric."
 
 
@@ -27,11 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-lr", help="paired LR folder for --val")
     g.add_argument("--scale", type=int, default=defaults.scale, choices=(2, 3, 4),
                    help="upscaling factor (default: the model's with --net-weights, else 4)")
-    g.add_argument("--patch-size", type=int, default=defaults.patch_size, help="HR crop side (default: %(default)s)")
+    g.add_argument("--patch-size", type=int_at_least(1), default=defaults.patch_size, help="HR crop side (default: %(default)s)")
     g.add_argument("--full-res", action="store_true", help="train on whole images instead of crops")
     g.add_argument("--modcrop", action="store_true", help="trim HR images to a multiple of the scale")
-    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    g.add_argument("--max-val-images", type=int, default=None, help="validate on the first N images only")
+    g.add_argument("--workers", type=int_at_least(0), default=None, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--max-val-images", type=int_at_least(1), default=None, help="validate on the first N images only")
 
     g = p.add_argument_group("model and loss")
     g.add_argument("--net", default=defaults.net, choices=sorted(NETWORKS),
@@ -46,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l1", type=float, default=defaults.l1, help="weight of L1 (default: %(default)s)")
     g.add_argument("--ssim", type=float, default=None, help=f"weight of 1 - SSIM (default 0; with --ablation: {ABLATION_WEIGHTS['ssim']:g})")
     g.add_argument("--pban", type=float, default=None, help=f"weight of the PBAN loss (default 0; with --ablation: {ABLATION_WEIGHTS['pban']:g})")
-    g.add_argument("--pban-weights", help="trained metric: an epban checkpoint directory or the authors' .pth")
+    g.add_argument("--pban-weights", help="trained metric: an epban checkpoint directory, the authors' .pth, "
+                                          "or bundled weights by name (e.g. tiny-ssim)")
     g.add_argument("--pban-mode", default=defaults.pban_mode, choices=PBAN_MODES,
                    help="the metric as a loss: fast = loss mode in float32 (BatchNorm folded, channels_last, fused "
                         "kernels, CUDA graphs for crops on CUDA; scores within 1e-5), fast-bf16 = the same in "
@@ -55,19 +58,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run L1, L1+SSIM, L1+PBAN, L1+SSIM+PBAN with the same seed, data and budget")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate, cosine decay to 1%% (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="network init and data order (default: %(default)s)")
+    g.add_argument("--steps", type=int_at_least(1), default=defaults.steps, help="optimiser steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=defaults.batch_size, help="per process (default: %(default)s)")
+    g.add_argument("--lr", type=positive_finite_float, default=defaults.lr, help="Adam learning rate, cosine decay to 1%% (default: %(default)s)")
+    g.add_argument("--seed", type=int_at_least(0), default=defaults.seed, help="network init and data order (default: %(default)s)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=defaults.out, help="run folder (default: %(default)s)")
-    g.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between validations (default: %(default)s)")
-    g.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints (default: %(default)s)")
-    g.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between log.csv rows (default: %(default)s)")
-    g.add_argument("--sample-crop", type=int, default=defaults.sample_crop, help="HR crop side in the side-by-side PNGs (default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
-    g.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+    g.add_argument("--out", default=defaults.out,
+                   help="run folder: new, empty, or an earlier run (with --resume or --overwrite) (default: %(default)s)")
+    g.add_argument("--eval-every", type=int_at_least(1), default=defaults.eval_every, help="steps between validations (default: %(default)s)")
+    g.add_argument("--save-every", type=int_at_least(1), default=defaults.save_every, help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--log-every", type=int_at_least(1), default=defaults.log_every, help="steps between log.csv rows (default: %(default)s)")
+    g.add_argument("--sample-crop", type=int_at_least(1), default=defaults.sample_crop, help="HR crop side in the side-by-side PNGs (default: %(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt exactly (the options that define the training must be the run's)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (removes only the files a run writes)")
+    g.add_argument("--stop-at", type=int_at_least(1), default=None, metavar="STEP",
                    help="stop after STEP with a checkpoint (for time-limited jobs; continue with --resume)")
     g.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_threads_option(g)
@@ -92,8 +99,10 @@ def cmd_train_sr(args: argparse.Namespace) -> int:
                          pban_weight=args.pban or ABLATION_WEIGHTS["pban"])
         else:
             train_sr(config)
-    except (ValueError, FileNotFoundError, SpandrelMissing) as exc:
-        raise CLIError(str(exc)) from None
+    except (ValueError, OSError, SpandrelMissing) as exc:
+        # ValueError: our checks of the options, images, checkpoints and --out, a diverged run;
+        # OSError: a file that cannot be read or written (the message names it)
+        raise one_line(exc, _WORKER_PREFIXES) from None
     except KeyboardInterrupt:  # the trainer saved a checkpoint and said so
         return 130
     return 0

@@ -53,9 +53,9 @@ def _images_in(folder: str | Path, role: str) -> list[Path]:
     return paths
 
 
-def _pair_lr(hr_paths: list[Path], lr_folder: str | Path, scale: int) -> list[Path]:
+def _pair_lr(hr_paths: list[Path], lr_folder: str | Path, scale: int, role: str = "LR") -> list[Path]:
     """The LR file of each HR file: the same stem, or the stem + 'x{scale}' (DIV2K's naming)."""
-    by_stem = {p.stem: p for p in _images_in(lr_folder, "LR")}
+    by_stem = {p.stem: p for p in _images_in(lr_folder, role)}
     lr_paths = []
     for hr in hr_paths:
         lr = by_stem.get(hr.stem) or by_stem.get(f"{hr.stem}x{scale}")
@@ -79,7 +79,8 @@ class SRFolderDataset(Dataset):
 
     ``patch_size`` is the HR crop side (a multiple of ``scale``), or None for whole images
     (``--full-res``). ``modcrop`` trims each HR image to a multiple of ``scale`` instead of
-    refusing it. Items are dicts with ``lr``, ``hr`` (float32, [0, 1]) and ``name``.
+    refusing it. ``names`` is how messages name the HR and the LR folder (the CLI: its
+    options). Items are dicts with ``lr``, ``hr`` (float32, [0, 1]) and ``name``.
 
     Every image (HR and paired LR) is opened when the dataset is made (``image_size`` with
     ``verify``): a file that cannot be read, or sizes that do not fit, stop a run before its
@@ -91,14 +92,15 @@ class SRFolderDataset(Dataset):
     """
 
     def __init__(self, hr_folder, scale: int, *, lr_folder=None, patch_size: int | None = None,
-                 augment: bool = True, modcrop: bool = False, quantize_lr: bool = True):
+                 augment: bool = True, modcrop: bool = False, quantize_lr: bool = True,
+                 names: tuple[str, str] = ("HR", "LR")):
         if scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {scale}")
         if patch_size is not None and (patch_size <= 0 or patch_size % scale):
             raise ValueError(f"the HR patch size must be a positive multiple of the scale {scale}, got {patch_size}")
         self.scale, self.patch_size, self.augment, self.modcrop, self.quantize_lr = scale, patch_size, augment, modcrop, quantize_lr
-        self.hr_paths = _images_in(hr_folder, "HR")
-        self.lr_paths = _pair_lr(self.hr_paths, lr_folder, scale) if lr_folder is not None else None
+        self.hr_paths = _images_in(hr_folder, names[0])
+        self.lr_paths = _pair_lr(self.hr_paths, lr_folder, scale, names[1]) if lr_folder is not None else None
         self.sizes = [self._check(i, hr) for i, hr in enumerate(self.hr_paths)]
 
     def _check(self, i: int, hr: Path) -> tuple[int, int]:

@@ -17,6 +17,12 @@ import torch
 from epban.ops.ssim import ssim
 
 YCBCR_Y = (65.481, 128.553, 24.966)
+SSIM_WINDOW = 11  # the Gaussian window's side: SSIM needs at least this many pixels each way
+
+
+def min_image_side(crop: int) -> int:
+    """The smallest image side that ``psnr_y`` and ``ssim_y`` take with a ``crop``-pixel border crop."""
+    return 2 * crop + SSIM_WINDOW
 
 
 def rgb_to_y(image: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,12 @@ scheduler, step, RNG states: ``resume=True`` continues exactly where it stopped,
 (``net.pt``; for a spandrel model ``net.pth`` or ``net.safetensors`` in its input file's
 layout and names) and ``metrics.json`` (final and bicubic metrics).
 
-Everything is checked before anything is written: every training and validation image is
-opened (``SRFolderDataset``), the networks load, and ``out`` must be empty, new, or a run of
-ours (its ``config.json`` says so); a run of ours is replaced unless resumed.
+Everything is checked before anything is written: the options, every training and validation
+image (``SRFolderDataset``), the networks, and ``out``, which must be empty, new, or a run of
+ours (its ``config.json`` says so); a run of ours is continued with ``resume`` (the options
+that define the training must equal the checkpoint's) or replaced with ``overwrite``, and
+refused otherwise. A training loss that turns non-finite stops the run before it writes a
+log row, a validation or a file (``TrainingDiverged``): the last checkpoint stays good.
 
 The network trains in bf16 autocast on CUDA (``amp``); the loss is computed in float32
 (SSIM's variances cancel catastrophically in bf16), and validation runs in float32 (bf16
@@ -30,6 +33,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,7 @@ from epban.losses import SRLoss
 from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN
 from epban.sr.data import SRFolderDataset, StepSampler, collate
 from epban.sr.evaluate import autocast_for, evaluate, load_lpips
+from epban.sr.metrics import SSIM_WINDOW, min_image_side
 from epban.sr.networks import NETWORKS, build_network, freeze_parameters
 from epban.sr.report import ablation_markdown, comparison_crops, save_grid, save_side_by_side
 from epban.training import checkpoint, distributed
@@ -97,6 +103,7 @@ class SRTrainConfig:
     max_val_images: int | None = None
     sample_crop: int = 128  # HR side of the crops in the side-by-side PNGs
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run in ``out`` (only the files a run writes)
     stop_at: int | None = None  # stop after this step with a checkpoint (time-limited jobs); resume later
     quiet: bool = False
 
@@ -107,13 +114,25 @@ class SRTrainConfig:
             raise ValueError(f"unknown SR network {self.net!r}; expected one of {sorted(NETWORKS)}")
         if self.scale is not None and self.scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
-        for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if min(self.l1, self.ssim, self.pban) < 0 or self.l1 + self.ssim + self.pban == 0:
-            raise ValueError(f"loss weights must be non-negative and not all zero, got l1={self.l1}, ssim={self.ssim}, pban={self.pban}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        for name, least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("save_every", 1), ("log_every", 1),
+                            ("sample_crop", self.scale or 1), ("seed", 0), ("workers", 0), ("max_val_images", 1),
+                            ("stop_at", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                what = f"the scale {self.scale}" if name == "sample_crop" else least
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {what}, got {value}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
+        weights = (self.l1, self.ssim, self.pban)
+        if not all(0 <= w < math.inf for w in weights) or sum(weights) == 0:
+            raise ValueError(f"loss weights must be finite, non-negative and not all zero, got --l1 {self.l1}, "
+                             f"--ssim {self.ssim}, --pban {self.pban}")
+        if self.val_lr and not self.val:
+            raise ValueError("--val-lr pairs LR images with the validation images of --val: give --val too")
+        if self.ssim > 0 and not self.full_res and self.patch_size < SSIM_WINDOW:
+            raise ValueError(f"the SSIM loss needs crops of at least {SSIM_WINDOW} pixels, got --patch-size {self.patch_size}")
         if self.pban_mode not in PBAN_MODES:
             raise ValueError(f"pban_mode must be one of {PBAN_MODES}, got {self.pban_mode!r}")
         if self.pban > 0 and not self.pban_weights:
@@ -177,14 +196,32 @@ def is_sr_run(folder: Path) -> bool:
     return isinstance(saved, dict) and {"train", "scale", "steps", "l1"} <= set(saved)
 
 
-def check_out(out: Path) -> None:
-    """``out`` must not exist, be empty, or hold a run of ours; ``ValueError`` otherwise."""
+def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """``out`` must be a folder we may write in that is new, empty, or a run of ours, and a run of
+    ours needs ``resume`` (continue it) or ``overwrite`` (replace it); ``ValueError`` otherwise."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_sr_run(out):
-        raise ValueError(f"--out {out} is not empty and holds no SR run of ours (no {CONFIG_FILE} of train-sr); "
-                         "choose another --out or empty it")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to write in {existing}")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_sr_run(out):
+            raise ValueError(f"--out {out} is not empty and holds no SR run of ours (no {CONFIG_FILE} of train-sr); "
+                             "choose another --out or empty it")
+        if not (resume or overwrite):
+            raise ValueError(f"--out {out} already holds a train-sr run: pass --resume to continue it, --overwrite "
+                             "to replace it (removes only the files a run writes), or choose another --out")
+
+
+def make_out(out: Path) -> None:
+    """Create ``out``; an error that names --out if the system refuses."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
 
 def clear_run(out: Path) -> None:
@@ -216,30 +253,48 @@ def save_checkpoint(path: Path, net, optimizer, scheduler, step: int, config: SR
     checkpoint.save_atomic(state, path)
 
 
-RESUME_MUST_MATCH = ("net", "net_weights", "freeze", "scale", "batch_size", "seed", "patch_size", "full_res",
-                     "train", "train_lr")
+# The options a resumed run may change: where and how it runs, what it validates, how often it
+# writes. Every other option defines the training and must equal the checkpoint's.
+RESUME_FREE = ("out", "resume", "overwrite", "stop_at", "quiet", "device", "workers", "amp", "channels_last",
+               "pban_mode", "val", "val_lr", "max_val_images", "eval_every", "save_every", "log_every", "sample_crop")
+CHECKPOINT_KEYS = ("net", "optimizer", "scheduler", "step", "rng", "config")
 
 
-def load_checkpoint(path: Path, net, optimizer, scheduler, config: SRTrainConfig) -> tuple[int, float]:
-    """Restore a ``save_checkpoint`` into ``net``, ``optimizer``, ``scheduler`` and the RNGs; return
-    its step and the training seconds before it.
-
-    The settings that fix the data order and the network (``RESUME_MUST_MATCH``) must equal the saved ones.
-    """
+def read_checkpoint(path: Path, config: SRTrainConfig) -> dict:
+    """The ``save_checkpoint`` state at ``path``, to resume ``config`` (as ``load_network`` returns it)
+    from: ``ValueError`` naming the file if it is not one, or if an option that defines the training
+    differs from the checkpoint's (each such option is listed with both values)."""
     if not path.exists():
         raise ValueError(f"nothing to resume: {path} does not exist")
     state = checkpoint.load_state(path)
-    saved = state["config"]
-    defaults = dataclasses.asdict(SRTrainConfig(train=""))
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != getattr(config, k)]
-    if changed:
-        raise ValueError(f"cannot resume {path} with different {', '.join(changed)} "
-                         f"(saved: {[saved.get(k, defaults[k]) for k in changed]})")
-    net.load_state_dict(state["net"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    checkpoint.restore_rng(state["rng"])
-    return int(state["step"]), float(state.get("seconds", 0.0))
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["step"], int):
+        raise ValueError(f"{path}: not a train-sr checkpoint (" + (f"no {', '.join(missing)})" if missing else
+                                                                   "a malformed config or step)"))
+    saved, defaults = state["config"], dataclasses.asdict(SRTrainConfig(train=""))
+    differ = [k for k in defaults if k not in RESUME_FREE and saved.get(k, defaults[k]) != getattr(config, k)]
+    if differ:
+        listed = "; ".join(f"--{k.replace('_', '-')} {getattr(config, k)} (checkpoint: {saved.get(k, defaults[k])})"
+                           for k in differ)
+        raise ValueError(f"cannot resume {path}: options that define the training differ from the checkpoint's: "
+                         f"{listed}. Give the checkpoint's values, or start a new run (--overwrite or another --out)")
+    if config.stop_at is not None and config.stop_at <= state["step"]:
+        raise ValueError(f"--stop-at {config.stop_at}: {path} is already at step {state['step']}")
+    return state
+
+
+def restore_checkpoint(path: Path, state: dict, net, optimizer, scheduler) -> tuple[int, float]:
+    """Put a ``read_checkpoint`` state into ``net``, ``optimizer``, ``scheduler`` and the RNGs; return
+    its step and the training seconds before it."""
+    try:
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.restore_rng(state["rng"])
+        return state["step"], float(state.get("seconds", 0.0))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        reason = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise ValueError(f"{path}: a damaged train-sr checkpoint ({type(exc).__name__}: {reason})") from None
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -288,9 +343,21 @@ class _CsvLog:
 
 
 def _load_pban(config: SRTrainConfig, device):
+    """The metric of ``--pban-weights``: a path, or the name of bundled weights (as ``epban score
+    --weights`` takes it)."""
+    from epban import weights
+
     if not config.pban_weights:
         return None
-    return EfficientPBAN.from_checkpoint(config.pban_weights).to(device).eval()
+    path = weights.resolve(config.pban_weights, "--pban-weights")
+    try:
+        return EfficientPBAN.from_checkpoint(path).to(device).eval()
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"--pban-weights: {exc}") from None
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became non-finite; nothing was written after the last good checkpoint."""
 
 
 # ---------------------------------------------------------------------------- training
@@ -307,31 +374,38 @@ def train_sr(config: SRTrainConfig) -> dict:
     """Train (or resume) one SR run; returns the summary also written to ``out/metrics.json``."""
     config.validate()
     config, loaded = load_network(config)
+    config.validate()  # again: the model file may set the scale
+    check_out(Path(config.out), config.resume, config.overwrite)
+    state = read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config) if config.resume else None
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, ctx, loaded)
+        return _train(config, ctx, loaded, state)
     finally:
         distributed.cleanup(ctx)
 
 
 def _datasets(config: SRTrainConfig):
     """The training and validation sets (every image opened and checked)."""
-    train_set = SRFolderDataset(config.train, config.scale, lr_folder=config.train_lr,
+    train_set = SRFolderDataset(config.train, config.scale, lr_folder=config.train_lr, names=("--train", "--train-lr"),
                                 patch_size=None if config.full_res else config.patch_size, modcrop=config.modcrop)
     val_set = None
     if config.val:
         val_set = SRFolderDataset(config.val, config.scale, lr_folder=config.val_lr, patch_size=None,
-                                  augment=False, modcrop=config.modcrop)
-        if config.max_val_images:
+                                  augment=False, modcrop=config.modcrop, names=("--val", "--val-lr"))
+        if config.max_val_images is not None:
             val_set.limit(config.max_val_images)
-        if config.pban_weights:
-            small = [p for p, hw in zip(val_set.hr_paths, val_set.sizes) if min(hw) < MIN_INPUT_SIZE]
-            if small:
-                raise ValueError(f"{small[0]} is smaller than the {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} the PBAN score needs")
+        side = min_image_side(config.scale)  # PSNR and SSIM on Y after a scale-pixel border crop
+        for path, (h, w) in zip(val_set.hr_paths, val_set.sizes):
+            if min(h, w) < side:
+                raise ValueError(f"{path} is {h}x{w}: validation at x{config.scale} needs images of at least "
+                                 f"{side}x{side} (SSIM's {SSIM_WINDOW}-pixel window after a {config.scale}-pixel "
+                                 "border crop); drop it from --val")
+            if config.pban_weights and min(h, w) < MIN_INPUT_SIZE:
+                raise ValueError(f"{path} is smaller than the {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} the PBAN score needs")
     return train_set, val_set
 
 
-def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
+def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded, state: dict | None) -> dict:
     device = ctx.device
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     workers = (4 if device.type == "cuda" else 0) if config.workers is None else config.workers
@@ -356,10 +430,10 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=config.lr * 0.01)
 
     ckpt_path = out / CHECKPOINT_FILE
-    check_out(out)
-    step, seconds_before = load_checkpoint(ckpt_path, net, optimizer, scheduler, config) if config.resume else (0, 0.0)
+    step, seconds_before = restore_checkpoint(ckpt_path, state, net, optimizer, scheduler) if state else (0, 0.0)
+    saved_step = step if state else None  # the step of the last good checkpoint
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_out(out)
         if config.resume:
             for name in ("log.csv", "eval.csv"):
                 truncate_log(out / name, step)
@@ -415,6 +489,17 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
                           title=f"{config.net_label} x{config.scale}, step {step}")
         say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in m["mean"].items()))
 
+    # The first step whose loss was not finite (0: none), kept on the device (no sync per step) and
+    # checked before anything is logged, validated or saved.
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)
+
+    def check_finite():
+        first = int(nonfinite)
+        if distributed.any_rank(ctx, first > 0):
+            saved = f"the checkpoint of step {saved_step} is kept" if saved_step else "no checkpoint was written"
+            raise TrainingDiverged(f"the training loss is not finite from step {first or step} on: the run diverged "
+                                   f"({saved}); lower --lr (now {config.lr:g}) and start again with --overwrite")
+
     net.train()
     criterion.train()
     start = time.time() - seconds_before  # log.csv's seconds count the whole run, across resumes
@@ -438,7 +523,13 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
             optimizer.step()
             scheduler.step()
             step += 1
-            if loss_log is not None and (step % config.log_every == 0 or step == config.steps):
+            nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach()), step, nonfinite)
+            last = step == config.steps
+            log_now, eval_now = step % config.log_every == 0 or last, step % config.eval_every == 0 or last
+            save_now, stop_now = step % config.save_every == 0 or last, config.stop_at is not None and step >= config.stop_at
+            if log_now or eval_now or save_now or stop_now:
+                check_finite()
+            if loss_log is not None and log_now:
                 row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                        "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - start, 2)}
                 loss_log.write(row)
@@ -446,22 +537,25 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded) -> dict:
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
             if bar is not None:
                 bar.update(1)
-            if step % config.eval_every == 0 or step == config.steps:
+            if eval_now:
                 run_eval()
                 distributed.barrier(ctx)
-            if step % config.save_every == 0 or step == config.steps:
+            if save_now or stop_now:
                 if ctx.is_main:
                     save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
+                saved_step = step
                 distributed.barrier(ctx)
-            if config.stop_at is not None and step >= config.stop_at:
-                if ctx.is_main:
-                    save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
-                    say(f"stopped at step {step} (--stop-at); continue with --resume")
+            if stop_now:
+                say(f"stopped at step {step} (--stop-at); continue with --resume")
                 break
     except KeyboardInterrupt:
         if ctx.is_main:
-            save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
-            print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (resume with --resume)")
+            if int(nonfinite):  # keep the last good checkpoint rather than non-finite weights
+                print(f"\ninterrupted at step {step}; the loss was not finite from step {int(nonfinite)} on, so no "
+                      f"checkpoint was saved ({ckpt_path} is of step {saved_step or 'none'})")
+            else:
+                save_checkpoint(ckpt_path, net, optimizer, scheduler, step, config, time.time() - start)
+                print(f"\ninterrupted at step {step}; checkpoint saved to {ckpt_path} (resume with --resume)")
         raise
     finally:
         if bar is not None:
@@ -497,7 +591,8 @@ def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS
     """The paper's four loss settings with the same seed, data and budget; one table and one figure.
 
     Each setting trains in ``out/<setting>/``; ``out/ablation.md``, ``out/ablation.json``
-    and ``out/ablation.png`` (bicubic / each setting / HR crops) compare them.
+    and ``out/ablation.png`` (bicubic / each setting / HR crops) compare them. With ``resume``
+    the settings with a checkpoint continue and the others start.
     """
     if not config.pban_weights:
         raise ValueError("--ablation needs --pban-weights (the L1+PBAN settings use it, all settings are scored with it)")
@@ -505,29 +600,50 @@ def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS
         raise ValueError("--ablation needs a validation folder (--val)")
     config.validate()
     config, _ = load_network(config)
-    _datasets(config)  # bad images stop the ablation before anything is written
+    config.validate()
     out = Path(config.out)
-    check_out(out)
+    check_out(out, config.resume, config.overwrite)
+    settings = _ablation_settings(config, ssim_weight, pban_weight)
+    if config.resume and not any(c.resume for c in settings.values()):
+        raise ValueError(f"nothing to resume: no setting in {out} has a {CHECKPOINT_FILE}")
+    for run_cfg in settings.values():  # every setting's options and folder, before the first one trains
+        run_cfg.validate()
+        check_out(Path(run_cfg.out), run_cfg.resume, run_cfg.overwrite)
+        if run_cfg.resume:
+            read_checkpoint(Path(run_cfg.out) / CHECKPOINT_FILE, run_cfg)
+    _datasets(config)  # bad images stop the ablation before anything is written
+    _load_pban(config, "cpu")
     ctx = distributed.setup(config.device)  # one process group for the four runs
     try:
         if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+            make_out(out)
             if not config.resume:
                 clear_run(out)
             weights = {"ssim": ssim_weight, "pban": pban_weight}
             write_json(out / CONFIG_FILE, dataclasses.asdict(config) | {"ablation": weights})
         distributed.barrier(ctx)
-        return _ablation(config, ctx, ssim_weight, pban_weight)
+        return _ablation(config, ctx, settings)
     finally:
         distributed.cleanup(ctx)
 
 
-def _ablation(config: SRTrainConfig, ctx: distributed.DistContext, ssim_weight: float, pban_weight: float) -> dict:
+def _ablation_settings(config: SRTrainConfig, ssim_weight: float, pban_weight: float) -> dict[str, SRTrainConfig]:
+    """The run config of each setting: resumed where ``resume`` finds its checkpoint, else started
+    (replacing what a setting that died before its first checkpoint left)."""
+    settings = {}
+    for name, use_ssim, use_pban in ABLATION_SETTINGS:
+        folder = Path(config.out) / name.replace("+", "_")
+        resume = config.resume and (folder / CHECKPOINT_FILE).exists()
+        settings[name] = dataclasses.replace(config, out=str(folder), l1=1.0, ssim=ssim_weight if use_ssim else 0.0,
+                                             pban=pban_weight if use_pban else 0.0, resume=resume,
+                                             overwrite=not resume and (config.overwrite or config.resume))
+    return settings
+
+
+def _ablation(config: SRTrainConfig, ctx: distributed.DistContext, settings: dict[str, SRTrainConfig]) -> dict:
     out = Path(config.out)
     results = []
-    for name, use_ssim, use_pban in ABLATION_SETTINGS:
-        run_cfg = dataclasses.replace(config, out=str(out / name.replace("+", "_")), l1=1.0,
-                                      ssim=ssim_weight if use_ssim else 0.0, pban=pban_weight if use_pban else 0.0)
+    for name, run_cfg in settings.items():
         summary = train_sr(run_cfg)
         results.append({"setting": name, "out": run_cfg.out,
                         "weights": {"l1": run_cfg.l1, "ssim": run_cfg.ssim, "pban": run_cfg.pban},

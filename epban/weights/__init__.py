@@ -27,3 +27,15 @@ def path(name: str) -> Path:
     if not available(name):
         raise FileNotFoundError(f"no bundled weights {name!r} in {ROOT}; bundled: {names() or 'none'}")
     return ROOT / name
+
+
+def resolve(text: str, option: str = "--weights") -> Path:
+    """What a ``--weights``-like option names: an existing path, else bundled weights by name;
+    ValueError (naming ``option``) when it is neither."""
+    given = Path(text)
+    if given.exists():
+        return given
+    if available(text):
+        return ROOT / text
+    raise ValueError(f"{option} {text}: no such checkpoint (a folder, an authors' .pth file, or the name of "
+                     f"bundled weights: {', '.join(names()) or 'none'})")
