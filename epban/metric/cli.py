@@ -9,14 +9,6 @@ from epban.cli_errors import CLIError, one_line
 from epban.cli_options import add_threads_option, device_arg, int_at_least, positive_finite_float
 from epban.models.pban import MIN_INPUT_SIZE
 
-# How exceptions raised in a DataLoader worker name themselves in their message.
-_WORKER_PREFIXES = ("epban.data.manifest.ManifestError: ", "epban.imageio.ImageReadError: ", "ValueError: ")
-
-
-def _user_error(exc: BaseException) -> CLIError:
-    return one_line(exc, _WORKER_PREFIXES)
-
-
 def _size_or_none(text: str):
     """argparse ``type`` of ``--eval-size``: ``full`` (None), ``auto``, or a side the model can score."""
     if text.lower() in ("full", "none", "0"):
@@ -42,8 +34,8 @@ def cmd_make_dataset(args) -> int:
     try:
         manifest = make_toy_dataset(args.toy, seed=args.seed, scales=tuple(args.scales), size=args.size,
                                     quiet=args.quiet)
-    except (FileExistsError, ValueError, RuntimeError) as exc:
-        raise CLIError(str(exc)) from None
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError: a folder that exists or cannot be written
+        raise one_line(exc) from None
     print(manifest)
     return 0
 
@@ -70,7 +62,7 @@ def cmd_train_metric(args) -> int:
             ValueError) as exc:
         # ValueError: our checks of the arguments (preset name, backbone/config mismatch, counts),
         # a malformed checkpoint (--init, --resume)
-        raise _user_error(exc) from None
+        raise one_line(exc) from None
     print(best)
     return 0
 
@@ -90,7 +82,7 @@ def cmd_eval_metric(args) -> int:
     except (ManifestError, ImageReadError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
             ValueError) as exc:
         # ValueError: an unreadable or mismatched checkpoint, a non-finite score from the model
-        raise _user_error(exc) from None
+        raise one_line(exc) from None
     print(f"{report['split']}: n={report['n']}  SRCC {fmt(report['srcc'])}  KRCC {fmt(report['krcc'])}  "
           f"PLCC {fmt(report['plcc'])}  RMSE {fmt(report['rmse'])}")
     if report.get("logistic"):

@@ -20,6 +20,7 @@ from epban.iqa_stats import iqa_report, logistic4
 from epban.training import distributed
 from epban.training.checkpoint import TRAINING_INFO_FILE
 from epban.training.records import json_safe, write_json
+from epban.training.run_folder import check_writable, make_out
 
 MIN_EVAL_SIZE = 32
 
@@ -160,8 +161,9 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
     from epban.models.pban import EfficientPBAN
 
     samples = select_split(load_manifest(data, root=root), split, data)
+    if out is not None:
+        check_writable(out)  # before the scoring: an unusable --out stops the evaluation at once
     ctx = distributed.setup(device)
-    created = []
     try:
         try:
             model = EfficientPBAN.from_checkpoint(weights, preset=preset) if preset else \
@@ -169,9 +171,6 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
         except FileNotFoundError as exc:
             raise ManifestError(str(exc)) from None
         model = model.to(ctx.device).eval()
-        if out is not None and ctx.is_main:
-            out = Path(out)
-            created = _make_out(out)
         size = resolve_eval_size(Path(weights), model, eval_size)
         workers = default_workers(ctx.device) if num_workers is None else num_workers
         preds = predict(model, samples, eval_size=size, batch_size=batch_size, ctx=ctx, num_workers=workers,
@@ -182,6 +181,7 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
                        "eval_size": size, "synthetic_scores": synthetic})
         report = json_safe(report)
         if out is not None and ctx.is_main:
+            out = make_out(out)
             title = f"{Path(str(weights)).name} on {Path(str(data)).name} [{split or 'all'}]"
             if synthetic:
                 title += " (SYNTHETIC scores)"
@@ -192,38 +192,8 @@ def evaluate_metric(data, *, weights, split: str | None = "test", out=None, devi
             except OSError as exc:
                 raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
         return report
-    except BaseException:
-        _remove_empty(created)
-        raise
     finally:
         distributed.cleanup(ctx)
-
-
-def _make_out(out: Path) -> list[Path]:
-    """Create the folder ``out`` before the scoring, so that an unusable one stops the evaluation
-    at once; return the folders created, deepest first."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder (it will hold report.json, scatter.png, "
-                              "predictions.csv)")
-    created = [p for p in (out, *out.parents) if not p.exists()]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _remove_empty(created)
-        raise ValueError(f"--out {out}: cannot create this folder ({exc.strerror or exc})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: cannot write in this folder")
-    return created
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) that exist and are empty: a failed evaluation leaves no trace."""
-    for folder in folders:
-        try:
-            if folder.exists():
-                folder.rmdir()
-        except OSError:
-            return
 
 
 def _write_predictions(path: Path, samples: list[Sample], preds: np.ndarray) -> None:

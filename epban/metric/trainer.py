@@ -40,6 +40,7 @@ from epban.metric.evaluate import (MIN_EVAL_SIZE, build_report, default_workers,
                                     predict)
 from epban.models.pban import MIN_INPUT_SIZE, EfficientPBAN, PBANConfig
 from epban.training import checkpoint, distributed
+from epban.training.run_folder import TrainingDiverged, check_resume_or_overwrite, check_writable, make_out
 from epban.training.records import write_json
 
 LOG_FIELDS = ["epoch", "step", "train_loss", "lr", "val_srcc", "val_plcc", "val_krcc", "val_rmse",
@@ -52,11 +53,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, last: Path, step: int):
         super().__init__(f"training interrupted at step {step}; saved {last} (resume with --resume)")
         self.last, self.step = last, step
-
-
-class TrainingDiverged(ValueError):
-    """The training loss or the model's validation scores became non-finite (too high a learning
-    rate); ``last`` holds the last good checkpoint, if one was saved."""
 
 
 class _StopSignal:
@@ -228,8 +224,7 @@ def train_metric(
         if side is not None and side < MIN_INPUT_SIZE:
             raise ValueError(f"{name} must be at least {MIN_INPUT_SIZE} pixels (the model's smallest input), "
                              f"got {side}")
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass only one of them")
+    check_resume_or_overwrite(resume, overwrite)
     out = Path(out)
     config_name = _build_config(config, (0.0, 1.0)).name  # also checks a preset name
     policy = DataPolicy.for_config(config_name) if crop is None else DataPolicy.crop(int(crop))
@@ -410,8 +405,7 @@ def is_run(out: Path) -> bool:
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> Path | None:
     """Check ``out`` for a run (see ``train_metric``); return the ``last`` checkpoint to resume from."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder")
+    check_writable(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     ours = bool(entries) and is_run(out)
     if entries and not ours:
@@ -546,11 +540,7 @@ def _train(*, data, config, epochs, out, batch_size, lr, weight_decay, seed, res
         if kept and show:
             print(f"--overwrite: kept {len(kept)} entries that a run does not write ({', '.join(kept[:3])}"
                   f"{', ...' if len(kept) > 3 else ''})", file=sys.stderr)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            _write_log(out / "log.csv", [])  # marks the folder as a run from its start
-        except OSError as exc:
-            raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+        _write_log(make_out(out) / "log.csv", [])  # marks the folder as a run from its start
     tb = _tensorboard(out) if ctx.is_main else None
     have_best = checkpoint.resolve(out / "best") is not None
 

@@ -311,15 +311,15 @@ def ssim(x, y, *, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03, padd
     "reference", or "fused" (the compiled kernel; ValueError when it cannot serve these
     inputs). Half-type inputs give float32 results, float64 inputs float64.
     """
-    return _scaled_ssim(x, y, 1.0, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
-                        padding=padding, reduction=reduction, backend=backend)
-
-
-def _scaled_ssim(x, y, scale, *, data_range, win_size, sigma, k1, k2, padding, reduction, backend):
-    """scale x SSIM: the fused kernels when they serve (the one-pass ops fold scale into their
-    pass), else the reference. ssim() is scale 1, ssim_loss() scale -weight."""
     window = check_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
                              padding=padding, reduction=reduction)
+    return _scaled_ssim(x, y, 1.0, window, padding=padding, reduction=reduction, backend=backend)
+
+
+def _scaled_ssim(x, y, scale, window, *, padding, reduction, backend):
+    """scale x SSIM of inputs checked by ``check_ssim_args`` (``window``: the normalised window
+    arguments it returns): the fused kernels when they serve (the one-pass ops fold scale into
+    their pass), else the reference. ssim() is scale 1, ssim_loss() scale -weight."""
     if fused_ssim_serves(x, backend, win_size=window["win_size"], sigma=window["sigma"],
                          data_range=window["data_range"]):
         return _ssim_fused(x, y, data_range=window["data_range"], k1=window["k1"], k2=window["k2"], padding=padding,
@@ -365,9 +365,8 @@ def _ssim_l1_loss(x, y, weight, l1, backend, parts, *, data_range, win_size, sig
     l1 = check_loss_weight("l1", l1)
     window = check_ssim_args(x, y, data_range=data_range, win_size=win_size, sigma=sigma, k1=k1, k2=k2,
                              padding=padding, reduction=reduction)
-    kwargs = dict(padding=padding, reduction=reduction, **window)
     if l1 == 0.0:
-        loss = _scaled_ssim(x, y, -weight, backend=backend, **kwargs) + weight
+        loss = _scaled_ssim(x, y, -weight, window, padding=padding, reduction=reduction, backend=backend) + weight
         return loss, None, (loss.detach() / weight if parts and weight != 0.0 else None)
     if weight == 0.0:
         l1_value = _l1_mean(x, y, reduction)
@@ -382,7 +381,7 @@ def _ssim_l1_loss(x, y, weight, l1, backend, parts, *, data_range, win_size, sig
                                                            reduction == "mean", -weight, l1)
         ssim_part = (value.detach() - l1 * l1_value) / weight + 1.0 if parts else None
         return value + weight, l1_value, ssim_part
-    ssim_term = _scaled_ssim(x, y, -weight, backend=backend, **kwargs) + weight
+    ssim_term = _scaled_ssim(x, y, -weight, window, padding=padding, reduction=reduction, backend=backend) + weight
     l1_value = _l1_mean(x, y, reduction)
     return l1 * l1_value + ssim_term, l1_value.detach(), ssim_term.detach() / weight if parts else None
 

@@ -14,8 +14,6 @@ from epban.sr.networks import NETWORKS
 from epban.sr.spandrel_models import SpandrelMissing
 from epban.sr.trainer import ABLATION_WEIGHTS, PBAN_MODES, SRTrainConfig, run_ablation, train_sr
 
-# How errors raised in a DataLoader worker name themselves in their message.
-_WORKER_PREFIXES = ("epban.imageio.ImageReadError: ", "ValueError: ")
 DESCRIPTION = "Train an SR network against L1, SSIM and a frozen Efficient-PBAN metric."
 
 
@@ -102,7 +100,7 @@ def cmd_train_sr(args: argparse.Namespace) -> int:
     except (ValueError, OSError, SpandrelMissing) as exc:
         # ValueError: our checks of the options, images, checkpoints and --out, a diverged run;
         # OSError: a file that cannot be read or written (the message names it)
-        raise one_line(exc, _WORKER_PREFIXES) from None
+        raise one_line(exc) from None
     except KeyboardInterrupt:  # the trainer saved a checkpoint and said so
         return 130
     return 0

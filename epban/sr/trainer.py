@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from epban.sr.evaluate import autocast_for, evaluate, load_lpips
 from epban.sr.metrics import SSIM_WINDOW, min_image_side
 from epban.sr.networks import NETWORKS, build_network, freeze_parameters
 from epban.sr.report import ablation_markdown, comparison_crops, save_grid, save_side_by_side
-from epban.training import checkpoint, distributed
+from epban.training import checkpoint, distributed, run_folder
 from epban.training.records import write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -114,8 +113,7 @@ class SRTrainConfig:
             raise ValueError(f"unknown SR network {self.net!r}; expected one of {sorted(NETWORKS)}")
         if self.scale is not None and self.scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        run_folder.check_resume_or_overwrite(self.resume, self.overwrite)
         for name, least in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("save_every", 1), ("log_every", 1),
                             ("sample_crop", self.scale or 1), ("seed", 0), ("workers", 0), ("max_val_images", 1),
                             ("stop_at", 1)):
@@ -200,13 +198,7 @@ def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
     """``out`` must be a folder we may write in that is new, empty, or a run of ours, and a run of
     ours needs ``resume`` (continue it) or ``overwrite`` (replace it); ``ValueError`` otherwise."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: no permission to write in {existing}")
+    run_folder.check_writable(out)
     if out.is_dir() and any(out.iterdir()):
         if not is_sr_run(out):
             raise ValueError(f"--out {out} is not empty and holds no SR run of ours (no {CONFIG_FILE} of train-sr); "
@@ -214,14 +206,6 @@ def check_out(out: Path, resume: bool = False, overwrite: bool = False) -> None:
         if not (resume or overwrite):
             raise ValueError(f"--out {out} already holds a train-sr run: pass --resume to continue it, --overwrite "
                              "to replace it (removes only the files a run writes), or choose another --out")
-
-
-def make_out(out: Path) -> None:
-    """Create ``out``; an error that names --out if the system refuses."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
 
 def clear_run(out: Path) -> None:
@@ -356,10 +340,6 @@ def _load_pban(config: SRTrainConfig, device):
         raise ValueError(f"--pban-weights: {exc}") from None
 
 
-class TrainingDiverged(ValueError):
-    """The training loss became non-finite; nothing was written after the last good checkpoint."""
-
-
 # ---------------------------------------------------------------------------- training
 def pban_loss_mode(config: "SRTrainConfig", device: torch.device) -> bool | dict:
     """The ``loss_mode`` argument of the PBAN loss for ``config.pban_mode`` on ``device``:
@@ -433,7 +413,7 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded, state: d
     step, seconds_before = restore_checkpoint(ckpt_path, state, net, optimizer, scheduler) if state else (0, 0.0)
     saved_step = step if state else None  # the step of the last good checkpoint
     if ctx.is_main:
-        make_out(out)
+        run_folder.make_out(out)
         if config.resume:
             for name in ("log.csv", "eval.csv"):
                 truncate_log(out / name, step)
@@ -497,7 +477,7 @@ def _train(config: SRTrainConfig, ctx: distributed.DistContext, loaded, state: d
         first = int(nonfinite)
         if distributed.any_rank(ctx, first > 0):
             saved = f"the checkpoint of step {saved_step} is kept" if saved_step else "no checkpoint was written"
-            raise TrainingDiverged(f"the training loss is not finite from step {first or step} on: the run diverged "
+            raise run_folder.TrainingDiverged(f"the training loss is not finite from step {first or step} on: the run diverged "
                                    f"({saved}); lower --lr (now {config.lr:g}) and start again with --overwrite")
 
     net.train()
@@ -616,7 +596,7 @@ def run_ablation(config: SRTrainConfig, *, ssim_weight: float = ABLATION_WEIGHTS
     ctx = distributed.setup(config.device)  # one process group for the four runs
     try:
         if ctx.is_main:
-            make_out(out)
+            run_folder.make_out(out)
             if not config.resume:
                 clear_run(out)
             weights = {"ssim": ssim_weight, "pban": pban_weight}
