@@ -566,6 +566,25 @@ def test_fused_cuda_matches_the_reference(shape):
         assert (fused[i].cpu().double() - exact[i]).abs().max() <= 1e-4 * exact[i].abs().max()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_unavailable_reason("cuda") is not None,
+                    reason="needs a CUDA GPU and epban._C with CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("which", ["x", "y", "both"])
+def test_fused_cuda_half_inputs_one_or_both_gradients(dtype, which):
+    """Half inputs take float32 copies for the contrast-structure kernels; a gradient not asked
+    for must stay absent (converting it back used to fail on the undefined tensor)."""
+    x, y = image_pair((1, 2, 49, 53), seed=31)
+    x, y = x.to(dtype), y.to(dtype)
+    a, b = x.cuda().requires_grad_(which in ("x", "both")), y.cuda().requires_grad_(which in ("y", "both"))
+    value = ms_ssim(a, b, weights=(0.2, 0.3, 0.5), backend="fused")
+    value.backward()
+    reference = ms_ssim(x.float(), y.float(), weights=(0.2, 0.3, 0.5), backend="reference")
+    assert abs(value.item() - reference.item()) <= 1e-3
+    for t, wanted in ((a, which in ("x", "both")), (b, which in ("y", "both"))):
+        assert (t.grad is not None) == wanted and (t.grad is None or t.grad.dtype == dtype)
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("where", [(0, 0), (-1, -1), (40, 17)], ids=["first", "last", "inside"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])

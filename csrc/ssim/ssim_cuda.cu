@@ -141,7 +141,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass_l1_cuda
     // The contrast-structure kernels are built for float32 inputs only (dispatch_luminance).
     auto [value, l1_value, gx, gy] = gradient_pass_l1_cuda(grad_in, x_in.to(at::kFloat), y_in.to(at::kFloat), c1, c2,
                                                            same_padding, grad_x, grad_y, batch_mean, scale, l1, false);
-    return {value, l1_value, gx.to(x_in.scalar_type()), gy.to(y_in.scalar_type())};
+    // A gradient not asked for is an undefined tensor: nothing to convert.
+    return {value, l1_value, gx.defined() ? gx.to(x_in.scalar_type()) : gx,
+            gy.defined() ? gy.to(y_in.scalar_type()) : gy};
   }
   const Geometry g = make_geometry(x_in, y_in, same_padding);
   check_cuda_inputs(x_in, y_in);
